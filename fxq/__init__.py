@@ -1,0 +1,21 @@
+"""fxq: a time-step-aware quantization compiler for diffusion UNets, built on torch.fx.
+
+    qmodel = fxq.quantize(model, example_inputs=(x, t), calib_data=calib, config=fxq.QuantConfig())
+"""
+
+import os as _os
+
+# In a source checkout passes/ and backends/ sit beside fxq/ (the repo layout); an installed wheel maps them
+# to fxq/passes and fxq/backends. Let `fxq.passes` resolve in both cases.
+_here = _os.path.dirname(__file__)
+_root = _os.path.dirname(_here)
+if not _os.path.isdir(_os.path.join(_here, "passes")) and _os.path.isfile(
+    _os.path.join(_root, "passes", "__init__.py")
+):
+    __path__.append(_root)  # noqa: F821  (module attribute of a package)
+
+from fxq.config import QuantConfig  # noqa: E402
+from fxq.errors import FxqError  # noqa: E402
+
+__all__ = ["QuantConfig", "FxqError"]
+__version__ = "0.1.0"
