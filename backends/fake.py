@@ -1,0 +1,71 @@
+"""Fake-quant backend: simulated quantization in floating point, any bit-width (2-16), CPU or CUDA.
+
+Lowering replaces each activation observer by a `FakeQuantize` module (same node, same (x, t) inputs, so the
+timestep still picks the parameters of its group) and each quantized conv/linear by a copy whose weight is
+fake-quantized once, here, rather than at every call. Biases stay in float (as int8 kernels keep them in int32
+at the product's scale, which float simulates well).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from fxq import quantizer as Q
+from fxq.freeze import Frozen
+
+
+class FakeQuantize(nn.Module):
+    """x -> dequantize(quantize(x)) with per-tensor parameters, chosen per sample by timestep group if the
+    parameters carry a group dimension."""
+
+    def __init__(self, qp: Q.QParams, num_timesteps: int = 1000):
+        super().__init__()
+        self.bits, self.signed, self.num_timesteps = qp.bits, qp.signed, num_timesteps
+        self.register_buffer("scale", qp.scale.detach().clone().float())
+        self.register_buffer("zero_point", qp.zero_point.detach().clone().float())
+
+    @property
+    def groups(self) -> int:
+        return self.scale.numel() if self.scale.dim() == 1 else 1
+
+    def qparams(self) -> Q.QParams:
+        return Q.QParams(self.scale, self.zero_point, self.bits, self.signed, None)
+
+    def forward(self, x: torch.Tensor, t=None) -> torch.Tensor:
+        qp = self.qparams()
+        if self.scale.dim() == 1:
+            if t is None:
+                raise TypeError("this FakeQuantize keeps parameters per timestep group and needs t")
+            g = Q.group_of(t, x.shape[0], self.groups, self.num_timesteps).to(x.device)
+            qp = Q.select_group(qp, g, x)
+        return Q.fake_quantize(x, qp).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, signed={self.signed}, groups={self.groups}"
+
+
+def _set_submodule(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
+    parent, _, name = target.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, name, module)
+
+
+def lower(gm: fx.GraphModule, frozen: Frozen, num_timesteps: int = 1000) -> fx.GraphModule:
+    """Rewrite a calibrated graph in place into its fake-quant form; returns it."""
+    for target, qp in frozen.act.items():
+        _set_submodule(gm, target, FakeQuantize(qp, num_timesteps))
+    for target, qp in frozen.weight.items():
+        module = copy.deepcopy(gm.get_submodule(target))  # a fresh module: never write into shared params
+        with torch.no_grad():
+            module.weight = nn.Parameter(Q.fake_quantize(module.weight.float(), qp).to(module.weight.dtype),
+                                         requires_grad=False)
+        _set_submodule(gm, target, module)
+    for node in gm.graph.nodes:  # weight observers have done their work
+        wobs = node.meta.get("fxq", {}).pop("weight_observer", None)
+        if wobs:
+            delattr(gm, wobs)
+    gm.recompile()
+    return gm

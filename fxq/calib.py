@@ -1,0 +1,192 @@
+"""Calibration: build a time-step-aware calibration set from the float model's own sampling, and run any
+calibration set through an observed graph in batches.
+
+`trajectory()` follows the seeds' papers:
+- timesteps="uniform" (Q-Diffusion): every k-th step of the sampler's trajectory (k chosen so that at most
+  `steps_per_run` steps are kept, e.g. every 5th of DDIM-100), over as many sampler runs as n needs.
+- timesteps="normal" (PTQ4DM's DNTC): timesteps drawn from N(mean*T, std*T), clamped to [0, T-1]; each is
+  taken at the nearest step the sampler visits. Each run contributes distinct steps, drawn without replacement
+  with those normal weights.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from fxq.errors import InputError
+from fxq.inputs import as_args_kwargs
+
+PTQ4DM_MEAN, PTQ4DM_STD = 0.4, 0.4  # the PTQ4DM repo's scripts (argparse defaults are 0.5 / 0.35)
+
+
+def _chosen_steps(timesteps: list[int], mode: str, per_run: int, T: int, mean, std, generator):
+    """Indices into the sampler's step list to keep for one run."""
+    S = len(timesteps)
+    if mode == "uniform":
+        every = max(1, math.ceil(S / per_run))
+        return list(range(0, S, every))
+    # Each visited step gets the normal's mass of the t values nearest to it; clamping to [0, T-1] is implied
+    # (the tails land on the end steps).
+    t = torch.tensor(timesteps, dtype=torch.float64)
+    order = t.argsort()
+    mid = (t[order][1:] + t[order][:-1]) / 2
+    edges = torch.cat([torch.tensor([-math.inf]), mid, torch.tensor([math.inf])]).double()
+    cdf = torch.distributions.Normal(mean * T, std * T).cdf(edges)
+    weights = torch.empty_like(t)
+    weights[order] = (cdf[1:] - cdf[:-1]).clamp_min(1e-12)  # floor: room to draw k distinct steps
+    k = min(per_run, S)
+    return sorted(torch.multinomial(weights, k, replacement=False, generator=generator).tolist())
+
+
+def trajectory(model, sampler, n: int, timesteps: str = "uniform", mean: float | None = None,
+               std: float | None = None, batch_size: int | None = None, seed: int = 0,
+               steps_per_run: int = 20, shape: tuple | None = None, device=None,
+               progress: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """n calibration inputs `(x_t, t)` (each with a batch dim of 1) from `model`'s own sampling with `sampler`.
+
+    shape: the (C, H, W) of a sample; default: inferred from `model.in_channels` / `model.resolution`.
+    batch_size: sampler runs done in parallel (default: all of them, at most 64).
+    """
+    if not isinstance(n, int) or n < 1:
+        raise InputError(f"n={n!r}: the calibration set needs a positive number of samples")
+    if timesteps not in ("uniform", "normal"):
+        raise InputError(f"timesteps={timesteps!r}: choose 'uniform' (Q-Diffusion) or 'normal' (PTQ4DM)")
+    if timesteps == "uniform" and (mean is not None or std is not None):
+        raise InputError("mean/std only apply to timesteps='normal'")
+    mean = PTQ4DM_MEAN if mean is None else float(mean)
+    std = PTQ4DM_STD if std is None else float(std)
+    if std <= 0:
+        raise InputError(f"std={std}: must be positive (a fraction of T)")
+    shape = tuple(shape) if shape is not None else _sample_shape(model)
+    device = device if device is not None else _device_of(model)
+    steps = list(sampler.timesteps)
+    gen = torch.Generator().manual_seed(seed)
+    per_run = len(_chosen_steps(steps, timesteps, steps_per_run, sampler.T, mean, std, gen))
+    runs = math.ceil(n / per_run)
+    batch_size = min(runs, batch_size or 64)
+    pool: list[tuple[torch.Tensor, torch.Tensor]] = []
+    bar = tqdm(total=runs, desc="calibration trajectories", disable=not progress)
+    for start in range(0, runs, batch_size):
+        b = min(batch_size, runs - start)
+        keep = [set(_chosen_steps(steps, timesteps, steps_per_run, sampler.T, mean, std, gen)) for _ in range(b)]
+
+        def record(i, t, x_t, keep=keep):
+            for j in range(b):
+                if i in keep[j]:
+                    pool.append((x_t[j:j + 1].detach().float().cpu(), torch.tensor([t], dtype=torch.long)))
+
+        sampler.sample(model, (b, *shape), seed=seed * 1_000_003 + start, device=device, callback=record)
+        bar.update(b)
+    bar.close()
+    order = torch.randperm(len(pool), generator=gen)[:n].sort().values
+    return [pool[i] for i in order.tolist()]
+
+
+def _sample_shape(model) -> tuple:
+    for c_attr, r_attr in (("in_channels", "resolution"), ("in_channels", "sample_size")):
+        obj = getattr(model, "config", model)
+        c, r = getattr(obj, c_attr, None), getattr(obj, r_attr, None)
+        if isinstance(c, int) and r is not None:
+            h, w = (r, r) if isinstance(r, int) else tuple(r)
+            return (c, h, w)
+    raise InputError("cannot tell the sample shape of this model: pass shape=(C, H, W) to trajectory()")
+
+
+def _device_of(model):
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+# --- running a calibration set ---------------------------------------------------------------------------
+
+def _describe(value):
+    if torch.is_tensor(value):
+        return f"tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+    return repr(value)
+
+
+def check_item(item, example, index: int):
+    """The item as (args, kwargs) if it has the example's form (any batch size), else InputError."""
+    args, kwargs = as_args_kwargs(item)
+    ex_args, ex_kwargs = example
+    where = f"calibration item {index}"
+    if len(args) != len(ex_args) or set(kwargs) != set(ex_kwargs):
+        raise InputError(f"{where} has {len(args)} positional inputs and keywords {sorted(kwargs)}; the example"
+                         f" inputs have {len(ex_args)} and {sorted(ex_kwargs)}")
+    named = [(f"positional input {i}", a, e) for i, (a, e) in enumerate(zip(args, ex_args))]
+    named += [(f"keyword input {k!r}", kwargs[k], ex_kwargs[k]) for k in kwargs]
+    for label, value, ex in named:
+        if torch.is_tensor(ex) != torch.is_tensor(value):
+            raise InputError(f"{where}, {label}: got {_describe(value)}, the example has {_describe(ex)}")
+        if not torch.is_tensor(ex):
+            if value != ex:
+                raise InputError(f"{where}, {label}: {value!r} differs from the example's {ex!r}; non-tensor"
+                                 " inputs are fixed when the model is traced")
+            continue
+        if value.dtype != ex.dtype:
+            raise InputError(f"{where}, {label}: dtype {value.dtype}, the example has {ex.dtype}; convert it")
+        if value.dim() != ex.dim() or tuple(value.shape[1:]) != tuple(ex.shape[1:]):
+            raise InputError(f"{where}, {label}: shape {tuple(value.shape)} does not match the example's"
+                             f" {tuple(ex.shape)} (only the batch dimension may differ)")
+        if torch.is_floating_point(value) and not torch.isfinite(value).all():
+            raise InputError(f"{where}, {label}: contains NaN or inf; remove or fix that sample")
+    return args, kwargs
+
+
+def batches(calib_data: Iterable, example, batch_size: int) -> Iterator[tuple[tuple, dict]]:
+    """Validated items concatenated along the batch dim into batches of at most batch_size rows.
+
+    Items whose tensors are 0-d (a scalar timestep) cannot be concatenated; they are run one by one.
+    """
+    pending: list[tuple[tuple, dict]] = []
+    rows = 0
+    count = 0
+
+    def flush():
+        args = tuple(_cat([p[0][i] for p in pending]) for i in range(len(pending[0][0])))
+        kwargs = {k: _cat([p[1][k] for p in pending]) for k in pending[0][1]}
+        return args, kwargs
+
+    for index, item in enumerate(calib_data):
+        args, kwargs = check_item(item, example, index)
+        count += 1
+        tensors = [v for v in (*args, *kwargs.values()) if torch.is_tensor(v)]
+        if any(v.dim() == 0 for v in tensors) or not tensors:
+            yield args, kwargs
+            continue
+        n = tensors[0].shape[0]
+        if pending and rows + n > batch_size:
+            yield flush()
+            pending, rows = [], 0
+        pending.append((args, kwargs))
+        rows += n
+    if pending:
+        yield flush()
+    if count == 0:
+        raise InputError("the calibration data is empty: give at least one input item")
+
+
+def _cat(values):
+    return torch.cat(values, 0) if torch.is_tensor(values[0]) else values[0]
+
+
+@torch.no_grad()
+def run(gm, calib_data: Iterable, example, batch_size: int = 32, progress: bool = False) -> int:
+    """Feed every calibration item through `gm` (its observers record); returns the number of batches."""
+    device = _device_of(gm)
+    done = 0
+    total = len(calib_data) if hasattr(calib_data, "__len__") else None
+    bar = tqdm(total=total, desc="calibrating", unit="item", disable=not progress)
+    for args, kwargs in batches(calib_data, example, batch_size):
+        args = tuple(a.to(device) if torch.is_tensor(a) else a for a in args)
+        kwargs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in kwargs.items()}
+        gm(*args, **kwargs)
+        done += 1
+        first = next((v for v in (*args, *kwargs.values()) if torch.is_tensor(v) and v.dim() > 0), None)
+        bar.update(first.shape[0] if first is not None else 1)
+    bar.close()
+    return done

@@ -1,0 +1,35 @@
+"""freeze: read every observer of a calibrated graph into quantization parameters.
+
+The one hand-off between calibration and the backends: `Frozen.act` maps each activation observer's submodule
+name to its QParams, `Frozen.weight` maps each quantized module's name to the QParams of its weight. Backends lower
+from this, so fake-quant and int8 use the very same numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+
+from fxq.observers import ActObserver
+from fxq.quantizer import QParams
+
+
+@dataclass
+class Frozen:
+    act: dict[str, QParams] = field(default_factory=dict)
+    weight: dict[str, QParams] = field(default_factory=dict)
+
+
+def freeze(gm: fx.GraphModule) -> Frozen:
+    frozen = Frozen()
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            if isinstance(mod, ActObserver):
+                frozen.act[node.target] = mod.qparams()
+        meta = node.meta.get("fxq")
+        if meta is not None and meta.get("weight_observer"):
+            wobs = gm.get_submodule(meta["weight_observer"])
+            frozen.weight[node.target] = wobs.qparams(gm.get_submodule(node.target).weight)
+    return frozen

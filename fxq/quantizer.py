@@ -1,0 +1,140 @@
+"""The quantization arithmetic, in one place.
+
+Integer limits for a bit-width, scale/zero-point from a range, round/clamp, fake-quant, and the Lp error that the
+range estimators minimize. Observers, the fake backend and (later) the int8 backend all call these functions;
+nothing else derives a scale.
+
+Conventions: q = clamp(round(x / scale) + zero_point, qmin, qmax); x_hat = (q - zero_point) * scale.
+Symmetric (weights): signed, zero_point = 0, scale = amax / qmax. Affine (activations): unsigned, the range is
+widened to include 0 so that zero is exact (padding and ReLU/SiLU zeros must stay zero).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fxq.config import MAX_BITS, MIN_BITS
+from fxq.errors import ConfigError, InputError
+
+# Smallest scale: keeps x / scale finite for an all-zero tensor.
+SCALE_EPS = torch.finfo(torch.float32).eps
+
+
+def int_range(bits: int, signed: bool) -> tuple[int, int]:
+    """(qmin, qmax) of a `bits`-wide integer."""
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise ConfigError(f"bits={bits} is outside {MIN_BITS}-{MAX_BITS}")
+    if signed:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+@dataclass
+class QParams:
+    """Quantization parameters of one tensor.
+
+    scale/zero_point are float tensors broadcastable to the quantized tensor along `axis` (per channel), or of
+    shape [] (per tensor). With timestep groups they carry a leading group dimension, see `select_group`.
+    """
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    bits: int
+    signed: bool
+    axis: int | None = None
+
+    @property
+    def qmin(self) -> int:
+        return int_range(self.bits, self.signed)[0]
+
+    @property
+    def qmax(self) -> int:
+        return int_range(self.bits, self.signed)[1]
+
+
+def symmetric_qparams(amax: torch.Tensor, bits: int, axis: int | None = None) -> QParams:
+    """Signed, zero_point 0, covering [-amax, amax] (amax per channel or per tensor)."""
+    _, qmax = int_range(bits, signed=True)
+    amax = amax.detach().float().abs()
+    scale = torch.clamp(amax / qmax, min=SCALE_EPS)
+    return QParams(scale, torch.zeros_like(scale), bits, True, axis)
+
+
+def affine_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, axis: int | None = None) -> QParams:
+    """Unsigned affine over [lo, hi] widened to contain 0; zero_point an exact integer."""
+    qmin, qmax = int_range(bits, signed=False)
+    lo = torch.clamp(lo.detach().float(), max=0.0)
+    hi = torch.clamp(hi.detach().float(), min=0.0)
+    scale = torch.clamp((hi - lo) / (qmax - qmin), min=SCALE_EPS)
+    zero_point = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax)
+    return QParams(scale, zero_point, bits, False, axis)
+
+
+def _along(p: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """View a per-channel parameter so it broadcasts over x along `axis`."""
+    if axis is None or p.dim() == 0:
+        return p
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return p.reshape(shape)
+
+
+def quantize(x: torch.Tensor, qp: QParams) -> torch.Tensor:
+    """Integer codes of x (kept in x's float dtype so any bit-width and device works)."""
+    scale, zp = _along(qp.scale, x, qp.axis), _along(qp.zero_point, x, qp.axis)
+    return torch.clamp(torch.round(x / scale) + zp, qp.qmin, qp.qmax)
+
+
+def dequantize(q: torch.Tensor, qp: QParams) -> torch.Tensor:
+    scale, zp = _along(qp.scale, q, qp.axis), _along(qp.zero_point, q, qp.axis)
+    return (q - zp) * scale
+
+
+def fake_quantize(x: torch.Tensor, qp: QParams) -> torch.Tensor:
+    """x rounded to the nearest representable value and clamped to the range: dequantize(quantize(x))."""
+    return dequantize(quantize(x, qp), qp)
+
+
+def representable_range(qp: QParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """The smallest and largest values fake_quantize can return."""
+    return (qp.qmin - qp.zero_point) * qp.scale, (qp.qmax - qp.zero_point) * qp.scale
+
+
+def lp_error(x: torch.Tensor, x_hat: torch.Tensor, p: float, dim=None) -> torch.Tensor:
+    """Sum of |x - x_hat|^p (over `dim`, or all elements)."""
+    err = (x - x_hat).abs().pow(p)
+    return err.sum() if dim is None else err.sum(dim=dim)
+
+
+def uniform_rounding_lp(scale: torch.Tensor, p: float) -> torch.Tensor:
+    """E|e|^p for rounding error e ~ U(-scale/2, scale/2): the in-range error of a histogram estimate."""
+    return (scale / 2) ** p / (p + 1)
+
+
+def select_group(qp: QParams, group: torch.Tensor, x: torch.Tensor) -> QParams:
+    """Per-sample parameters from per-group ones.
+
+    qp.scale has a leading group dim [G] (per tensor) ; `group` holds a group index per row of x's first dim
+    (already expanded to x.shape[0]). Returns parameters shaped to broadcast over x, one per row.
+    """
+    shape = [-1] + [1] * (x.dim() - 1)
+    return QParams(qp.scale[group].reshape(shape), qp.zero_point[group].reshape(shape), qp.bits, qp.signed, None)
+
+
+def group_of(t, rows: int, groups: int, num_timesteps: int) -> torch.Tensor:
+    """Timestep group of each of `rows` rows: group g holds t in [g*T/G, (g+1)*T/G).
+
+    t is a 0-d/1-element tensor, a python number, or one entry per sample; rows may be a multiple of the batch
+    (attention folds heads into the batch dim batch-major, b * heads + h), so each t repeats rows // B times.
+    """
+    t = torch.as_tensor(t).reshape(-1)
+    g = torch.clamp(torch.div(t.long() * groups, num_timesteps, rounding_mode="floor"), 0, groups - 1)
+    if g.numel() == 1:
+        return g.expand(rows)
+    if rows % g.numel():
+        raise InputError(
+            f"an activation with {rows} rows does not split into {g.numel()} samples, so its timestep group is"
+            " unknown; use timestep_groups=1 or keep that module in float (keep_float)")
+    return g.repeat_interleave(rows // g.numel())

@@ -1,0 +1,75 @@
+"""insert_observers: put an observer in front of every quantized op input.
+
+Pattern: every node that select_ops marked (`node.meta["fxq"]`).
+- Each activation input named in `act_inputs` is routed through an `ActObserver` call_module node that also
+  receives the timestep placeholder (if the model has one), so observers can keep ranges per timestep group.
+  A producer feeding several selected ops at the same bit-width gets one shared observer: it is one quantized
+  tensor, as it will be in an int8 graph.
+- conv/linear get a per-output-channel `WeightObserver` submodule, named in `meta["fxq"]["weight_observer"]`.
+
+Guarantees afterwards: outputs are bit-identical to before (observers are identities); each selected activation
+input reads from exactly one observer of its bit-width; running the pass again changes nothing.
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from fxq.observers import ActObserver, WeightObserver
+from fxq.passes.manager import PassResult
+
+ACT_PREFIX, WEIGHT_PREFIX = "fxq_obs_", "fxq_wobs_"
+
+
+def _free_name(gm: fx.GraphModule, base: str) -> str:
+    name, i = base, 1
+    while hasattr(gm, name):
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
+def is_act_observer(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), ActObserver)
+
+
+class InsertObservers:
+    def __init__(self, config, timestep: str | None = None):
+        self.config = config
+        self.timestep = timestep  # name of the placeholder carrying t, or None
+
+    def _timestep_node(self, gm: fx.GraphModule):
+        if self.timestep is None:
+            return None
+        for node in gm.graph.nodes:
+            if node.op == "placeholder" and node.name == self.timestep:
+                return node
+        raise KeyError(f"no placeholder named {self.timestep!r}")
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        t_node = self._timestep_node(gm)
+        shared: dict[tuple[str, int], fx.Node] = {}
+        modified = False
+        for node in list(gm.graph.nodes):
+            meta = node.meta.get("fxq")
+            if meta is None:
+                continue
+            for pos in meta["act_inputs"]:
+                src = node.args[pos]
+                if not isinstance(src, fx.Node) or is_act_observer(gm, src):
+                    continue
+                key = (src.name, meta["act_bits"])
+                if key not in shared:
+                    name = _free_name(gm, ACT_PREFIX + src.name)
+                    gm.add_submodule(name, ActObserver.from_config(self.config, meta["act_bits"]))
+                    # before its first consumer: after every placeholder, so t is defined
+                    with gm.graph.inserting_before(node):
+                        args = (src,) if t_node is None else (src, t_node)
+                        shared[key] = gm.graph.call_module(name, args)
+                node.update_arg(pos, shared[key])
+                modified = True
+            if meta["weight_bits"] is not None and "weight_observer" not in meta:
+                name = _free_name(gm, WEIGHT_PREFIX + node.target.replace(".", "_"))
+                gm.add_submodule(name, WeightObserver.from_config(self.config, meta["weight_bits"]))
+                meta["weight_observer"] = name
+                modified = True
+        return PassResult(gm, modified)
