@@ -158,7 +158,67 @@ def test_out_channels_and_odd_input_size():
 @pytest.mark.parametrize("kwargs", [
     {"ch": 0}, {"ch": 48}, {"ch_mult": ()}, {"ch_mult": (1, 0)}, {"num_res_blocks": 0},
     {"resolution": 15}, {"dropout": 1.0}, {"num_groups": 5}, {"in_channels": 2.5},
+    {"attn_resolutions": (8.0,)},
 ])
 def test_bad_config_raises(kwargs):
     with pytest.raises(ConfigError):
         DDPMUNet(**{"ch": 32, "ch_mult": (1, 2), "resolution": 16, **kwargs})
+
+
+def _diffusers_key(name: str, n_levels: int) -> str:
+    """Our parameter name -> the name in diffusers' UNet2DModel built with the DDPM CIFAR-10 config."""
+    parts = name.split(".")
+    if parts[0] == "temb":
+        return f"time_embedding.linear_{int(parts[2]) + 1}.{parts[3]}"
+    if parts[0] in ("down", "up"):
+        level = int(parts[1]) if parts[0] == "down" else n_levels - 1 - int(parts[1])  # diffusers' up is reversed
+        prefix = f"{parts[0]}_blocks.{level}"
+        rest = parts[2:]
+    elif parts[0] == "mid":
+        prefix = "mid_block"
+        kind, idx = {"block_1": ("block", 0), "block_2": ("block", 1), "attn_1": ("attn", 0)}[parts[1]]
+        rest = [kind, str(idx)] + parts[2:]
+    else:
+        return {"norm_out": "conv_norm_out"}.get(parts[0], parts[0]) + "." + parts[1]
+    if rest[0] in ("downsample", "upsample"):
+        return f"{prefix}.{rest[0]}rs.0.conv.{rest[-1]}"
+    group = {"block": "resnets", "attn": "attentions"}[rest[0]]
+    leaf = {"temb_proj": "time_emb_proj", "nin_shortcut": "conv_shortcut", "norm": "group_norm", "q": "to_q",
+            "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}.get(rest[2], rest[2])
+    return f"{prefix}.{group}.{rest[1]}.{leaf}.{rest[3]}"
+
+
+def _diffusers_ddpm(ch, ch_mult, attn_levels, resolution, layers):
+    diffusers = pytest.importorskip("diffusers")
+    n = len(ch_mult)
+    return diffusers.UNet2DModel(
+        sample_size=resolution, in_channels=3, out_channels=3, block_out_channels=tuple(ch * m for m in ch_mult),
+        layers_per_block=layers, down_block_types=tuple("AttnDownBlock2D" if i in attn_levels else "DownBlock2D"
+                                                        for i in range(n)),
+        up_block_types=tuple("AttnUpBlock2D" if i in attn_levels else "UpBlock2D" for i in reversed(range(n))),
+        downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6, norm_num_groups=32,
+        attention_head_dim=None)  # the google/ddpm-cifar10-32 settings
+
+
+def test_default_size_matches_diffusers_ddpm_cifar10_config():
+    with torch.device("meta"):
+        ref = _diffusers_ddpm(128, (1, 2, 2, 2), {1}, 32, 2)
+    assert sum(p.numel() for p in ref.parameters()) == REFERENCE_PARAMS
+
+
+def test_matches_diffusers_implementation_of_the_same_network():
+    """Same weights, same outputs as diffusers' UNet2DModel with Ho's CIFAR-10 settings (a second, independent
+    implementation): checks padding, attention, time embedding and skip order, not just shapes."""
+    ch, ch_mult, res = 32, (1, 2, 2), 16
+    torch.manual_seed(0)
+    ref = _diffusers_ddpm(ch, ch_mult, {1}, res, 1).eval()
+    ours = DDPMUNet(ch=ch, ch_mult=ch_mult, num_res_blocks=1, attn_resolutions=(res // 2,), resolution=res).eval()
+    ref_sd = ref.state_dict()
+    mapped = {k: ref_sd[_diffusers_key(k, len(ch_mult))].reshape(v.shape) for k, v in ours.state_dict().items()}
+    assert len(mapped) == len(ref_sd)
+    ours.load_state_dict(mapped)
+    x, t = torch.randn(2, 3, res, res), torch.tensor([17, 640])
+    with torch.no_grad():
+        expected = ref(x, t).sample
+        assert (ours(x, t) - expected).abs().max() <= 1e-4 * expected.abs().max()
+        assert (torch.fx.symbolic_trace(ours)(x, t) - expected).abs().max() <= 1e-4 * expected.abs().max()

@@ -162,6 +162,8 @@ def _check_config(ch, ch_mult, num_res_blocks, attn_resolutions, resolution, in_
         if (ch * m) % num_groups:
             raise ConfigError(f"DDPMUNet: width ch*mult={ch * m} is not divisible by num_groups={num_groups}; "
                               "pick ch and ch_mult so every level's width is a multiple of num_groups")
+    for r in attn_resolutions:
+        positive_int("attn_resolutions entry", r)
     if ch % num_groups:
         raise ConfigError(f"DDPMUNet: ch={ch} is not divisible by num_groups={num_groups}")
     if resolution % 2 ** (len(ch_mult) - 1):
