@@ -85,7 +85,7 @@ configs = st.fixed_dictionaries({
 })
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(cfg=configs, seed=st.integers(0, 2**16))
 def test_output_shape_and_zero_dim_t(cfg, seed):
     res, levels = cfg["resolution"], len(cfg["ch_mult"])
@@ -99,14 +99,12 @@ def test_output_shape_and_zero_dim_t(cfg, seed):
     with torch.no_grad():
         out_scalar = model(x, t)
         out_vector = model(x, t.expand(b).clone())
-        out_float = model(x, t.float())
     assert out_scalar.shape == x.shape
     assert torch.allclose(out_scalar, out_vector, atol=1e-5)
-    assert torch.allclose(out_scalar, out_float, atol=1e-5)
     assert out_scalar.abs().max() > 0
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(batch=st.integers(1, 4), seed=st.integers(0, 2**16))
 def test_symbolic_trace_equals_eager(batch, seed):
     model = small_model(ch=32, ch_mult=(1, 2, 2), resolution=16, attn=(8,))
@@ -141,6 +139,7 @@ def test_samples_do_not_interact_and_t_matters():
         for i in range(3):
             assert torch.allclose(full[i:i + 1], model(x[i:i + 1], t[i:i + 1]), atol=1e-5)
         assert not torch.allclose(model(x, torch.tensor(3)), model(x, torch.tensor(700)), atol=1e-3)
+        assert torch.allclose(full, model(x, t.double()), atol=1e-5)  # float timesteps work the same
 
 
 def test_backward_reaches_every_parameter():
