@@ -10,24 +10,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fxq.errors import ConfigError
 from fxq.models import DDPMUNet
+from fxq.models.ddpm_unet import reinit_zero_layers
 
 REFERENCE_PARAMS = 35_746_307  # Ho et al.'s CIFAR-10 model (pytorch port), also diffusers' google/ddpm-cifar10-32
 
 
-def randomize_zero_inits(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Ho's init zeroes each ResBlock's conv2, proj_out and conv_out, which makes the output 0; give them small
-    random weights (and every bias/GroupNorm affine a nudge) so outputs exercise every path."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not p.abs().sum() or name.endswith(("bias", "norm1.weight", "norm2.weight", "norm.weight")):
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model
-
-
 def small_model(ch=32, ch_mult=(1, 2), resolution=16, attn=(8,), **kw):
     torch.manual_seed(0)
-    return randomize_zero_inits(DDPMUNet(ch=ch, ch_mult=ch_mult, attn_resolutions=attn, resolution=resolution,
+    return reinit_zero_layers(DDPMUNet(ch=ch, ch_mult=ch_mult, attn_resolutions=attn, resolution=resolution,
                                          **kw)).eval()
 
 

@@ -1,0 +1,118 @@
+"""Every bad input gets an FxqError that says what to fix; one test per case."""
+
+import pytest
+import torch
+from torch import nn
+
+import fxq
+from fxq.errors import ConfigError, FxqError, FxqWarning, InputError
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.emb = nn.Linear(1, 3)
+
+    def forward(self, x, t):
+        return self.conv(x) + self.emb(t.float()[:, None])[:, :, None, None]
+
+
+def ex(b=2):
+    return torch.randn(b, 3, 8, 8), torch.randint(0, 1000, (b,))
+
+
+def calib(n=2):
+    return [ex() for _ in range(n)]
+
+
+def test_errors_form_one_family():
+    for cls in (ConfigError, InputError, fxq.errors.TraceError, fxq.errors.SpecializationError,
+                fxq.errors.ModelFileError):
+        assert issubclass(cls, FxqError)
+
+
+def test_model_not_a_module():
+    with pytest.raises(InputError, match="nn.Module"):
+        fxq.quantize(lambda x, t: x, ex(), calib())
+
+
+def test_example_inputs_that_do_not_run_the_model():
+    with pytest.raises(InputError, match="example inputs"):
+        fxq.quantize(Tiny(), (torch.randn(2, 5, 8, 8), torch.zeros(2, dtype=torch.long)), calib())
+
+
+def test_calibration_item_with_another_shape():
+    bad = calib() + [(torch.randn(2, 3, 9, 9), torch.zeros(2, dtype=torch.long))]
+    with pytest.raises(InputError, match=r"calibration item 2.*shape \(2, 3, 9, 9\).*only the batch"):
+        fxq.quantize(Tiny(), ex(), bad)
+
+
+def test_calibration_item_with_another_dtype():
+    bad = [(torch.randn(2, 3, 8, 8).double(), torch.zeros(2, dtype=torch.long))]
+    with pytest.raises(InputError, match="dtype torch.float64.*torch.float32"):
+        fxq.quantize(Tiny(), ex(), bad)
+
+
+def test_calibration_item_with_another_arity():
+    with pytest.raises(InputError, match="positional inputs"):
+        fxq.quantize(Tiny(), ex(), [(torch.randn(2, 3, 8, 8),)])
+
+
+def test_empty_calibration_data():
+    with pytest.raises(InputError, match="empty"):
+        fxq.quantize(Tiny(), ex(), [])
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_calibration_data_with_nan_or_inf(value):
+    x, t = ex()
+    x[1, 2, 3, 4] = value
+    with pytest.raises(InputError, match="NaN or inf"):
+        fxq.quantize(Tiny(), ex(), [(x, t)])
+
+
+@pytest.mark.parametrize("field,value", [("weight_bits", 1), ("act_bits", 17), ("weight_bits", 8.0),
+                                         ("first_last_bits", 0)])
+def test_bit_widths_outside_2_16(field, value):
+    with pytest.raises(ConfigError, match="2 to 16"):
+        fxq.QuantConfig(**{field: value})
+
+
+def test_unknown_backend():
+    with pytest.raises(ConfigError, match="backend='tpu'.*'fake'"):
+        fxq.QuantConfig(backend="tpu")
+
+
+def test_unknown_op_kind():
+    with pytest.raises(ConfigError, match="'conv2d'.*'conv'"):
+        fxq.QuantConfig(ops=("conv2d",))
+
+
+def test_unknown_estimator():
+    with pytest.raises(ConfigError, match="act_estimator"):
+        fxq.QuantConfig(act_estimator="kl")
+
+
+def test_keep_float_pattern_matching_nothing_warns():
+    with pytest.warns(FxqWarning, match="nothing_here"):
+        fxq.quantize(Tiny(), ex(), calib(), fxq.QuantConfig(keep_float=("nothing_here.*",)))
+
+
+def test_timestep_groups_without_a_timestep_input():
+    class NoT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    with pytest.raises(ConfigError, match="timestep"):
+        fxq.quantize(NoT(), (torch.randn(1, 3, 4, 4),), [(torch.randn(1, 3, 4, 4),)],
+                     fxq.QuantConfig(timestep_groups=2))
+
+
+def test_config_must_be_a_quantconfig():
+    with pytest.raises(ConfigError, match="QuantConfig"):
+        fxq.quantize(Tiny(), ex(), calib(), {"weight_bits": 8})
