@@ -73,8 +73,9 @@ class PassManager:
                 raise _wrap(name, err, "failed") from err
             if not (isinstance(result, tuple) and len(result) == 2
                     and isinstance(result[0], torch.fx.GraphModule)):
-                raise PassError(f"pass {name!r} returned {type(result).__name__}; "
-                                "a pass must return PassResult(graph_module, modified)")
+                got = "a bare GraphModule" if isinstance(result, torch.fx.GraphModule) else type(result).__name__
+                raise PassError(f"pass {name!r} returned {got}; a pass must return "
+                                "PassResult(graph_module, modified)")
             gm, changed = result
             try:
                 if self.check:
