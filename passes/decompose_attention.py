@@ -29,6 +29,7 @@ float32 rounding (dropout aside, which draws different random numbers).
 
 from __future__ import annotations
 
+import copy
 import operator
 
 import torch
@@ -81,7 +82,7 @@ class _Builder:
     def _stamp(self, node: torch.fx.Node) -> torch.fx.Node:
         for key in ("nn_module_stack", "stack_trace"):
             if key in self.anchor.meta:
-                node.meta[key] = self.anchor.meta[key]
+                node.meta[key] = copy.copy(self.anchor.meta[key])
         return node
 
     def fn(self, target, *args, **kwargs) -> torch.fx.Node:
@@ -126,7 +127,11 @@ def _decompose(graph: torch.fx.Graph, node: torch.fx.Node) -> torch.fx.Node:
 
 
 def decompose_attention(gm: torch.fx.GraphModule) -> PassResult:
-    """Rewrite every fused scaled_dot_product_attention into explicit ops (see the module doc)."""
+    """Rewrite every call to F.scaled_dot_product_attention into matmul(q, k^T) * scale -> masks -> softmax ->
+    dropout -> matmul(., v), with `torch.matmul` call_function nodes for both products.
+
+    Afterwards no fused attention remains and outputs match the fused op within float32 rounding (up to the
+    random draw of dropout). The module doc lists every argument's handling."""
     graph = gm.graph
     modified = False
     for node in list(graph.nodes):

@@ -5,6 +5,9 @@ return it (or a replacement); they never copy. Whoever owns the user's model cop
 deep-copies the model before tracing), so a pass never has to worry about aliasing the caller's objects beyond
 one rule: replace parameters and modules, never write into the tensors of existing ones.
 
+The passes in this package also recompile the GraphModule when they change it, so each one runs on its own
+as well; the manager's recompile makes any pass safe.
+
 A pass that leaves dead nodes behind and wants them swept sets the attribute `dce = True` on itself; the manager
 then runs `graph.eliminate_dead_code()` after it. Nothing else is implicit.
 """
