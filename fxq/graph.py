@@ -1,0 +1,76 @@
+"""Read-only analysis over torch.fx graphs: a networkx view and the few queries the passes share.
+
+Nothing here mutates a graph. Rewrites happen on the fx.Graph itself, in the passes.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import networkx as nx
+import torch.fx
+from torch.fx import Node
+
+
+def to_networkx(graph: torch.fx.Graph) -> nx.DiGraph:
+    """A frozen DiGraph of `graph`: node names as keys, attribute `node` -> the fx Node and `order` -> its position
+    in the graph; one edge def -> use per (producer, consumer) pair. Frozen, so it cannot be edited by mistake."""
+    g = nx.DiGraph()
+    for i, node in enumerate(graph.nodes):
+        g.add_node(node.name, node=node, order=i)
+    for node in graph.nodes:
+        for inp in node.all_input_nodes:
+            g.add_edge(inp.name, node.name)
+    return nx.freeze(g)
+
+
+def node_order(graph: torch.fx.Graph) -> dict[Node, int]:
+    """Position of every node in the graph (fx keeps nodes in a topological order)."""
+    return {node: i for i, node in enumerate(graph.nodes)}
+
+
+def users_in_order(node: Node) -> list[Node]:
+    """The users of `node` in graph order (`node.users` is in the order uses were added, not graph order)."""
+    order = node_order(node.graph)
+    return sorted(node.users, key=order.__getitem__)
+
+
+def is_reachable(src: Node, dst: Node) -> bool:
+    """Whether a def -> use path leads from `src` to `dst` (a node reaches itself)."""
+    if src is dst:
+        return True
+    order = node_order(src.graph)
+    limit = order[dst]
+    seen, todo = {src}, deque([src])
+    while todo:
+        for user in todo.popleft().users:
+            if user is dst:
+                return True
+            # Users after dst in topological order cannot lead back to it.
+            if user not in seen and order[user] < limit:
+                seen.add(user)
+                todo.append(user)
+    return False
+
+
+def activation_nodes(graph: torch.fx.Graph) -> set[Node]:
+    """Nodes whose value depends on a graph input (placeholder): activations, as opposed to parameters, buffers
+    and constants (get_attr nodes and whatever is computed from them alone)."""
+    dynamic: set[Node] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder" or any(inp in dynamic for inp in node.all_input_nodes):
+            dynamic.add(node)
+    return dynamic
+
+
+def owning_module(node: Node) -> str:
+    """Qualified name of the module an op lives in: a call_module's own target; for other nodes the innermost
+    entry of `node.meta["nn_module_stack"]` (recorded by the tracer); "" at top level."""
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    last = next(reversed(stack.values()))
+    # symbolic_trace stores (path, type); some tracers store the path alone.
+    return last[0] if isinstance(last, tuple) else str(last)

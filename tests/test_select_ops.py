@@ -1,0 +1,208 @@
+import copy
+import warnings
+from fnmatch import fnmatchcase
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fxq.config import OP_KINDS, QuantConfig
+from fxq.errors import FxqWarning
+from fxq.passes.manager import PassManager
+from fxq.passes.select_ops import SelectOps, selected_nodes, summary
+from tests.graph_structure import structure
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.proj = nn.Linear(4, 4)
+        self.w = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x):
+        h = self.conv(x)
+        n, c, hh, ww = h.shape
+        t = self.proj(h.flatten(2).transpose(1, 2))                 # (n, hw, c)
+        s = t @ t.transpose(1, 2)                                   # operator.matmul
+        o = torch.bmm(s.softmax(-1), t)                             # torch.bmm
+        e = torch.einsum("bij,bjk->bik", o, o.transpose(1, 2))      # einsum, two operands
+        f = e.matmul(t)                                             # Tensor.matmul
+        g = torch.einsum("bij,bjk->bik", [f, f.transpose(1, 2)])    # list form: traced as two operands
+        p = t @ self.w                                              # parameter operand: not an activation op
+        q = torch.matmul(t, self.w.t())                             # parameter-derived operand: same
+        return h + (f + p + q + g.mean()).transpose(1, 2).reshape(n, c, hh, ww)
+
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.down = nn.ModuleList([Block(), Block()])
+        self.up = nn.ConvTranspose2d(4, 4, 1)  # not a kind select_ops knows
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.stem(x)
+        for block in self.down:
+            h = block(h)
+        return self.head(self.up(h).mean((2, 3)))
+
+
+def block_ops(name):
+    return [("conv", f"{name}.conv", (0,)), ("linear", f"{name}.proj", (0,)),
+            ("attn_matmul", name, (0, 1)), ("attn_matmul", name, (0, 1)), ("attn_matmul", name, (1, 2)),
+            ("attn_matmul", name, (0, 1)), ("attn_matmul", name, (1, 2))]
+
+
+# Every op of Model that can be quantized: (kind, module, act_inputs), in graph order.
+CANDIDATES = [("conv", "stem", (0,))] + block_ops("down.0") + block_ops("down.1") + [("linear", "head", (0,))]
+PATTERNS = ["down.0*", "down.1", "*.proj", "head", "stem", "down.*.conv", "nothing.here", "up"]
+
+
+@pytest.fixture(scope="module")
+def traced():
+    return torch.fx.symbolic_trace(Model())
+
+
+def fresh(traced):
+    gm = copy.deepcopy(traced)
+    assert not selected_nodes(gm)
+    return gm
+
+
+def expected_selection(config):
+    chosen = [c for c in CANDIDATES
+              if c[0] in config.ops and not any(fnmatchcase(c[1], p) for p in config.keep_float)]
+    rows = []
+    for i, (kind, module, act_inputs) in enumerate(chosen):
+        wb, ab = (None if kind == "attn_matmul" else config.weight_bits), config.act_bits
+        if config.first_last_bits is not None and i in (0, len(chosen) - 1):
+            wb, ab = (None if wb is None else config.first_last_bits), config.first_last_bits
+        rows.append({"kind": kind, "module": module, "weight_bits": wb, "act_bits": ab, "act_inputs": act_inputs})
+    return rows
+
+
+@settings(max_examples=25, deadline=None)
+@given(ops=st.sets(st.sampled_from(OP_KINDS)), keep=st.sets(st.sampled_from(PATTERNS), max_size=3),
+       bits=st.tuples(st.integers(2, 16), st.integers(2, 16)), first_last=st.none() | st.integers(2, 16))
+def test_selection_follows_config(traced, ops, keep, bits, first_last):
+    config = QuantConfig(weight_bits=bits[0], act_bits=bits[1], ops=tuple(sorted(ops)),
+                         keep_float=tuple(sorted(keep)), first_last_bits=first_last)
+    gm = fresh(traced)
+    code = gm.code
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = SelectOps(config)(gm)
+
+    got = [n.meta["fxq"] for n in selected_nodes(gm)]
+    assert got == expected_selection(config)
+    assert result.modified == bool(got)
+    assert all(type(m) is dict for m in got)
+    assert gm.code == code
+    warned = {str(w.message).split("'")[1] for w in caught if issubclass(w.category, FxqWarning)}
+    assert warned == {p for p in keep if p == "nothing.here"}
+    assert sum(summary(gm).values()) == len(got)
+    # The same pass again: nothing to do.
+    before = [dict(m) for m in got]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FxqWarning)
+        again = SelectOps(config)(gm)
+    assert not again.modified
+    assert [n.meta["fxq"] for n in selected_nodes(gm)] == before
+
+
+def test_expected_selection_defaults(traced):
+    gm = fresh(traced)
+    SelectOps(QuantConfig(first_last_bits=None))(gm)
+    got = [(n.meta["fxq"]["kind"], n.meta["fxq"]["module"], n.meta["fxq"]["act_inputs"]) for n in selected_nodes(gm)]
+    assert got == CANDIDATES
+    assert summary(gm) == {"conv": 3, "linear": 3, "attn_matmul": 10}
+    # Matmuls with a parameter operand and the ConvTranspose are not selected.
+    unselected = {n.name for n in gm.graph.nodes if "fxq" not in n.meta}
+    assert {"up", "matmul_2", "matmul_3", "matmul_6", "matmul_7"} <= unselected
+
+
+class Before(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv1d(2, 3, 1), nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.fc(self.conv(x))
+        return torch.matmul(h, h.transpose(-1, -2))
+
+
+def test_before_expected_meta_only():
+    gm = torch.fx.symbolic_trace(Before())
+    SelectOps(QuantConfig(weight_bits=4, act_bits=6, first_last_bits=8))(gm)
+    # The code is untouched; only the metadata tells what was selected.
+    assert structure(gm) == structure(torch.fx.symbolic_trace(Before()))
+    meta = {n.name: n.meta.get("fxq") for n in gm.graph.nodes}
+    assert meta == {
+        "x": None,
+        "conv": {"kind": "conv", "module": "conv", "weight_bits": 8, "act_bits": 8, "act_inputs": (0,)},
+        "fc": {"kind": "linear", "module": "fc", "weight_bits": 4, "act_bits": 6, "act_inputs": (0,)},
+        "transpose": None,
+        "matmul": {"kind": "attn_matmul", "module": "", "weight_bits": None, "act_bits": 8, "act_inputs": (0, 1)},
+        "output": None,
+    }
+
+
+def test_config_change_clears_stale_meta(traced):
+    gm = fresh(traced)
+    SelectOps(QuantConfig())(gm)
+    result = SelectOps(QuantConfig(ops=("linear",)))(gm)
+    assert result.modified
+    assert {n.meta["fxq"]["kind"] for n in selected_nodes(gm)} == {"linear"}
+    assert sum("fxq" in n.meta for n in gm.graph.nodes) == 3
+
+
+def test_unmatched_keep_float_warns_with_pattern(traced):
+    gm = fresh(traced)
+    with pytest.warns(FxqWarning, match="'down.9.\\*'"):
+        SelectOps(QuantConfig(keep_float=("down.9.*", "down.0*")))(gm)
+    assert not any(n.meta["fxq"]["module"].startswith("down.0") for n in selected_nodes(gm))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FxqWarning)
+        SelectOps(QuantConfig(keep_float=("down.1",)))(fresh(traced))  # matches the Block itself
+
+
+class ScaledConv(nn.Conv2d):
+    def forward(self, x):
+        return super().forward(x) * 0.5
+
+
+class PlainConv(nn.Conv2d):
+    pass
+
+
+class Custom(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scaled, self.plain = ScaledConv(2, 2, 1), PlainConv(2, 2, 1)
+
+    def forward(self, x):
+        return self.plain(self.scaled(x))
+
+
+class LeafTracer(torch.fx.Tracer):
+    def is_leaf_module(self, m, qualname):
+        return isinstance(m, nn.Conv2d) or super().is_leaf_module(m, qualname)
+
+
+def test_conv_subclass_with_own_forward_not_selected():
+    gm = torch.fx.GraphModule(Custom(), LeafTracer().trace(Custom()))
+    SelectOps(QuantConfig())(gm)
+    assert [n.target for n in selected_nodes(gm)] == ["plain"]
+
+
+def test_runs_under_pass_manager_and_graph_still_runs(traced):
+    gm = fresh(traced)
+    x = torch.randn(1, 3, 4, 4)
+    expected = gm(x)
+    result = PassManager([SelectOps(QuantConfig())])(gm)
+    assert result.modified
+    torch.testing.assert_close(gm(x), expected)
