@@ -17,6 +17,10 @@ class SpecializationError(FxqError):
     """A traced model was called with inputs that break a shape it was specialized on."""
 
 
+class PassError(FxqError):
+    """A graph pass failed or left a broken graph; the message names the pass."""
+
+
 class InputError(FxqError, ValueError):
     """Example inputs or calibration data do not fit the model."""
 

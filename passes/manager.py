@@ -18,7 +18,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch.fx
 
-from fxq.errors import FxqError
+from fxq.errors import FxqError, PassError  # noqa: F401  (PassError: re-exported for passes)
 
 
 class PassResult(NamedTuple):
@@ -26,10 +26,6 @@ class PassResult(NamedTuple):
 
     graph_module: torch.fx.GraphModule
     modified: bool
-
-
-class PassError(FxqError):
-    """A graph pass failed or left a broken graph; the message names the pass."""
 
 
 Pass = Callable[[torch.fx.GraphModule], PassResult]
