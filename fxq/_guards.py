@@ -58,6 +58,37 @@ def dict_keys(value) -> tuple:
     return tuple(value.keys())
 
 
+# The Python conversions a guard re-computes. Graph nodes call these rather than the builtins, so that fx can
+# re-trace the generated code (it does when a GraphModule is unpickled) with them as opaque calls.
+def as_bool(value) -> bool:
+    return bool(value)
+
+
+def as_len(value) -> int:
+    return len(value)
+
+
+def as_int(value) -> int:
+    return int(value)
+
+
+def as_float(value) -> float:
+    return float(value)
+
+
+def as_index(value) -> int:
+    return operator.index(value)
+
+
+GRAPH_CONVERSIONS = {bool: as_bool, len: as_len, int: as_int, float: as_float, operator.index: as_index}
+GUARD_FUNCTIONS = (check_specialized, input_kind, dict_keys, *GRAPH_CONVERSIONS.values())
+
+
+def is_guard(node) -> bool:
+    """A guard node or a node that only computes a value for a guard."""
+    return node.op == "call_function" and node.target in GUARD_FUNCTIONS
+
+
 # ---------------------------------------------------------------------------------------------- source locations
 
 
@@ -149,7 +180,7 @@ _BINARY = {
     operator.mod: "%", operator.eq: "==", operator.ne: "!=", operator.lt: "<", operator.le: "<=",
     operator.gt: ">", operator.ge: ">=", operator.and_: "&", operator.or_: "|",
 }
-_CONVERSIONS = {bool: "bool", len: "len", int: "int", float: "float", operator.index: "int"}
+_CONVERSIONS = {as_bool: "bool", as_len: "len", as_int: "int", as_float: "float", as_index: "int"}
 
 
 def _arg(a, depth: int, named) -> str:

@@ -17,6 +17,7 @@ import copy
 import fnmatch
 import functools
 import inspect
+import math
 import operator
 import warnings
 from dataclasses import dataclass, fields, is_dataclass
@@ -83,6 +84,76 @@ def _has_numbers(value) -> bool:
     if isinstance(value, dict):
         return any(_has_numbers(v) for v in value.values())
     return False
+
+
+_FACTORY_ORIGINALS: dict = {}  # name -> the torch function, while tracing has it patched
+
+
+def _make_factory_wrapper(original):
+    @functools.wraps(original)
+    def wrapped(*args, **kwargs):
+        proxy = _find_proxy((args, kwargs))
+        if proxy is None:
+            return original(*args, **kwargs)
+        return proxy.tracer.create_proxy("call_function", original, args, kwargs)
+
+    return wrapped
+
+
+@contextlib.contextmanager
+def _patched_factories():
+    """While tracing, a torch factory called with a Proxy anywhere in its arguments records a node."""
+    if _FACTORY_ORIGINALS:  # already patched by an enclosing trace
+        yield
+        return
+    _FACTORY_ORIGINALS.update({name: getattr(torch, name) for name in _FACTORIES})
+    try:
+        for name, original in _FACTORY_ORIGINALS.items():
+            setattr(torch, name, _make_factory_wrapper(original))
+        yield
+    finally:
+        for name, original in _FACTORY_ORIGINALS.items():
+            setattr(torch, name, original)
+        _FACTORY_ORIGINALS.clear()
+
+
+@contextlib.contextmanager
+def _factories_unpatched():
+    wrapped = {name: getattr(torch, name) for name in _FACTORY_ORIGINALS}
+    for name, original in _FACTORY_ORIGINALS.items():
+        setattr(torch, name, original)
+    try:
+        yield
+    finally:
+        for name, fn in wrapped.items():
+            setattr(torch, name, fn)
+
+
+def _create_dataclass_arg(tracer, a):
+    # Output classes such as diffusers' BaseOutput (a dict subclass) are rebuilt in the graph, so the traced
+    # module returns the model's own type.
+    kwargs = {f.name: tracer.create_arg(getattr(a, f.name)) for f in fields(a) if f.init}
+    return tracer.create_node("call_function", type(a), (), kwargs)
+
+
+class ReplayTracer(torch.fx.Tracer):
+    """Re-traces the code fxq generated, which torch.fx does when it unpickles a GraphModule.
+
+    That code is straight-line; it only needs guard functions kept as calls, torch factories taking nodes, and
+    dataclass outputs rebuilt.
+    """
+
+    def __init__(self, autowrap_modules=(math,), autowrap_functions=()):
+        super().__init__(autowrap_modules, tuple(autowrap_functions) + _guards.GUARD_FUNCTIONS)
+
+    def create_arg(self, a):
+        if is_dataclass(a) and not isinstance(a, type):
+            return _create_dataclass_arg(self, a)
+        return super().create_arg(a)
+
+    def trace(self, root, concrete_args=None):
+        with _patched_factories():
+            return super().trace(root, concrete_args)
 
 
 class ValueProxy(torch.fx.Proxy):
@@ -195,7 +266,6 @@ class _ValueTracer(torch.fx.Tracer):
         self.record_stack_traces = True
         self._pending: list[_Pending] = []
         self._tensor_nodes: set = set()  # shown by name, not expanded, in guard messages
-        self._factory_patches: list[tuple[str, object, object]] = []
         self.output_value = None
 
     # ------------------------------------------------------------------------------------------- leaf modules
@@ -209,10 +279,7 @@ class _ValueTracer(torch.fx.Tracer):
         if isinstance(a, torch.fx.Proxy):
             return a.node
         if is_dataclass(a) and not isinstance(a, type):
-            # Output classes such as diffusers' BaseOutput (a dict subclass) are rebuilt in the graph, so the
-            # traced module returns the model's own type.
-            kwargs = {f.name: self.create_arg(getattr(a, f.name)) for f in fields(a) if f.init}
-            return self.create_node("call_function", type(a), (), kwargs)
+            return _create_dataclass_arg(self, a)
         return super().create_arg(a)
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
@@ -264,34 +331,8 @@ class _ValueTracer(torch.fx.Tracer):
 
     @contextlib.contextmanager
     def _unpatched(self):
-        with _maybe_revert_all_patches():
-            for name, original, _ in self._factory_patches:
-                setattr(torch, name, original)
-            try:
-                yield
-            finally:
-                for name, _, wrapped in self._factory_patches:
-                    setattr(torch, name, wrapped)
-
-    @contextlib.contextmanager
-    def _patched_factories(self):
-        def wrap(original):
-            @functools.wraps(original)
-            def wrapped(*args, **kwargs):
-                if _find_proxy((args, kwargs)) is None:
-                    return original(*args, **kwargs)
-                return self.create_proxy("call_function", original, args, kwargs)
-            return wrapped
-
-        self._factory_patches = [(n, getattr(torch, n), wrap(getattr(torch, n))) for n in _FACTORIES]
-        try:
-            for name, _, wrapped in self._factory_patches:
-                setattr(torch, name, wrapped)
+        with _maybe_revert_all_patches(), _factories_unpatched():
             yield
-        finally:
-            for name, original, _ in self._factory_patches:
-                setattr(torch, name, original)
-            self._factory_patches = []
 
     # ----------------------------------------------------------------------------- Python values from proxies
     def current_module(self) -> str:
@@ -354,7 +395,7 @@ class _ValueTracer(torch.fx.Tracer):
 
     def _add_guard(self, p: _Pending):
         conversion = p.conversion
-        observed = self.create_node("call_function", conversion, (p.proxy.node,), {})
+        observed = self.create_node("call_function", _guards.GRAPH_CONVERSIONS[conversion], (p.proxy.node,), {})
         expression = _guards.describe_node(p.proxy.node, self._tensor_nodes)
         if conversion is bool:
             what = f"`{expression[1:-1] if expression.startswith('(') else expression}`"
@@ -381,7 +422,7 @@ class _ValueTracer(torch.fx.Tracer):
             self._input_guard(node, _guards.input_kind, kind, f"the kind of input `{label}`")
             return proxy
         if type(value) in (tuple, list):
-            self._input_guard(node, len, len(value), f"`len({label})`")
+            self._input_guard(node, _guards.as_len, len(value), f"`len({label})`")
             return type(value)(self._wrap_input(proxy[i], v, f"{label}[{i}]") for i, v in enumerate(value))
         if type(value) is dict and all(isinstance(k, str) for k in value):
             self._input_guard(node, _guards.dict_keys, tuple(value), f"the keys of input `{label}`")
@@ -430,7 +471,7 @@ class _ValueTracer(torch.fx.Tracer):
 
     def trace_inputs(self, root: torch.nn.Module, args: tuple, kwargs: dict) -> torch.fx.Graph:
         self.example_args, self.example_kwargs = args, kwargs
-        with self._patched_factories():
+        with _patched_factories():
             try:
                 return self.trace(root)
             except FxqError:
@@ -528,6 +569,7 @@ def trace(model: torch.nn.Module, example_inputs, leaf_modules=()) -> torch.fx.G
         tracer = _ValueTracer(patterns)
         graph = tracer.trace_inputs(root, _clone_inputs(args), _clone_inputs(kwargs))
         traced = _tensors(tracer.output_value)
+    graph._tracer_cls = ReplayTracer  # what fx re-traces the generated code with when unpickling
     gm = torch.fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
     gm.training = model.training
     _warn_if_different(expected, traced)

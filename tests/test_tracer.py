@@ -2,6 +2,7 @@
 
 import copy
 import os
+import pickle
 import warnings
 
 import pytest
@@ -496,6 +497,22 @@ def test_graph_lints_recompiles_and_deepcopies(tiny):
     x, t = torch.randn(3, 3, 8, 8), torch.tensor([1, 2, 3])
     with torch.no_grad():
         assert max_diff(clone(x, t), model(x, t)) <= 1e-5
+
+
+@pytest.mark.parametrize("t_example", [torch.tensor([1, 2]), 7])
+def test_pickled_graph_keeps_output_type_and_guards(t_example):
+    # fx re-traces the generated code when unpickling; guards and the output class must survive that.
+    torch.manual_seed(0)
+    model = small_attn_unet(8).eval()
+    gm = pickle.loads(pickle.dumps(trace(model, (torch.randn(2, 3, 8, 8), t_example))))
+    t_call = torch.tensor([5, 50, 500]) if torch.is_tensor(t_example) else 9
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        out = gm(x, t_call)
+        assert isinstance(out, UNet2DOutput) and max_diff(out, model(x, t_call)) <= 1e-5
+    bad_t = torch.tensor(5) if torch.is_tensor(t_example) else torch.tensor([5, 6, 7])
+    with pytest.raises(SpecializationError, match="timestep"):
+        gm(x, bad_t)
 
 
 def test_traced_diffusers_unet_runs_on_meta_device():
