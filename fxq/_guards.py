@@ -24,6 +24,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 _TORCH = os.path.dirname(os.path.abspath(torch.__file__))
 _SKIPPED = (
     os.path.join(_HERE, "tracer.py"),
+    os.path.join(_HERE, "_proxy.py"),
     os.path.join(_HERE, "_guards.py"),
     os.path.join(_TORCH, "fx") + os.sep,
     os.path.join(_TORCH, "nn", "modules", "module.py"),

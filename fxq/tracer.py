@@ -15,9 +15,7 @@ import collections
 import contextlib
 import copy
 import fnmatch
-import functools
 import inspect
-import math
 import operator
 import warnings
 from dataclasses import dataclass, fields, is_dataclass
@@ -28,220 +26,16 @@ from torch.fx._symbolic_trace import _maybe_revert_all_patches
 from torch.fx.node import map_aggregate
 
 from fxq import _guards
+from fxq._proxy import (
+    META_ATTRS, META_FUNCTIONS, META_METHODS, ReplayTracer, ValueProxy, concrete, create_dataclass_arg,
+    factories_unpatched, has_numbers, patched_factories,
+)
 from fxq.errors import FxqError, FxqWarning, InputError, TraceError
 from fxq.inputs import as_args_kwargs
 
 __all__ = ["trace"]
 
-# Tensor attributes and methods that read metadata, not values: a Python number made from them is a shape.
-_META_ATTRS = frozenset({
-    "shape", "ndim", "dtype", "device", "is_cuda", "is_sparse", "is_quantized", "is_meta", "layout",
-    "requires_grad", "is_leaf",
-})
-_META_METHODS = frozenset({
-    "size", "dim", "ndimension", "numel", "nelement", "stride", "is_contiguous", "is_floating_point",
-    "is_complex", "element_size", "get_device", "storage_offset", "__len__",
-})
-_META_FUNCTIONS = frozenset({len, torch.numel, torch.is_floating_point, torch.is_complex, torch.is_tensor})
-
-# torch factories whose arguments are parsed by C++ without consulting __torch_function__ for nested Python
-# values (`torch.tensor([t])`, `torch.zeros(B, 3)`): while tracing, a call with a Proxy anywhere becomes a node.
-_FACTORIES = ("tensor", "as_tensor", "zeros", "ones", "empty", "full", "rand", "randn", "randint", "arange",
-              "linspace", "eye", "scalar_tensor")
-
 _CONVERSION_NAMES = {bool: "bool", len: "len", int: "int", float: "float", operator.index: "int"}
-
-
-def _find_proxy(obj):
-    """The first Proxy inside nested tuples/lists/dicts/slices, or None (exact types: Proxies are not unpacked)."""
-    if isinstance(obj, torch.fx.Proxy):
-        return obj
-    if type(obj) in (tuple, list) or isinstance(obj, torch.Size):
-        items = obj
-    elif isinstance(obj, dict):
-        items = obj.values()
-    elif isinstance(obj, slice):
-        items = (obj.start, obj.stop, obj.step)
-    else:
-        return None
-    for item in items:
-        found = _find_proxy(item)
-        if found is not None:
-            return found
-    return None
-
-
-def _concrete(obj):
-    """Replace every ValueProxy in a nested argument structure by its example value."""
-    return map_aggregate(obj, lambda a: a.__dict__["_fxq_value"] if isinstance(a, ValueProxy) else a)
-
-
-def _has_numbers(value) -> bool:
-    if isinstance(value, (bool, int, float, complex)):
-        return True
-    if isinstance(value, (tuple, list)):
-        return any(_has_numbers(v) for v in value)
-    if isinstance(value, dict):
-        return any(_has_numbers(v) for v in value.values())
-    return False
-
-
-_FACTORY_ORIGINALS: dict = {}  # name -> the torch function, while tracing has it patched
-
-
-def _make_factory_wrapper(original):
-    @functools.wraps(original)
-    def wrapped(*args, **kwargs):
-        proxy = _find_proxy((args, kwargs))
-        if proxy is None:
-            return original(*args, **kwargs)
-        return proxy.tracer.create_proxy("call_function", original, args, kwargs)
-
-    return wrapped
-
-
-@contextlib.contextmanager
-def _patched_factories():
-    """While tracing, a torch factory called with a Proxy anywhere in its arguments records a node."""
-    if _FACTORY_ORIGINALS:  # already patched by an enclosing trace
-        yield
-        return
-    _FACTORY_ORIGINALS.update({name: getattr(torch, name) for name in _FACTORIES})
-    try:
-        for name, original in _FACTORY_ORIGINALS.items():
-            setattr(torch, name, _make_factory_wrapper(original))
-        yield
-    finally:
-        for name, original in _FACTORY_ORIGINALS.items():
-            setattr(torch, name, original)
-        _FACTORY_ORIGINALS.clear()
-
-
-@contextlib.contextmanager
-def _factories_unpatched():
-    wrapped = {name: getattr(torch, name) for name in _FACTORY_ORIGINALS}
-    for name, original in _FACTORY_ORIGINALS.items():
-        setattr(torch, name, original)
-    try:
-        yield
-    finally:
-        for name, fn in wrapped.items():
-            setattr(torch, name, fn)
-
-
-def _create_dataclass_arg(tracer, a):
-    # Output classes such as diffusers' BaseOutput (a dict subclass) are rebuilt in the graph, so the traced
-    # module returns the model's own type.
-    kwargs = {f.name: tracer.create_arg(getattr(a, f.name)) for f in fields(a) if f.init}
-    return tracer.create_node("call_function", type(a), (), kwargs)
-
-
-class ReplayTracer(torch.fx.Tracer):
-    """Re-traces the code fxq generated, which torch.fx does when it unpickles a GraphModule.
-
-    That code is straight-line; it only needs guard functions kept as calls, torch factories taking nodes, and
-    dataclass outputs rebuilt.
-    """
-
-    def __init__(self, autowrap_modules=(math,), autowrap_functions=()):
-        super().__init__(autowrap_modules, tuple(autowrap_functions) + _guards.GUARD_FUNCTIONS)
-
-    def create_arg(self, a):
-        if is_dataclass(a) and not isinstance(a, type):
-            return _create_dataclass_arg(self, a)
-        return super().create_arg(a)
-
-    def trace(self, root, concrete_args=None):
-        with _patched_factories():
-            return super().trace(root, concrete_args)
-
-
-class ValueProxy(torch.fx.Proxy):
-    """A Proxy that also holds the value the example inputs give it.
-
-    `isinstance(p, torch.Tensor)` / `torch.is_tensor(p)` / `isinstance(p, int)` answer as for that value (Python
-    consults `__class__` after the real type), so model code that dispatches on types takes the traced path.
-    """
-
-    def __init__(self, node, tracer, value, data_dependent: bool):
-        self.__dict__.update(node=node, tracer=tracer, _fxq_value=value, _fxq_dd=data_dependent)
-
-    @property
-    def __class__(self):
-        value = self.__dict__.get("_fxq_value")
-        if isinstance(value, torch.Tensor) or type(value) in (int, float, bool):
-            return type(value)
-        return type(self)
-
-    def __repr__(self):
-        return f"ValueProxy({self.node.name})"
-
-    def __getattr__(self, name):
-        if name.startswith("_fxq") or name in ("node", "tracer"):
-            raise AttributeError(name)
-        # Missing attributes raise, as on the value, so `hasattr` / `getattr(p, k, default)` answer truthfully.
-        value = getattr(self.__dict__["_fxq_value"], name)
-        return ValueAttribute(self, name, value)
-
-    def keys(self):
-        return self.__getattr__("keys")()
-
-    # Python asking for a Python value: specialize on shapes (with a guard), refuse on tensor values.
-    def __bool__(self):
-        return self.tracer.convert(self, bool)
-
-    def __len__(self):
-        return self.tracer.convert(self, len)
-
-    def __int__(self):
-        return self.tracer.convert(self, int)
-
-    def __float__(self):
-        return self.tracer.convert(self, float)
-
-    def __index__(self):
-        return self.tracer.convert(self, operator.index)
-
-    def __iter__(self):
-        value = self.__dict__["_fxq_value"]
-        if isinstance(value, dict):
-            return iter(list(value))
-        return iter([self[i] for i in range(self.tracer.convert(self, len))])
-
-    @classmethod
-    def __torch_function__(cls, orig_method, types, args=None, kwargs=None):
-        # torch's C++ argument parser probes int-like arguments with __index__ before it dispatches here;
-        # those probes are not the model's Python and must not become guards.
-        proxies = []
-        map_aggregate((args or (), kwargs or {}), lambda a: proxies.append(a) if isinstance(a, ValueProxy) else a)
-        if proxies:
-            proxies[0].tracer.cancel_pending(proxies)
-        return super().__torch_function__(orig_method, types, args, kwargs)
-
-
-class ValueAttribute(ValueProxy):
-    """`p.attr`: its getattr node is made lazily, since most attributes are only called as methods."""
-
-    def __init__(self, root: ValueProxy, attr: str, value):
-        dd = root.__dict__["_fxq_dd"] or (
-            isinstance(root.__dict__["_fxq_value"], torch.Tensor) and attr not in _META_ATTRS
-            and not isinstance(value, torch.Tensor) and _has_numbers(value)
-        )
-        self.__dict__.update(root=root, attr=attr, tracer=root.tracer, _node=None, _fxq_value=value, _fxq_dd=dd)
-
-    @property
-    def node(self):
-        if self.__dict__["_node"] is None:
-            self.__dict__["_node"] = self.tracer.create_proxy("call_function", getattr, (self.root, self.attr), {}).node
-        return self.__dict__["_node"]
-
-    def __getattr__(self, name):
-        if name in ("root", "attr", "_node"):
-            raise AttributeError(name)
-        return super().__getattr__(name)
-
-    def __call__(self, *args, **kwargs):
-        return self.tracer.create_proxy("call_method", self.attr, (self.root,) + args, kwargs)
 
 
 @dataclass
@@ -279,7 +73,7 @@ class _ValueTracer(torch.fx.Tracer):
         if isinstance(a, torch.fx.Proxy):
             return a.node
         if is_dataclass(a) and not isinstance(a, type):
-            return _create_dataclass_arg(self, a)
+            return create_dataclass_arg(self, a)
         return super().create_arg(a)
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
@@ -300,7 +94,7 @@ class _ValueTracer(torch.fx.Tracer):
 
     def _evaluate(self, kind, target, args, kwargs):
         """Run one op on the example values, as the graph will run it."""
-        cargs, ckwargs = _concrete(args), _concrete(kwargs)
+        cargs, ckwargs = concrete(args), concrete(kwargs)
         # Leaf modules and attribute reads go through nn.Module's __call__/__getattr__, which tracing patches.
         unpatched = self._unpatched() if kind in ("call_module", "get_attr") else contextlib.nullcontext()
         with unpatched, torch.no_grad():
@@ -323,15 +117,15 @@ class _ValueTracer(torch.fx.Tracer):
         inherited = any(p.__dict__["_fxq_dd"] for p in proxies)
         from_tensor = any(isinstance(p.__dict__["_fxq_value"], torch.Tensor) for p in proxies)
         is_meta = (
-            (kind == "call_method" and target in _META_METHODS)
-            or (kind == "call_function" and target in _META_FUNCTIONS)
-            or (kind == "call_function" and target is getattr and args[1] in _META_ATTRS)
+            (kind == "call_method" and target in META_METHODS)
+            or (kind == "call_function" and target in META_FUNCTIONS)
+            or (kind == "call_function" and target is getattr and args[1] in META_ATTRS)
         )
-        return value, inherited or (from_tensor and not is_meta and _has_numbers(value))
+        return value, inherited or (from_tensor and not is_meta and has_numbers(value))
 
     @contextlib.contextmanager
     def _unpatched(self):
-        with _maybe_revert_all_patches(), _factories_unpatched():
+        with _maybe_revert_all_patches(), factories_unpatched():
             yield
 
     # ----------------------------------------------------------------------------- Python values from proxies
@@ -405,6 +199,7 @@ class _ValueTracer(torch.fx.Tracer):
         for node in (observed, guard):
             node.meta["nn_module_stack"] = p.module_stack
             node.meta[_guards.GUARD_META] = True
+            node.stack_trace = None  # recorded at flush time, it would point past the conversion; `where` is exact
 
     # ------------------------------------------------------------------------------------------- model inputs
     def _input_guard(self, node, observe, expected, what: str):
@@ -471,7 +266,7 @@ class _ValueTracer(torch.fx.Tracer):
 
     def trace_inputs(self, root: torch.nn.Module, args: tuple, kwargs: dict) -> torch.fx.Graph:
         self.example_args, self.example_kwargs = args, kwargs
-        with _patched_factories():
+        with patched_factories():
             try:
                 return self.trace(root)
             except FxqError:

@@ -37,8 +37,8 @@ def line_of(marker: str) -> int:
 
 
 def max_diff(a, b) -> float:
-    a = a.sample if isinstance(a, UNet2DOutput) else a
-    b = b.sample if isinstance(b, UNet2DOutput) else b
+    a = a.sample if isinstance(a, diffusers.utils.BaseOutput) else a
+    b = b.sample if isinstance(b, diffusers.utils.BaseOutput) else b
     return (a - b).abs().max().item()
 
 
@@ -207,6 +207,39 @@ def test_ddpm_unet_keeps_sdpa_and_module_stacks(ddpm):
     attn_stack = [path for path, _ in sdpa[0].meta["nn_module_stack"].values()]
     assert attn_stack[-1] == "down_blocks.1.attentions.0"
     assert "attention_processor.py" in sdpa[0].stack_trace
+
+
+def test_ddpm_unet_guards_are_batch_free(ddpm):
+    _, gm = ddpm
+    described = [g.args[2] for g in guards(gm)]
+    assert "`len(timestep.shape)`" in described
+    assert not any("shape[0]" in d or "numel" in d for d in described), described
+
+
+def test_diffusers_unet_runs_past_its_batch_64_contiguous_branch():
+    # Upsample2D does `if x.shape[0] >= 64: x = x.contiguous()`: no guard, so batch 64+ runs the same graph.
+    torch.manual_seed(3)
+    model = small_attn_unet(8).eval()
+    gm = trace(model, (torch.randn(2, 3, 8, 8), torch.tensor([1, 2])))
+    x, t = torch.randn(65, 3, 8, 8), torch.randint(0, 1000, (65,))
+    with torch.no_grad():
+        assert max_diff(gm(x, t), model(x, t)) <= 1e-5
+
+
+def test_cross_attention_unet_with_keyword_encoder_states():
+    torch.manual_seed(4)
+    model = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8,
+    ).eval()
+    example = ((torch.randn(2, 4, 8, 8), torch.tensor([10, 500])), {"encoder_hidden_states": torch.randn(2, 5, 16)})
+    gm = trace(model, example)
+    assert [n.target for n in gm.graph.nodes if n.op == "placeholder"] == ["sample", "timestep", "encoder_hidden_states"]
+    for batch, tokens in ((1, 5), (3, 9)):  # other batch sizes and other text lengths
+        x, t, e = torch.randn(batch, 4, 8, 8), torch.randint(0, 1000, (batch,)), torch.randn(batch, tokens, 16)
+        with torch.no_grad():
+            assert max_diff(gm(x, t, encoder_hidden_states=e), model(x, t, encoder_hidden_states=e)) <= 1e-5
 
 
 @pytest.mark.parametrize("sample_size", [8, 16, 32])
