@@ -372,6 +372,40 @@ def test_python_loop_over_a_shape_is_guarded():
         gm(torch.randn(4, 3))
 
 
+class LoopOverWeightRows(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 4))
+
+    def forward(self, x):
+        for i in range(self.weight.shape[0]):  # a parameter's shape is fixed: no guard needed
+            x = x + self.weight[i]
+        return x
+
+
+def test_parameter_shapes_are_constants():
+    model = LoopOverWeightRows()
+    gm = trace(model, torch.randn(2, 4))
+    assert len(guards(gm)) == 1  # only the input-kind guard
+    x = torch.randn(5, 4)
+    assert max_diff(gm(x), model(x)) <= 1e-6
+
+
+class CountsCalls(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1  # Python state: the graph bakes in the value seen while tracing
+        return x * self.calls
+
+
+def test_graph_that_cannot_reproduce_eager_warns():
+    with pytest.warns(FxqWarning, match="does not reproduce"):
+        trace(CountsCalls(), torch.randn(2, 3))
+
+
 def test_guards_survive_dead_code_elimination():
     gm = trace(ChannelBranch(), torch.randn(2, 3, 4, 4))
     before = len(guards(gm))
