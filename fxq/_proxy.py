@@ -63,6 +63,7 @@ def concrete(obj):
 
 
 def has_numbers(value) -> bool:
+    """Whether a value holds Python numbers (which, read from a tensor by a non-metadata call, are data)."""
     if isinstance(value, (bool, int, float, complex)):
         return True
     if isinstance(value, (tuple, list)):

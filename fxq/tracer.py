@@ -173,7 +173,7 @@ class _ValueTracer(torch.fx.Tracer):
                 self._add_guard(p)
 
     def _value_dependent_error(self, p: _Pending) -> TraceError:
-        what = f"{_CONVERSION_NAMES[p.conversion]}() of a value that depends on the inputs' values, not only their shapes,"
+        what = f"{_CONVERSION_NAMES[p.conversion]}() of a value that depends on the inputs' values (not only shapes)"
         if p.module:
             hint = (f"Keep that module out of tracing (it then stays in float): "
                     f"QuantConfig(leaf_modules=[\"{p.module}\"]) or fxq.trace(..., leaf_modules=[\"{p.module}\"]).")

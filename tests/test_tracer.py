@@ -235,7 +235,8 @@ def test_cross_attention_unet_with_keyword_encoder_states():
     ).eval()
     example = ((torch.randn(2, 4, 8, 8), torch.tensor([10, 500])), {"encoder_hidden_states": torch.randn(2, 5, 16)})
     gm = trace(model, example)
-    assert [n.target for n in gm.graph.nodes if n.op == "placeholder"] == ["sample", "timestep", "encoder_hidden_states"]
+    placeholders = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    assert placeholders == ["sample", "timestep", "encoder_hidden_states"]
     for batch, tokens in ((1, 5), (3, 9)):  # other batch sizes and other text lengths
         x, t, e = torch.randn(batch, 4, 8, 8), torch.randint(0, 1000, (batch,)), torch.randn(batch, tokens, 16)
         with torch.no_grad():
@@ -494,7 +495,8 @@ def test_keyword_inputs_become_named_placeholders():
     model = CrossAttn()
     x, t, e = torch.randn(2, 5, 8), torch.rand(2), torch.randn(2, 7, 6)
     gm = trace(model, ((x, t), {"encoder_hidden_states": e}))
-    assert [n.target for n in gm.graph.nodes if n.op == "placeholder"] == ["sample", "timestep", "encoder_hidden_states"]
+    placeholders = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    assert placeholders == ["sample", "timestep", "encoder_hidden_states"]
     x, t, e = torch.randn(3, 4, 8), torch.rand(3), torch.randn(3, 9, 6)
     out = gm(x, t, encoder_hidden_states=e)
     assert isinstance(out, dict) and max_diff(out["sample"], model(x, t, encoder_hidden_states=e)["sample"]) <= 1e-6
