@@ -40,9 +40,9 @@ def check_specialized(observed, expected, what: str, traced_at: str) -> None:
     """Raise SpecializationError unless `observed` (computed from this call's inputs) equals the traced value."""
     if type(observed) is not type(expected) or observed != expected:
         raise SpecializationError(
-            f"{what} is {observed!r} for this call but was {expected!r} when the model was traced "
-            f"(the branch taken at {traced_at}). The traced graph only holds that branch: trace again "
-            f"with example inputs shaped like this call (fxq.trace / fxq.quantize example_inputs)."
+            f"{what} is {observed!r} for this call but was {expected!r} when the model was traced, and the "
+            f"graph holds only the code path for that value (specialized at {traced_at}). Trace again with "
+            f"example inputs shaped like this call (fxq.trace / fxq.quantize example_inputs)."
         )
 
 

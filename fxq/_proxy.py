@@ -19,16 +19,18 @@ from torch.fx.node import map_aggregate
 
 from fxq import _guards
 
-# Tensor attributes and methods that read metadata, not values: a Python number made from them is a shape.
-META_ATTRS = frozenset({
-    "shape", "ndim", "dtype", "device", "is_cuda", "is_sparse", "is_quantized", "is_meta", "layout",
-    "requires_grad", "is_leaf",
-})
+# Tensor methods and functions that read metadata, not values: a Python number they return is a shape. (Every
+# tensor *attribute* is metadata; values are reachable only through calls such as item() and tolist().)
 META_METHODS = frozenset({
     "size", "dim", "ndimension", "numel", "nelement", "stride", "is_contiguous", "is_floating_point",
-    "is_complex", "element_size", "get_device", "storage_offset", "__len__",
+    "is_complex", "is_signed", "is_inference", "is_pinned", "is_shared", "element_size", "get_device",
+    "storage_offset", "__len__",
 })
 META_FUNCTIONS = frozenset({len, torch.numel, torch.is_floating_point, torch.is_complex, torch.is_tensor})
+
+# A parameter's shape does not change with the inputs: read it as a constant (no node, no guard). Its dtype and
+# device do change with .half() / .to("cuda"), so those stay nodes.
+_PARAM_SHAPE = frozenset({"shape", "ndim", "size", "dim", "ndimension", "numel", "nelement"})
 
 # torch factories whose arguments are parsed by C++ without consulting __torch_function__ for nested Python
 # values (`torch.tensor([t])`, `torch.zeros(B, 3)`): while tracing, a call with a Proxy anywhere becomes a node.
@@ -61,6 +63,7 @@ def concrete(obj):
 
 
 def has_numbers(value) -> bool:
+    """Whether a value holds Python numbers (which, read from a tensor by a non-metadata call, are data)."""
     if isinstance(value, (bool, int, float, complex)):
         return True
     if isinstance(value, (tuple, list)):
@@ -165,6 +168,9 @@ class ValueProxy(torch.fx.Proxy):
             raise AttributeError(name)
         # Missing attributes raise, as on the value, so `hasattr` / `getattr(p, k, default)` answer truthfully.
         value = getattr(self.__dict__["_fxq_value"], name)
+        node = self.__dict__.get("node")
+        if name in _PARAM_SHAPE and node is not None and node.op == "get_attr":
+            return value
         return ValueAttribute(self, name, value)
 
     def keys(self):
@@ -207,10 +213,7 @@ class ValueAttribute(ValueProxy):
     """`p.attr`: its getattr node is made lazily, since most attributes are only called as methods."""
 
     def __init__(self, root: ValueProxy, attr: str, value):
-        dd = root.__dict__["_fxq_dd"] or (
-            isinstance(root.__dict__["_fxq_value"], torch.Tensor) and attr not in META_ATTRS
-            and not isinstance(value, torch.Tensor) and has_numbers(value)
-        )
+        dd = root.__dict__["_fxq_dd"]
         self.__dict__.update(root=root, attr=attr, tracer=root.tracer, _node=None, _fxq_value=value, _fxq_dd=dd)
 
     @property

@@ -27,7 +27,7 @@ from torch.fx.node import map_aggregate
 
 from fxq import _guards
 from fxq._proxy import (
-    META_ATTRS, META_FUNCTIONS, META_METHODS, ReplayTracer, ValueProxy, concrete, create_dataclass_arg,
+    META_FUNCTIONS, META_METHODS, ReplayTracer, ValueProxy, concrete, create_dataclass_arg,
     factories_unpatched, has_numbers, patched_factories,
 )
 from fxq.errors import FxqError, FxqWarning, InputError, TraceError
@@ -119,7 +119,7 @@ class _ValueTracer(torch.fx.Tracer):
         is_meta = (
             (kind == "call_method" and target in META_METHODS)
             or (kind == "call_function" and target in META_FUNCTIONS)
-            or (kind == "call_function" and target is getattr and args[1] in META_ATTRS)
+            or (kind == "call_function" and target is getattr)
         )
         return value, inherited or (from_tensor and not is_meta and has_numbers(value))
 
@@ -173,7 +173,7 @@ class _ValueTracer(torch.fx.Tracer):
                 self._add_guard(p)
 
     def _value_dependent_error(self, p: _Pending) -> TraceError:
-        what = f"{_CONVERSION_NAMES[p.conversion]}() of a value that depends on the inputs' values, not only their shapes,"
+        what = f"{_CONVERSION_NAMES[p.conversion]}() of a value that depends on the inputs' values (not only shapes)"
         if p.module:
             hint = (f"Keep that module out of tracing (it then stays in float): "
                     f"QuantConfig(leaf_modules=[\"{p.module}\"]) or fxq.trace(..., leaf_modules=[\"{p.module}\"]).")
@@ -385,7 +385,8 @@ def _warn_if_different(expected: list, traced: list) -> None:
     # did something the graph does not record (e.g. Python state changed during forward).
     if len(expected) != len(traced) or any(
         e.shape != t.shape
-        or (e.numel() > 0 and not torch.allclose(e.float(), t.float(), rtol=1e-4, atol=1e-5 * (1 + e.abs().max().item())))
+        or (e.numel() > 0 and not torch.allclose(
+            e.float(), t.float(), rtol=1e-4, atol=1e-5 * (1 + e.float().abs().max().item())))
         for e, t in zip(expected, traced)
     ):
         warnings.warn(

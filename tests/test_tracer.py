@@ -235,7 +235,8 @@ def test_cross_attention_unet_with_keyword_encoder_states():
     ).eval()
     example = ((torch.randn(2, 4, 8, 8), torch.tensor([10, 500])), {"encoder_hidden_states": torch.randn(2, 5, 16)})
     gm = trace(model, example)
-    assert [n.target for n in gm.graph.nodes if n.op == "placeholder"] == ["sample", "timestep", "encoder_hidden_states"]
+    placeholders = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    assert placeholders == ["sample", "timestep", "encoder_hidden_states"]
     for batch, tokens in ((1, 5), (3, 9)):  # other batch sizes and other text lengths
         x, t, e = torch.randn(batch, 4, 8, 8), torch.randint(0, 1000, (batch,)), torch.randn(batch, tokens, 16)
         with torch.no_grad():
@@ -372,6 +373,40 @@ def test_python_loop_over_a_shape_is_guarded():
         gm(torch.randn(4, 3))
 
 
+class LoopOverWeightRows(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 4))
+
+    def forward(self, x):
+        for i in range(self.weight.shape[0]):  # a parameter's shape is fixed: no guard needed
+            x = x + self.weight[i]
+        return x
+
+
+def test_parameter_shapes_are_constants():
+    model = LoopOverWeightRows()
+    gm = trace(model, torch.randn(2, 4))
+    assert len(guards(gm)) == 1  # only the input-kind guard
+    x = torch.randn(5, 4)
+    assert max_diff(gm(x), model(x)) <= 1e-6
+
+
+class CountsCalls(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1  # Python state: the graph bakes in the value seen while tracing
+        return x * self.calls
+
+
+def test_graph_that_cannot_reproduce_eager_warns():
+    with pytest.warns(FxqWarning, match="does not reproduce"):
+        trace(CountsCalls(), torch.randn(2, 3))
+
+
 def test_guards_survive_dead_code_elimination():
     gm = trace(ChannelBranch(), torch.randn(2, 3, 4, 4))
     before = len(guards(gm))
@@ -460,7 +495,8 @@ def test_keyword_inputs_become_named_placeholders():
     model = CrossAttn()
     x, t, e = torch.randn(2, 5, 8), torch.rand(2), torch.randn(2, 7, 6)
     gm = trace(model, ((x, t), {"encoder_hidden_states": e}))
-    assert [n.target for n in gm.graph.nodes if n.op == "placeholder"] == ["sample", "timestep", "encoder_hidden_states"]
+    placeholders = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    assert placeholders == ["sample", "timestep", "encoder_hidden_states"]
     x, t, e = torch.randn(3, 4, 8), torch.rand(3), torch.randn(3, 9, 6)
     out = gm(x, t, encoder_hidden_states=e)
     assert isinstance(out, dict) and max_diff(out["sample"], model(x, t, encoder_hidden_states=e)["sample"]) <= 1e-6
