@@ -56,17 +56,18 @@ _PIP_NAME = {"skimage": "scikit-image", "sklearn": "scikit-learn", "matplotlib":
 
 def _package_file(package, relpath):
     """Path of a file shipped inside `package`, found without importing the package."""
+    pip_name = _PIP_NAME.get(package, package)
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(
-            f"fxq.data draws its images from files bundled with {_PIP_NAME[package]}, which is not installed; "
-            f"install it (pip install {_PIP_NAME[package]})"
+            f"fxq.data draws its images from files bundled with {pip_name}, which is not installed; "
+            f"install it (pip install {pip_name})"
         )
     path = os.path.join(spec.submodule_search_locations[0], relpath)
     if not os.path.isfile(path):
         raise ConfigError(
-            f"fxq.data needs {relpath} from {_PIP_NAME[package]}, but {path} does not exist; reinstall "
-            f"{_PIP_NAME[package]} from its wheel (this file ships in it)"
+            f"fxq.data needs {relpath} from {pip_name}, but {path} does not exist; "
+            f"reinstall {pip_name} from its wheel (the file ships in it)"
         )
     return path
 
@@ -121,7 +122,8 @@ def _luma(rgb):
 
 
 def _background(rng, mat):
-    """A random crop of a random photograph, rescaled to 32x32, flipped, colour-jittered; float in [0, 1]."""
+    """A random crop of a random photograph, rescaled to 32x32, flipped, colour-jittered; float in [0, 1].
+    Also returns (photo index, log2 of the crop side in source pixels)."""
     from PIL import Image
 
     p = int(rng.integers(len(mat.photos)))
@@ -150,15 +152,17 @@ def _background(rng, mat):
     mean = bg.mean()
     bg = mean + (bg - mean) * rng.uniform(0.7, 1.3)  # contrast
     bg = bg * rng.uniform(0.75, 1.25)  # brightness
-    return np.clip(bg, 0.0, 1.0)
+    return np.clip(bg, 0.0, 1.0), p, math.log2(side)
 
 
 def _glyph_masks(rng, mat, label):
-    """Alpha masks (32x32 float in [0, 1]) of a rotated glyph and of its decoration (outline, shadow or none)."""
+    """Alpha masks (32x32 float in [0, 1]) of a rotated glyph and of its decoration (outline, shadow or none),
+    and the drawing parameters (font index, decoration, angle, font size)."""
     from PIL import Image, ImageChops, ImageDraw
 
     font_index = int(rng.integers(len(mat.font_paths)))
-    font = mat.font(font_index, int(rng.integers(30, 55)))
+    font_size = int(rng.integers(30, 55))
+    font = mat.font(font_index, font_size)
     decoration = rng.choice(3, p=[0.5, 0.3, 0.2])  # none, outline, drop shadow
     stroke = int(rng.integers(2, 4)) if decoration == 1 else 0
     big = 2 * _CANVAS
@@ -197,7 +201,7 @@ def _glyph_masks(rng, mat, label):
         if mask is not None:
             canvas.paste(mask, (x, y))
         out.append(np.asarray(canvas.reduce(_SUPER), dtype=np.float32) / 255.0)
-    return out[0], out[1]
+    return out[0], out[1], (font_index, int(decoration), angle, font_size / _SUPER)
 
 
 def _contrasting_colour(rng, local_luma, min_gap=0.4):
@@ -213,13 +217,18 @@ def _contrasting_colour(rng, local_luma, min_gap=0.4):
     return colour.astype(np.float32)
 
 
+# Per-image drawing parameters, returned with attributes=True: ground truth for auxiliary training targets.
+ATTRIBUTES = ("font", "photo", "decoration", "angle", "glyph_size", "crop_log2")
+NUM_FONTS, NUM_PHOTOS, NUM_DECORATIONS = len(_FONTS), len(_PHOTOS), 3
+
+
 def _draw_one(split_tag, seed, index):
-    """Image `index` of a split as (uint8 HWC array, label); a pure function of its arguments."""
+    """Image `index` of a split as (uint8 HWC array, label, attribute tuple); a pure function of its arguments."""
     rng = np.random.default_rng([split_tag, seed, index])
     mat = _material()
     label = index % len(CLASSES)  # exactly balanced classes in every prefix of 10
-    bg = _background(rng, mat)
-    fill, deco = _glyph_masks(rng, mat, label)
+    bg, photo, crop_log2 = _background(rng, mat)
+    fill, deco, (font, decoration, angle, glyph_size) = _glyph_masks(rng, mat, label)
     bg_luma = _luma(bg)
     under = np.maximum(fill, deco)
     local = float((bg_luma * under).sum() / max(under.sum(), 1e-6))
@@ -231,16 +240,18 @@ def _draw_one(split_tag, seed, index):
         img = img * (1 - deco[..., None]) + deco_colour * deco[..., None]
     img = img * (1 - fill[..., None]) + colour * fill[..., None]
     img = img * 255.0 + rng.normal(0.0, rng.uniform(0.0, 3.0), size=img.shape)
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8), label
+    attrs = (font, photo, decoration, angle, glyph_size, crop_log2)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8), label, attrs
 
 
 def _draw_range(args):
     split_tag, seed, start, stop = args
     images = np.empty((stop - start, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     labels = np.empty(stop - start, dtype=np.int64)
+    attrs = np.empty((stop - start, len(ATTRIBUTES)), dtype=np.float64)
     for k, i in enumerate(range(start, stop)):
-        images[k], labels[k] = _draw_one(split_tag, seed, i)
-    return images, labels
+        images[k], labels[k], attrs[k] = _draw_one(split_tag, seed, i)
+    return images, labels, attrs
 
 
 def _check_split(split, n, seed):
@@ -257,11 +268,21 @@ def _check_split(split, n, seed):
     return n, seed
 
 
-def make_dataset(split="train", n=None, seed=None, workers=None):
+def _attribute_dict(attrs):
+    """Attribute columns as tensors: indices (font, photo, decoration) int64, the rest float32."""
+    out = {}
+    for j, name in enumerate(ATTRIBUTES):
+        col = torch.from_numpy(np.ascontiguousarray(attrs[:, j]))
+        out[name] = col.to(torch.int64) if name in ("font", "photo", "decoration") else col.to(torch.float32)
+    return out
+
+
+def make_dataset(split="train", n=None, seed=None, workers=None, attributes=False):
     """Generate `n` images of `split` ("train": 50,000 by default, "ref": 10,000).
 
-    Returns (images uint8 [n, 3, 32, 32], labels int64 [n]). Same (split, n, seed) -> same bytes, whatever
-    `workers` is (None: one process per CPU core; 1: in this process). Any prefix of a split is stable.
+    Returns (images uint8 [n, 3, 32, 32], labels int64 [n]); with attributes=True also a dict of the drawing
+    parameters of each image (see ATTRIBUTES). Same (split, n, seed) -> same bytes, whatever `workers` is
+    (None: one process per CPU core; 1: in this process). Any prefix of a split is stable.
     """
     n, seed = _check_split(split, n, seed)
     if workers is None:
@@ -272,7 +293,7 @@ def make_dataset(split="train", n=None, seed=None, workers=None):
     source_files()  # fail here, with the missing file named, rather than inside a worker
     workers = min(workers, max(1, n // 64))
     if workers == 1:
-        images, labels = _draw_range((tag, seed, 0, n))
+        images, labels, attrs = _draw_range((tag, seed, 0, n))
     else:
         chunk = max(16, math.ceil(n / (workers * 8)))
         jobs = [(tag, seed, s, min(n, s + chunk)) for s in range(0, n, chunk)]
@@ -282,44 +303,59 @@ def make_dataset(split="train", n=None, seed=None, workers=None):
             parts = pool.map(_draw_range, jobs)
         images = np.concatenate([p[0] for p in parts])
         labels = np.concatenate([p[1] for p in parts])
-    return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))), torch.from_numpy(labels)
+        attrs = np.concatenate([p[2] for p in parts])
+    out = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))), torch.from_numpy(labels)
+    return (*out, _attribute_dict(attrs)) if attributes else out
 
 
 def fingerprint():
-    """Short hash of everything the bytes depend on: generator version, source files, PIL and FreeType versions."""
+    """Short hash of what the bytes depend on: generator version, source files, numpy, PIL and FreeType versions."""
     import PIL
     from PIL import features
 
-    h = hashlib.sha256(f"v{GENERATOR_VERSION}|{PIL.__version__}|{features.version('freetype2')}".encode())
+    versions = f"v{GENERATOR_VERSION}|numpy {np.__version__}|PIL {PIL.__version__}|{features.version('freetype2')}"
+    h = hashlib.sha256(versions.encode())
     for path in source_files():
         with open(path, "rb") as f:
             h.update(hashlib.sha256(f.read()).digest())
     return h.hexdigest()[:16]
 
 
-def load_or_make(split, cache_dir, n=None, seed=None, workers=None):
-    """`make_dataset(split, n, seed)`, cached as an .npz (no pickle) under `cache_dir`.
+def load_or_make(split, cache_dir, n=None, seed=None, workers=None, attributes=False):
+    """`make_dataset(split, n, seed, attributes=...)`, cached as an .npz (no pickle) under `cache_dir`.
 
     The file name carries `fingerprint()`, so a different PIL, font or photo set never reuses a stale cache.
     """
     n, seed = _check_split(split, n, seed)
     os.makedirs(cache_dir, exist_ok=True)
     path = os.path.join(cache_dir, f"fxq-data-{split}-n{n}-seed{seed}-{fingerprint()}.npz")
-    if os.path.isfile(path):
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                images, labels = f["images"], f["labels"]
-            if images.shape == (n, 3, IMAGE_SIZE, IMAGE_SIZE) and labels.shape == (n,) and images.dtype == np.uint8:
-                return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
-        except (OSError, ValueError, KeyError) as e:
-            warnings.warn(f"ignoring unreadable dataset cache {path} ({e}); regenerating it", FxqWarning)
-        else:
-            warnings.warn(f"dataset cache {path} has the wrong shape; regenerating it", FxqWarning)
-    images, labels = make_dataset(split, n=n, seed=seed, workers=workers)
-    tmp = f"{path}.{os.getpid()}.tmp.npz"
-    np.savez(tmp, images=images.numpy(), labels=labels.numpy())
-    os.replace(tmp, path)  # atomic: a reader never sees half a file
-    return images, labels
+    cached = _read_cache(path, n) if os.path.isfile(path) else None
+    if cached is None:
+        images, labels, attrs = make_dataset(split, n=n, seed=seed, workers=workers, attributes=True)
+        table = np.stack([attrs[name].numpy().astype(np.float64) for name in ATTRIBUTES], axis=1)
+        tmp = f"{path}.{os.getpid()}.tmp.npz"
+        np.savez(tmp, images=images.numpy(), labels=labels.numpy(), attributes=table)
+        os.replace(tmp, path)  # atomic: a reader never sees half a file
+    else:
+        images, labels, attrs = cached
+    return (images, labels, attrs) if attributes else (images, labels)
+
+
+def _read_cache(path, n):
+    """(images, labels, attributes) from a cache file, or None (with a warning) if it is unusable."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            images, labels, table = f["images"], f["labels"], f["attributes"]
+    except (OSError, ValueError, KeyError) as e:
+        warnings.warn(f"ignoring unreadable dataset cache {path} ({e}); regenerating it", FxqWarning)
+        return None
+    if (
+        images.shape != (n, 3, IMAGE_SIZE, IMAGE_SIZE) or images.dtype != np.uint8
+        or labels.shape != (n,) or table.shape != (n, len(ATTRIBUTES))
+    ):
+        warnings.warn(f"dataset cache {path} has the wrong shape; regenerating it", FxqWarning)
+        return None
+    return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)), _attribute_dict(table)
 
 
 def to_model_range(images):

@@ -17,12 +17,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch_fidelity
-from torch_fidelity.feature_extractor_base import FeatureExtractorBase
-from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from fxq.data import CLASSES, IMAGE_SIZE, to_model_range
-from fxq.errors import InputError, ModelFileError
+from fxq.data import CLASSES, IMAGE_SIZE, NUM_DECORATIONS, NUM_FONTS, NUM_PHOTOS, to_model_range
+from fxq.errors import ConfigError, InputError, ModelFileError
+
+try:
+    import torch_fidelity
+    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+except ImportError:  # training and loading the classifier need only torch; the metrics need torch-fidelity
+    torch_fidelity = None
+    FeatureExtractorBase = nn.Module  # keeps the class below definable; it is registered only with torch-fidelity
 
 EXTRACTOR_NAME = "fxq-classifier"
 DEFAULT_WEIGHTS = os.path.join(os.path.dirname(__file__), "weights", "fxq_classifier.safetensors")
@@ -35,13 +40,21 @@ _TRAIN_HINT = (
 _LAYERS = {"inception-v3-compat": ("2048", "logits_unbiased", 2048)}
 
 
+# Auxiliary heads: the dataset's drawing parameters (fxq.data.ATTRIBUTES). A 10-class task alone is solved by
+# features that see only the letter; predicting font, photo, decoration, angle, size and crop scale as well keeps
+# stroke, texture and colour detail in the features, so FID/KID also react to noise, blur and colour shifts.
+AUX_HEADS = {"font": NUM_FONTS, "photo": NUM_PHOTOS, "decoration": NUM_DECORATIONS, "regress": 3}
+
+
 class FxqClassifier(nn.Module):
     """Three stages of two 3x3 conv-BN-ReLU, max-pool between stages, global average pool, a `feature_dim`
-    feature layer (the "penultimate" features for FID/KID), then class logits. Input: float in [-1, 1]."""
+    feature layer (the "penultimate" features for FID/KID), then class logits (and auxiliary heads, used only in
+    training). Input: float in [-1, 1]."""
 
-    def __init__(self, num_classes=len(CLASSES), widths=(48, 96, 192), feature_dim=256, dropout=0.2):
+    def __init__(self, num_classes=len(CLASSES), widths=(48, 96, 192), feature_dim=256, aux=None, dropout=0.2):
         super().__init__()
-        self.config = {"num_classes": num_classes, "widths": list(widths), "feature_dim": feature_dim}
+        aux = dict(AUX_HEADS if aux is None else aux)
+        self.config = {"num_classes": num_classes, "widths": list(widths), "feature_dim": feature_dim, "aux": aux}
         layers, cin = [], 3
         for stage, width in enumerate(widths):
             for _ in range(2):
@@ -53,6 +66,10 @@ class FxqClassifier(nn.Module):
         self.fc = nn.Linear(cin, feature_dim)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(feature_dim, num_classes)
+        self.aux = nn.ModuleDict({name: nn.Linear(feature_dim, dim) for name, dim in aux.items()})
+        # Set after training so the penultimate features have a mean square of 1 per dimension: FID and KID
+        # then have the same scale for every trained file.
+        self.register_buffer("feature_scale", torch.ones(()))
 
     def features(self, x):
         """(penultimate features [N, feature_dim], logits [N, num_classes])."""
@@ -62,6 +79,11 @@ class FxqClassifier(nn.Module):
 
     def forward(self, x):
         return self.features(x)[1]
+
+    def aux_outputs(self, feats):
+        """Auxiliary head outputs from `features(x)[0]`, name -> [N, dim]."""
+        feats = self.dropout(feats)
+        return {name: head(feats) for name, head in self.aux.items()}
 
 
 def save_classifier(model, path, extra=None):
@@ -150,14 +172,14 @@ class FxqClassifierFeatureExtractor(FeatureExtractorBase):
             x = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True, align_corners=False)
         feats, logits = self.model.features(x)
         out = {
-            "penultimate": feats,
+            "penultimate": feats * self.model.feature_scale,
             "logits_unbiased": feats @ self.model.head.weight.T,
             "logits": logits,
         }
         return tuple(out[name].float() for name in self.features_list)
 
 
-if EXTRACTOR_NAME not in FEATURE_EXTRACTORS_REGISTRY:  # importlib.reload must not register twice
+if torch_fidelity is not None and EXTRACTOR_NAME not in FEATURE_EXTRACTORS_REGISTRY:  # reload: register once
     torch_fidelity.register_feature_extractor(EXTRACTOR_NAME, FxqClassifierFeatureExtractor)
 
 
@@ -255,6 +277,8 @@ def compute_metrics(
     Returns torch-fidelity's dict: frechet_inception_distance, kernel_inception_distance_mean/_std,
     inception_score_mean/_std (only the metrics asked for).
     """
+    if torch_fidelity is None:
+        raise ConfigError("compute_metrics needs torch-fidelity: pip install torch-fidelity (or fxq[bench])")
     if feature_extractor_weights_path is not None:
         if weights_path is not None:
             raise InputError("pass weights_path or feature_extractor_weights_path, not both")
