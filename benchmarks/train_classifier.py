@@ -169,12 +169,13 @@ def main(argv=None):
             sched.step()
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v.detach() * idx.numel()
-        print(f"epoch {epoch + 1}/{args.epochs}: " + ", ".join(f"{k} {float(v) / n_train:.4f}" for k, v in sums.items()),
-              flush=True)
+        means = ", ".join(f"{k} {float(v) / n_train:.4f}" for k, v in sums.items())
+        print(f"epoch {epoch + 1}/{args.epochs}: loss {means}", flush=True)
     train_s = time.time() - t1
     set_feature_scale(model, train_x[:10_000], device)
     test = evaluate(model, ref_x, targets(ref_y, ref_a), device)
-    train = evaluate(model, train_x[:n_ref], targets(train_y[:n_ref], {k: v[:n_ref] for k, v in train_a.items()}), device)
+    train_sub = targets(train_y[:n_ref], {k: v[:n_ref] for k, v in train_a.items()})
+    train = evaluate(model, train_x[:n_ref], train_sub, device)
     print("ref split:  " + ", ".join(f"{k} {v:.4f}" for k, v in test.items()))
     print("train split: " + ", ".join(f"{k} {v:.4f}" for k, v in train.items()))
 

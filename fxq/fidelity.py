@@ -121,11 +121,14 @@ def _read_weights(path):
         config = json.loads(meta["config"])
     except (KeyError, json.JSONDecodeError) as e:
         raise ModelFileError(f"{path} has no valid 'config' metadata; {_TRAIN_HINT}") from e
+    if not isinstance(config, dict) or not isinstance(config.get("feature_dim"), int):
+        raise ModelFileError(f"{path}: 'config' metadata lacks an integer feature_dim; {_TRAIN_HINT}")
     return config, state
 
 
 def load_classifier(path=None):
     """The classifier stored at `path` (default: the packaged weights), in eval mode, on CPU."""
+    path = DEFAULT_WEIGHTS if path is None else path
     config, state = _read_weights(path)
     try:
         model = FxqClassifier(**config)

@@ -167,8 +167,14 @@ def test_missing_or_invalid_weights_raise_model_file_error(images, tmp_path, mon
     save_file({"w": torch.zeros(2)}, foreign)
     with pytest.raises(ModelFileError, match="not an fxq-classifier weights file"):
         load_classifier(foreign)
+    no_config = tmp_path / "no_config.safetensors"
+    save_file({"w": torch.zeros(2)}, no_config, metadata={"format": fidelity.WEIGHTS_FORMAT, "config": "{}"})
+    with pytest.raises(ModelFileError, match="feature_dim"):
+        compute_metrics(a, b, weights_path=no_config, device="cpu")
     wrong_shape = tmp_path / "wrong.safetensors"
-    save_file({"w": torch.zeros(2)}, wrong_shape, metadata={"format": fidelity.WEIGHTS_FORMAT, "config": "{}"})
+    save_file(
+        {"w": torch.zeros(2)}, wrong_shape, metadata={"format": fidelity.WEIGHTS_FORMAT, "config": '{"feature_dim": 8}'}
+    )
     with pytest.raises(ModelFileError, match="does not match"):
         load_classifier(wrong_shape)
 
