@@ -1,5 +1,6 @@
 """Reference diffusion models fxq is built and tested against."""
 
 from fxq.models.ddpm_unet import DDPMUNet
+from fxq.models.pretrained import pretrained
 
-__all__ = ["DDPMUNet"]
+__all__ = ["DDPMUNet", "pretrained"]

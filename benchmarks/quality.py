@@ -1,0 +1,435 @@
+"""Image quality of a DDPM's samples, float or quantized by fxq: FID, KID and IS against the dataset's `ref` split
+(through fxq.fidelity), and for a quantized model the PSNR of its samples to the float model's samples drawn from
+the same noise. Writes metrics.json and grid.png into --out-dir. Not a test: it asserts nothing. The reference
+images are generated on the first run (fxq.data, all CPU cores) and cached under --ref-cache.
+
+    python benchmarks/quality.py --model ddpm32 --sampler ddim --steps 100 --n 10000 --device cuda
+    python benchmarks/quality.py --model ddpm32 --quantize W8A8 --estimator mse --calib 256 --device cuda
+
+Noise: sample k's initial noise x_T comes from its own generator, seeded by (seed, k), so with DDIM (eta = 0, no
+other randomness) sample k gets the same x_T whatever N and --batch-size are; the float and the quantized model
+start every sample from the same x_T. Bit-identical pixels across batch sizes still need kernels that do not
+change with the batch shape (true on CPU; cuDNN may pick other algorithms). DDPM and DDIM with eta > 0 also draw
+noise at every step, from one generator per batch (batch b: seed * 1_000_003 + b), so their samples depend on
+--batch-size as well: N, --batch-size and --seed together fix them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+if __package__ in (None, ""):  # run as a script from a source checkout: use the checkout's fxq
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from fxq.errors import InputError, ModelFileError  # noqa: E402
+
+NOISE_TAG = 0x5A3F1E  # keeps the per-sample noise streams apart from any other seeded stream in fxq
+EXTRACTOR_DIMS = {"inception-v3-compat": 2048}  # FID/KID feature width; fxq-classifier's is in its weights file
+
+
+# --- sampling ------------------------------------------------------------------------------------------------
+
+def _check_count(name, value, minimum=1):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InputError(f"{name}={value!r}: must be an integer >= {minimum}")
+
+
+def initial_noise(seed: int, start: int, count: int, shape) -> torch.Tensor:
+    """x_T of samples start .. start+count-1, float32 on the CPU; sample k's noise depends only on (seed, k)."""
+    _check_count("seed", seed, 0)
+    out = torch.empty((count, *shape), dtype=torch.float32)
+    for j in range(count):
+        k_seed = int(np.random.SeedSequence([NOISE_TAG, seed, start + j]).generate_state(1, np.uint64)[0])
+        out[j] = torch.randn(tuple(shape), generator=torch.Generator().manual_seed(k_seed))
+    return out
+
+
+@torch.no_grad()
+def sample_images(model, sampler, n: int, batch_size: int, seed: int, device=None, shape=(3, 32, 32),
+                  progress: bool = False, desc: str = "sampling") -> torch.Tensor:
+    """n samples of `model` with `sampler` as uint8 [n, C, H, W] on the CPU (see the module docstring on noise)."""
+    from tqdm.auto import tqdm
+
+    from fxq.data import from_model_range
+
+    _check_count("n", n)
+    _check_count("batch_size", batch_size)
+    _check_count("seed", seed, 0)
+    shape = tuple(shape)
+    out = torch.empty((n, *shape), dtype=torch.uint8)
+    bar = tqdm(total=n, desc=desc, unit="img", disable=not progress)
+    for b, start in enumerate(range(0, n, batch_size)):
+        count = min(batch_size, n - start)
+        x_T = initial_noise(seed, start, count, shape)
+
+        def start_from_x_T(i, t, x_t):
+            # The sampler hands the callback the very tensor it feeds the model: overwrite its own draw at step 0.
+            if i == 0:
+                x_t.copy_(x_T.to(x_t))
+
+        x0 = sampler.sample(model, (count, *shape), seed=seed * 1_000_003 + b, device=device,
+                            callback=start_from_x_T)
+        bad = (~torch.isfinite(x0)).flatten(1).any(1)
+        if bad.any():
+            raise InputError(f"the model produced NaN/inf in {int(bad.sum())} of samples {start}..{start + count - 1};"
+                             " its outputs overflow (check the quantization config, or the weights)")
+        out[start:start + count] = from_model_range(x0).cpu()
+        bar.update(count)
+    bar.close()
+    return out
+
+
+def check_images(x, what: str = "samples") -> torch.Tensor:
+    """x if it is a uint8 image batch [N, 3, H, W], else InputError saying what is wrong."""
+    if not torch.is_tensor(x):
+        raise InputError(f"{what} must be a torch tensor, got {type(x).__name__}")
+    if x.dtype != torch.uint8:
+        raise InputError(f"{what} must be uint8 images in [0, 255], got {x.dtype}; model outputs in [-1, 1] "
+                         "convert with fxq.data.from_model_range")
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise InputError(f"{what} must have shape [N, 3, H, W], got {list(x.shape)}")
+    return x
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR (dB, float64 [N]) between two uint8 image batches; inf where two images are identical."""
+    check_images(a, "a")
+    check_images(b, "b")
+    if a.shape != b.shape:
+        raise InputError(f"psnr needs two batches of the same shape, got {list(a.shape)} and {list(b.shape)}")
+    mse = (a.double() - b.double()).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(255.0**2 / mse)  # mse = 0 gives inf
+
+
+def psnr_summary(a: torch.Tensor, b: torch.Tensor) -> dict:
+    """Mean / median / min of the per-image PSNR, and the PSNR of the MSE pooled over all images."""
+    per = psnr(a, b)
+    pooled = (a.double() - b.double()).pow(2).mean()
+    return {"mean": float(per.mean()), "median": float(per.median()), "min": float(per.min()),
+            "pooled": float(10 * torch.log10(255.0**2 / pooled))}
+
+
+# --- metrics -------------------------------------------------------------------------------------------------
+
+def feature_dim(feature_extractor: str, weights_path=None) -> int:
+    """Width of the FID/KID features of an extractor (fails here, not after sampling, on missing weights)."""
+    from fxq import fidelity
+
+    if feature_extractor == fidelity.EXTRACTOR_NAME:
+        return int(fidelity.load_classifier(weights_path).config["feature_dim"])
+    if feature_extractor in EXTRACTOR_DIMS:
+        if weights_path is None or not os.path.isfile(weights_path):
+            raise ModelFileError(f"{feature_extractor} needs its weights file (nothing is downloaded): pass "
+                                 f"--feature-extractor-weights PATH (got {weights_path!r})")
+        return EXTRACTOR_DIMS[feature_extractor]
+    raise InputError(f"unknown feature extractor {feature_extractor!r}; use {fidelity.EXTRACTOR_NAME!r} or "
+                     f"{sorted(EXTRACTOR_DIMS)}")
+
+
+def check_fid_size(n: int, n_ref: int, dim: int, feature_extractor: str) -> None:
+    if min(n, n_ref) <= dim:
+        raise InputError(f"FID needs more images than the {dim} feature dimensions of {feature_extractor} in both "
+                         f"sets (else the covariance is singular); got N={n} samples and {n_ref} reference images."
+                         f" Raise --n (10,000 is the standard) or --ref-n")
+
+
+def image_metrics(samples, reference, feature_extractor="fxq-classifier", weights_path=None, device=None,
+                  batch_size=256) -> dict:
+    """FID, KID (mean, std) and IS (mean, std) of uint8 samples against uint8 reference images."""
+    from fxq.fidelity import compute_metrics
+
+    check_images(samples, "samples")
+    check_images(reference, "reference")
+    m = compute_metrics(samples, reference, feature_extractor, weights_path, device=device, batch_size=batch_size)
+    return {"fid": m["frechet_inception_distance"], "kid_mean": m["kernel_inception_distance_mean"],
+            "kid_std": m["kernel_inception_distance_std"], "isc_mean": m["inception_score_mean"],
+            "isc_std": m["inception_score_std"]}
+
+
+def evaluate(model, sampler, n: int, reference, *, fp_model=None, fp_metrics: bool = True, batch_size: int = 500,
+             seed: int = 0, device=None, feature_extractor: str = "fxq-classifier", weights_path=None,
+             metric_batch_size: int = 256, progress: bool = False) -> dict:
+    """Sample `model` (and `fp_model`, its float original, from the same noise) and measure.
+
+    Returns {"runs": {"fp": {...}, "quantized": {...}}, "psnr_db": {...} (with fp_model), "images": {...}}; a
+    run holds "metrics" (fid, kid_mean, kid_std, isc_mean, isc_std; absent for fp when fp_metrics=False),
+    "sampling_s" and "metrics_s". Without fp_model, `model` is the float model and its run is "fp".
+    """
+    reference = check_images(reference, "reference")
+    check_fid_size(n, reference.shape[0], feature_dim(feature_extractor, weights_path), feature_extractor)
+    shape = tuple(reference.shape[1:])
+    models = {"fp": model} if fp_model is None else {"fp": fp_model, "quantized": model}
+    result = {"runs": {}, "images": {}}
+    for label, m in models.items():
+        t0 = time.perf_counter()
+        images = sample_images(m, sampler, n, batch_size, seed, device=device, shape=shape, progress=progress,
+                               desc=f"sampling ({label})")
+        result["images"][label] = images
+        result["runs"][label] = {"sampling_s": time.perf_counter() - t0}
+    for label, run in result["runs"].items():
+        if label == "fp" and fp_model is not None and not fp_metrics:
+            continue
+        t0 = time.perf_counter()
+        run["metrics"] = image_metrics(result["images"][label], reference, feature_extractor, weights_path,
+                                       device=device, batch_size=metric_batch_size)
+        run["metrics_s"] = time.perf_counter() - t0
+    if fp_model is not None:
+        result["psnr_db"] = psnr_summary(result["images"]["fp"], result["images"]["quantized"])
+    return result
+
+
+# --- outputs -------------------------------------------------------------------------------------------------
+
+def save_grid(path, panels, nrow: int = 8, pad: int = 2) -> None:
+    """PNG of the first nrow*nrow images of each (title, uint8 [N, 3, H, W]) panel, panels side by side."""
+    from PIL import Image, ImageDraw
+
+    tiles = []
+    for title, images in panels:
+        images = check_images(images, f"grid panel {title!r}")[: nrow * nrow]
+        n, _, h, w = images.shape
+        rows = math.ceil(n / nrow)
+        grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, 3), 255, dtype=np.uint8)
+        for k, img in enumerate(images.permute(0, 2, 3, 1).numpy()):
+            r, c = divmod(k, nrow)
+            grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = img
+        tiles.append((title, grid))
+    head = 14
+    width = sum(g.shape[1] for _, g in tiles) + 8 * (len(tiles) - 1)
+    canvas = Image.new("RGB", (width, head + max(g.shape[0] for _, g in tiles)), "white")
+    draw, x = ImageDraw.Draw(canvas), 0
+    for title, grid in tiles:
+        draw.text((x + pad, 1), title, fill="black")
+        canvas.paste(Image.fromarray(grid), (x, head))
+        x += grid.shape[1] + 8
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    canvas.save(path)
+
+
+def _plain(value):
+    """JSON-safe copy: tensors to lists, non-finite floats to the strings 'inf', '-inf', 'nan'."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if torch.is_tensor(value) or isinstance(value, np.generic):
+        return _plain(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def write_outputs(result: dict, out_dir, meta: dict, grid_titles: dict | None = None) -> dict:
+    """metrics.json (meta + everything in result but the images) and grid.png; returns the JSON written."""
+    os.makedirs(out_dir, exist_ok=True)
+    doc = _plain({**meta, **{k: v for k, v in result.items() if k != "images"}})
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(doc, f, indent=1, allow_nan=False)
+    titles = grid_titles or {}
+    save_grid(os.path.join(out_dir, "grid.png"), [(titles.get(k, k), v) for k, v in result["images"].items()])
+    return doc
+
+
+def sha256(path) -> str | None:
+    if path is None or not os.path.isfile(path):
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --- the command line ----------------------------------------------------------------------------------------
+
+def parse_quantize(spec: str):
+    """'W8A8' -> (8, 8); 'none' -> None."""
+    if spec.lower() == "none":
+        return None
+    m = re.fullmatch(r"[wW](\d+)[aA](\d+)", spec)
+    if not m:
+        raise InputError(f"--quantize {spec!r}: write W<weight bits>A<activation bits> (e.g. W8A8, W4A8) or none")
+    return int(m.group(1)), int(m.group(2))
+
+
+def load_model(spec: str, device):
+    """(float model, weights file) for --model: a packaged name or a file written by save_pretrained."""
+    from fxq.models import pretrained
+    from fxq.models.pretrained import KNOWN, WEIGHTS_DIR
+
+    if spec in KNOWN:
+        return pretrained(spec, device=device), os.path.join(WEIGHTS_DIR, KNOWN[spec])
+    if not os.path.isfile(spec):
+        raise ModelFileError(f"--model {spec!r} is neither a packaged model ({', '.join(sorted(KNOWN))}) nor an "
+                             "existing weights file")
+    return pretrained(weights_path=spec, device=device), spec
+
+
+def make_sampler(args):
+    from fxq.diffusion import DDIM, DDPM
+
+    if args.sampler == "ddim":
+        return DDIM(steps=args.steps, eta=args.eta), {"name": "ddim", "steps": args.steps, "eta": args.eta}
+    return DDPM(), {"name": "ddpm", "steps": 1000, "variance": "fixedlarge"}
+
+
+def quantize_model(fp_model, sampler, bits, args, shape, device):
+    """fxq fake-quantized copy of fp_model, calibrated on its own trajectories; and the config used."""
+    from fxq import QuantConfig, calib
+    from fxq.api import quantize
+
+    config = QuantConfig(weight_bits=bits[0], act_bits=bits[1], act_estimator=args.estimator,
+                         weight_estimator=args.weight_estimator, timestep_groups=args.timestep_groups,
+                         seed=args.seed)
+    data = calib.trajectory(fp_model, sampler, n=args.calib, timesteps=args.timesteps, seed=args.calib_seed,
+                            shape=shape, device=device, progress=not args.no_progress)
+    g = torch.Generator().manual_seed(args.calib_seed)
+    example = (torch.randn(2, *shape, generator=g).to(device), torch.tensor([999, 0], device=device))
+    return quantize(fp_model, example, data, config, progress=not args.no_progress), config
+
+
+def parse_args(argv=None):
+    from fxq.config import ACT_ESTIMATORS, WEIGHT_ESTIMATORS
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="ddpm32", help="packaged model name, or a .safetensors from save_pretrained")
+    p.add_argument("--quantize", default="none", help="W<bits>A<bits> (W8A8, W4A8, ...) or none")
+    p.add_argument("--estimator", default="mse", choices=ACT_ESTIMATORS, help="activation range estimator")
+    p.add_argument("--weight-estimator", default="minmax", choices=WEIGHT_ESTIMATORS)
+    p.add_argument("--timestep-groups", type=int, default=1, help="activation ranges per group of timesteps")
+    p.add_argument("--calib", type=int, default=256, help="calibration inputs (x_t, t)")
+    p.add_argument("--timesteps", default="uniform", choices=("uniform", "normal"),
+                   help="calibration timesteps: Q-Diffusion (uniform) or PTQ4DM (normal)")
+    p.add_argument("--calib-seed", type=int, default=None,
+                   help="seed of the calibration trajectories (None: --seed + 1)")
+    p.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"))
+    p.add_argument("--steps", type=int, default=100, help="DDIM steps (DDPM always runs all 1000)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    p.add_argument("--n", type=int, default=10_000, help="number of samples")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tf32", action="store_true", help="allow TF32 convs/matmuls on CUDA (off: true fp32)")
+    p.add_argument("--feature-extractor", default="fxq-classifier",
+                   choices=("fxq-classifier", *EXTRACTOR_DIMS))
+    p.add_argument("--feature-extractor-weights", default=None,
+                   help="extractor weights (default for fxq-classifier: the packaged file)")
+    p.add_argument("--metric-batch-size", type=int, default=256)
+    p.add_argument("--ref-cache", default=os.environ.get("FXQ_CACHE", os.path.expanduser("~/.cache/fxq")),
+                   help="where the generated reference split is cached")
+    p.add_argument("--ref-n", type=int, default=None, help="reference images (default: the whole ref split)")
+    p.add_argument("--with-fp", action=argparse.BooleanOptionalAction, default=True,
+                   help="when quantized, also compute the float model's FID/KID/IS")
+    p.add_argument("--out-dir", default=None, help="default: benchmarks/results/<model>-<quantize>-<sampler>-n<N>")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    args.bits = parse_quantize(args.quantize)
+    if args.calib_seed is None:
+        args.calib_seed = args.seed + 1  # calibration never sees the trajectories that are evaluated
+    if args.out_dir is None:
+        name = os.path.splitext(os.path.basename(args.model))[0]
+        steps = f"{args.steps}" if args.sampler == "ddim" else ""
+        args.out_dir = os.path.join("benchmarks", "results",
+                                    f"{name}-{args.quantize.lower()}-{args.sampler}{steps}-n{args.n}")
+    return args
+
+
+def _git_commit():
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def main(argv=None) -> dict:
+    """Run the benchmark; returns the JSON document it wrote."""
+    from fxq import fidelity
+    from fxq.data import SPLITS, load_or_make
+    from fxq.models.pretrained import model_config
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    start = time.perf_counter()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
+        torch.backends.cudnn.allow_tf32 = args.tf32
+    weights = args.feature_extractor_weights
+    if weights is None and args.feature_extractor == fidelity.EXTRACTOR_NAME:
+        weights = fidelity.DEFAULT_WEIGHTS
+    dim = feature_dim(args.feature_extractor, weights)  # fail before minutes of sampling
+    check_fid_size(args.n, SPLITS["ref"][0] if args.ref_n is None else args.ref_n, dim, args.feature_extractor)
+
+    model, model_file = load_model(args.model, device)
+    shape = (model.in_channels, model.resolution, model.resolution)
+    sampler, sampler_info = make_sampler(args)
+    times = {}
+    t0 = time.perf_counter()
+    reference, _ = load_or_make("ref", args.ref_cache, n=args.ref_n)
+    times["reference_s"] = time.perf_counter() - t0
+    if tuple(reference.shape[1:]) != shape:
+        raise InputError(f"the model makes {shape} samples but the reference images are "
+                         f"{tuple(reference.shape[1:])}; the benchmark needs a {tuple(reference.shape[1:])} model")
+
+    qconfig = None
+    if args.bits is not None:
+        t0 = time.perf_counter()
+        qmodel, qconfig = quantize_model(model, sampler, args.bits, args, shape, device)
+        times["quantize_s"] = time.perf_counter() - t0
+    result = evaluate(model if qconfig is None else qmodel, sampler, args.n, reference,
+                      fp_model=None if qconfig is None else model, fp_metrics=args.with_fp,
+                      batch_size=args.batch_size, seed=args.seed, device=device,
+                      feature_extractor=args.feature_extractor, weights_path=weights,
+                      metric_batch_size=args.metric_batch_size, progress=not args.no_progress)
+    times["total_s"] = time.perf_counter() - start
+    meta = {
+        "command": shlex.join(["python", "benchmarks/quality.py", *argv]),
+        "config": {k: v for k, v in vars(args).items() if k != "bits"},
+        "model": {"spec": args.model, "file": os.path.abspath(model_file), "sha256": sha256(model_file),
+                  "config": model_config(model)},
+        "quantization": None if qconfig is None else {"setting": args.quantize.upper(), **qconfig.to_dict(),
+                                                       "calib": args.calib, "calib_timesteps": args.timesteps,
+                                                       "calib_seed": args.calib_seed},
+        "n": args.n, "sampler": sampler_info, "shape": list(shape),
+        "seeds": {"seed": args.seed, "calib_seed": args.calib_seed, "batch_size": args.batch_size,
+                  "initial_noise": "per sample: SeedSequence([NOISE_TAG, seed, k])",
+                  "step_noise": "per batch: seed * 1_000_003 + b (DDPM, DDIM eta > 0)"},
+        "reference": {"split": "ref", "n": int(reference.shape[0]), "cache_dir": os.path.abspath(args.ref_cache)},
+        "feature_extractor": {"name": args.feature_extractor, "weights": weights, "sha256": sha256(weights),
+                              "feature_dim": dim},
+        "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
+        (platform.processor() or platform.machine()), "tf32": args.tf32 and device.type == "cuda",
+        "torch": torch.__version__, "python": platform.python_version(), "git_commit": _git_commit(),
+        "wall_s": times,
+    }
+    titles = {"fp": "FP32", "quantized": args.quantize.upper()}
+    doc = write_outputs(result, args.out_dir, meta, titles)
+    for label, run in doc["runs"].items():
+        m = run.get("metrics")
+        if m:
+            print(f"{titles[label]:6s} FID {m['fid']:8.3f}  KID {m['kid_mean']:.5f} ± {m['kid_std']:.5f}  "
+                  f"IS {m['isc_mean']:.3f} ± {m['isc_std']:.3f}  sampling {run['sampling_s']:.1f} s")
+    if "psnr_db" in doc:
+        print(f"PSNR to FP samples: mean {doc['psnr_db']['mean']} dB, pooled {doc['psnr_db']['pooled']} dB")
+    print(f"wrote {os.path.join(args.out_dir, 'metrics.json')} and grid.png")
+    return doc
+
+
+if __name__ == "__main__":
+    main()
