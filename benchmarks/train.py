@@ -43,6 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--warmup", type=int, default=1000, help="linear LR warm-up steps (also after a resume "
                                                                "without optimizer state)")
+    p.add_argument("--rewarm", type=int, default=200, help="warm-up steps after a resume without Adam state")
     p.add_argument("--ema-decay", type=float, default=0.9999)
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--time-limit", type=float, default=540.0, help="seconds of training in this call")
@@ -86,7 +87,8 @@ def make_model(args) -> DDPMUNet:
 
 
 def lr_at(step: int, args, warm_from: int) -> float:
-    return args.lr * min(1.0, (step - warm_from + 1) / args.warmup)
+    warmup = args.warmup if warm_from == 0 else args.rewarm
+    return args.lr * min(1.0, (step - warm_from + 1) / warmup)
 
 
 def main(argv=None):
