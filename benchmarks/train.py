@@ -5,7 +5,7 @@ even) resumes from:
     DIR/model-*.safetensors   the online weights, fp32, in shards of <= 12 MB
     DIR/ema-*.safetensors     the EMA weights, fp32, in shards
     DIR/ema16-*.safetensors   the EMA weights, fp16: small enough to carry between machines; resumes the EMA
-                              when the fp32 shards are not there
+                              when the fp32 shards are not there (so does the --export file)
     DIR/optim.pt              Adam state (torch.save of tensors only; loaded with weights_only=True)
     DIR/state.json            step, config, and the loss / FID log
 and exports the EMA weights in fp16 for the package with fxq.models.pretrained's format.
@@ -45,6 +45,7 @@ def parse_args(argv=None):
                                                                "without optimizer state)")
     p.add_argument("--rewarm", type=int, default=200, help="warm-up steps after a resume without Adam state")
     p.add_argument("--ema-decay", type=float, default=0.9999)
+    p.add_argument("--reset-ema", action="store_true", help="restart the EMA from the online weights")
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--time-limit", type=float, default=540.0, help="seconds of training in this call")
     p.add_argument("--max-steps", type=int, default=10**9)
@@ -112,8 +113,11 @@ def main(argv=None):
     online = load_sharded(resume, "model")
     if online is not None:
         model.load_state_dict(online)
-        ema_state = load_sharded(resume, "ema") or load_sharded(resume, "ema16") or online
-        ema.load_state_dict({k: v.float() for k, v in ema_state.items()})
+        ema_state = load_sharded(resume, "ema") or load_sharded(resume, "ema16")
+        if ema_state is None and args.export and os.path.exists(args.export):
+            ema_state = load_file(args.export)  # the exported package weights are the EMA, in fp16
+        ema_state = ema_state or online
+        ema.load_state_dict({k: v.float() for k, v in (online if args.reset_ema else ema_state).items()})
         with open(os.path.join(resume, "state.json")) as f:
             state = json.load(f)
         optim_path = os.path.join(resume, "optim.pt")
@@ -124,27 +128,37 @@ def main(argv=None):
         print(f"resumed at step {state['step']} from {resume}", flush=True)
     else:
         ema.load_state_dict(model.state_dict())
+    if args.reset_ema or "ema_start" not in state:
+        state["ema_start"] = state["step"]
     model = model.to(memory_format=torch.channels_last)
 
-    schedule = Schedule()
-    schedule_gen = torch.Generator().manual_seed(args.seed * 7919 + state["step"])
+    # Everything per step stays on the device: a host<->device copy in the loop would serialize CPU and GPU.
+    abar = Schedule().alphas_cumprod.to(device=device, dtype=torch.float32)
+    sqrt_abar, sqrt_1m_abar = abar.sqrt(), (1 - abar).sqrt()
+    gen = torch.Generator(device=device).manual_seed(args.seed * 7919 + state["step"])
+    params, ema_params = list(model.parameters()), list(ema.parameters())
     start, step = time.perf_counter(), state["step"]
     first_step, losses = step, []
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     while time.perf_counter() - start < args.time_limit and step < args.max_steps:
-        idx = torch.randint(0, data.shape[0], (args.batch_size,), generator=schedule_gen).to(device)
+        idx = torch.randint(0, data.shape[0], (args.batch_size,), generator=gen, device=device)
         x0 = to_model_range(data[idx]).to(memory_format=torch.channels_last)
+        t = torch.randint(0, len(abar), (args.batch_size,), generator=gen, device=device)
+        noise = torch.randn(x0.shape, generator=gen, device=device)
+        x_t = sqrt_abar[t].view(-1, 1, 1, 1) * x0 + sqrt_1m_abar[t].view(-1, 1, 1, 1) * noise
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args, warm_from)
         with amp:
-            loss = schedule.training_loss(model, x0, generator=schedule_gen)
+            loss = torch.nn.functional.mse_loss(model(x_t, t).float(), noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         opt.step()
+        # EMA with a warm-up (the decay grows as 1 - 9/(10 + k)): early weights do not linger in it
+        k = step - state["ema_start"]
+        decay = min(args.ema_decay, (1 + k) / (10 + k))
         with torch.no_grad():
-            for e, p in zip(ema.parameters(), model.parameters()):
-                e.lerp_(p, 1 - args.ema_decay)
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
         step += 1
         losses.append(loss.detach())
         if step % args.log_every == 0:
@@ -155,6 +169,8 @@ def main(argv=None):
             print(f"step {step}  loss {mean:.4f}  {rate:.1f} it/s", flush=True)
     state["step"] = step
     train_s = time.perf_counter() - start
+    state.setdefault("calls", []).append({"from_step": first_step, "to_step": step, "seconds": round(train_s),
+                                          "batch_size": args.batch_size, "lr": args.lr, "device": str(device)})
     print(f"trained {step - first_step} steps in {train_s:.0f} s; now at step {step}", flush=True)
 
     save_sharded({k: v.float() for k, v in model.state_dict().items()}, args.ckpt, "model")
