@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import math
 import os
 import time
 
@@ -189,18 +188,11 @@ def main(argv=None):
 
 @torch.no_grad()
 def evaluate_ema(ema, args, state, device):
-    from fxq.data import from_model_range
-    sampler = DDIM(steps=50)
-    n = max(args.eval_n, 64 if args.grid else 0)
-    batches = []
-    for b in range(math.ceil(n / 500)):
-        m = min(500, n - 500 * b)
-        batches.append(from_model_range(sampler.sample(ema, (m, 3, 32, 32), seed=10_000 + b, device=device)))
-    samples = torch.cat(batches).cpu()
+    from fxq.images import sample_images, save_grid
+    samples = sample_images(ema, DDIM(steps=50), max(args.eval_n, 64), batch_size=500, seed=10_000,
+                            device=device)
     if args.grid:
-        from PIL import Image
-        grid = samples[:64].reshape(8, 8, 3, 32, 32).permute(0, 3, 1, 4, 2).reshape(256, 256, 3)
-        Image.fromarray(grid.numpy()).resize((512, 512), Image.NEAREST).save(args.grid)
+        save_grid(args.grid, [(f"EMA, step {state['step']}", samples)])
     if args.eval_n:
         from fxq.fidelity import compute_metrics
         ref, _ = load_or_make("ref", args.data_cache)

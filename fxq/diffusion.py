@@ -140,9 +140,11 @@ class _Sampler(ABC):
     @torch.no_grad()
     def sample(self, model: Callable, shape: Sequence[int], seed: int = 0, device=None,
                callback: Callback | None = None, progress: bool = False, clip_x0: bool = True,
-               dtype: torch.dtype | None = None) -> torch.Tensor:
+               dtype: torch.dtype | None = None, x_T: torch.Tensor | None = None) -> torch.Tensor:
         """Run the reverse process from pure noise and return x0 of `shape` = (N, C, H, W).
 
+        x_T: start from this noise instead of the seed's first draw (the seed still drives the later steps'
+        noise, identically); lets callers fix each sample's start independently of batching.
         model(x, t) predicts eps; t arrives as an int64 tensor of shape [N] on `device`. `device`/`dtype`
         default to the model's parameters (CPU/float32 for a plain callable). callback(i, t, x_t) sees the
         model's input before each call. clip_x0 clamps the predicted x0 to [-1, 1] at every step.
@@ -158,6 +160,10 @@ class _Sampler(ABC):
             return torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
 
         x = noise()
+        if x_T is not None:
+            if tuple(x_T.shape) != shape:
+                raise InputError(f"x_T has shape {tuple(x_T.shape)}, expected {shape}")
+            x = x_T.to(device=device, dtype=dtype)
         steps = self.timesteps
         if progress:
             from tqdm.auto import tqdm

@@ -12,6 +12,7 @@ pytest.importorskip("fxq.fidelity")  # fxq.data / fxq.fidelity arrive with the d
 pytest.importorskip("fxq.api")  # fxq.quantize needs the tracer branch
 
 from benchmarks import quality  # noqa: E402
+from fxq import images  # noqa: E402
 from fxq.data import make_dataset, to_model_range  # noqa: E402
 from fxq.diffusion import DDIM, DDPM  # noqa: E402
 from fxq.errors import InputError, ModelFileError  # noqa: E402
@@ -69,10 +70,10 @@ def files(tmp_path_factory):
 
 def test_sample_images_shape_and_determinism():
     model = tiny_unet()
-    a = quality.sample_images(model, DDIM(steps=3), n=6, batch_size=4, seed=0)
+    a = images.sample_images(model, DDIM(steps=3), n=6, batch_size=4, seed=0)
     assert a.shape == (6, 3, 32, 32) and a.dtype == torch.uint8
-    assert torch.equal(a, quality.sample_images(model, DDIM(steps=3), n=6, batch_size=4, seed=0))
-    assert not torch.equal(a, quality.sample_images(model, DDIM(steps=3), n=6, batch_size=4, seed=1))
+    assert torch.equal(a, images.sample_images(model, DDIM(steps=3), n=6, batch_size=4, seed=0))
+    assert not torch.equal(a, images.sample_images(model, DDIM(steps=3), n=6, batch_size=4, seed=1))
 
 
 def test_each_sample_starts_from_its_own_noise_whatever_the_batch_size():
@@ -85,33 +86,33 @@ def test_each_sample_starts_from_its_own_noise_whatever_the_batch_size():
 
     for batch_size in (5, 2):
         seen.clear()
-        quality.sample_images(model, sampler, n=5, batch_size=batch_size, seed=7, shape=(3, 4, 4))
-        assert torch.equal(torch.cat(seen), quality.initial_noise(7, 0, 5, (3, 4, 4)))
-    assert torch.equal(quality.initial_noise(7, 0, 5, (3, 4, 4))[2:], quality.initial_noise(7, 2, 3, (3, 4, 4)))
+        images.sample_images(model, sampler, n=5, batch_size=batch_size, seed=7, shape=(3, 4, 4))
+        assert torch.equal(torch.cat(seen), images.initial_noise(7, 0, 5, (3, 4, 4)))
+    assert torch.equal(images.initial_noise(7, 0, 5, (3, 4, 4))[2:], images.initial_noise(7, 2, 3, (3, 4, 4)))
 
 
 def test_ddpm_sampler_runs_and_is_deterministic():
     model = lambda x, t: 0.1 * x  # noqa: E731  (a cheap stand-in for a UNet: 1000 steps)
-    a = quality.sample_images(model, DDPM(), n=3, batch_size=2, seed=0, shape=(3, 4, 4))
-    assert torch.equal(a, quality.sample_images(model, DDPM(), n=3, batch_size=2, seed=0, shape=(3, 4, 4)))
+    a = images.sample_images(model, DDPM(), n=3, batch_size=2, seed=0, shape=(3, 4, 4))
+    assert torch.equal(a, images.sample_images(model, DDPM(), n=3, batch_size=2, seed=0, shape=(3, 4, 4)))
 
 
 def test_non_finite_samples_are_reported():
     with pytest.raises(InputError, match="NaN/inf"):
-        quality.sample_images(lambda x, t: x * float("nan"), DDIM(steps=2), n=2, batch_size=2, seed=0,
+        images.sample_images(lambda x, t: x * float("nan"), DDIM(steps=2), n=2, batch_size=2, seed=0,
                               shape=(3, 4, 4))
 
 
 def test_psnr_laws():
     g = torch.Generator().manual_seed(0)
     a = torch.randint(0, 256, (4, 3, 8, 8), generator=g, dtype=torch.uint8)
-    assert torch.isinf(quality.psnr(a, a)).all()
+    assert torch.isinf(images.psnr(a, a)).all()
     off_by_one = torch.where(a < 255, a + 1, a - 1)
-    assert torch.allclose(quality.psnr(a, off_by_one), torch.full((4,), 20 * torch.log10(torch.tensor(255.0)))
+    assert torch.allclose(images.psnr(a, off_by_one), torch.full((4,), 20 * torch.log10(torch.tensor(255.0)))
                           .double())
     black, white = torch.zeros_like(a), torch.full_like(a, 255)
-    assert torch.allclose(quality.psnr(black, white), torch.zeros(4, dtype=torch.float64))
-    summary = quality.psnr_summary(a, off_by_one)
+    assert torch.allclose(images.psnr(black, white), torch.zeros(4, dtype=torch.float64))
+    summary = images.psnr_summary(a, off_by_one)
     assert summary["min"] <= summary["median"] and abs(summary["pooled"] - summary["mean"]) < 1e-9
 
 
@@ -123,14 +124,14 @@ def test_psnr_laws():
 ])
 def test_bad_sample_tensors(bad, match):
     with pytest.raises(InputError, match=match):
-        quality.check_images(bad)
+        images.check_images(bad)
     with pytest.raises(InputError, match=match):
         quality.image_metrics(bad, torch.zeros(20, 3, 32, 32, dtype=torch.uint8))
 
 
 def test_psnr_shape_mismatch():
     with pytest.raises(InputError, match="same shape"):
-        quality.psnr(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.zeros(3, 3, 8, 8, dtype=torch.uint8))
+        images.psnr(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.zeros(3, 3, 8, 8, dtype=torch.uint8))
 
 
 def test_fid_of_a_set_against_itself_is_zero(files):
@@ -179,8 +180,8 @@ def test_grid_puts_panels_side_by_side(tmp_path):
     from PIL import Image
 
     imgs = torch.zeros(70, 3, 32, 32, dtype=torch.uint8)
-    quality.save_grid(tmp_path / "one.png", [("FP32", imgs)])
-    quality.save_grid(tmp_path / "two.png", [("FP32", imgs), ("W8A8", imgs[:10])])
+    images.save_grid(tmp_path / "one.png", [("FP32", imgs)])
+    images.save_grid(tmp_path / "two.png", [("FP32", imgs), ("W8A8", imgs[:10])])
     one, two = Image.open(tmp_path / "one.png"), Image.open(tmp_path / "two.png")
     assert one.size == (8 * 34 + 2, 14 + 8 * 34 + 2)  # 64 of the 70 images, 8x8, 2 px gaps, a title row
     assert two.size == (2 * one.size[0] + 8, one.size[1])

@@ -38,7 +38,8 @@ def test_affine_error_is_at_most_half_a_step_inside_the_range(bits, seed, lo, hi
     rlo, rhi = Q.representable_range(qp)
     x = torch.empty(300).uniform_(float(rlo), float(rhi), generator=torch.Generator().manual_seed(seed))
     err = (Q.fake_quantize(x, qp) - x).abs()
-    assert (err <= qp.scale / 2 * (1 + 1e-4) + 1e-6).all()
+    float32_slack = 8 * torch.finfo(torch.float32).eps * x.abs().max()  # x / scale at 16 bits is ~6e4
+    assert (err <= qp.scale / 2 + float32_slack).all()
 
 
 @SET
