@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     print(f"model: {name}, {n_params / 1e6:.2f}M parameters")
 
     t0 = time.perf_counter()
-    data = calib.trajectory(unet, sampler, n=args.calib, timesteps=args.timesteps, seed=args.seed)
+    data = calib.trajectory(unet, sampler, n=args.calib, timesteps=args.timesteps, seed=args.seed, progress=True)
     t_traj = time.perf_counter() - t0
     print(f"calibration set: {len(data)} (x_t, t) pairs from the model's own DDIM-{args.steps} trajectories "
           f"({args.timesteps} timesteps) in {t_traj:.1f} s")
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
                              act_estimator=args.estimator, seed=args.seed)
     example = (torch.randn(2, 3, 32, 32), torch.randint(0, 1000, (2,)))
     t0 = time.perf_counter()
-    qunet = fxq.quantize(unet, example_inputs=example, calib_data=data, config=config)
+    qunet = fxq.quantize(unet, example_inputs=example, calib_data=data, config=config, progress=True)
     t_quant = time.perf_counter() - t0
     ops = report.quantized_ops(qunet)
     print(f"quantized W{args.weight_bits}A{args.act_bits} ({args.estimator} activation ranges, fake-quant): "

@@ -159,3 +159,34 @@ def test_issue_snippet_runs_as_written():
                          config=fxq.QuantConfig(weight_bits=8, act_bits=8, backend="fake"))
     eps = qunet(x, t)
     assert eps.shape == x.shape and torch.isfinite(eps).all()
+
+
+class _Gate(torch.nn.Module):
+    """Value-dependent control flow: no tracer can specialize this soundly."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        return self.conv(x) if x.mean() > 0 else -x
+
+
+class _Gated(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 3, 3, padding=1)
+        self.gate = _Gate()
+
+    def forward(self, x, t):
+        return self.gate(self.stem(x))
+
+
+def test_value_dependent_module_names_itself_and_can_stay_float_as_a_leaf():
+    model = _Gated().eval()
+    x, t = example(2)
+    with pytest.raises(fxq.errors.TraceError, match=r"gate.*leaf_modules"):
+        fxq.quantize(model, (x, t), [(x, t)])
+    q = fxq.quantize(model, (x, t), [(x, t)], fxq.QuantConfig(leaf_modules=("gate",)))
+    assert [n.meta["fxq"]["module"] for n in q.graph.nodes if "fxq" in n.meta] == ["stem"]
+    assert report.sqnr_db(model(x, t), q(x, t)) > 25
