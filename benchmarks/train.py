@@ -35,6 +35,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", required=True, help="checkpoint folder (read to resume, written at the end)")
     p.add_argument("--resume", help="folder to resume from (default: --ckpt if it holds a checkpoint)")
+    p.add_argument("--from-pretrained", help="with no checkpoint to resume: start the online and EMA weights from "
+                   "this save_pretrained file (e.g. fxq/weights/ddpm32.safetensors); its train_steps continue")
     p.add_argument("--export", help="write the EMA weights (fp16, fxq pretrained format) here")
     p.add_argument("--data-cache", default="/tmp/fxq-data")
     p.add_argument("--ch", type=int, default=64)
@@ -125,6 +127,17 @@ def main(argv=None):
         else:
             warm_from = state["step"]  # fresh Adam moments: warm up again
         print(f"resumed at step {state['step']} from {resume}", flush=True)
+    elif args.from_pretrained:
+        # The packaged EMA restarts both copies: the online weights' own trajectory is lost, the average is not.
+        from safetensors import safe_open
+        weights = {k: v.float() for k, v in load_file(args.from_pretrained).items()}
+        model.load_state_dict(weights)
+        ema.load_state_dict(weights)
+        with safe_open(args.from_pretrained, "pt") as f:
+            state["step"] = int((f.metadata() or {}).get("train_steps", 0))
+        state["ema_start"] = 0  # already an average: keep the full decay
+        warm_from = state["step"]
+        print(f"started from {args.from_pretrained} at step {state['step']}", flush=True)
     else:
         ema.load_state_dict(model.state_dict())
     if args.reset_ema or "ema_start" not in state:
