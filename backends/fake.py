@@ -8,13 +8,12 @@ at the product's scale, which float simulates well).
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.fx as fx
 from torch import nn
 
 from fxq import quantizer as Q
+from fxq.errors import InputError
 from fxq.freeze import Frozen
 
 
@@ -39,30 +38,28 @@ class FakeQuantize(nn.Module):
         qp = self.qparams()
         if self.scale.dim() == 1:
             if t is None:
-                raise TypeError("this FakeQuantize keeps parameters per timestep group and needs t")
+                raise InputError("this quantizer keeps parameters per timestep group: call the model with t")
             g = Q.group_of(t, x.shape[0], self.groups, self.num_timesteps).to(x.device)
             qp = Q.select_group(qp, g, x)
-        return Q.fake_quantize(x, qp).to(x.dtype)
+        # in float32 whatever x's dtype: bf16/fp16 cannot hold every code of 8+ bits exactly
+        return Q.fake_quantize(x.float(), qp).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, signed={self.signed}, groups={self.groups}"
 
 
-def _set_submodule(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
-    parent, _, name = target.rpartition(".")
-    setattr(gm.get_submodule(parent) if parent else gm, name, module)
-
-
 def lower(gm: fx.GraphModule, frozen: Frozen, num_timesteps: int = 1000) -> fx.GraphModule:
-    """Rewrite a calibrated graph in place into its fake-quant form; returns it."""
+    """Rewrite a calibrated graph in place into its fake-quant form; returns it. The graph's modules must be its
+    own (fxq.quantize works on a copy of the user's model)."""
+    param = next(gm.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
     for target, qp in frozen.act.items():
-        _set_submodule(gm, target, FakeQuantize(qp, num_timesteps))
+        gm.set_submodule(target, FakeQuantize(qp, num_timesteps).to(device))
     for target, qp in frozen.weight.items():
-        module = copy.deepcopy(gm.get_submodule(target))  # a fresh module: never write into shared params
-        with torch.no_grad():
+        module = gm.get_submodule(target)
+        with torch.no_grad():  # a new Parameter: the old tensor is never written to
             module.weight = nn.Parameter(Q.fake_quantize(module.weight.float(), qp).to(module.weight.dtype),
                                          requires_grad=False)
-        _set_submodule(gm, target, module)
     for node in gm.graph.nodes:  # weight observers have done their work
         wobs = node.meta.get("fxq", {}).pop("weight_observer", None)
         if wobs:

@@ -72,7 +72,8 @@ def quantize(model: nn.Module, example_inputs, calib_data: Iterable, config: Qua
     start = time.perf_counter()
     gm, _ = prepare(model, example_inputs, config)
     example = as_args_kwargs(example_inputs)
-    with torch.random.fork_rng(devices=[]):  # seeded for stochastic layers, the caller's RNG restored after
+    cuda = sorted({p.device.index or 0 for p in gm.parameters() if p.is_cuda})
+    with torch.random.fork_rng(devices=cuda):  # seeded for stochastic layers; the caller's RNGs restored after
         torch.manual_seed(config.seed)
         calib.run(gm, calib_data, example, batch_size=batch_size, progress=progress)
     frozen = freeze(gm)

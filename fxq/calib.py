@@ -11,10 +11,12 @@ calibration set through an observed graph in batches.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Iterable, Iterator
 
 import torch
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from tqdm.auto import tqdm
 
 from fxq.errors import InputError
@@ -70,20 +72,35 @@ def trajectory(model, sampler, n: int, timesteps: str = "uniform", mean: float |
     batch_size = min(runs, batch_size or 64)
     pool: list[tuple[torch.Tensor, torch.Tensor]] = []
     bar = tqdm(total=runs, desc="calibration trajectories", disable=not progress)
-    for start in range(0, runs, batch_size):
-        b = min(batch_size, runs - start)
-        keep = [set(_chosen_steps(steps, timesteps, steps_per_run, sampler.T, mean, std, gen)) for _ in range(b)]
+    with _eval_mode(model):  # dropout off: the same seed must give the same calibration set
+        for start in range(0, runs, batch_size):
+            b = min(batch_size, runs - start)
+            keep = [set(_chosen_steps(steps, timesteps, steps_per_run, sampler.T, mean, std, gen)) for _ in range(b)]
 
-        def record(i, t, x_t, keep=keep):
-            for j in range(b):
-                if i in keep[j]:
-                    pool.append((x_t[j:j + 1].detach().float().cpu(), torch.tensor([t], dtype=torch.long)))
+            def record(i, t, x_t, keep=keep):
+                for j in range(b):
+                    if i in keep[j]:
+                        pool.append((x_t[j:j + 1].detach().float().cpu(), torch.tensor([t], dtype=torch.long)))
 
-        sampler.sample(model, (b, *shape), seed=seed * 1_000_003 + start, device=device, callback=record)
-        bar.update(b)
+            sampler.sample(model, (b, *shape), seed=seed * 1_000_003 + start, device=device, callback=record)
+            bar.update(b)
     bar.close()
     order = torch.randperm(len(pool), generator=gen)[:n].sort().values
     return [pool[i] for i in order.tolist()]
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    """The model in eval mode for the block; every submodule's own flag restored after."""
+    modules = list(model.modules()) if isinstance(model, torch.nn.Module) else []
+    flags = [m.training for m in modules]
+    for m in modules:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m, flag in zip(modules, flags):
+            m.training = flag
 
 
 def _sample_shape(model) -> tuple:
@@ -110,7 +127,10 @@ def _describe(value):
 
 
 def check_item(item, example, index: int):
-    """The item as (args, kwargs) if it has the example's form (any batch size), else InputError."""
+    """The item as (args, kwargs) if it has the example's form (any batch size), else InputError.
+
+    Nested inputs (lists, tuples, dicts of tensors, e.g. diffusers' added_cond_kwargs) are compared leaf by leaf.
+    """
     args, kwargs = as_args_kwargs(item)
     ex_args, ex_kwargs = example
     where = f"calibration item {index}"
@@ -120,58 +140,76 @@ def check_item(item, example, index: int):
     named = [(f"positional input {i}", a, e) for i, (a, e) in enumerate(zip(args, ex_args))]
     named += [(f"keyword input {k!r}", kwargs[k], ex_kwargs[k]) for k in kwargs]
     for label, value, ex in named:
-        if torch.is_tensor(ex) != torch.is_tensor(value):
-            raise InputError(f"{where}, {label}: got {_describe(value)}, the example has {_describe(ex)}")
-        if not torch.is_tensor(ex):
-            if value != ex:
-                raise InputError(f"{where}, {label}: {value!r} differs from the example's {ex!r}; non-tensor"
-                                 " inputs are fixed when the model is traced")
-            continue
-        if value.dtype != ex.dtype:
-            raise InputError(f"{where}, {label}: dtype {value.dtype}, the example has {ex.dtype}; convert it")
-        if value.dim() != ex.dim() or tuple(value.shape[1:]) != tuple(ex.shape[1:]):
-            raise InputError(f"{where}, {label}: shape {tuple(value.shape)} does not match the example's"
-                             f" {tuple(ex.shape)} (only the batch dimension may differ)")
-        if torch.is_floating_point(value) and not torch.isfinite(value).all():
-            raise InputError(f"{where}, {label}: contains NaN or inf; remove or fix that sample")
+        leaves, spec = tree_flatten(value)
+        ex_leaves, ex_spec = tree_flatten(ex)
+        if spec != ex_spec:
+            raise InputError(f"{where}, {label}: its structure {spec} differs from the example's {ex_spec}")
+        for leaf, ex_leaf in zip(leaves, ex_leaves):
+            _check_leaf(f"{where}, {label}", leaf, ex_leaf)
     return args, kwargs
+
+
+def _check_leaf(where: str, value, ex) -> None:
+    if torch.is_tensor(ex) != torch.is_tensor(value):
+        raise InputError(f"{where}: got {_describe(value)}, the example has {_describe(ex)}")
+    if not torch.is_tensor(ex):
+        if value != ex:
+            raise InputError(f"{where}: {value!r} differs from the example's {ex!r}; non-tensor inputs are fixed"
+                             " when the model is traced")
+        return
+    if value.dtype != ex.dtype:
+        raise InputError(f"{where}: dtype {value.dtype}, the example has {ex.dtype}; convert it")
+    if value.dim() != ex.dim() or tuple(value.shape[1:]) != tuple(ex.shape[1:]):
+        raise InputError(f"{where}: shape {tuple(value.shape)} does not match the example's {tuple(ex.shape)}"
+                         " (only the batch dimension may differ)")
+    if torch.is_floating_point(value) and not torch.isfinite(value).all():
+        raise InputError(f"{where}: contains NaN or inf; remove or fix that sample")
+
+
+def _batch_rows(args, kwargs) -> int | None:
+    """The batch size shared by every tensor of an item, or None if they do not share one (then it runs alone)."""
+    tensors = [v for v in tree_flatten((args, kwargs))[0] if torch.is_tensor(v)]
+    sizes = {v.shape[0] if v.dim() > 0 else None for v in tensors}
+    return sizes.pop() if len(sizes) == 1 else None
 
 
 def batches(calib_data: Iterable, example, batch_size: int) -> Iterator[tuple[tuple, dict]]:
     """Validated items concatenated along the batch dim into batches of at most batch_size rows.
 
-    Items whose tensors are 0-d (a scalar timestep) cannot be concatenated; they are run one by one.
+    Items are joined only when all their tensors share one leading size (a 0-d timestep, say, cannot be
+    concatenated); other items run one by one.
     """
     pending: list[tuple[tuple, dict]] = []
-    rows = 0
-    count = 0
-
-    def flush():
-        args = tuple(_cat([p[0][i] for p in pending]) for i in range(len(pending[0][0])))
-        kwargs = {k: _cat([p[1][k] for p in pending]) for k in pending[0][1]}
-        return args, kwargs
-
+    rows = count = 0
     for index, item in enumerate(calib_data):
         args, kwargs = check_item(item, example, index)
         count += 1
-        tensors = [v for v in (*args, *kwargs.values()) if torch.is_tensor(v)]
-        if any(v.dim() == 0 for v in tensors) or not tensors:
+        n = _batch_rows(args, kwargs)
+        if n is None:
             yield args, kwargs
             continue
-        n = tensors[0].shape[0]
         if pending and rows + n > batch_size:
-            yield flush()
+            yield _concat(pending)
             pending, rows = [], 0
         pending.append((args, kwargs))
         rows += n
     if pending:
-        yield flush()
+        yield _concat(pending)
     if count == 0:
         raise InputError("the calibration data is empty: give at least one input item")
 
 
-def _cat(values):
-    return torch.cat(values, 0) if torch.is_tensor(values[0]) else values[0]
+def _concat(items: list[tuple[tuple, dict]]) -> tuple[tuple, dict]:
+    flat = [tree_flatten(item) for item in items]
+    spec = flat[0][1]
+    columns = zip(*(leaves for leaves, _ in flat))
+    joined = [torch.cat(col, 0) if torch.is_tensor(col[0]) else col[0] for col in columns]
+    return tree_unflatten(joined, spec)
+
+
+def _rows(args, kwargs) -> int:
+    n = _batch_rows(args, kwargs)
+    return 1 if n is None else n
 
 
 @torch.no_grad()
@@ -179,14 +217,11 @@ def run(gm, calib_data: Iterable, example, batch_size: int = 32, progress: bool 
     """Feed every calibration item through `gm` (its observers record); returns the number of batches."""
     device = _device_of(gm)
     done = 0
-    total = len(calib_data) if hasattr(calib_data, "__len__") else None
-    bar = tqdm(total=total, desc="calibrating", unit="item", disable=not progress)
+    bar = tqdm(desc="calibrating", unit="sample", disable=not progress)
     for args, kwargs in batches(calib_data, example, batch_size):
-        args = tuple(a.to(device) if torch.is_tensor(a) else a for a in args)
-        kwargs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in kwargs.items()}
+        args, kwargs = tree_map(lambda v: v.to(device) if torch.is_tensor(v) else v, (args, kwargs))
         gm(*args, **kwargs)
         done += 1
-        first = next((v for v in (*args, *kwargs.values()) if torch.is_tensor(v) and v.dim() > 0), None)
-        bar.update(first.shape[0] if first is not None else 1)
+        bar.update(_rows(args, kwargs))
     bar.close()
     return done

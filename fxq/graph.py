@@ -24,6 +24,13 @@ def to_networkx(graph: torch.fx.Graph) -> nx.DiGraph:
     return nx.freeze(g)
 
 
+def hops_from(node: Node) -> dict[Node, int]:
+    """Length of the shortest def -> use path from `node` to every node it reaches."""
+    g = to_networkx(node.graph)
+    lengths = nx.single_source_shortest_path_length(g, node.name)
+    return {g.nodes[name]["node"]: d for name, d in lengths.items()}
+
+
 def node_order(graph: torch.fx.Graph) -> dict[Node, int]:
     """Position of every node in the graph (fx keeps nodes in a topological order)."""
     return {node: i for i, node in enumerate(graph.nodes)}

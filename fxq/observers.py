@@ -3,8 +3,9 @@ that turn the record into quantization parameters (through fxq.quantizer, the on
 
 Activations are recorded as a histogram whose range grows by doubling (old bins merge exactly, so nothing is
 re-binned approximately), one per timestep group plus one over all timesteps. Its memory is fixed however many
-samples calibration runs, and the result does not depend on how the samples were batched except for
-floating-point summation order of counts (exact integers in float64).
+samples calibration runs; counts are exact integers. The first batch sets the bin grid and later batches can only
+double it, so percentile and mse ranges depend slightly on the order of the calibration data (min/max do not);
+the same data in the same order gives the same ranges, bit for bit.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ class RangeHistogram:
         if x.numel() == 0:
             return
         x = x.detach().float().reshape(-1)
+        if not bool(torch.isfinite(x).all()):
+            raise InputError("an observed activation holds NaN or inf during calibration: the model overflows on "
+                             "this calibration data (check the data, or run the model in float32)")
         xmin, xmax = torch.aminmax(x)
         xmin, xmax = float(xmin), float(xmax)
         self.min, self.max = min(self.min, xmin), max(self.max, xmax)
@@ -48,10 +52,9 @@ class RangeHistogram:
             self.width = span / self.bins if span > 0 else max(abs(xmin), 1.0) * 2.0**-20
             self.counts = torch.zeros(self.bins, dtype=torch.float64, device=x.device)
         self._grow_to(xmin, xmax)
-        hi = self.lo + self.bins * self.width
-        # clamp: float rounding of hi must not drop the extreme values
-        hist = torch.histc(x.clamp(self.lo, hi), self.bins, self.lo, hi)
-        self.counts += hist.to(self.counts)
+        # bincount counts exactly (histc counts in float32); clamp keeps rounding at the edges in range
+        idx = torch.floor((x - self.lo) / self.width).clamp_(0, self.bins - 1).long()
+        self.counts += torch.bincount(idx, minlength=self.bins).to(self.counts)
 
     def _grow_to(self, xmin: float, xmax: float) -> None:
         # Each doubling merges bin pairs and puts the merged half at the side that needs no room.

@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from fxq.config import OP_KINDS, QuantConfig
 from fxq.errors import FxqWarning
-from fxq.graph import activation_nodes, owning_module
+from fxq.graph import activation_nodes, hops_from, owning_module
 from fxq.passes.manager import PassResult
 
 META_KEY = "fxq"
@@ -114,8 +114,11 @@ class SelectOps:
                           "weight_bits": None if kind == "attn_matmul" else cfg.weight_bits,
                           "act_bits": cfg.act_bits, "act_inputs": act_inputs}
         if plan and cfg.first_last_bits is not None:
-            nodes = list(plan)
-            for node in (nodes[0], nodes[-1]):
+            # First = the selected op nearest the first input (the image), not the first in graph order: a time
+            # embedding that runs before conv_in is not the network's first layer. Last = last in graph order.
+            inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+            first = _nearest(plan, hops_from(inputs[0]) if inputs else {})
+            for node in {first: None, list(plan)[-1]: None}:
                 meta = plan[node]
                 meta["act_bits"] = cfg.first_last_bits
                 if meta["weight_bits"] is not None:
@@ -138,6 +141,12 @@ class SelectOps:
 
     def __repr__(self) -> str:
         return f"SelectOps({self.config!r})"
+
+
+def _nearest(plan: dict, hops: dict):
+    """The planned node the fewest hops away (ties: the earlier in graph order; none reached: the first)."""
+    reached = [n for n in plan if n in hops]
+    return min(reached, key=hops.__getitem__) if reached else next(iter(plan))
 
 
 def selected_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:

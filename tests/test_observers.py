@@ -105,3 +105,13 @@ def test_weight_mse_is_no_worse_per_channel_than_minmax(seed, bits):
         assert qp.scale.shape == (6,) and qp.axis == 0
         errs[est] = Q.lp_error(w.flatten(1), Q.fake_quantize(w, qp).flatten(1), 2.4, dim=1)
     assert (errs["mse"] <= errs["minmax"] * (1 + 1e-5)).all()
+
+
+def test_counts_are_exact_and_non_finite_activations_are_refused():
+    h = RangeHistogram(bins=64)
+    h.add(torch.zeros(2**25 + 1000))  # float32 counting would lose the last 1000
+    assert int(h.counts.sum()) == 2**25 + 1000
+    import pytest
+    from fxq.errors import InputError
+    with pytest.raises(InputError, match="NaN or inf"):
+        ActObserver(8)(torch.tensor([1.0, float("inf")]))

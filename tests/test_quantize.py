@@ -193,3 +193,43 @@ def test_value_dependent_module_names_itself_and_can_stay_float_as_a_leaf():
     q = fxq.quantize(model, (x, t), [(x, t)], fxq.QuantConfig(leaf_modules=("gate",)))
     assert [n.meta["fxq"]["module"] for n in q.graph.nodes if "fxq" in n.meta] == ["stem"]
     assert report.sqnr_db(model(x, t), q(x, t)) > 25
+
+
+def test_trajectory_of_a_train_mode_model_is_repeatable_and_leaves_its_mode():
+    model = small_unet(3).train()
+    a = calib.trajectory(model, DDIM(steps=4), n=4, seed=0, steps_per_run=2)
+    b = calib.trajectory(model, DDIM(steps=4), n=4, seed=0, steps_per_run=2)
+    assert all(torch.equal(p[0], q[0]) for p, q in zip(a, b))
+    assert model.training and all(m.training for m in model.modules())
+
+
+def test_items_whose_tensors_disagree_on_batch_size_run_alone(unet):
+    x, t = example(2)
+    items = [(x, t[:1]), (x, t[:1])]  # t broadcasts over the batch inside the model; not joinable
+    batches = list(calib.batches(items, ((x, t), {}), batch_size=8))
+    assert len(batches) == 2 and batches[0][0][0].shape[0] == 2
+
+
+class _Nested(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 1)
+
+    def forward(self, x, t, cond):
+        return self.conv(x * cond["scale"][:, :, None, None]) + cond["shift"][0][:, :, None, None]
+
+
+def test_nested_tensor_inputs_are_checked_batched_and_moved_leaf_by_leaf():
+    def item(b, seed):
+        g = torch.Generator().manual_seed(seed)
+        return ((torch.randn(b, 3, 4, 4, generator=g), torch.zeros(b, dtype=torch.long)),
+                {"cond": {"scale": torch.rand(b, 3, generator=g), "shift": [torch.rand(b, 3, generator=g)]}})
+
+    model = _Nested().eval()
+    q = fxq.quantize(model, item(2, 0), [item(2, s) for s in range(3)])
+    (x, t), kw = item(3, 9)
+    assert report.sqnr_db(model(x, t, **kw), q(x, t, **kw)) > 25
+    bad = item(2, 1)
+    bad[1]["cond"]["shift"] = [torch.rand(2, 4)]
+    with pytest.raises(fxq.errors.InputError, match="keyword input 'cond'.*shape"):
+        fxq.quantize(model, item(2, 0), [bad])

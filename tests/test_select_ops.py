@@ -206,3 +206,12 @@ def test_runs_under_pass_manager_and_graph_still_runs(traced):
     result = PassManager([SelectOps(QuantConfig())])(gm)
     assert result.modified
     torch.testing.assert_close(gm(x), expected)
+
+
+def test_first_and_last_follow_the_image_path_not_graph_order():
+    from fxq.models import DDPMUNet
+    gm = torch.fx.symbolic_trace(DDPMUNet(ch=32, ch_mult=(1, 2), resolution=16, attn_resolutions=(8,)))
+    SelectOps(QuantConfig(weight_bits=4, act_bits=4))(gm)
+    bits = {n.meta["fxq"]["module"]: n.meta["fxq"]["weight_bits"] for n in gm.graph.nodes if "fxq" in n.meta}
+    eight = sorted(m for m, b in bits.items() if b == 8)
+    assert eight == ["conv_in", "conv_out"], eight  # the time-embedding linears run first but are not layer 1
