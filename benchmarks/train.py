@@ -42,8 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--ch", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--warmup", type=int, default=1000, help="linear LR warm-up steps (also after a resume "
-                                                               "without optimizer state)")
+    p.add_argument("--warmup", type=int, default=1000, help="linear LR warm-up steps from scratch")
     p.add_argument("--rewarm", type=int, default=200, help="warm-up steps after a resume without Adam state")
     p.add_argument("--ema-decay", type=float, default=0.9999)
     p.add_argument("--reset-ema", action="store_true", help="restart the EMA from the online weights")

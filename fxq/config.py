@@ -45,7 +45,8 @@ class QuantConfig:
     keep_float: fnmatch patterns of module names (e.g. "down.0.*") whose ops stay in float.
     leaf_modules: fnmatch patterns of module names the tracer keeps opaque (they stay in float).
     first_last_bits: bit-width of the first and last quantized layer (8 in the papers); None keeps the default.
-    percentile: the percentile of |activation| kept by the "percentile" estimator.
+    percentile: the "percentile" estimator's range runs from the (100 - percentile)th to the percentile-th
+      percentile of the activation values.
     lp_norm: p of the Lp error minimized by the "mse" estimators (2.4 as in PTQ4DM / Q-Diffusion).
     timestep_groups: activation ranges kept per group of timesteps (1 = one range for all timesteps).
     num_timesteps: T of the diffusion process, to map a timestep to its group.

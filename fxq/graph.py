@@ -24,6 +24,23 @@ def to_networkx(graph: torch.fx.Graph) -> nx.DiGraph:
     return nx.freeze(g)
 
 
+def free_name(gm: torch.fx.GraphModule, base: str) -> str:
+    """`base`, or `base_1`, `base_2`, ...: the first (possibly dotted) attribute path `gm` does not have yet."""
+    name, i = base, 0
+    while _has_path(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
+def _has_path(obj, qualname: str) -> bool:
+    for part in qualname.split("."):
+        if not hasattr(obj, part):
+            return False
+        obj = getattr(obj, part)
+    return True
+
+
 def hops_from(node: Node) -> dict[Node, int]:
     """Length of the shortest def -> use path from `node` to every node it reaches."""
     g = to_networkx(node.graph)

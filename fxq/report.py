@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections import Counter
-
 import torch
 import torch.fx as fx
+
+from fxq.passes.select_ops import summary
 
 
 def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
@@ -18,8 +18,9 @@ def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
 
 
 def quantized_ops(gm: fx.GraphModule) -> dict[str, int]:
-    """Count of quantized ops by kind ("conv", "linear", "attn_matmul") in a prepared or lowered graph."""
-    return dict(Counter(n.meta["fxq"]["kind"] for n in gm.graph.nodes if "fxq" in n.meta))
+    """Count of quantized ops by kind ("conv", "linear", "attn_matmul") in a prepared or lowered graph, kinds
+    with none left out."""
+    return {kind: n for kind, n in summary(gm).items() if n}
 
 
 def _eps(out):

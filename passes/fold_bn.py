@@ -26,6 +26,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
+from fxq.graph import free_name
 from fxq.passes.manager import PassResult
 
 # layer type -> (BN type, rank of the layer output that BN normalizes along dim 1)
@@ -103,23 +104,6 @@ def _users_of_target(gm: torch.fx.GraphModule, target: str) -> list[torch.fx.Nod
             and (n.target == target or str(n.target).startswith(target + "."))]
 
 
-def _fresh_name(gm: torch.fx.GraphModule, base: str) -> str:
-    i, name = 0, f"{base}_bn_folded"
-    while _has_attr(gm, name):
-        i += 1
-        name = f"{base}_bn_folded_{i}"
-    return name
-
-
-def _has_attr(gm: torch.fx.GraphModule, qualname: str) -> bool:
-    obj = gm
-    for part in qualname.split("."):
-        if not hasattr(obj, part):
-            return False
-        obj = getattr(obj, part)
-    return True
-
-
 def fold_bn(gm: torch.fx.GraphModule) -> PassResult:
     """Fold each eval-mode BatchNorm whose only input is a Conv1d/2d/3d or Linear call, used by nothing else,
     into a fresh copy of that layer; remove the BN node (and its module once unused).
@@ -136,7 +120,7 @@ def fold_bn(gm: torch.fx.GraphModule) -> PassResult:
         if len(_users_of_target(gm, layer_node.target)) == 1:
             gm.set_submodule(layer_node.target, new)
         else:  # the layer is called elsewhere too: give this call site its own module
-            name = _fresh_name(gm, layer_node.target)
+            name = free_name(gm, f"{layer_node.target}_bn_folded")
             gm.add_submodule(name, new)
             layer_node.target = name
         bn_node.replace_all_uses_with(layer_node)

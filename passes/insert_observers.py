@@ -15,17 +15,11 @@ from __future__ import annotations
 
 import torch.fx as fx
 
+from fxq.graph import free_name
 from fxq.observers import ActObserver, WeightObserver
 from fxq.passes.manager import PassResult
 
 ACT_PREFIX, WEIGHT_PREFIX = "fxq_obs_", "fxq_wobs_"
-
-
-def _free_name(gm: fx.GraphModule, base: str) -> str:
-    name, i = base, 1
-    while hasattr(gm, name):
-        name, i = f"{base}_{i}", i + 1
-    return name
 
 
 def is_act_observer(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -59,7 +53,7 @@ class InsertObservers:
                     continue
                 key = (src.name, meta["act_bits"])
                 if key not in shared:
-                    name = _free_name(gm, ACT_PREFIX + src.name)
+                    name = free_name(gm, ACT_PREFIX + src.name)
                     gm.add_submodule(name, ActObserver.from_config(self.config, meta["act_bits"]))
                     # before its first consumer: after every placeholder, so t is defined
                     with gm.graph.inserting_before(node):
@@ -68,7 +62,7 @@ class InsertObservers:
                 node.update_arg(pos, shared[key])
                 modified = True
             if meta["weight_bits"] is not None and "weight_observer" not in meta:
-                name = _free_name(gm, WEIGHT_PREFIX + node.target.replace(".", "_"))
+                name = free_name(gm, WEIGHT_PREFIX + node.target.replace(".", "_"))
                 gm.add_submodule(name, WeightObserver.from_config(self.config, meta["weight_bits"]))
                 meta["weight_observer"] = name
                 modified = True
