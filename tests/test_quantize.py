@@ -151,6 +151,11 @@ def test_fake_quant_runs_on_cuda(unet):
     on_cuda = q.cuda()(x.cuda(), t.cuda()).cpu()
     # other conv algorithms (TF32 included) flip the odd rounding decision; the results agree otherwise
     assert report.sqnr_db(on_cpu, on_cuda) > 30
+    # quantized on the GPU from the start: parameters per timestep group live there too
+    cuda_model = copy.deepcopy(unet).cuda()
+    data = [(a.cuda(), b.cuda()) for a, b in calib_set(n=2)]
+    q2 = fxq.quantize(cuda_model, (x.cuda(), t.cuda()), data, fxq.QuantConfig(timestep_groups=2))
+    assert report.sqnr_db(on_cpu, q2(x.cuda(), t.cuda()).cpu()) > 30
 
 
 @pytest.mark.slow
