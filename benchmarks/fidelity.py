@@ -20,6 +20,7 @@ from fxq import calib, report
 from fxq.diffusion import DDIM
 from fxq.models import DDPMUNet
 from fxq.models.ddpm_unet import reinit_zero_layers
+from fxq.models.pretrained import load_spec
 
 SETTINGS = [(8, 8), (4, 8)]
 ESTIMATORS = ["minmax", "percentile", "mse"]
@@ -45,7 +46,7 @@ def load_model(args):
         unet = DDPMUNet(ch=args.ch)
         reinit_zero_layers(unet, seed=args.seed)  # Ho et al. zero-init outputs; a random model needs signal
         return unet.eval(), f"DDPMUNet(ch={args.ch}), random init"
-    return fxq.models.pretrained(args.model), args.model
+    return load_spec(args.model)[0], args.model
 
 
 def main():

@@ -35,6 +35,7 @@ if __package__ in (None, ""):  # run as a script from a source checkout: use the
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fxq.errors import InputError, ModelFileError  # noqa: E402
+from fxq.models.pretrained import load_spec  # noqa: E402
 from fxq.images import (check_images, psnr_summary,  # noqa: E402
                         sample_images, save_grid)
 
@@ -160,19 +161,6 @@ def parse_quantize(spec: str):
     return int(m.group(1)), int(m.group(2))
 
 
-def load_model(spec: str, device):
-    """(float model, weights file) for --model: a packaged name or a file written by save_pretrained."""
-    from fxq.models import pretrained
-    from fxq.models.pretrained import KNOWN, WEIGHTS_DIR
-
-    if spec in KNOWN:
-        return pretrained(spec, device=device), os.path.join(WEIGHTS_DIR, KNOWN[spec])
-    if not os.path.isfile(spec):
-        raise ModelFileError(f"--model {spec!r} is neither a packaged model ({', '.join(sorted(KNOWN))}) nor an "
-                             "existing weights file")
-    return pretrained(weights_path=spec, device=device), spec
-
-
 def make_sampler(args):
     from fxq.diffusion import DDIM, DDPM
 
@@ -271,7 +259,7 @@ def main(argv=None) -> dict:
     dim = feature_dim(args.feature_extractor, weights)  # fail before minutes of sampling
     check_fid_size(args.n, SPLITS["ref"][0] if args.ref_n is None else args.ref_n, dim, args.feature_extractor)
 
-    model, model_file = load_model(args.model, device)
+    model, model_file = load_spec(args.model, device)
     shape = (model.in_channels, model.resolution, model.resolution)
     sampler, sampler_info = make_sampler(args)
     times = {}

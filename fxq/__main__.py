@@ -19,6 +19,7 @@ from fxq.diffusion import DDIM
 from fxq.images import psnr, sample_images, save_grid
 from fxq.models import DDPMUNet
 from fxq.models.ddpm_unet import reinit_zero_layers
+from fxq.models.pretrained import KNOWN, load_spec
 
 
 def parse_args(argv=None):
@@ -44,9 +45,8 @@ def load(args):
     if args.model == "random":
         torch.manual_seed(args.seed)
         return reinit_zero_layers(DDPMUNet(ch=args.ch), args.seed).eval(), f"DDPMUNet(ch={args.ch}), random init"
-    if args.model.endswith(".safetensors"):
-        return fxq.models.pretrained(weights_path=args.model), args.model
-    return fxq.models.pretrained(args.model), f"fxq.models.pretrained({args.model!r})"
+    model, path = load_spec(args.model)
+    return model, f"fxq.models.pretrained({args.model!r})" if args.model in KNOWN else path
 
 
 def main(argv=None) -> int:

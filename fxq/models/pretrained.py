@@ -132,3 +132,14 @@ def pretrained(name: str = "ddpm32", weights_path=None, device="cpu") -> DDPMUNe
     want = model.state_dict()
     model.load_state_dict({k: v.to(want[k].dtype) for k, v in state.items()})
     return model.to(device).eval()
+
+
+def load_spec(spec: str, device="cpu") -> tuple[DDPMUNet, str]:
+    """(eval-mode model, weights file) for a packaged model name or the path of a save_pretrained file, as the
+    scripts' --model options take it."""
+    if spec in KNOWN:
+        return pretrained(spec, device=device), os.path.join(WEIGHTS_DIR, KNOWN[spec])
+    if not os.path.isfile(spec):
+        raise ModelFileError(f"model {spec!r} is neither a packaged model ({', '.join(sorted(KNOWN))}) nor an "
+                             "existing weights file")
+    return pretrained(weights_path=spec, device=device), spec
