@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-import time
 from typing import Iterable
 
 import torch
@@ -50,9 +48,9 @@ def prepare(model: nn.Module, example_inputs, config: QuantConfig) -> tuple[fx.G
         raise InputError(f"fxq.quantize takes a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(config, QuantConfig):
         raise ConfigError(f"config must be a fxq.QuantConfig, got {type(config).__name__}")
-    # Work on an eval-mode copy: the user's module, its parameters and its train/eval flag stay untouched.
-    work = copy.deepcopy(model).eval()
-    gm = trace(work, example_inputs, leaf_modules=config.leaf_modules)
+    # trace() works on its own deep copy, taken here in eval mode; the user's flags are restored right after.
+    with calib.eval_mode(model):
+        gm = trace(model, example_inputs, leaf_modules=config.leaf_modules)
     t_name = timestep_placeholder(gm, config.timestep_arg)
     if config.timestep_groups > 1 and t_name is None:
         raise ConfigError("timestep_groups > 1 needs a timestep input: set QuantConfig(timestep_arg=...)")
@@ -69,7 +67,6 @@ def quantize(model: nn.Module, example_inputs, calib_data: Iterable, config: Qua
     calib_data: any iterable of items of the same form (any batch size), e.g. `fxq.calib.trajectory(...)`.
     """
     config = config or QuantConfig()
-    start = time.perf_counter()
     gm, _ = prepare(model, example_inputs, config)
     example = as_args_kwargs(example_inputs)
     cuda = sorted({p.device.index or 0 for p in gm.parameters() if p.is_cuda})
@@ -79,7 +76,6 @@ def quantize(model: nn.Module, example_inputs, calib_data: Iterable, config: Qua
     frozen = freeze(gm)
     qmodel = _lower(gm, frozen, config)
     qmodel.meta["fxq_config"] = config
-    qmodel.meta["fxq_calibration_s"] = time.perf_counter() - start
     return qmodel
 
 

@@ -72,7 +72,7 @@ def trajectory(model, sampler, n: int, timesteps: str = "uniform", mean: float |
     batch_size = min(runs, batch_size or 64)
     pool: list[tuple[torch.Tensor, torch.Tensor]] = []
     bar = tqdm(total=runs, desc="calibration trajectories", disable=not progress)
-    with _eval_mode(model):  # dropout off: the same seed must give the same calibration set
+    with eval_mode(model):  # dropout off: the same seed must give the same calibration set
         for start in range(0, runs, batch_size):
             b = min(batch_size, runs - start)
             keep = [set(_chosen_steps(steps, timesteps, steps_per_run, sampler.T, mean, std, gen)) for _ in range(b)]
@@ -90,7 +90,7 @@ def trajectory(model, sampler, n: int, timesteps: str = "uniform", mean: float |
 
 
 @contextlib.contextmanager
-def _eval_mode(model):
+def eval_mode(model):
     """The model in eval mode for the block; every submodule's own flag restored after."""
     modules = list(model.modules()) if isinstance(model, torch.nn.Module) else []
     flags = [m.training for m in modules]
