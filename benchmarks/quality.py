@@ -234,8 +234,10 @@ def parse_args(argv=None):
 def _git_commit():
     try:
         here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or None
+        # "-dirty": the files run differ from that commit (a copied tree, uncommitted weights); the JSON's sha256
+        # of the model file is what identifies the weights then
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], cwd=here,
+                              capture_output=True, text=True, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
 
