@@ -32,9 +32,6 @@ _SKIPPED = (
     os.path.join(_TORCH, "utils", "_pytree.py"),
 )
 
-GUARD_META = "fxq_guard"  # node.meta key set on every guard node, so later passes can recognize (and keep) them
-
-
 @has_side_effect
 def check_specialized(observed, expected, what: str, traced_at: str) -> None:
     """Raise SpecializationError unless `observed` (computed from this call's inputs) equals the traced value."""
@@ -182,6 +179,11 @@ _BINARY = {
     operator.gt: ">", operator.ge: ">=", operator.and_: "&", operator.or_: "|",
 }
 _CONVERSIONS = {as_bool: "bool", as_len: "len", as_int: "int", as_float: "float", as_index: "int"}
+
+
+def conversion_name(conversion) -> str:
+    """How messages spell a Python conversion (a key of GRAPH_CONVERSIONS): operator.index reads as int."""
+    return _CONVERSIONS[GRAPH_CONVERSIONS[conversion]]
 
 
 def _arg(a, depth: int, named) -> str:

@@ -130,8 +130,10 @@ class ReplayTracer(torch.fx.Tracer):
     dataclass outputs rebuilt.
     """
 
+    opaque_functions = _guards.GUARD_FUNCTIONS  # recorded as calls, not traced through
+
     def __init__(self, autowrap_modules=(math,), autowrap_functions=()):
-        super().__init__(autowrap_modules, tuple(autowrap_functions) + _guards.GUARD_FUNCTIONS)
+        super().__init__(autowrap_modules, tuple(autowrap_functions) + self.opaque_functions)
 
     def create_arg(self, a):
         if is_dataclass(a) and not isinstance(a, type):

@@ -12,6 +12,7 @@ from fxq import calib
 from fxq.config import QuantConfig
 from fxq.errors import ConfigError, InputError
 from fxq.freeze import freeze
+from fxq.graph import cuda_devices
 from fxq.inputs import as_args_kwargs
 from fxq.passes.decompose_attention import decompose_attention
 from fxq.passes.fold_bn import fold_bn
@@ -69,8 +70,8 @@ def quantize(model: nn.Module, example_inputs, calib_data: Iterable, config: Qua
     config = config or QuantConfig()
     gm, _ = prepare(model, example_inputs, config)
     example = as_args_kwargs(example_inputs)
-    cuda = sorted({p.device.index or 0 for p in gm.parameters() if p.is_cuda})
-    with torch.random.fork_rng(devices=cuda):  # seeded for stochastic layers; the caller's RNGs restored after
+    # Seeded for stochastic layers; the caller's RNGs are restored after.
+    with torch.random.fork_rng(devices=cuda_devices(gm)):
         torch.manual_seed(config.seed)
         calib.run(gm, calib_data, example, batch_size=batch_size, progress=progress)
     frozen = freeze(gm)

@@ -1,15 +1,21 @@
-"""Read-only analysis over torch.fx graphs: a networkx view and the few queries the passes share.
+"""Read-only analysis over torch.fx graphs: a networkx view and the few queries the tracer and passes share.
 
 Nothing here mutates a graph. Rewrites happen on the fx.Graph itself, in the passes.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections import deque
+from fnmatch import fnmatchcase
 
 import networkx as nx
+import torch
 import torch.fx
+from torch import nn
 from torch.fx import Node
+
+from fxq.errors import FxqWarning
 
 
 def to_networkx(graph: torch.fx.Graph) -> nx.DiGraph:
@@ -92,9 +98,42 @@ def owning_module(node: Node) -> str:
     entry of `node.meta["nn_module_stack"]` (recorded by the tracer); "" at top level."""
     if node.op == "call_module":
         return str(node.target)
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return ""
-    last = next(reversed(stack.values()))
+    return innermost_module(node.meta.get("nn_module_stack"))
+
+
+def stack_entry_path(entry) -> str:
+    """Qualified module name of one `nn_module_stack` value."""
     # symbolic_trace stores (path, type); some tracers store the path alone.
-    return last[0] if isinstance(last, tuple) else str(last)
+    return entry[0] if isinstance(entry, tuple) else str(entry)
+
+
+def innermost_module(stack) -> str:
+    """Qualified name of the innermost module of an `nn_module_stack`; "" for an empty or missing stack."""
+    return stack_entry_path(next(reversed(stack.values()))) if stack else ""
+
+
+def stock_type(module: nn.Module, bases) -> type | None:
+    """The base in `bases` that `module` is, provided it does not override forward (else its math is unknown)."""
+    for base in bases:
+        if isinstance(module, base) and type(module).forward is base.forward:
+            return base
+    return None
+
+
+def cuda_devices(*objs) -> list[int]:
+    """Indices of the CUDA devices holding a module's parameters and buffers, or the tensors of nested inputs."""
+    devices = set()
+    for obj in objs:
+        tensors = list(obj.parameters()) + list(obj.buffers()) if isinstance(obj, nn.Module) else \
+            [t for t in torch.utils._pytree.tree_leaves(obj) if isinstance(t, torch.Tensor)]
+        devices.update(t.device.index or 0 for t in tensors if t.device.type == "cuda")
+    return sorted(devices)
+
+
+def warn_unmatched(patterns, names, what: str, of: str, stacklevel: int = 1) -> None:
+    """FxqWarning `"{what} pattern 'p' matches no module of {of}"` for each fnmatch pattern that matches none
+    of `names`. `stacklevel` counts from the caller, as for warnings.warn."""
+    names = list(names)
+    for p in patterns:
+        if not any(fnmatchcase(n, p) for n in names):
+            warnings.warn(f"{what} pattern {p!r} matches no module of {of}", FxqWarning, stacklevel=stacklevel + 1)

@@ -16,7 +16,6 @@ import contextlib
 import copy
 import fnmatch
 import inspect
-import operator
 import warnings
 from dataclasses import dataclass, fields, is_dataclass
 
@@ -27,15 +26,13 @@ from torch.fx.node import map_aggregate
 
 from fxq import _guards
 from fxq._proxy import (
-    META_FUNCTIONS, META_METHODS, ReplayTracer, ValueProxy, concrete, create_dataclass_arg,
-    factories_unpatched, has_numbers, patched_factories,
+    META_FUNCTIONS, META_METHODS, ReplayTracer, ValueProxy, concrete, factories_unpatched, has_numbers,
 )
 from fxq.errors import FxqError, FxqWarning, InputError, TraceError
+from fxq.graph import cuda_devices, innermost_module, warn_unmatched
 from fxq.inputs import as_args_kwargs
 
 __all__ = ["trace"]
-
-_CONVERSION_NAMES = {bool: "bool", len: "len", int: "int", float: "float", operator.index: "int"}
 
 
 @dataclass
@@ -46,14 +43,26 @@ class _Pending:
     conversion: object
     result: object
     where: str
-    module: str
     module_stack: collections.OrderedDict
     value_dependent: bool
     neutral: bool
     site: tuple  # (frame, instruction offset) of the conversion
 
+    @property
+    def module(self) -> str:
+        return innermost_module(self.module_stack)
 
-class _ValueTracer(torch.fx.Tracer):
+
+class _ValueTracer(ReplayTracer):
+    """Traces a model, running every op on the example values as it records it.
+
+    From ReplayTracer: torch factories that take proxies, and dataclass outputs rebuilt in the graph.
+    """
+
+    # Guard calls in model code (a graph fxq generated, traced again) run on the example values, so they are
+    # re-specialized for this trace's inputs instead of copied as nodes.
+    opaque_functions = ()
+
     def __init__(self, leaf_patterns: tuple[str, ...]):
         super().__init__()
         self.leaf_patterns = leaf_patterns
@@ -70,10 +79,9 @@ class _ValueTracer(torch.fx.Tracer):
 
     # ------------------------------------------------------------------------------------------ node creation
     def create_arg(self, a):
+        # Before fx's checks: a ValueProxy of a tensor passes isinstance(a, torch.Tensor) and would become a constant.
         if isinstance(a, torch.fx.Proxy):
             return a.node
-        if is_dataclass(a) and not isinstance(a, type):
-            return create_dataclass_arg(self, a)
         return super().create_arg(a)
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
@@ -130,7 +138,7 @@ class _ValueTracer(torch.fx.Tracer):
 
     # ----------------------------------------------------------------------------- Python values from proxies
     def current_module(self) -> str:
-        return next(reversed(self.module_stack.values()))[0] if self.module_stack else ""
+        return innermost_module(self.module_stack)
 
     def convert(self, proxy: ValueProxy, conversion):
         value = proxy.__dict__["_fxq_value"]
@@ -141,7 +149,7 @@ class _ValueTracer(torch.fx.Tracer):
             value_dependent = proxy.__dict__["_fxq_dd"]
         frame = _guards.user_frame()
         self._pending.append(_Pending(
-            proxy, conversion, result, _guards.describe_frame(frame), self.current_module(),
+            proxy, conversion, result, _guards.describe_frame(frame),
             collections.OrderedDict(self.module_stack), value_dependent,
             neutral=conversion is bool and _guards.in_value_neutral_if(frame),
             site=(frame, frame.f_lasti if frame is not None else -1),
@@ -155,6 +163,8 @@ class _ValueTracer(torch.fx.Tracer):
         only conversions of these proxies made at that same instruction are its probes; an earlier
         `range(n)` on the same proxy stays a guard.
         """
+        if not self._pending:  # the common case; spares the frame walk on every torch call
+            return
         frame = _guards.user_frame()
         if frame is None:
             return
@@ -173,7 +183,8 @@ class _ValueTracer(torch.fx.Tracer):
                 self._add_guard(p)
 
     def _value_dependent_error(self, p: _Pending) -> TraceError:
-        what = f"{_CONVERSION_NAMES[p.conversion]}() of a value that depends on the inputs' values (not only shapes)"
+        what = (f"{_guards.conversion_name(p.conversion)}() of a value that depends on the inputs' values "
+                "(not only shapes)")
         if p.module:
             hint = (f"Keep that module out of tracing (it then stays in float): "
                     f"QuantConfig(leaf_modules=[\"{p.module}\"]) or fxq.trace(..., leaf_modules=[\"{p.module}\"]).")
@@ -194,20 +205,17 @@ class _ValueTracer(torch.fx.Tracer):
         if conversion is bool:
             what = f"`{expression[1:-1] if expression.startswith('(') else expression}`"
         else:
-            what = f"`{_CONVERSION_NAMES[conversion]}({expression})`"
+            what = f"`{_guards.conversion_name(conversion)}({expression})`"
         guard = self.create_node("call_function", _guards.check_specialized, (observed, p.result, what, p.where), {})
         for node in (observed, guard):
             node.meta["nn_module_stack"] = p.module_stack
-            node.meta[_guards.GUARD_META] = True
             node.stack_trace = None  # recorded at flush time, it would point past the conversion; `where` is exact
 
     # ------------------------------------------------------------------------------------------- model inputs
     def _input_guard(self, node, observe, expected, what: str):
         observed = self.create_node("call_function", observe, (node,), {}) if observe else node
-        guard = self.create_node("call_function", _guards.check_specialized,
-                                 (observed, expected, what, "the example inputs"), {})
-        for n in {observed, guard}:
-            n.meta[_guards.GUARD_META] = True
+        self.create_node("call_function", _guards.check_specialized,
+                         (observed, expected, what, "the example inputs"), {})
 
     def _wrap_input(self, proxy: ValueProxy, value, label: str):
         """What the model sees for one input: proxies for tensors and numbers, constants (guarded) otherwise."""
@@ -266,19 +274,18 @@ class _ValueTracer(torch.fx.Tracer):
 
     def trace_inputs(self, root: torch.nn.Module, args: tuple, kwargs: dict) -> torch.fx.Graph:
         self.example_args, self.example_kwargs = args, kwargs
-        with patched_factories():
-            try:
-                return self.trace(root)
-            except FxqError:
-                raise
-            except Exception as e:
-                module = self.current_module()
-                where = f"module `{module}`" if module else "the model's top-level forward"
-                raise TraceError(
-                    f"tracing failed in {where} at {_guards.describe_traceback(e.__traceback__)}: "
-                    f"{type(e).__name__}: {e}. If that module cannot be traced, keep it opaque (it stays in float): "
-                    f"QuantConfig(leaf_modules=[\"{module or '<path>'}\"])."
-                ) from e
+        try:
+            return self.trace(root)  # ReplayTracer.trace patches the torch factories
+        except FxqError:
+            raise
+        except Exception as e:
+            module = self.current_module()
+            where = f"module `{module}`" if module else "the model's top-level forward"
+            raise TraceError(
+                f"tracing failed in {where} at {_guards.describe_traceback(e.__traceback__)}: "
+                f"{type(e).__name__}: {e}. If that module cannot be traced, keep it opaque (it stays in float): "
+                f"QuantConfig(leaf_modules=[\"{module or '<path>'}\"])."
+            ) from e
 
 
 # ------------------------------------------------------------------------------------------------- public API
@@ -325,12 +332,9 @@ def _leaf_patterns(leaf_modules, model) -> tuple[str, ...]:
     if not all(isinstance(p, str) for p in patterns):
         raise InputError(f"leaf_modules must be fnmatch patterns (strings) of module names, got {patterns!r}")
     names = [n for n, _ in model.named_modules() if n]
-    for p in patterns:
-        if not any(fnmatch.fnmatchcase(n, p) for n in names):
-            warnings.warn(
-                f"leaf_modules pattern {p!r} matches no module of {type(model).__name__}; module names look like "
-                f"{names[:3]!r} (see model.named_modules())", FxqWarning, stacklevel=3,
-            )
+    warn_unmatched(patterns, names, "leaf_modules",
+                   f"{type(model).__name__}; module names look like {names[:3]!r} (see model.named_modules())",
+                   stacklevel=3)
     return patterns
 
 
@@ -346,7 +350,7 @@ def trace(model: torch.nn.Module, example_inputs, leaf_modules=()) -> torch.fx.G
     args, kwargs = as_args_kwargs(example_inputs)
     patterns = _leaf_patterns(leaf_modules, model)
     root = copy.deepcopy(model)
-    devices = _cuda_devices(root, args, kwargs)
+    devices = cuda_devices(root, args, kwargs)
     # Tracing runs the model twice; neither run may move the caller's random streams or the model's state.
     with torch.random.fork_rng(devices=devices), _restored_state(root, model):
         rng = torch.random.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
@@ -369,15 +373,6 @@ def trace(model: torch.nn.Module, example_inputs, leaf_modules=()) -> torch.fx.G
     gm.training = model.training
     _warn_if_different(expected, traced)
     return gm
-
-
-def _cuda_devices(*objs) -> list[int]:
-    devices = set()
-    for obj in objs:
-        tensors = list(obj.parameters()) + list(obj.buffers()) if isinstance(obj, torch.nn.Module) else \
-            [t for t in torch.utils._pytree.tree_leaves(obj) if isinstance(t, torch.Tensor)]
-        devices.update(t.device.index or 0 for t in tensors if t.device.type == "cuda")
-    return sorted(devices)
 
 
 def _warn_if_different(expected: list, traced: list) -> None:

@@ -26,7 +26,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from fxq.graph import free_name
+from fxq.graph import free_name, stock_type
 from fxq.passes.manager import PassResult
 
 # layer type -> (BN type, rank of the layer output that BN normalizes along dim 1)
@@ -36,14 +36,6 @@ _PAIRS = {
     nn.Conv3d: (nn.BatchNorm3d, 5),
     nn.Linear: (nn.BatchNorm1d, 2),
 }
-
-
-def _stock_type(module: nn.Module, bases) -> type | None:
-    """The base in `bases` that `module` is, provided it does not override forward (else its math is unknown)."""
-    for base in bases:
-        if isinstance(module, base) and type(module).forward is base.forward:
-            return base
-    return None
 
 
 def _output_rank(node: torch.fx.Node) -> int | None:
@@ -58,7 +50,7 @@ def _bn_of(gm: torch.fx.GraphModule, layer_node: torch.fx.Node) -> torch.fx.Node
     """The BN node that `layer_node` can be folded with, or None."""
     if layer_node.op != "call_module" or len(layer_node.users) != 1:
         return None
-    layer_type = _stock_type(gm.get_submodule(layer_node.target), _PAIRS)
+    layer_type = stock_type(gm.get_submodule(layer_node.target), _PAIRS)
     if layer_type is None:
         return None
     bn_node = next(iter(layer_node.users))
@@ -66,7 +58,7 @@ def _bn_of(gm: torch.fx.GraphModule, layer_node: torch.fx.Node) -> torch.fx.Node
         return None
     bn_type, rank = _PAIRS[layer_type]
     bn = gm.get_submodule(bn_node.target)
-    if _stock_type(bn, (bn_type,)) is None or bn.training or bn.running_mean is None:
+    if stock_type(bn, (bn_type,)) is None or bn.training or bn.running_mean is None:
         return None
     layer = gm.get_submodule(layer_node.target)
     out_features = layer.out_features if layer_type is nn.Linear else layer.out_channels

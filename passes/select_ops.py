@@ -24,7 +24,6 @@ Running it again with the same config changes nothing and reports modified=False
 from __future__ import annotations
 
 import operator
-import warnings
 from fnmatch import fnmatchcase
 
 import torch
@@ -32,21 +31,13 @@ import torch.fx
 import torch.nn as nn
 
 from fxq.config import OP_KINDS, QuantConfig
-from fxq.errors import FxqWarning
-from fxq.graph import activation_nodes, hops_from, owning_module
+from fxq.graph import activation_nodes, hops_from, owning_module, stack_entry_path, stock_type, warn_unmatched
 from fxq.passes.manager import PassResult
 
 META_KEY = "fxq"
-_MODULE_KINDS = ((nn.Conv1d, "conv"), (nn.Conv2d, "conv"), (nn.Conv3d, "conv"), (nn.Linear, "linear"))
+_MODULE_KINDS = {nn.Conv1d: "conv", nn.Conv2d: "conv", nn.Conv3d: "conv", nn.Linear: "linear"}
 _MATMUL_FUNCTIONS = {torch.matmul, torch.bmm, operator.matmul}
 _MATMUL_METHODS = {"matmul", "bmm"}
-
-
-def _module_kind(module: nn.Module) -> str | None:
-    for base, kind in _MODULE_KINDS:
-        if isinstance(module, base) and type(module).forward is base.forward:
-            return kind
-    return None
 
 
 def _matmul_operands(node: torch.fx.Node) -> tuple[int, ...] | None:
@@ -65,7 +56,7 @@ def _matmul_operands(node: torch.fx.Node) -> tuple[int, ...] | None:
 def _candidate(gm: torch.fx.GraphModule, node: torch.fx.Node, activations: set) -> tuple[str, tuple] | None:
     """(kind, act_inputs) when `node` is an op select_ops can quantize."""
     if node.op == "call_module":
-        kind = _module_kind(gm.get_submodule(node.target))
+        kind = _MODULE_KINDS.get(stock_type(gm.get_submodule(node.target), _MODULE_KINDS))
         return None if kind is None else (kind, (0,))
     positions = _matmul_operands(node)
     if positions is not None and all(
@@ -80,7 +71,7 @@ def _module_names(gm: torch.fx.GraphModule) -> set[str]:
     for node in gm.graph.nodes:
         names.add(owning_module(node))
         for entry in (node.meta.get("nn_module_stack") or {}).values():
-            names.add(entry[0] if isinstance(entry, tuple) else str(entry))
+            names.add(stack_entry_path(entry))
     return names
 
 
@@ -96,10 +87,10 @@ class SelectOps:
     def plan(self, gm: torch.fx.GraphModule) -> dict[torch.fx.Node, dict]:
         """The metadata select_ops would write, per selected node, in graph order. Reads only."""
         cfg = self.config
-        unused = [p for p in cfg.keep_float if not any(fnmatchcase(m, p) for m in _module_names(gm))]
-        for pattern in unused:
-            warnings.warn(f"keep_float pattern {pattern!r} matches no module of the model; check the name "
-                          "against the module names of model.named_modules()", FxqWarning, stacklevel=3)
+        if cfg.keep_float:
+            warn_unmatched(cfg.keep_float, _module_names(gm), "keep_float",
+                           "the model; check the name against the module names of model.named_modules()",
+                           stacklevel=3)
         activations = activation_nodes(gm.graph)
         plan: dict[torch.fx.Node, dict] = {}
         for node in gm.graph.nodes:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fxq import _guards
 from fxq.errors import FxqWarning, InputError, SpecializationError, TraceError
 from fxq.tracer import trace
 
@@ -43,7 +44,7 @@ def max_diff(a, b) -> float:
 
 
 def guards(gm):
-    return [n for n in gm.graph.nodes if n.meta.get("fxq_guard") and n.target.__name__ == "check_specialized"]
+    return [n for n in gm.graph.nodes if _guards.is_guard(n) and n.target.__name__ == "check_specialized"]
 
 
 # ------------------------------------------------------------------------------------- a hand-written UNet
