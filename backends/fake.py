@@ -13,6 +13,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxq import quantizer as Q
+from fxq.calib import device_of
 from fxq.errors import InputError
 from fxq.freeze import Frozen
 
@@ -51,8 +52,7 @@ class FakeQuantize(nn.Module):
 def lower(gm: fx.GraphModule, frozen: Frozen, num_timesteps: int = 1000) -> fx.GraphModule:
     """Rewrite a calibrated graph in place into its fake-quant form; returns it. The graph's modules must be its
     own (fxq.quantize works on a copy of the user's model)."""
-    param = next(gm.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
+    device = device_of(gm)
     for target, qp in frozen.act.items():
         gm.set_submodule(target, FakeQuantize(qp, num_timesteps).to(device))
     for target, qp in frozen.weight.items():

@@ -17,13 +17,11 @@ import torch
 
 import fxq
 from fxq import calib, report
+from fxq.config import ACT_ESTIMATORS
 from fxq.diffusion import DDIM
-from fxq.models import DDPMUNet
-from fxq.models.ddpm_unet import reinit_zero_layers
-from fxq.models.pretrained import load_spec
+from fxq.models.pretrained import load_model
 
 SETTINGS = [(8, 8), (4, 8)]
-ESTIMATORS = ["minmax", "percentile", "mse"]
 
 
 def parse_args():
@@ -40,34 +38,26 @@ def parse_args():
     return p.parse_args()
 
 
-def load_model(args):
-    if args.model == "random":
-        torch.manual_seed(args.seed)
-        unet = DDPMUNet(ch=args.ch)
-        reinit_zero_layers(unet, seed=args.seed)  # Ho et al. zero-init outputs; a random model needs signal
-        return unet.eval(), f"DDPMUNet(ch={args.ch}), random init"
-    return load_spec(args.model)[0], args.model
-
-
 def main():
     args = parse_args()
     device = torch.device(args.device)
-    unet, name = load_model(args)
+    unet, name = load_model(args.model, ch=args.ch, seed=args.seed)
     unet = unet.to(device)
     sampler = DDIM(steps=args.steps)
     t0 = time.perf_counter()
     data = calib.trajectory(unet, sampler, n=args.calib, timesteps=args.timesteps, seed=args.seed, device=device)
     traj_s = time.perf_counter() - t0
     example = (torch.randn(2, 3, 32, 32, device=device), torch.randint(0, 1000, (2,), device=device))
+    # one float trajectory serves every setting: only the quantized model changes
+    reference = report.float_reference(unet, sampler, (args.eval_batch, 3, 32, 32), seed=args.seed + 1, device=device)
     results = []
     for wb, ab in SETTINGS:
-        for est in ESTIMATORS:
+        for est in ACT_ESTIMATORS:
             config = fxq.QuantConfig(weight_bits=wb, act_bits=ab, act_estimator=est, seed=args.seed)
             t0 = time.perf_counter()
             qunet = fxq.quantize(unet, example, data, config)
             calib_s = time.perf_counter() - t0
-            per_t = report.per_timestep_sqnr(unet, qunet, sampler, (args.eval_batch, 3, 32, 32),
-                                             seed=args.seed + 1, device=device)
+            per_t = report.sqnr_against(reference, qunet)
             vals = list(per_t.values())
             row = {"setting": f"W{wb}A{ab}", "estimator": est, "calibration_s": round(calib_s, 2),
                    "sqnr_mean_db": sum(vals) / len(vals), "sqnr_min_db": min(vals),

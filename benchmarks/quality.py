@@ -34,13 +34,10 @@ import torch
 if __package__ in (None, ""):  # run as a script from a source checkout: use the checkout's fxq
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fxq.errors import InputError, ModelFileError  # noqa: E402
+from fxq.errors import InputError  # noqa: E402
 from fxq.models.pretrained import load_spec  # noqa: E402
 from fxq.images import (check_images, psnr_summary,  # noqa: E402
                         sample_images, save_grid)
-
-EXTRACTOR_DIMS = {"inception-v3-compat": 2048}  # FID/KID feature width; fxq-classifier's is in its weights file
-
 
 # --- sampling ------------------------------------------------------------------------------------------------
 
@@ -50,15 +47,9 @@ def feature_dim(feature_extractor: str, weights_path=None) -> int:
     """Width of the FID/KID features of an extractor (fails here, not after sampling, on missing weights)."""
     from fxq import fidelity
 
-    if feature_extractor == fidelity.EXTRACTOR_NAME:
+    if feature_extractor == fidelity.EXTRACTOR_NAME:  # built, not just read, so a broken file fails before sampling
         return int(fidelity.load_classifier(weights_path).config["feature_dim"])
-    if feature_extractor in EXTRACTOR_DIMS:
-        if weights_path is None or not os.path.isfile(weights_path):
-            raise ModelFileError(f"{feature_extractor} needs its weights file (nothing is downloaded): pass "
-                                 f"--feature-extractor-weights PATH (got {weights_path!r})")
-        return EXTRACTOR_DIMS[feature_extractor]
-    raise InputError(f"unknown feature extractor {feature_extractor!r}; use {fidelity.EXTRACTOR_NAME!r} or "
-                     f"{sorted(EXTRACTOR_DIMS)}")
+    return fidelity.feature_dim(feature_extractor, weights_path, weights_hint="pass --feature-extractor-weights PATH")
 
 
 def check_fid_size(n: int, n_ref: int, dim: int, feature_extractor: str) -> None:
@@ -73,6 +64,7 @@ def image_metrics(samples, reference, feature_extractor="fxq-classifier", weight
     """FID, KID (mean, std) and IS (mean, std) of uint8 samples against uint8 reference images."""
     from fxq.fidelity import compute_metrics
 
+    # compute_metrics would also take arrays and PNG folders: this one takes tensors only
     check_images(samples, "samples")
     check_images(reference, "reference")
     m = compute_metrics(samples, reference, feature_extractor, weights_path, device=device, batch_size=batch_size)
@@ -186,6 +178,8 @@ def quantize_model(fp_model, sampler, bits, args, shape, device):
 
 def parse_args(argv=None):
     from fxq.config import ACT_ESTIMATORS, WEIGHT_ESTIMATORS
+    from fxq.data import DEFAULT_CACHE_DIR
+    from fxq.fidelity import FEATURE_EXTRACTORS
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -207,12 +201,11 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tf32", action="store_true", help="allow TF32 convs/matmuls on CUDA (off: true fp32)")
-    p.add_argument("--feature-extractor", default="fxq-classifier",
-                   choices=("fxq-classifier", *EXTRACTOR_DIMS))
+    p.add_argument("--feature-extractor", default="fxq-classifier", choices=FEATURE_EXTRACTORS)
     p.add_argument("--feature-extractor-weights", default=None,
                    help="extractor weights (default for fxq-classifier: the packaged file)")
     p.add_argument("--metric-batch-size", type=int, default=256)
-    p.add_argument("--ref-cache", default=os.environ.get("FXQ_CACHE", os.path.expanduser("~/.cache/fxq")),
+    p.add_argument("--ref-cache", default=DEFAULT_CACHE_DIR,
                    help="where the generated reference split is cached")
     p.add_argument("--ref-n", type=int, default=None, help="reference images (default: the whole ref split)")
     p.add_argument("--with-fp", action=argparse.BooleanOptionalAction, default=True,

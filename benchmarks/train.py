@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from fxq.data import load_or_make, to_model_range
 from fxq.diffusion import DDIM, Schedule
 from fxq.models import DDPMUNet
+from fxq.models.pretrained import read_pretrained, save_pretrained
 
 SHARD_BYTES = 12 * 2**20
 
@@ -115,7 +116,7 @@ def main(argv=None):
         model.load_state_dict(online)
         ema_state = load_sharded(resume, "ema") or load_sharded(resume, "ema16")
         if ema_state is None and args.export and os.path.exists(args.export):
-            ema_state = load_file(args.export)  # the exported package weights are the EMA, in fp16
+            ema_state = read_pretrained(args.export)[1]  # the exported package weights are the EMA, in fp16
         ema_state = ema_state or online
         ema.load_state_dict({k: v.float() for k, v in (online if args.reset_ema else ema_state).items()})
         with open(os.path.join(resume, "state.json")) as f:
@@ -128,12 +129,10 @@ def main(argv=None):
         print(f"resumed at step {state['step']} from {resume}", flush=True)
     elif args.from_pretrained:
         # The packaged EMA restarts both copies: the online weights' own trajectory is lost, the average is not.
-        from safetensors import safe_open
-        weights = {k: v.float() for k, v in load_file(args.from_pretrained).items()}
-        model.load_state_dict(weights)
+        meta, weights = read_pretrained(args.from_pretrained)
+        model.load_state_dict(weights)  # copy_ casts the file's fp16 to the models' fp32
         ema.load_state_dict(weights)
-        with safe_open(args.from_pretrained, "pt") as f:
-            state["step"] = int((f.metadata() or {}).get("train_steps", 0))
+        state["step"] = int(meta.get("train_steps", 0))
         state["ema_start"] = 0  # already an average: keep the full decay
         warm_from = state["step"]
         print(f"started from {args.from_pretrained} at step {state['step']}", flush=True)
@@ -189,7 +188,6 @@ def main(argv=None):
     save_sharded({k: v.half() for k, v in ema.state_dict().items()}, args.ckpt, "ema16")
     torch.save(opt.state_dict(), os.path.join(args.ckpt, "optim.pt"))
     if args.export:
-        from fxq.models.pretrained import save_pretrained
         os.makedirs(os.path.dirname(args.export) or ".", exist_ok=True)
         save_pretrained(ema, args.export, train_steps=step, dataset="fxq.data train (50k)")
     if args.grid or args.eval_n:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a source checkout
 
-from fxq.data import CLASSES, SPLITS, fingerprint, load_or_make, to_model_range  # noqa: E402
+from fxq.data import CLASSES, DEFAULT_CACHE_DIR, SPLITS, fingerprint, load_or_make, to_model_range  # noqa: E402
 from fxq.fidelity import FxqClassifier, save_classifier  # noqa: E402
 
 # Regression targets, standardised to about [-1, 1]: (attribute, centre, half-range).
@@ -128,7 +128,7 @@ def main(argv=None):
     ap.add_argument("--sensitivity", type=int, default=0, metavar="N", help="FID/KID response check on N images")
     ap.add_argument(
         "--cache-dir",
-        default=os.environ.get("FXQ_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "fxq")),
+        default=DEFAULT_CACHE_DIR,
         help="where the generated dataset is cached (default: $FXQ_CACHE or ~/.cache/fxq)",
     )
     args = ap.parse_args(argv)

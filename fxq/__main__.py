@@ -17,9 +17,8 @@ import fxq
 from fxq import calib, report
 from fxq.diffusion import DDIM
 from fxq.images import psnr, sample_images, save_grid
-from fxq.models import DDPMUNet
-from fxq.models.ddpm_unet import reinit_zero_layers
-from fxq.models.pretrained import KNOWN, load_spec
+from fxq.config import ACT_ESTIMATORS
+from fxq.models.pretrained import KNOWN, load_model
 
 
 def parse_args(argv=None):
@@ -28,7 +27,7 @@ def parse_args(argv=None):
     p.add_argument("--ch", type=int, default=32, help="width of the 'random' model")
     p.add_argument("--weight-bits", type=int, default=8)
     p.add_argument("--act-bits", type=int, default=8)
-    p.add_argument("--estimator", default="mse", choices=("minmax", "percentile", "mse"))
+    p.add_argument("--estimator", default="mse", choices=ACT_ESTIMATORS)
     p.add_argument("--calib", type=int, default=256, help="calibration samples")
     p.add_argument("--timesteps", default="uniform", choices=("uniform", "normal"))
     p.add_argument("--steps", type=int, default=100, help="DDIM steps of the calibration/evaluation trajectory")
@@ -42,11 +41,8 @@ def parse_args(argv=None):
 
 
 def load(args):
-    if args.model == "random":
-        torch.manual_seed(args.seed)
-        return reinit_zero_layers(DDPMUNet(ch=args.ch), args.seed).eval(), f"DDPMUNet(ch={args.ch}), random init"
-    model, path = load_spec(args.model)
-    return model, f"fxq.models.pretrained({args.model!r})" if args.model in KNOWN else path
+    model, label = load_model(args.model, ch=args.ch, seed=args.seed)
+    return model, f"fxq.models.pretrained({args.model!r})" if args.model in KNOWN else label
 
 
 def main(argv=None) -> int:

@@ -20,6 +20,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from tqdm.auto import tqdm
 
 from fxq.errors import InputError
+from fxq.images import check_count
 from fxq.inputs import as_args_kwargs
 
 PTQ4DM_MEAN, PTQ4DM_STD = 0.4, 0.4  # the PTQ4DM repo's scripts (argparse defaults are 0.5 / 0.35)
@@ -52,9 +53,9 @@ def trajectory(model, sampler, n: int, timesteps: str = "uniform", mean: float |
 
     shape: the (C, H, W) of a sample; default: inferred from `model.in_channels` / `model.resolution`.
     batch_size: sampler runs done in parallel (default: all of them, at most 64).
+    device: where to sample (default: the sampler's, the device of the model's first floating parameter).
     """
-    if not isinstance(n, int) or n < 1:
-        raise InputError(f"n={n!r}: the calibration set needs a positive number of samples")
+    check_count("n", n)
     if timesteps not in ("uniform", "normal"):
         raise InputError(f"timesteps={timesteps!r}: choose 'uniform' (Q-Diffusion) or 'normal' (PTQ4DM)")
     if timesteps == "uniform" and (mean is not None or std is not None):
@@ -64,7 +65,6 @@ def trajectory(model, sampler, n: int, timesteps: str = "uniform", mean: float |
     if std <= 0:
         raise InputError(f"std={std}: must be positive (a fraction of T)")
     shape = tuple(shape) if shape is not None else _sample_shape(model)
-    device = device if device is not None else _device_of(model)
     steps = list(sampler.timesteps)
     gen = torch.Generator().manual_seed(seed)
     per_run = len(_chosen_steps(steps, timesteps, steps_per_run, sampler.T, mean, std, gen))
@@ -113,7 +113,8 @@ def _sample_shape(model) -> tuple:
     raise InputError("cannot tell the sample shape of this model: pass shape=(C, H, W) to trajectory()")
 
 
-def _device_of(model):
+def device_of(model) -> torch.device:
+    """The device of the model's first parameter (the CPU if it has none)."""
     p = next(iter(model.parameters()), None)
     return p.device if p is not None else torch.device("cpu")
 
@@ -215,7 +216,7 @@ def _rows(args, kwargs) -> int:
 @torch.no_grad()
 def run(gm, calib_data: Iterable, example, batch_size: int = 32, progress: bool = False) -> int:
     """Feed every calibration item through `gm` (its observers record); returns the number of batches."""
-    device = _device_of(gm)
+    device = device_of(gm)
     done = 0
     bar = tqdm(desc="calibrating", unit="sample", disable=not progress)
     for args, kwargs in batches(calib_data, example, batch_size):

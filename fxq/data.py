@@ -27,6 +27,8 @@ IMAGE_SIZE = 32
 # split -> (default size, tag mixed into every image's seed so that splits never share a random stream)
 SPLITS = {"train": (50_000, 0x7EA1), "ref": (10_000, 0x5EF0)}
 DEFAULT_SEED = 0
+# where the scripts cache generated splits (their --ref-cache / --cache-dir default)
+DEFAULT_CACHE_DIR = os.environ.get("FXQ_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "fxq"))
 # Bump when the drawing procedure changes, so that caches made by an older procedure are not reused.
 GENERATOR_VERSION = 1
 

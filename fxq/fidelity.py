@@ -20,6 +20,8 @@ import torch.nn.functional as F
 
 from fxq.data import CLASSES, IMAGE_SIZE, NUM_DECORATIONS, NUM_FONTS, NUM_PHOTOS, to_model_range
 from fxq.errors import ConfigError, InputError, ModelFileError
+from fxq.images import check_images
+from fxq.models.pretrained import read_safetensors
 
 try:
     import torch_fidelity
@@ -38,6 +40,7 @@ _TRAIN_HINT = (
 )
 # (layer for FID and KID, layer for ISC, FID/KID feature dimension) of the extractors we know.
 _LAYERS = {"inception-v3-compat": ("2048", "logits_unbiased", 2048)}
+FEATURE_EXTRACTORS = (EXTRACTOR_NAME, *_LAYERS)
 
 
 # Auxiliary heads: the dataset's drawing parameters (fxq.data.ATTRIBUTES). A 10-class task alone is solved by
@@ -99,24 +102,12 @@ def save_classifier(model, path, extra=None):
 
 def _read_weights(path):
     """(config dict, state dict) from a classifier file, or ModelFileError saying what to pass instead."""
-    from safetensors import SafetensorError, safe_open
-
     if path is None:
         path = DEFAULT_WEIGHTS
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ModelFileError(f"fxq-classifier weights not found at {path}; {_TRAIN_HINT}")
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ModelFileError(f"{path} is not a readable safetensors file ({e}); {_TRAIN_HINT}") from e
-    if meta.get("format") != WEIGHTS_FORMAT:
-        raise ModelFileError(
-            f"{path} is not an fxq-classifier weights file (format {meta.get('format')!r}, want "
-            f"{WEIGHTS_FORMAT!r}); {_TRAIN_HINT}"
-        )
+    meta, state = read_safetensors(path, "format", WEIGHTS_FORMAT, "fxq-classifier weights", _TRAIN_HINT)
     try:
         config = json.loads(meta["config"])
     except (KeyError, json.JSONDecodeError) as e:
@@ -225,12 +216,7 @@ def _as_images(x, what, need_32):
         x = torch.from_numpy(x)
     if not torch.is_tensor(x):
         raise InputError(f"{what} must be a uint8 tensor [N, 3, H, W] or a directory of PNGs, got {type(x).__name__}")
-    if x.dtype != torch.uint8:
-        raise InputError(
-            f"{what} must be uint8 in [0, 255], got {x.dtype}; convert model output with fxq.data.from_model_range"
-        )
-    if x.dim() != 4 or x.shape[1] != 3:
-        raise InputError(f"{what} must have shape [N, 3, H, W], got {list(x.shape)}")
+    check_images(x, what)
     if need_32 and x.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
         raise InputError(f"{what} must be {IMAGE_SIZE}x{IMAGE_SIZE} for fxq-classifier, got {list(x.shape)}")
     if x.shape[0] < 2:
@@ -238,19 +224,31 @@ def _as_images(x, what, need_32):
     return x.detach().cpu().contiguous()
 
 
-def _layers_of(feature_extractor, weights_path):
-    """(FID/KID layer, ISC layer, FID/KID feature dimension) for a feature extractor name."""
+_WEIGHTS_HINT = "pass weights_path=PATH to the torch-fidelity Inception .pth file"
+
+
+def feature_dim(feature_extractor, weights_path=None, weights_hint=_WEIGHTS_HINT) -> int:
+    """Width of a feature extractor's FID/KID features (read from the metadata for fxq-classifier, without
+    building it); ModelFileError on missing weights (weights_hint: what to pass), InputError on an unknown name."""
     if feature_extractor == EXTRACTOR_NAME:
         config, _ = _read_weights(weights_path)
-        return "penultimate", "logits_unbiased", int(config["feature_dim"])
+        return int(config["feature_dim"])
     if feature_extractor in _LAYERS:
         if weights_path is None or not os.path.isfile(weights_path):
             raise ModelFileError(
-                f"{feature_extractor} needs its weights file (nothing is downloaded); pass "
-                f"weights_path=PATH to the torch-fidelity Inception .pth file (got {weights_path!r})"
+                f"{feature_extractor} needs its weights file (nothing is downloaded); {weights_hint} "
+                f"(got {weights_path!r})"
             )
-        return _LAYERS[feature_extractor]
+        return _LAYERS[feature_extractor][2]
     raise InputError(f"unknown feature_extractor {feature_extractor!r}; use {EXTRACTOR_NAME!r} or {sorted(_LAYERS)}")
+
+
+def _layers_of(feature_extractor, weights_path):
+    """(FID/KID layer, ISC layer, FID/KID feature dimension) for a feature extractor name."""
+    dim = feature_dim(feature_extractor, weights_path)
+    if feature_extractor == EXTRACTOR_NAME:
+        return "penultimate", "logits_unbiased", dim
+    return (*_LAYERS[feature_extractor][:2], dim)
 
 
 def compute_metrics(

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
-from fxq.observers import ActObserver
+from fxq.passes.insert_observers import is_act_observer
 from fxq.quantizer import QParams
 
 
@@ -24,10 +24,8 @@ class Frozen:
 def freeze(gm: fx.GraphModule) -> Frozen:
     frozen = Frozen()
     for node in gm.graph.nodes:
-        if node.op == "call_module":
-            mod = gm.get_submodule(node.target)
-            if isinstance(mod, ActObserver):
-                frozen.act[node.target] = mod.qparams()
+        if is_act_observer(gm, node):
+            frozen.act[node.target] = gm.get_submodule(node.target).qparams()
         meta = node.meta.get("fxq")
         if meta is not None and meta.get("weight_observer"):
             wobs = gm.get_submodule(meta["weight_observer"])

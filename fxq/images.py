@@ -71,22 +71,31 @@ def check_images(x, what: str = "samples") -> torch.Tensor:
     return x
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR (dB, float64 [N]) between two uint8 image batches; inf where two images are identical."""
+def _mse_per_image(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image mean squared difference (float64 [N]) of two uint8 image batches of one shape."""
     check_images(a, "a")
     check_images(b, "b")
     if a.shape != b.shape:
         raise InputError(f"psnr needs two batches of the same shape, got {list(a.shape)} and {list(b.shape)}")
-    mse = (a.double() - b.double()).pow(2).flatten(1).mean(1)
+    return (a.double() - b.double()).pow(2).flatten(1).mean(1)
+
+
+def _psnr_of(mse: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(255.0**2 / mse)  # mse = 0 gives inf
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR (dB, float64 [N]) between two uint8 image batches; inf where two images are identical."""
+    return _psnr_of(_mse_per_image(a, b))
 
 
 def psnr_summary(a: torch.Tensor, b: torch.Tensor) -> dict:
     """Mean / median / min of the per-image PSNR, and the PSNR of the MSE pooled over all images."""
-    per = psnr(a, b)
-    pooled = (a.double() - b.double()).pow(2).mean()
+    mse = _mse_per_image(a, b)
+    per = _psnr_of(mse)
+    # every image has the same size, so the mean of the per-image MSEs is the pooled MSE
     return {"mean": float(per.mean()), "median": float(per.median()), "min": float(per.min()),
-            "pooled": float(10 * torch.log10(255.0**2 / pooled))}
+            "pooled": float(_psnr_of(mse.mean()))}
 
 
 def save_grid(path, panels, nrow: int = 8, pad: int = 2, scale: int = 1) -> None:

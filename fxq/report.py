@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from fxq.diffusion import _model_device_dtype
 from fxq.passes.select_ops import summary
 
 
@@ -28,17 +29,41 @@ def _eps(out):
 
 
 @torch.no_grad()
+def float_reference(fp_model, sampler, shape, seed: int = 0,
+                    device=None) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(t, x_t, eps) at every step the sampler visits on fp_model's own trajectory: the float model's inputs and
+    noise predictions, recorded from the sampler's calls (one model call per step). Reusable across
+    `sqnr_against` calls for any number of quantized models."""
+    # a recording wrapper is a plain callable, for which the sampler would default to CPU/float32
+    device, dtype = _model_device_dtype(fp_model, device, None)
+    inputs: list[tuple[int, torch.Tensor]] = []
+    outputs: list[torch.Tensor] = []
+
+    def recording(x, t):
+        out = fp_model(x, t)
+        outputs.append(_eps(out))
+        return out
+
+    sampler.sample(recording, shape, seed=seed, device=device, dtype=dtype,
+                   callback=lambda i, t, x_t: inputs.append((t, x_t.clone())))
+    return [(t, x_t, eps) for (t, x_t), eps in zip(inputs, outputs)]
+
+
+@torch.no_grad()
+def sqnr_against(reference, q_model) -> dict[int, float]:
+    """SQNR (dB) of q_model's noise prediction against the float one at each (t, x_t, eps) of `reference`
+    (from `float_reference`): evaluated on the float trajectory, so the errors do not compound."""
+    result = {}
+    for t, x_t, eps_fp in reference:
+        tt = torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device)
+        result[t] = sqnr_db(eps_fp, _eps(q_model(x_t, tt)))
+    return result
+
+
 def per_timestep_sqnr(fp_model, q_model, sampler, shape, seed: int = 0, device=None) -> dict[int, float]:
     """SQNR (dB) of q_model's noise prediction against fp_model's at every step the sampler visits, both
     evaluated on the float model's own trajectory x_t (so the errors do not compound)."""
-    inputs: list[tuple[int, torch.Tensor]] = []
-    sampler.sample(fp_model, shape, seed=seed, device=device,
-                   callback=lambda i, t, x_t: inputs.append((t, x_t.clone())))
-    result = {}
-    for t, x_t in inputs:
-        tt = torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device)
-        result[t] = sqnr_db(_eps(fp_model(x_t, tt)), _eps(q_model(x_t, tt)))
-    return result
+    return sqnr_against(float_reference(fp_model, sampler, shape, seed=seed, device=device), q_model)
 
 
 def summarize_sqnr(per_t: dict[int, float], buckets: int = 5) -> list[tuple[int, int, float]]:

@@ -106,7 +106,7 @@ def test_missing_packaged_file_points_to_weights_path(monkeypatch, tmp_path):
 def test_not_safetensors(tmp_path):
     path = tmp_path / "m.safetensors"
     torch.save(tiny_unet().state_dict(), path)  # a pickle: must be refused, never unpickled
-    with pytest.raises(ModelFileError, match="not a safetensors file"):
+    with pytest.raises(ModelFileError, match="not a readable safetensors file"):
         fxq.models.pretrained(weights_path=path)
 
 

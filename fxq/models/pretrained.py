@@ -14,7 +14,7 @@ import os
 import torch
 
 from fxq.errors import ConfigError, InputError, ModelFileError
-from fxq.models.ddpm_unet import DDPMUNet
+from fxq.models.ddpm_unet import DDPMUNet, reinit_zero_layers
 
 FORMAT = "ddpm-unet/1"
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights")
@@ -62,8 +62,9 @@ def save_pretrained(model: DDPMUNet, path, **extra_metadata) -> None:
     save_file(state, os.fspath(path), metadata=meta)
 
 
-def _read(path: str) -> tuple[dict, dict]:
-    """(metadata, state dict) of an fxq DDPMUNet file, or ModelFileError."""
+def read_safetensors(path, format_key: str, want: str, what: str, hint: str) -> tuple[dict, dict]:
+    """(metadata, state dict) of a safetensors file whose metadata[format_key] is `want`, or ModelFileError saying
+    the file is not `what` and ending with the caller's `hint`. Shared by the DDPMUNet and classifier loaders."""
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -71,14 +72,18 @@ def _read(path: str) -> tuple[dict, dict]:
             meta = f.metadata() or {}
             state = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
-        raise ModelFileError(f"{path} is not a safetensors file ({e}); fxq models are written by "
-                             "fxq.models.pretrained.save_pretrained") from e
-    fmt = meta.get("fxq_format")
-    if fmt != FORMAT:
-        what = "no fxq_format metadata" if fmt is None else f"fxq_format {fmt!r}"
-        raise ModelFileError(f"{path} is not an fxq DDPMUNet file ({what}, want {FORMAT!r}); write it with "
-                             "fxq.models.pretrained.save_pretrained")
+        raise ModelFileError(f"{path} is not a readable safetensors file ({e}); {hint}") from e
+    fmt = meta.get(format_key)
+    if fmt != want:
+        got = f"no {format_key} metadata" if fmt is None else f"{format_key} {fmt!r}"
+        raise ModelFileError(f"{path} is not an {what} file ({got}, want {want!r}); {hint}")
     return meta, state
+
+
+def read_pretrained(path) -> tuple[dict, dict]:
+    """(metadata, state dict) of an fxq DDPMUNet file (as written by save_pretrained), or ModelFileError."""
+    return read_safetensors(os.fspath(path), "fxq_format", FORMAT, "fxq DDPMUNet",
+                            "fxq models are written by fxq.models.pretrained.save_pretrained")
 
 
 def _build(path: str, meta: dict) -> DDPMUNet:
@@ -126,11 +131,10 @@ def pretrained(name: str = "ddpm32", weights_path=None, device="cpu") -> DDPMUNe
         path = os.fspath(weights_path)
         if not os.path.isfile(path):
             raise ModelFileError(f"weights_path {path} does not exist (or is not a file)")
-    meta, state = _read(path)
+    meta, state = read_pretrained(path)
     model = _build(path, meta)
     _check_state(path, model, state)
-    want = model.state_dict()
-    model.load_state_dict({k: v.to(want[k].dtype) for k, v in state.items()})
+    model.load_state_dict(state)  # copy_ casts the file's float16 into the model's float32
     return model.to(device).eval()
 
 
@@ -143,3 +147,12 @@ def load_spec(spec: str, device="cpu") -> tuple[DDPMUNet, str]:
         raise ModelFileError(f"model {spec!r} is neither a packaged model ({', '.join(sorted(KNOWN))}) nor an "
                              "existing weights file")
     return pretrained(weights_path=spec, device=device), spec
+
+
+def load_model(spec: str, ch: int = 32, seed: int = 0) -> tuple[DDPMUNet, str]:
+    """(eval-mode model on the CPU, label) for the scripts' --model: "random" (a seeded DDPMUNet(ch) whose
+    zero-initialised layers are re-drawn, so every path carries signal), or what load_spec takes (label: spec)."""
+    if spec == "random":
+        torch.manual_seed(seed)
+        return reinit_zero_layers(DDPMUNet(ch=ch), seed).eval(), f"DDPMUNet(ch={ch}), random init"
+    return load_spec(spec)[0], spec
