@@ -124,3 +124,26 @@ def test_fold_bn_sees_keyword_batchnorm_calls(spelling):
     normalize_args(gm)
     fold_bn(gm)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in gm.modules())
+
+
+class Clamp(nn.Module):
+    def forward(self, x):
+        return torch.clamp(x, min=-0.5, max=0.5)
+
+
+def test_overloads_that_split_a_call_differently_leave_it_as_written(monkeypatch):
+    import inspect
+
+    from fxq.passes import normalize_args as module
+
+    gm = torch.fx.symbolic_trace(Clamp())
+    assert normalize_args(gm).modified  # every overload of clamp takes (input, min, max)
+    assert [n.args[1:] for n in gm.graph.nodes if n.op == "call_function"] == [(-0.5, 0.5)]
+
+    def one(input, min=None, max=None): ...
+
+    def other(input, max=None, min=None): ...
+
+    monkeypatch.setattr(module, "_signatures", lambda gm, node: [inspect.signature(one), inspect.signature(other)])
+    gm = torch.fx.symbolic_trace(Clamp())
+    assert not normalize_args(gm).modified
