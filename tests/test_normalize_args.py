@@ -1,5 +1,7 @@
 """normalize_args: keyword calls of torch modules, functions and tensor methods become positional calls."""
 
+import inspect
+
 import pytest
 import torch
 import torch.nn as nn
@@ -9,6 +11,8 @@ from hypothesis import strategies as st
 
 import fxq
 from fxq import report
+from fxq.passes import normalize_args as normalize_args_module
+from fxq.passes.fold_bn import fold_bn
 from fxq.passes.normalize_args import normalize_args
 from tests.graph_structure import assert_same_structure
 
@@ -119,8 +123,6 @@ def test_keyword_calls_quantize_like_positional_ones():
 @pytest.mark.parametrize("spelling", ["keywords", "positional"])
 def test_fold_bn_sees_keyword_batchnorm_calls(spelling):
     gm = traced(set(SITES) if spelling == "keywords" else set())
-    from fxq.passes.fold_bn import fold_bn
-
     normalize_args(gm)
     fold_bn(gm)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in gm.modules())
@@ -132,10 +134,6 @@ class Clamp(nn.Module):
 
 
 def test_overloads_that_split_a_call_differently_leave_it_as_written(monkeypatch):
-    import inspect
-
-    from fxq.passes import normalize_args as module
-
     gm = torch.fx.symbolic_trace(Clamp())
     assert normalize_args(gm).modified  # every overload of clamp takes (input, min, max)
     assert [n.args[1:] for n in gm.graph.nodes if n.op == "call_function"] == [(-0.5, 0.5)]
@@ -144,6 +142,6 @@ def test_overloads_that_split_a_call_differently_leave_it_as_written(monkeypatch
 
     def other(input, max=None, min=None): ...
 
-    monkeypatch.setattr(module, "_signatures", lambda gm, node: [inspect.signature(one), inspect.signature(other)])
+    monkeypatch.setattr(normalize_args_module, "_signatures", lambda gm, node: [inspect.signature(one), inspect.signature(other)])
     gm = torch.fx.symbolic_trace(Clamp())
     assert not normalize_args(gm).modified

@@ -7,6 +7,7 @@ function (functools.lru_cache / cache) runs the function on the traced values, s
 import functools
 import gc
 import os
+import pickle
 
 import pytest
 import torch
@@ -54,6 +55,9 @@ def test_dict_lookup_by_rank_follows_the_example_and_guards_the_rank():
     with pytest.raises(SpecializationError) as err:
         gm(torch.randn(2, 2, 3))  # eager would take the Conv1d; the graph holds only the Conv2d
     assert "x.ndim" in str(err.value) and f"{HERE}:{line_of('# RANK-KEY')}" in str(err.value)
+    # fx re-traces the generated code when unpickling: the guard survives
+    with pytest.raises(SpecializationError, match="x.ndim"):
+        pickle.loads(pickle.dumps(gm))(torch.randn(2, 2, 3))
 
 
 class KnownLayouts(nn.Module):
