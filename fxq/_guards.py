@@ -9,7 +9,9 @@ no CPU tensors through them.
 from __future__ import annotations
 
 import ast
+import dis
 import functools
+import inspect
 import linecache
 import operator
 import os
@@ -78,7 +80,15 @@ def as_index(value) -> int:
     return operator.index(value)
 
 
-GRAPH_CONVERSIONS = {bool: as_bool, len: as_len, int: as_int, float: as_float, operator.index: as_index}
+def as_key(value):
+    """What a guard compares once the model has hashed a value (a dict key, a set member): the value itself, a
+    torch.Size as the tuple it equals (fx stores constants as plain tuples)."""
+    return tuple(value) if isinstance(value, torch.Size) else value
+
+
+# hash() specializes on the value itself, not on its hash: equal hashes do not make equal keys.
+GRAPH_CONVERSIONS = {bool: as_bool, len: as_len, int: as_int, float: as_float, operator.index: as_index,
+                     hash: as_key}
 GUARD_FUNCTIONS = (check_specialized, input_kind, dict_keys, *GRAPH_CONVERSIONS.values())
 
 
@@ -93,6 +103,11 @@ def is_guard(node) -> bool:
 def _skipped(filename: str) -> bool:
     path = os.path.abspath(filename)
     return any(path == s or (s.endswith(os.sep) and path.startswith(s)) for s in _SKIPPED)
+
+
+def is_internal(frame) -> bool:
+    """Whether `frame` runs fxq's tracer or torch.fx itself rather than model code."""
+    return _skipped(frame.f_code.co_filename)
 
 
 def user_frame(depth: int = 1):
@@ -171,6 +186,67 @@ def in_value_neutral_if(frame) -> bool:
     return False
 
 
+# ------------------------------------------------------------------------------------------------ cache calls
+
+_CALL_OPS = frozenset({"CALL", "CALL_KW", "CALL_FUNCTION_EX", "PRECALL", "CALL_FUNCTION", "CALL_METHOD"})
+
+
+def cache_called_at(frame):
+    """The cache-wrapped function that `frame` is calling at its current instruction, or None.
+
+    A cache is what `functools.lru_cache` / `functools.cache` make, or any wrapper that offers `cache_clear()`
+    and `__wrapped__`. Hashing a traced value for such a call only builds the cache key, so the tracer need not
+    specialize on it. The callee is read from the call's source text (Python >= 3.11 records each instruction's
+    columns) and resolved through names and attributes without running any code; anything else gives None.
+    """
+    func = _called_expression(frame.f_code, frame.f_lasti)
+    if func is None:
+        return None
+    try:
+        obj = _resolve(func, frame)
+    except (LookupError, AttributeError):
+        return None
+    if isinstance(obj, (staticmethod, classmethod)):
+        obj = obj.__func__
+    if callable(getattr(obj, "cache_clear", None)) and hasattr(obj, "__wrapped__"):
+        return obj
+    return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _called_expression(code, offset: int):
+    """The callee expression (an ast node) of the call instruction at `offset` of `code`, or None."""
+    instr = next((i for i in dis.get_instructions(code) if i.offset == offset), None)
+    positions = getattr(instr, "positions", None)
+    if instr is None or instr.opname not in _CALL_OPS or positions is None:
+        return None
+    first, last, start, end = positions.lineno, positions.end_lineno, positions.col_offset, positions.end_col_offset
+    if None in (first, last, start, end):
+        return None
+    lines = [line.encode() for line in linecache.getlines(code.co_filename)[first - 1:last]]
+    if len(lines) != last - first + 1:
+        return None
+    lines[-1] = lines[-1][:end]  # columns count UTF-8 bytes
+    lines[0] = lines[0][start:]
+    try:
+        tree = ast.parse("(" + b"".join(lines).decode() + ")", mode="eval")
+    except (SyntaxError, ValueError, UnicodeDecodeError):
+        return None
+    return tree.body.func if isinstance(tree.body, ast.Call) else None
+
+
+def _resolve(expr, frame):
+    """The object a name / attribute chain denotes in `frame`, looked up without calling descriptors."""
+    if isinstance(expr, ast.Name):
+        for scope in (frame.f_locals, frame.f_globals, frame.f_builtins):
+            if expr.id in scope:
+                return scope[expr.id]
+        raise LookupError(expr.id)
+    if isinstance(expr, ast.Attribute):
+        return inspect.getattr_static(_resolve(expr.value, frame), expr.attr)
+    raise LookupError(ast.dump(expr))
+
+
 # --------------------------------------------------------------------------------- readable guard expressions
 
 _BINARY = {
@@ -178,7 +254,7 @@ _BINARY = {
     operator.mod: "%", operator.eq: "==", operator.ne: "!=", operator.lt: "<", operator.le: "<=",
     operator.gt: ">", operator.ge: ">=", operator.and_: "&", operator.or_: "|",
 }
-_CONVERSIONS = {as_bool: "bool", as_len: "len", as_int: "int", as_float: "float", as_index: "int"}
+_CONVERSIONS = {as_bool: "bool", as_len: "len", as_int: "int", as_float: "float", as_index: "int", as_key: "hash"}
 
 
 def conversion_name(conversion) -> str:

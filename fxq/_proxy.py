@@ -11,6 +11,7 @@ import contextlib
 import functools
 import math
 import operator
+import sys
 from dataclasses import fields, is_dataclass
 
 import torch
@@ -193,6 +194,13 @@ class ValueProxy(torch.fx.Proxy):
 
     def __index__(self):
         return self.tracer.convert(self, operator.index)
+
+    def __hash__(self):
+        # A tensor hashes by identity, as torch.Tensor does. A Python value (a shape, a dtype) hashes as its
+        # example value, so it finds its dict key; the tracer decides whether that is a guard or a cache key.
+        if isinstance(self.__dict__["_fxq_value"], torch.Tensor):
+            return object.__hash__(self)
+        return self.tracer.hash_of(self, sys._getframe(1))
 
     def __iter__(self):
         value = self.__dict__["_fxq_value"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterable
 
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 
 from fxq import calib
 from fxq.config import QuantConfig
-from fxq.errors import ConfigError, InputError
+from fxq.errors import ConfigError, FxqWarning, InputError
 from fxq.freeze import freeze
 from fxq.graph import cuda_devices
 from fxq.inputs import as_args_kwargs
@@ -18,14 +19,19 @@ from fxq.passes.decompose_attention import decompose_attention
 from fxq.passes.fold_bn import fold_bn
 from fxq.passes.insert_observers import InsertObservers
 from fxq.passes.manager import PassManager
+from fxq.passes.normalize_args import normalize_args
 from fxq.passes.select_ops import SelectOps
 from fxq.tracer import trace
 
 TIMESTEP_NAMES = ("t", "timestep", "timesteps", "time")
 
 
-def timestep_placeholder(gm: fx.GraphModule, timestep_arg) -> str | None:
-    """Name of the placeholder that carries the diffusion timestep (see QuantConfig.timestep_arg)."""
+def timestep_placeholder(gm: fx.GraphModule, timestep_arg, timestep_groups: int = 1) -> str | None:
+    """Name of the placeholder that carries the diffusion timestep (see QuantConfig.timestep_arg).
+
+    "auto" finds an input by name; failing that it guesses the second input, with an FxqWarning, and refuses the
+    guess (ConfigError) when `timestep_groups` > 1, where a wrong input would pick ranges silently wrong.
+    """
     names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     if timestep_arg is None:
         return None
@@ -40,7 +46,18 @@ def timestep_placeholder(gm: fx.GraphModule, timestep_arg) -> str | None:
     for name in names:
         if name in TIMESTEP_NAMES:
             return name
-    return names[1] if len(names) > 1 else None
+    if len(names) < 2:
+        return None
+    guess = names[1]
+    if timestep_groups > 1:
+        raise ConfigError(
+            f"timestep_groups={timestep_groups} needs the timestep input, and no input is named "
+            f"{' / '.join(TIMESTEP_NAMES)} (inputs: {names}): name it, e.g. QuantConfig(timestep_arg=\"{guess}\")")
+    warnings.warn(
+        f"timestep_arg='auto' found no input named {' / '.join(TIMESTEP_NAMES)} and takes the second input "
+        f"`{guess}` for the timestep; say so with QuantConfig(timestep_arg=\"{guess}\"), or timestep_arg=None if "
+        "the model has no timestep input", FxqWarning, stacklevel=4)
+    return guess
 
 
 def prepare(model: nn.Module, example_inputs, config: QuantConfig) -> tuple[fx.GraphModule, str | None]:
@@ -52,10 +69,13 @@ def prepare(model: nn.Module, example_inputs, config: QuantConfig) -> tuple[fx.G
     # trace() works on its own deep copy, taken here in eval mode; the user's flags are restored right after.
     with calib.eval_mode(model):
         gm = trace(model, example_inputs, leaf_modules=config.leaf_modules)
-    t_name = timestep_placeholder(gm, config.timestep_arg)
+    t_name = timestep_placeholder(gm, config.timestep_arg, config.timestep_groups)
     if config.timestep_groups > 1 and t_name is None:
-        raise ConfigError("timestep_groups > 1 needs a timestep input: set QuantConfig(timestep_arg=...)")
-    passes = PassManager([fold_bn, decompose_attention, SelectOps(config), InsertObservers(config, t_name)])
+        names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+        raise ConfigError(f"timestep_groups={config.timestep_groups} needs a timestep input; name it with "
+                          f"QuantConfig(timestep_arg=\"<input name>\") (inputs: {names})")
+    passes = PassManager([normalize_args, fold_bn, decompose_attention, SelectOps(config),
+                          InsertObservers(config, t_name)])
     gm = passes(gm).graph_module
     return gm, t_name
 

@@ -44,14 +44,16 @@ class QuantConfig:
     weight_estimator: "minmax" or "mse" per output channel.
     keep_float: fnmatch patterns of module names (e.g. "down.0.*") whose ops stay in float.
     leaf_modules: fnmatch patterns of module names the tracer keeps opaque (they stay in float).
-    first_last_bits: bit-width of the first and last quantized layer (8 in the papers); None keeps the default.
+    first_last_bits: the least bit-width of the first and last quantized layer (8 in the papers): they get
+      max(weight_bits, first_last_bits) and max(act_bits, first_last_bits); None treats them like the rest.
     percentile: the "percentile" estimator's range runs from the (100 - percentile)th to the percentile-th
       percentile of the activation values.
     lp_norm: p of the Lp error minimized by the "mse" estimators (2.4 as in PTQ4DM / Q-Diffusion).
     timestep_groups: activation ranges kept per group of timesteps (1 = one range for all timesteps).
     num_timesteps: T of the diffusion process, to map a timestep to its group.
     timestep_arg: which model input is the timestep: its name, its position, None for a model without one,
-      or "auto" (an input named t / timestep / timesteps, else the second positional input).
+      or "auto": an input named t / timestep / timesteps / time, else the second input with an FxqWarning (and a
+      ConfigError when timestep_groups > 1: per-group ranges keyed by a guess could be silently wrong).
     seed: makes calibration order and any sampling repeatable.
     """
 

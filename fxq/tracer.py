@@ -69,6 +69,7 @@ class _ValueTracer(ReplayTracer):
         self.record_stack_traces = True
         self._pending: list[_Pending] = []
         self._tensor_nodes: set = set()  # shown by name, not expanded, in guard messages
+        self._caches: dict = {}  # id -> cache-wrapped function a traced value was passed to
         self.output_value = None
 
     # ------------------------------------------------------------------------------------------- leaf modules
@@ -81,6 +82,11 @@ class _ValueTracer(ReplayTracer):
     def create_arg(self, a):
         # Before fx's checks: a ValueProxy of a tensor passes isinstance(a, torch.Tensor) and would become a constant.
         if isinstance(a, torch.fx.Proxy):
+            if a.tracer is not self:
+                raise TraceError(
+                    f"a value traced by an earlier fxq.trace call reached this one at "
+                    f"{_guards.describe_frame(_guards.user_frame())}: the model keeps values computed in forward "
+                    "in Python state across calls (a cache, a module attribute); compute them in forward instead")
             return a.node
         return super().create_arg(a)
 
@@ -156,6 +162,28 @@ class _ValueTracer(ReplayTracer):
         ))
         return result
 
+    def hash_of(self, proxy: ValueProxy, frame) -> int:
+        """hash() of a traced Python value, asked for by the code running in `frame`.
+
+        Model code hashes a value to look it up (`d[x.ndim]`, `x.shape in seen`): the example value's hash finds
+        the example's entry and a guard pins the value, like any other specialization. A cache call
+        (`functools.lru_cache`) only hashes to memoize: there the proxy hashes by identity, so the call misses and
+        the function runs on the traced values (nothing specialized); the caches are cleared when tracing ends,
+        since their new entries hold traced values. fxq's and torch.fx's own bookkeeping hashes by identity.
+        """
+        if frame is None or _guards.is_internal(frame):
+            return object.__hash__(proxy)
+        cache = _guards.cache_called_at(frame)
+        if cache is not None:
+            self._caches[id(cache)] = cache
+            return object.__hash__(proxy)
+        return self.convert(proxy, hash)
+
+    def clear_caches(self):
+        caches, self._caches = self._caches, {}
+        for cache in caches.values():
+            cache.cache_clear()
+
     def cancel_pending(self, proxies):
         """Drop conversions that torch's argument parser made for the call now dispatching on `proxies`.
 
@@ -204,9 +232,12 @@ class _ValueTracer(ReplayTracer):
         expression = _guards.describe_node(p.proxy.node, self._tensor_nodes)
         if conversion is bool:
             what = f"`{expression[1:-1] if expression.startswith('(') else expression}`"
+        elif conversion is hash:
+            what = f"`{expression}`"
         else:
             what = f"`{_guards.conversion_name(conversion)}({expression})`"
-        guard = self.create_node("call_function", _guards.check_specialized, (observed, p.result, what, p.where), {})
+        expected = _guards.as_key(p.proxy.__dict__["_fxq_value"]) if conversion is hash else p.result
+        guard = self.create_node("call_function", _guards.check_specialized, (observed, expected, what, p.where), {})
         for node in (observed, guard):
             node.meta["nn_module_stack"] = p.module_stack
             node.stack_trace = None  # recorded at flush time, it would point past the conversion; `where` is exact
@@ -286,6 +317,8 @@ class _ValueTracer(ReplayTracer):
                 f"{type(e).__name__}: {e}. If that module cannot be traced, keep it opaque (it stays in float): "
                 f"QuantConfig(leaf_modules=[\"{module or '<path>'}\"])."
             ) from e
+        finally:
+            self.clear_caches()
 
 
 # ------------------------------------------------------------------------------------------------- public API

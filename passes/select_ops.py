@@ -14,8 +14,8 @@ positions in `node.args` of the activation operands to quantize. select_ops owns
 not select carries none afterwards.
 
 Config honored: `ops` (kinds switched off are not selected), `keep_float` (fnmatch patterns over "module"; a
-pattern that matches no module warns with FxqWarning), `first_last_bits` (the first and last selected op in graph
-order get it as weight and activation width; weight_bits stays None for attn_matmul).
+pattern that matches no module warns with FxqWarning), `first_last_bits` (the first and last selected op get at
+least that weight and activation width: it only ever raises precision; weight_bits stays None for attn_matmul).
 
 Guarantees afterwards: metadata exactly as described, on exactly the selected nodes; the graph code is unchanged.
 Running it again with the same config changes nothing and reports modified=False.
@@ -111,9 +111,10 @@ class SelectOps:
             first = _nearest(plan, hops_from(inputs[0]) if inputs else {})
             for node in {first: None, list(plan)[-1]: None}:
                 meta = plan[node]
-                meta["act_bits"] = cfg.first_last_bits
+                # only ever raises precision: a W16A16 model keeps its 16-bit first and last layers
+                meta["act_bits"] = max(meta["act_bits"], cfg.first_last_bits)
                 if meta["weight_bits"] is not None:
-                    meta["weight_bits"] = cfg.first_last_bits
+                    meta["weight_bits"] = max(meta["weight_bits"], cfg.first_last_bits)
         return plan
 
     def __call__(self, gm: torch.fx.GraphModule) -> PassResult:

@@ -80,7 +80,7 @@ def expected_selection(config):
     for i, (kind, module, act_inputs) in enumerate(chosen):
         wb, ab = (None if kind == "attn_matmul" else config.weight_bits), config.act_bits
         if config.first_last_bits is not None and i in (0, len(chosen) - 1):
-            wb, ab = (None if wb is None else config.first_last_bits), config.first_last_bits
+            wb, ab = (None if wb is None else max(wb, config.first_last_bits)), max(ab, config.first_last_bits)
         rows.append({"kind": kind, "module": module, "weight_bits": wb, "act_bits": ab, "act_inputs": act_inputs})
     return rows
 
