@@ -318,7 +318,7 @@ class CallSpec:
             device = reference.device if torch.is_tensor(reference) else None
             try:
                 t = torch.tensor([value], dtype=dtype, device=device)
-            except (RuntimeError, OverflowError) as e:
+            except (RuntimeError, OverflowError, ValueError, TypeError) as e:
                 raise InputError(f"{where}: the timestep `{name}`={value} does not fit {dtype}: {e}") from None
         else:
             raise InputError(f"{where}: expected {expected}, got {describe(value)}")
