@@ -120,7 +120,8 @@ def record(module, run, n: int | None = None, timesteps: str = "uniform", mean: 
     n: keep n samples (seeded); "uniform" spreads them evenly over the calls, in order (Q-Diffusion), "normal"
       draws them with weights N(mean*T, std*T) at each sample's timestep, T = num_timesteps (PTQ4DM's DNTC);
       None keeps all. The timestep input is found as QuantConfig.timestep_arg says.
-    device: where the recorded tensors are kept (None: where the module got them).
+    device: where the recorded tensors are kept (None: where the module got them). fxq.quantize moves
+      calibration batches to the model, but its example inputs must be where the model is.
     `module` runs in eval mode (dropout off, its flags restored after) and is otherwise untouched: a forward
     pre-hook copies its inputs and is removed when run() returns or raises.
     """

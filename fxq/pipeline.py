@@ -13,9 +13,10 @@ import warnings
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from fxq.api import quantize
-from fxq.calib import record
+from fxq.calib import device_of, record
 from fxq.config import QuantConfig
 from fxq.errors import ConfigError, FxqWarning, InputError
 from fxq.graph import cuda_devices
@@ -93,7 +94,9 @@ def quantize_pipeline(pipe, config: QuantConfig | None = None, *, calib_prompts=
 
     calib = record(module, run, n=n, timesteps=timesteps, seed=seed, num_timesteps=config.num_timesteps,
                    timestep_arg=config.timestep_arg)
-    qmodel = quantize(module, calib[0], calib, config, batch_size=batch_size, progress=progress)
+    device = device_of(module)  # recorded on the CPU; the example must run the model where it lives
+    example = tree_map(lambda v: v.to(device) if torch.is_tensor(v) else v, calib[0])
+    qmodel = quantize(module, example, calib, config, batch_size=batch_size, progress=progress)
     setattr(pipe, component, qmodel)
     return qmodel
 

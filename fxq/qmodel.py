@@ -169,7 +169,7 @@ class QuantizedModel(nn.Module):
         args, kwargs, return_dict = call.canonical(args, kwargs)
         try:
             out = self.graph_module(*args, **kwargs)
-        except (FxqError, torch.OutOfMemoryError):
+        except (FxqError, torch.cuda.OutOfMemoryError):
             raise
         except Exception as e:
             raise InputError(
