@@ -148,7 +148,10 @@ class CallSpec:
         """The spec of `model.forward` for calls shaped like `example_inputs`, and the example in canonical form
         (an (args, kwargs) pair)."""
         args, kwargs = as_args_kwargs(example_inputs)
-        signature = inspect.signature(model.forward)
+        try:
+            signature = inspect.signature(model.forward)
+        except (TypeError, ValueError) as e:
+            raise InputError(f"cannot read the call signature of {type(model).__name__}.forward: {e}") from None
         signature = signature.replace(  # annotations say nothing a call needs; messages read better without
             parameters=[p.replace(annotation=_P.empty) for p in signature.parameters.values()],
             return_annotation=inspect.Signature.empty)
@@ -201,7 +204,8 @@ class CallSpec:
         try:
             bound = self.signature.bind(*args, **kwargs)
         except TypeError as e:
-            raise InputError(f"{where}: the inputs do not fit {self.model_class}.forward{self.signature}: {e}") from None
+            raise InputError(
+                f"{where}: the inputs do not fit {self.model_class}.forward{self.signature}: {e}") from None
         if defaults:
             bound.apply_defaults()
         return bound

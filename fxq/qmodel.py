@@ -250,7 +250,7 @@ class QuantizedModel(nn.Module):
             "config": _encode(_config_dict(config)) if config is not None else None,
             "attributes": _encode(d["_fxq_attributes"]),
             "submodules": list(d["_fxq_submodules"]),
-            "tensors": list(d["_fxq_tensors"]),
+            "state_names": list(d["_fxq_tensors"]),
             "quant_config": _encode(self.quant_config.to_dict()) if self.quant_config is not None else None,
         }
 
@@ -270,6 +270,6 @@ class QuantizedModel(nn.Module):
             attributes = _decode(spec["attributes"])
             if not isinstance(attributes, dict):
                 raise TypeError("attributes must be a mapping")
-            return cls(graph_module, call, quant, config, attributes, spec["submodules"], spec["tensors"])
+            return cls(graph_module, call, quant, config, attributes, spec["submodules"], spec["state_names"])
         except (FxqError, KeyError, TypeError, ValueError) as e:
             raise ModelFileError(f"damaged quantized-model description: {type(e).__name__}: {e}") from None

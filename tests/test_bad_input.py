@@ -28,7 +28,7 @@ def calib(n=2):
 
 def test_errors_form_one_family():
     for cls in (ConfigError, InputError, fxq.errors.TraceError, fxq.errors.SpecializationError,
-                fxq.errors.ModelFileError):
+                fxq.errors.ModelFileError, fxq.errors.ReadOnlyError):
         assert issubclass(cls, FxqError)
 
 
