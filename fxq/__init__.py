@@ -18,7 +18,10 @@ from fxq import calib, diffusion, errors, models  # noqa: E402
 from fxq.api import quantize  # noqa: E402
 from fxq.config import QuantConfig  # noqa: E402
 from fxq.errors import FxqError  # noqa: E402
+from fxq.pipeline import quantize_pipeline  # noqa: E402
+from fxq.qmodel import QuantizedModel  # noqa: E402
 from fxq.tracer import trace  # noqa: E402
 
-__all__ = ["quantize", "trace", "QuantConfig", "FxqError", "calib", "diffusion", "models", "errors"]
+__all__ = ["quantize", "quantize_pipeline", "trace", "QuantConfig", "QuantizedModel", "FxqError", "calib",
+           "diffusion", "models", "errors"]
 __version__ = "0.1.0"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Iterable
 
 import torch
@@ -10,62 +9,38 @@ import torch.fx as fx
 from torch import nn
 
 from fxq import calib
+from fxq.callspec import RETURN_DICT, TIMESTEP_NAMES, CallSpec, timestep_input  # noqa: F401  (TIMESTEP_NAMES: API)
 from fxq.config import QuantConfig
-from fxq.errors import ConfigError, FxqWarning, InputError
+from fxq.errors import ConfigError, InputError
 from fxq.freeze import freeze
 from fxq.graph import cuda_devices
-from fxq.inputs import as_args_kwargs
 from fxq.passes.decompose_attention import decompose_attention
 from fxq.passes.fold_bn import fold_bn
 from fxq.passes.insert_observers import InsertObservers
 from fxq.passes.manager import PassManager
 from fxq.passes.normalize_args import normalize_args
 from fxq.passes.select_ops import SelectOps
+from fxq.qmodel import QuantizedModel
 from fxq.tracer import trace
-
-TIMESTEP_NAMES = ("t", "timestep", "timesteps", "time")
 
 
 def timestep_placeholder(gm: fx.GraphModule, timestep_arg, timestep_groups: int = 1) -> str | None:
-    """Name of the placeholder that carries the diffusion timestep (see QuantConfig.timestep_arg).
-
-    "auto" finds an input by name; failing that it guesses the second input, with an FxqWarning, and refuses the
-    guess (ConfigError) when `timestep_groups` > 1, where a wrong input would pick ranges silently wrong.
-    """
+    """Name of the placeholder that carries the diffusion timestep (see QuantConfig.timestep_arg and
+    fxq.callspec.timestep_input: a guess by position warns, and is refused with timestep_groups > 1)."""
     names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    if timestep_arg is None:
-        return None
-    if isinstance(timestep_arg, int):
-        if not 0 <= timestep_arg < len(names):
-            raise ConfigError(f"timestep_arg={timestep_arg}: the model has {len(names)} inputs {names}")
-        return names[timestep_arg]
-    if timestep_arg != "auto":
-        if timestep_arg not in names:
-            raise ConfigError(f"timestep_arg={timestep_arg!r} is not an input of the model; inputs: {names}")
-        return timestep_arg
-    for name in names:
-        if name in TIMESTEP_NAMES:
-            return name
-    if len(names) < 2:
-        return None
-    guess = names[1]
-    if timestep_groups > 1:
-        raise ConfigError(
-            f"timestep_groups={timestep_groups} needs the timestep input, and no input is named "
-            f"{' / '.join(TIMESTEP_NAMES)} (inputs: {names}): name it, e.g. QuantConfig(timestep_arg=\"{guess}\")")
-    warnings.warn(
-        f"timestep_arg='auto' found no input named {' / '.join(TIMESTEP_NAMES)} and takes the second input "
-        f"`{guess}` for the timestep; say so with QuantConfig(timestep_arg=\"{guess}\"), or timestep_arg=None if "
-        "the model has no timestep input", FxqWarning, stacklevel=4)
-    return guess
+    return timestep_input(names, timestep_arg, timestep_groups, warn_stacklevel=4)
 
 
-def prepare(model: nn.Module, example_inputs, config: QuantConfig) -> tuple[fx.GraphModule, str | None]:
-    """Traced, rewritten and observed copy of `model`, ready for calibration."""
+def _check_model_and_config(model, config) -> None:
     if not isinstance(model, nn.Module):
         raise InputError(f"fxq.quantize takes a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(config, QuantConfig):
         raise ConfigError(f"config must be a fxq.QuantConfig, got {type(config).__name__}")
+
+
+def prepare(model: nn.Module, example_inputs, config: QuantConfig) -> tuple[fx.GraphModule, str | None]:
+    """Traced, rewritten and observed copy of `model`, ready for calibration."""
+    _check_model_and_config(model, config)
     # trace() works on its own deep copy, taken here in eval mode; the user's flags are restored right after.
     with calib.eval_mode(model):
         gm = trace(model, example_inputs, leaf_modules=config.leaf_modules)
@@ -81,23 +56,48 @@ def prepare(model: nn.Module, example_inputs, config: QuantConfig) -> tuple[fx.G
 
 
 def quantize(model: nn.Module, example_inputs, calib_data: Iterable, config: QuantConfig | None = None, *,
-             batch_size: int = 32, progress: bool = False) -> nn.Module:
-    """Quantized copy of `model`, callable like it (same arguments, same output type).
+             batch_size: int = 32, progress: bool = False) -> QuantizedModel:
+    """Quantized copy of `model` (a `fxq.QuantizedModel`), callable like it: same parameters and defaults, same
+    output type, the original's `.config` and plain attributes; the timestep may come as a number or a tensor of
+    shape [], [1] or [B] (see fxq.callspec).
 
     example_inputs: a tuple of positional inputs, or an (args_tuple, kwargs_dict) pair.
-    calib_data: any iterable of items of the same form (any batch size), e.g. `fxq.calib.trajectory(...)`.
+    calib_data: any iterable of items of the same form (any batch size), e.g. `fxq.calib.trajectory(...)` or
+      `fxq.calib.record(...)`.
     """
     config = config or QuantConfig()
-    gm, _ = prepare(model, example_inputs, config)
-    example = as_args_kwargs(example_inputs)
+    _check_model_and_config(model, config)
+    call, example = CallSpec.from_example(model, example_inputs, config.timestep_arg)
+    gm, _ = prepare(model, example, config)
+    if call.takes_return_dict:
+        call.tuple_len = _tuple_len(model, call, example)
+    try:
+        items = iter(calib_data)
+    except TypeError:
+        raise InputError(f"calib_data must be an iterable of input items, got {type(calib_data).__name__}") from None
+    items = (call.canonical_item(item, f"calibration item {i}") for i, item in enumerate(items))
     # Seeded for stochastic layers; the caller's RNGs are restored after.
     with torch.random.fork_rng(devices=cuda_devices(gm)):
         torch.manual_seed(config.seed)
-        calib.run(gm, calib_data, example, batch_size=batch_size, progress=progress)
+        calib.run(gm, items, example, batch_size=batch_size, progress=progress)
     frozen = freeze(gm)
-    qmodel = _lower(gm, frozen, config)
-    qmodel.meta["fxq_config"] = config
-    return qmodel
+    lowered = _lower(gm, frozen, config)
+    lowered.meta["fxq_config"] = config
+    return QuantizedModel.around(model, lowered, call, config)
+
+
+def _tuple_len(model: nn.Module, call: CallSpec, example) -> int | None:
+    """Length of the float model's return_dict=False output on the example (None if it is not a tuple): the
+    quantized model converts its traced return_dict=True output to that form."""
+    bound = call.signature.bind(*example[0], **example[1])
+    bound.arguments[RETURN_DICT] = False
+    with calib.eval_mode(model), torch.no_grad(), torch.random.fork_rng(devices=cuda_devices(model, example)):
+        try:
+            out = model(*bound.args, **bound.kwargs)
+        except Exception as e:
+            raise InputError(f"the example inputs do not run {type(model).__name__} with return_dict=False "
+                             f"({type(e).__name__}: {e})") from e
+    return len(out) if isinstance(out, tuple) else None
 
 
 def _lower(gm, frozen, config):

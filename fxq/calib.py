@@ -1,5 +1,5 @@
-"""Calibration: build a time-step-aware calibration set from the float model's own sampling, and run any
-calibration set through an observed graph in batches.
+"""Calibration: build a time-step-aware calibration set from the float model's own sampling (`trajectory` with
+fxq's samplers, `record` with any pipeline), and run any calibration set through an observed graph in batches.
 
 `trajectory()` follows the seeds' papers:
 - timesteps="uniform" (Q-Diffusion): every k-th step of the sampler's trajectory (k chosen so that at most
@@ -11,7 +11,9 @@ calibration set through an observed graph in batches.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import inspect
 import math
 from typing import Iterable, Iterator
 
@@ -19,6 +21,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from tqdm.auto import tqdm
 
+from fxq.callspec import timestep_input
 from fxq.errors import InputError
 from fxq.images import check_count
 from fxq.inputs import as_args_kwargs
@@ -32,8 +35,14 @@ def _chosen_steps(timesteps: list[int], mode: str, per_run: int, T: int, mean, s
     if mode == "uniform":
         every = max(1, math.ceil(S / per_run))
         return list(range(0, S, every))
-    # Each visited step gets the normal's mass of the t values nearest to it; clamping to [0, T-1] is implied
-    # (the tails land on the end steps).
+    weights = _normal_weights(timesteps, T, mean, std)
+    k = min(per_run, S)
+    return sorted(torch.multinomial(weights, k, replacement=False, generator=generator).tolist())
+
+
+def _normal_weights(timesteps, T: int, mean: float, std: float) -> torch.Tensor:
+    """Each of the distinct timesteps gets the mass of N(mean*T, std*T) over the t values nearest to it; clamping
+    to [0, T-1] is implied (the tails land on the end steps)."""
     t = torch.tensor(timesteps, dtype=torch.float64)
     order = t.argsort()
     mid = (t[order][1:] + t[order][:-1]) / 2
@@ -41,8 +50,20 @@ def _chosen_steps(timesteps: list[int], mode: str, per_run: int, T: int, mean, s
     cdf = torch.distributions.Normal(mean * T, std * T).cdf(edges)
     weights = torch.empty_like(t)
     weights[order] = (cdf[1:] - cdf[:-1]).clamp_min(1e-12)  # floor: room to draw k distinct steps
-    k = min(per_run, S)
-    return sorted(torch.multinomial(weights, k, replacement=False, generator=generator).tolist())
+    return weights
+
+
+def _mean_std(timesteps: str, mean, std) -> tuple[float, float]:
+    """mean/std of the "normal" choice (PTQ4DM's by default), after checking the mode."""
+    if timesteps not in ("uniform", "normal"):
+        raise InputError(f"timesteps={timesteps!r}: choose 'uniform' (Q-Diffusion) or 'normal' (PTQ4DM)")
+    if timesteps == "uniform" and (mean is not None or std is not None):
+        raise InputError("mean/std only apply to timesteps='normal'")
+    mean = PTQ4DM_MEAN if mean is None else float(mean)
+    std = PTQ4DM_STD if std is None else float(std)
+    if std <= 0:
+        raise InputError(f"std={std}: must be positive (a fraction of T)")
+    return mean, std
 
 
 def trajectory(model, sampler, n: int, timesteps: str = "uniform", mean: float | None = None,
@@ -56,14 +77,7 @@ def trajectory(model, sampler, n: int, timesteps: str = "uniform", mean: float |
     device: where to sample (default: the sampler's, the device of the model's first floating parameter).
     """
     check_count("n", n)
-    if timesteps not in ("uniform", "normal"):
-        raise InputError(f"timesteps={timesteps!r}: choose 'uniform' (Q-Diffusion) or 'normal' (PTQ4DM)")
-    if timesteps == "uniform" and (mean is not None or std is not None):
-        raise InputError("mean/std only apply to timesteps='normal'")
-    mean = PTQ4DM_MEAN if mean is None else float(mean)
-    std = PTQ4DM_STD if std is None else float(std)
-    if std <= 0:
-        raise InputError(f"std={std}: must be positive (a fraction of T)")
+    mean, std = _mean_std(timesteps, mean, std)
     shape = tuple(shape) if shape is not None else _sample_shape(model)
     steps = list(sampler.timesteps)
     gen = torch.Generator().manual_seed(seed)
@@ -87,6 +101,131 @@ def trajectory(model, sampler, n: int, timesteps: str = "uniform", mean: float |
     bar.close()
     order = torch.randperm(len(pool), generator=gen)[:n].sort().values
     return [pool[i] for i in order.tolist()]
+
+
+def record(module, run, n: int | None = None, timesteps: str = "uniform", mean: float | None = None,
+           std: float | None = None, num_timesteps: int = 1000, seed: int = 0, timestep_arg="auto",
+           unbatched=(), device="cpu") -> list[tuple[tuple, dict]]:
+    """The inputs `module` receives while `run()` runs, one `(args, kwargs)` item per sample, ready as
+    fxq.quantize's calib_data: calibration on the model's own denoising trajectory (PTQ4DM, Q-Diffusion) for any
+    pipeline, text-conditioned ones included.
+
+        calib = fxq.calib.record(pipe.unet, lambda: pipe(prompts, num_inference_steps=50), n=256)
+        qunet = fxq.quantize(pipe.unet, calib[0], calib)
+
+    Each call is split along its batch: B is the leading size of its first tensor input other than the timestep,
+    and every tensor (nested ones too) whose leading size is B gives each sample its row; other values (a 0-d
+    timestep, cross_attention_kwargs, ...) are shared by the call's samples. Under classifier-free guidance the
+    [uncond, cond] rows are samples too. `unbatched` names inputs never split (a tensor that merely has B rows).
+    n: keep n samples (seeded); "uniform" spreads them evenly over the calls, in order (Q-Diffusion), "normal"
+      draws them with weights N(mean*T, std*T) at each sample's timestep, T = num_timesteps (PTQ4DM's DNTC);
+      None keeps all. The timestep input is found as QuantConfig.timestep_arg says.
+    device: where the recorded tensors are kept (None: where the module got them). fxq.quantize moves
+      calibration batches to the model, but its example inputs must be where the model is.
+    `module` runs in eval mode (dropout off, its flags restored after) and is otherwise untouched: a forward
+    pre-hook copies its inputs and is removed when run() returns or raises.
+    """
+    if not isinstance(module, torch.nn.Module):
+        raise InputError(f"record() takes the torch.nn.Module to record, got {type(module).__name__}")
+    if not callable(run):
+        raise InputError(f"run must be a callable that makes the module run, e.g. lambda: pipe(prompt); got "
+                         f"{type(run).__name__}")
+    if n is not None:
+        check_count("n", n)
+    check_count("num_timesteps", num_timesteps)
+    mean, std = _mean_std(timesteps, mean, std)
+    unbatched = (unbatched,) if isinstance(unbatched, str) else tuple(unbatched)
+    calls: list[tuple[tuple, dict]] = []
+
+    def hook(_module, args, kwargs):
+        calls.append(tree_map(lambda v: v.detach().to(device, copy=True) if torch.is_tensor(v) else v,
+                              (args, kwargs)))
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with eval_mode(module):
+            run()
+    finally:
+        handle.remove()
+    if not calls:
+        raise InputError("run() never called the module: pass a run that does, e.g. lambda: pipe(prompt)")
+    signature = inspect.signature(module.forward)
+    samples, call_of, t_values = [], [], []
+    for c, (args, kwargs) in enumerate(calls):
+        for item, t in _split_call(args, kwargs, signature, unbatched, timestep_arg):
+            samples.append(item)
+            call_of.append(c)
+            t_values.append(t)
+    if n is None:
+        return samples
+    if n > len(samples):
+        raise InputError(f"run() gave {len(samples)} samples over {len(calls)} calls; n={n} asks for more: lower n "
+                         "or make run() sample more")
+    gen = torch.Generator().manual_seed(seed)
+    if timesteps == "uniform":
+        keep = _spread_over_calls(call_of, n, gen)
+    else:
+        if None in t_values:
+            raise InputError("timesteps='normal' needs one timestep per sample, and some calls had none that fxq "
+                             "could read: set timestep_arg to the input that holds it, or use 'uniform'")
+        distinct = sorted(set(t_values))
+        mass = dict(zip(distinct, _normal_weights(distinct, num_timesteps, mean, std).tolist()))
+        counts = collections.Counter(t_values)
+        weights = torch.tensor([mass[t] / counts[t] for t in t_values], dtype=torch.float64)
+        keep = torch.multinomial(weights, n, replacement=False, generator=gen).sort().values.tolist()
+    return [samples[i] for i in keep]
+
+
+def _positional_names(signature: inspect.Signature, count: int) -> list[str]:
+    names = []
+    for p in signature.parameters.values():
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            names.append(p.name)
+        elif p.kind is p.VAR_POSITIONAL:
+            names += [f"{p.name}_{i}" for i in range(max(0, count - len(names)))]
+    return (names + [f"arg{i}" for i in range(len(names), count)])[:count]
+
+
+def _split_call(args: tuple, kwargs: dict, signature, unbatched: tuple, timestep_arg):
+    """(item, timestep value or None) for each sample of one call."""
+    named = list(zip(_positional_names(signature, len(args)), args)) + list(kwargs.items())
+    t_name = timestep_input([name for name, _ in named], timestep_arg)
+    batch = next((v.shape[0] for name, v in named if name != t_name and name not in unbatched
+                  and torch.is_tensor(v) and v.dim() >= 1), None)
+
+    def row(name, value, j):
+        if batch is None or name in unbatched:
+            return value
+        return tree_map(lambda v: v[j:j + 1] if torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == batch
+                        else v, value)
+
+    out = []
+    for j in range(1 if batch is None else batch):
+        values = [row(name, v, j) for name, v in named]
+        item = (tuple(values[:len(args)]), dict(zip(kwargs, values[len(args):])))
+        t = dict(zip([name for name, _ in named], values)).get(t_name)
+        if torch.is_tensor(t) and t.numel() == 1:
+            t = float(t.reshape(-1)[0])
+        elif not isinstance(t, (int, float)) or isinstance(t, bool):
+            t = None
+        out.append((item, None if t is None else float(t)))
+    return out
+
+
+def _spread_over_calls(call_of: list[int], n: int, gen: torch.Generator) -> list[int]:
+    """n sample indices spread evenly over the samples in call order (so over the calls, first and last
+    included), the rows within a call drawn at random."""
+    total = len(call_of)
+    positions = (torch.linspace(0, total - 1, n, dtype=torch.float64) + 0.5).floor().long().tolist()
+    quota = collections.Counter(call_of[p] for p in positions)
+    sizes = collections.Counter(call_of)
+    starts = {}
+    for i, c in enumerate(call_of):
+        starts.setdefault(c, i)
+    keep = []
+    for c, k in sorted(quota.items()):
+        keep += [starts[c] + r for r in torch.randperm(sizes[c], generator=gen)[:k].tolist()]
+    return sorted(keep)
 
 
 @contextlib.contextmanager

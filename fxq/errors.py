@@ -25,6 +25,10 @@ class InputError(FxqError, ValueError):
     """Example inputs or calibration data do not fit the model."""
 
 
+class ReadOnlyError(FxqError, AttributeError):
+    """An attribute a quantized model mirrors from its original model cannot be set."""
+
+
 class ModelFileError(FxqError):
     """A file is not an fxq model, or is damaged."""
 

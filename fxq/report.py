@@ -7,6 +7,7 @@ import torch.fx as fx
 
 from fxq.diffusion import _model_device_dtype
 from fxq.passes.select_ops import summary
+from fxq.qmodel import QuantizedModel
 
 
 def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
@@ -18,9 +19,10 @@ def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
     return float(10 * torch.log10(ref.pow(2).sum() / noise))
 
 
-def quantized_ops(gm: fx.GraphModule) -> dict[str, int]:
-    """Count of quantized ops by kind ("conv", "linear", "attn_matmul") in a prepared or lowered graph, kinds
-    with none left out."""
+def quantized_ops(model: QuantizedModel | fx.GraphModule) -> dict[str, int]:
+    """Count of quantized ops by kind ("conv", "linear", "attn_matmul") in a quantized model or a prepared or
+    lowered graph, kinds with none left out."""
+    gm = model.graph_module if isinstance(model, QuantizedModel) else model
     return {kind: n for kind, n in summary(gm).items() if n}
 
 
