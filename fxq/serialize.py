@@ -246,18 +246,45 @@ def save(model: nn.Module, path) -> None:
     }
     text = json.dumps(desc, separators=(",", ":"), allow_nan=False)
     metadata = {"fxq_format": desc["format"], "fxq_model": text, "fxq_sha256": _digest(text, w.stored)}
-    from safetensors.torch import save_file
-
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     try:  # written whole, then renamed: a crash never leaves a half file under `path`
-        save_file(w.stored, tmp, metadata=metadata)
+        _write_safetensors(tmp, w.stored, metadata)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+    torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64", torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+
+
+def _write_safetensors(path: str, tensors: dict, metadata: dict) -> None:
+    """The safetensors layout (8-byte header length, JSON header, raw little-endian data), written here rather than
+    by safetensors.save_file, whose metadata order changes from call to call: the same model gives the same bytes."""
+    header, offset = {"__metadata__": metadata}, 0
+    for key in sorted(tensors):
+        t = tensors[key]
+        if t.dtype not in _SAFETENSORS_DTYPES:
+            raise SaveError(f"tensor {key} has dtype {t.dtype}, which safetensors does not hold")
+        size = t.numel() * t.element_size()
+        header[key] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                       "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for key in sorted(tensors):
+            f.write(tensors[key].reshape(-1).view(torch.uint8).numpy().data)
 
 
 # ------------------------------------------------------------------------------------------------------ loading
@@ -428,7 +455,10 @@ class _Reader:
             p.requires_grad_(name not in frozen)
         for p, e in self.entries.items():
             if "training" in e and self.built.get(p) is not None:
-                self.built[p].training = bool(e["training"])
+                if e["kind"] == "stock":  # its own submodules (MultiheadAttention.out_proj) follow it
+                    self.built[p].train(bool(e["training"]))
+                else:
+                    self.built[p].training = bool(e["training"])
         for name, t in [*root.named_parameters(), *root.named_buffers()]:
             if t.is_meta:
                 raise ModelFileError(f"{self.path}: {name} has no saved value")
