@@ -184,9 +184,7 @@ def exact_codes(w: torch.Tensor, bits: int, axis: int = 0) -> tuple[torch.Tensor
             ok = _same_bits(dequantize(quantize(sub, qp), qp), sub) & ~solved[todo]
             scale[todo[ok]] = s[ok]
             solved[todo[ok]] = True
-    if not bool(solved.all()):
-        return None
-    qp = QParams(scale, torch.zeros_like(scale), bits, True, axis)
+    qp = QParams(scale, torch.zeros_like(scale), bits, True, axis)  # unsolved channels fail the check below
     codes = quantize(w.detach(), qp).to(torch.int8 if bits <= 8 else torch.int16)
     if not bool(_same_bits(dequantize(codes.to(w.dtype), qp).reshape(1, -1), w.detach().reshape(1, -1))):
         return None

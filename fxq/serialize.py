@@ -242,7 +242,6 @@ def save(model: nn.Module, path) -> None:
         "format": f"{FORMAT}/{VERSION}", "fxq_version": __version__, "config": w.config, "modules": w.modules,
         "state": list(state), "extra_state": extra, "attributes": w.attributes, "tensors": w.table,
         "frozen": [n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad],
-        "stored": {k: [_dtype_name(t.dtype), list(t.shape)] for k, t in w.stored.items()},
     }
     text = json.dumps(desc, separators=(",", ":"), allow_nan=False)
     metadata = {"fxq_format": desc["format"], "fxq_model": text, "fxq_sha256": _digest(text, w.stored)}
@@ -363,7 +362,6 @@ def load(path, device="cpu") -> nn.Module:
 class _Reader:
     def __init__(self, desc: dict, stored: dict, path: str):
         self.desc, self.stored, self.path = desc, stored, path
-        self._check_stored()
         self.tensors = {name: self._tensor(name, rec) for name, rec in desc["tensors"].items()
                         if "same" not in rec}
         for name, rec in desc["tensors"].items():
@@ -388,20 +386,6 @@ class _Reader:
             raise ModelFileError(f"{path}: the description holds no modules")
         self.built: dict[str, nn.Module | None] = {}
         self.building: set[str] = set()
-
-    def _check_stored(self) -> None:
-        want = self.desc["stored"]
-        missing = sorted(set(want) - set(self.stored))
-        if missing:
-            raise ModelFileError(f"{self.path} lacks {len(missing)} tensor(s) its model needs (e.g. {missing[:3]})")
-        extra = sorted(set(self.stored) - set(want))
-        if extra:
-            raise ModelFileError(f"{self.path} holds tensors its description does not list (e.g. {extra[:3]})")
-        for key, (dtype, shape) in want.items():
-            t = self.stored[key]
-            if _dtype_name(t.dtype) != dtype or list(t.shape) != shape:
-                raise ModelFileError(f"{self.path}: tensor {key} is {_dtype_name(t.dtype)} {list(t.shape)}, its "
-                                     f"description says {dtype} {shape}")
 
     def _get(self, key) -> torch.Tensor:
         if key not in self.stored:

@@ -566,6 +566,13 @@ def test_a_function_outside_the_allow_list_is_refused_at_save_until_registered(t
     assert torch.equal(fxq.load(tmp_path / "f.safetensors")(x), x * 2)
 
 
+def test_a_stock_layer_whose_arguments_were_misread_is_refused(tmp_path, monkeypatch):
+    from fxq import serialize_modules
+    monkeypatch.setitem(serialize_modules._READERS, nn.Conv2d, {"groups": lambda m: 1})  # a reader that misses
+    with pytest.raises(SaveError, match="build a different layer"):
+        fxq.save(nn.Conv2d(4, 4, 3, groups=2), tmp_path / "c.safetensors")
+
+
 def test_save_takes_modules_only(tmp_path):
     with pytest.raises(SaveError, match="torch.nn.Module"):
         fxq.save({"weights": torch.ones(1)}, tmp_path / "x.safetensors")
