@@ -595,3 +595,17 @@ def test_x86_int8_model_comes_back_bit_for_bit_and_small(tmp_path):
     with safe_open(tmp_path / "int8.safetensors", "pt") as f:
         stored = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
     assert stored <= 0.27 * sum(v.numel() * 4 for v in unet.state_dict().values())
+
+
+# ------------------------------------------------------------------------------------------------------ the CLI
+
+@pytest.mark.slow
+def test_the_main_job_writes_a_file_that_fxq_load_reads(tmp_path):
+    from fxq.__main__ import main
+
+    path, report_path = tmp_path / "q.safetensors", tmp_path / "r.json"
+    assert main(["--model", "random", "--ch", "32", "--calib", "4", "--steps", "4", "--eval-batch", "1",
+                 "--samples", "0", "--weight-bits", "6", "--save", str(path), "--json", str(report_path)]) == 0
+    loaded = fxq.load(path)
+    assert loaded.meta["fxq_config"].weight_bits == 6
+    assert json.loads(report_path.read_text())["saved"]["bytes"] == path.stat().st_size
