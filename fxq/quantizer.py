@@ -151,6 +151,12 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.view(as_int) == b.view(as_int)).all(1)
 
 
+def _codes(x: torch.Tensor, qp: QParams) -> torch.Tensor:
+    # x / scale in float16/bfloat16 can round to the neighbouring code; float32 cannot, for up to 16 bits
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    return quantize(x.to(dtype), QParams(qp.scale.to(dtype), qp.zero_point.to(dtype), qp.bits, qp.signed, qp.axis))
+
+
 def exact_codes(w: torch.Tensor, bits: int, axis: int = 0) -> tuple[torch.Tensor, QParams] | None:
     """Integer codes and symmetric per-channel parameters that reproduce `w` bit for bit, or None.
 
@@ -181,11 +187,11 @@ def exact_codes(w: torch.Tensor, bits: int, axis: int = 0) -> tuple[torch.Tensor
             for _ in range(abs(step)):
                 s = torch.nextafter(s, torch.full_like(s, float("inf") if step > 0 else 0.0))
             qp = QParams(s, torch.zeros_like(s), bits, True, 0)
-            ok = _same_bits(dequantize(quantize(sub, qp), qp), sub) & ~solved[todo]
+            ok = _same_bits(dequantize(_codes(sub, qp).to(w.dtype), qp), sub) & ~solved[todo]
             scale[todo[ok]] = s[ok]
             solved[todo[ok]] = True
     qp = QParams(scale, torch.zeros_like(scale), bits, True, axis)  # unsolved channels fail the check below
-    codes = quantize(w.detach(), qp).to(torch.int8 if bits <= 8 else torch.int16)
+    codes = _codes(w.detach(), qp).to(torch.int8 if bits <= 8 else torch.int16)
     if not bool(_same_bits(dequantize(codes.to(w.dtype), qp).reshape(1, -1), w.detach().reshape(1, -1))):
         return None
     return codes, qp

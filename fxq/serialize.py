@@ -40,7 +40,7 @@ from fxq.serialize_modules import (
 __all__ = ["save", "load", "register_module", "register_function", "FORMAT", "VERSION"]
 
 FORMAT, VERSION = "fxq-model", 1
-_NAME = re.compile(r"^[A-Za-z0-9_]+$")  # one module/attribute name
+_NAME = re.compile(r"^(?!__)[A-Za-z0-9_]+$")  # one module/attribute name (no dunders: `__class__`, `__dict__`)
 
 
 def _digest(text: str, tensors: dict) -> str:
@@ -66,7 +66,6 @@ class _Writer:
         self.table: dict[str, dict] = {}  # tensor name -> how it is stored
         self.stored: dict[str, torch.Tensor] = {}  # safetensors key -> tensor
         self.first_name: dict[tuple, str] = {}  # tensor identity -> first name it was stored under
-        self.storages: set[int] = set()
         self.code_bits: dict[str, int] = {}  # fake-quantized weights: tensor name -> bit-width
         self.attributes: dict[str, dict] = {}
         self.config = None
@@ -116,14 +115,6 @@ class _Writer:
 
     def _graph(self, gm: fx.GraphModule, path: str) -> dict:
         prefix = f"{path}." if path else ""
-        consts = []
-
-        def store_const(t):
-            key = f"fxq.const:{path}:{len(consts)}"
-            consts.append(key)
-            self.tensor(key, t, codes=False)
-            return key
-
         where = f"graph `{path}`" if path else "the graph"
         for node in gm.graph.nodes:
             meta = node.meta.get("fxq")
@@ -141,7 +132,7 @@ class _Writer:
         from fxq.config import QuantConfig
         if self.config is None and isinstance(gm.meta.get("fxq_config"), QuantConfig):
             self.config = gm.meta["fxq_config"].to_dict()
-        return {"class_name": type(gm).__name__, "graph": encode_graph(gm.graph, store_const, where), "meta": meta}
+        return {"class_name": type(gm).__name__, "graph": encode_graph(gm.graph, where), "meta": meta}
 
     def _get_attr(self, gm, target: str, prefix: str, where: str) -> None:
         owner_path, _, attr = target.rpartition(".")
@@ -205,12 +196,7 @@ class _Writer:
         return record
 
     def _put(self, key: str, t: torch.Tensor) -> str:
-        t = t.detach().cpu().contiguous()
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in self.storages:  # safetensors refuses two names over one storage
-            t = t.clone()
-        self.storages.add(t.untyped_storage().data_ptr())
-        self.stored[key] = t
+        self.stored[key] = t.detach().cpu().contiguous()
         return key
 
 
@@ -352,9 +338,9 @@ def load(path, device="cpu") -> nn.Module:
         if not isinstance(desc, dict) or desc.get("format") != meta["fxq_format"]:
             raise ValueError("the description does not match the file's format")
         model = _Reader(desc, tensors, path).build()
-    except FxqError:
+    except ModelFileError:
         raise
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
+    except (FxqError, KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
         raise ModelFileError(f"{path}: the model description is malformed ({type(e).__name__}: {e})") from None
     return model.to(device)
 
@@ -428,12 +414,15 @@ class _Reader:
             root.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as e:
             raise ModelFileError(f"{self.path}: the saved tensors do not fit the saved modules: {e}") from None
-        for name, rec in self.desc["attributes"].items():
+        for name, rec in self.desc["attributes"].items():  # plain attributes that graphs read with get_attr
             owner_path, _, attr = name.rpartition(".")
+            owner = root.get_submodule(owner_path)
+            if not _NAME.match(attr) or hasattr(owner, attr):
+                raise ModelFileError(f"{self.path}: attribute {name!r} is not a free attribute name")
             value = self.tensors.get(name) if rec.get("tensor") else decode_value(rec["value"])
             if value is None and rec.get("tensor"):
                 raise ModelFileError(f"{self.path} lacks the tensor of attribute {name}")
-            setattr(root.get_submodule(owner_path), attr, value)
+            setattr(owner, attr, value)
         frozen = set(self.desc["frozen"])
         for name, p in root.named_parameters(remove_duplicate=False):
             p.requires_grad_(name not in frozen)
@@ -477,7 +466,7 @@ class _Reader:
             if e["kind"] in ("graph", "container"):
                 self._direct(module, e["direct"], path)
             if e["kind"] == "graph":
-                module.graph = decode_graph(e["graph"], self.tensors, f"graph `{path}`" if path else "the graph")
+                module.graph = decode_graph(e["graph"], f"graph `{path}`" if path else "the graph")
                 module.meta = {k: decode_value(v) for k, v in e["meta"].items()}
         self.building.discard(path)
         self.built[path] = module

@@ -18,6 +18,7 @@ import builtins
 import collections
 import dataclasses
 import importlib
+import keyword
 import math
 import operator
 import re
@@ -30,15 +31,16 @@ from fxq.errors import ModelFileError, SaveError
 # ------------------------------------------------------------------------------------------------------- values
 
 _TAGS = ("$list", "$node", "$dict", "$slice", "$ellipsis", "$float", "$complex", "$dtype", "$device",
-         "$memory_format", "$layout", "$size", "$tensor", "$quant_config")
+         "$memory_format", "$layout", "$size", "$quant_config")
 
 
 class Unencodable(Exception):
     """A value the JSON form has no spelling for (internal; callers turn it into SaveError or drop the value)."""
 
 
-def encode_value(v, store_tensor=None):
-    """JSON form of a value. `store_tensor(tensor) -> key` keeps tensor constants (None: tensors refused)."""
+def encode_value(v):
+    """JSON form of a value (tensors have none: they live in the state dict, and fx cannot generate code for a
+    tensor constant in an argument anyway)."""
     if v is None or isinstance(v, (bool, str)):
         return v
     if isinstance(v, int):
@@ -50,13 +52,13 @@ def encode_value(v, store_tensor=None):
     if isinstance(v, torch.Size):
         return {"$size": [int(d) for d in v]}
     if type(v) is tuple:
-        return [encode_value(e, store_tensor) for e in v]
+        return [encode_value(e) for e in v]
     if isinstance(v, list):  # fx's immutable_list too
-        return {"$list": [encode_value(e, store_tensor) for e in v]}
+        return {"$list": [encode_value(e) for e in v]}
     if isinstance(v, dict):  # fx's immutable_dict, OrderedDict
-        return {"$dict": [[encode_value(k, store_tensor), encode_value(e, store_tensor)] for k, e in v.items()]}
+        return {"$dict": [[encode_value(k), encode_value(e)] for k, e in v.items()]}
     if isinstance(v, slice):
-        return {"$slice": [encode_value(e, store_tensor) for e in (v.start, v.stop, v.step)]}
+        return {"$slice": [encode_value(e) for e in (v.start, v.stop, v.step)]}
     if v is Ellipsis:
         return {"$ellipsis": None}
     if isinstance(v, complex):
@@ -69,8 +71,6 @@ def encode_value(v, store_tensor=None):
         return {"$memory_format": str(v).removeprefix("torch.")}
     if isinstance(v, torch.layout):
         return {"$layout": str(v).removeprefix("torch.")}
-    if isinstance(v, torch.Tensor) and store_tensor is not None:
-        return {"$tensor": store_tensor(v)}
     from fxq.config import QuantConfig
     if isinstance(v, QuantConfig):
         return {"$quant_config": encode_value(v.to_dict())}
@@ -84,25 +84,25 @@ def _torch_constant(name, kind, what: str):
     return value
 
 
-def decode_value(obj, nodes: dict | None = None, tensors: dict | None = None):
-    """Inverse of encode_value. `nodes`: name -> fx.Node defined so far; `tensors`: key -> tensor constants."""
+def decode_value(obj, nodes: dict | None = None):
+    """Inverse of encode_value. `nodes`: name -> fx.Node defined so far (None: node references refused)."""
     if obj is None or isinstance(obj, (bool, str, int, float)):
         return obj
     if isinstance(obj, list):
-        return tuple(decode_value(e, nodes, tensors) for e in obj)
+        return tuple(decode_value(e, nodes) for e in obj)
     if not (isinstance(obj, dict) and len(obj) == 1):
         raise ModelFileError(f"a value of the graph description is malformed: {obj!r:.120}")
     (tag, body), = obj.items()
     if tag == "$list":
-        return [decode_value(e, nodes, tensors) for e in _array(body, tag)]
+        return [decode_value(e, nodes) for e in _array(body, tag)]
     if tag == "$node":
         if nodes is None or body not in nodes:
             raise ModelFileError(f"a graph value refers to node {body!r}, which is not defined before its use")
         return nodes[body]
     if tag == "$dict":
-        return {decode_value(k, nodes, tensors): decode_value(v, nodes, tensors) for k, v in _pairs(body)}
+        return {decode_value(k, nodes): decode_value(v, nodes) for k, v in _pairs(body)}
     if tag == "$slice":
-        return slice(*(decode_value(e, nodes, tensors) for e in _array(body, tag, 3)))
+        return slice(*(decode_value(e, nodes) for e in _array(body, tag, 3)))
     if tag == "$ellipsis":
         return Ellipsis
     if tag == "$float":
@@ -125,10 +125,6 @@ def decode_value(obj, nodes: dict | None = None, tensors: dict | None = None):
             raise ModelFileError(f"{body!r} is not a torch device ({e})") from None
     if tag == "$size":
         return torch.Size(_ints(body, tag))
-    if tag == "$tensor":
-        if tensors is None or body not in tensors:
-            raise ModelFileError(f"the graph uses tensor constant {body!r}, which the file does not hold")
-        return tensors[body]
     if tag == "$quant_config":
         from fxq.config import QuantConfig
         fields = decode_value(body)
@@ -365,9 +361,13 @@ _ATTR_PATH = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
 _KEPT_META = ("fxq",)
 
 
-def check_call(op: str, target, args, where: str, error=ModelFileError) -> None:
+def check_call(op: str, target, args, kwargs, where: str, error=ModelFileError) -> None:
     """Refuse what a saved graph must not do: underscore or file-reaching method/attribute names, non-literal
-    getattr names, and target strings that are not plain identifier paths (they end up in generated code)."""
+    getattr names, and target strings or keyword names that are not plain identifiers (fx writes them into the
+    code it generates and execs)."""
+    bad = [k for k in kwargs if not (isinstance(k, str) and k.isidentifier() and not keyword.iskeyword(k))]
+    if bad:
+        raise error(f"{where} passes keyword argument(s) {bad!r:.80}, which are not identifiers")
     if op == "call_method" and not public_name(target):
         raise error(f"{where} calls method {target!r}, which a saved graph may not call (underscore names and "
                     "names that reach files, storages or hooks are refused)")
@@ -414,12 +414,12 @@ def _decode_meta(node: fx.Node, meta) -> None:
         node.meta["nn_module_stack"] = collections.OrderedDict((k, (path, cls)) for k, path, cls in entries)
 
 
-def encode_graph(graph: fx.Graph, store_tensor, where: str) -> dict:
-    """JSON form of `graph`; tensor constants in arguments go through `store_tensor(tensor) -> key`."""
+def encode_graph(graph: fx.Graph, where: str) -> dict:
+    """JSON form of `graph`."""
     nodes = []
     for node in graph.nodes:
         at = f"{where}, node {node.name!r}"
-        check_call(node.op, node.target, node.args, at, SaveError)
+        check_call(node.op, node.target, node.args, node.kwargs, at, SaveError)
         if node.op == "call_function":
             target = function_name(node.target, at)
         elif isinstance(node.target, str):
@@ -428,8 +428,8 @@ def encode_graph(graph: fx.Graph, store_tensor, where: str) -> dict:
             raise SaveError(f"{at}: a {node.op} node with target {node.target!r} cannot be saved")
         try:
             entry = {"op": node.op, "name": node.name, "target": target,
-                     "args": encode_value(tuple(node.args), store_tensor),
-                     "kwargs": {k: encode_value(v, store_tensor) for k, v in node.kwargs.items()}}
+                     "args": encode_value(tuple(node.args)),
+                     "kwargs": {k: encode_value(v) for k, v in node.kwargs.items()}}
         except Unencodable as e:
             raise SaveError(f"{at} takes an argument that fxq files cannot hold: {e}") from None
         meta = _encode_meta(node.meta)
@@ -467,7 +467,7 @@ def _decode_codegen(graph: fx.Graph, spec) -> None:
     graph._codegen = fx.graph._PyTreeCodeGen(fx.graph._PyTreeInfo(orig_args, in_spec, out_spec))
 
 
-def decode_graph(desc, tensors: dict, where: str) -> fx.Graph:
+def decode_graph(desc, where: str) -> fx.Graph:
     """Rebuild the fx.Graph of encode_graph's output. Nothing here runs: fx generates the code afterwards."""
     from fxq._proxy import ReplayTracer
 
@@ -484,12 +484,12 @@ def decode_graph(desc, tensors: dict, where: str) -> fx.Graph:
         target = resolve_function(entry.get("target")) if op == "call_function" else entry.get("target")
         if not isinstance(target, str) and op != "call_function":
             raise ModelFileError(f"{at}: target {target!r} is not a string")
-        args = decode_value(entry.get("args"), nodes, tensors)
+        args = decode_value(entry.get("args"), nodes)
         kwargs = entry.get("kwargs")
         if not isinstance(args, tuple) or not isinstance(kwargs, dict):
             raise ModelFileError(f"{at}: args/kwargs are malformed")
-        kwargs = {k: decode_value(v, nodes, tensors) for k, v in kwargs.items()}
-        check_call(op, target, args, at)
+        kwargs = {k: decode_value(v, nodes) for k, v in kwargs.items()}
+        check_call(op, target, args, kwargs, at)
         if name in nodes:
             raise ModelFileError(f"{where}: node name {name!r} appears twice")
         node = graph.create_node(op, target, args, kwargs, name=name)
