@@ -478,7 +478,8 @@ class _Reader:
             class_name = e["class_name"]
             if not (isinstance(class_name, str) and class_name.isidentifier()):
                 raise ModelFileError(f"{self.path}: graph `{path}` has class name {class_name!r}")
-            return fx.GraphModule(nn.Module(), fx.Graph(), class_name=class_name)
+            from fxq._proxy import ReplayTracer  # GraphModule keeps its graph's tracer class only when built with it
+            return fx.GraphModule(nn.Module(), fx.Graph(tracer_cls=ReplayTracer), class_name=class_name)
         if kind not in ("container", "stock", "protocol"):
             raise ModelFileError(f"{self.path}: module `{path}` is of unknown kind {kind!r}")
         cls = resolve_class(kind, e.get("class"), path)
