@@ -614,7 +614,6 @@ def test_x86_int8_model_comes_back_bit_for_bit_and_small(tmp_path):
 
 # ------------------------------------------------------------------------------------------------------ the CLI
 
-@pytest.mark.slow
 def test_the_main_job_writes_a_file_that_fxq_load_reads(tmp_path):
     from fxq.__main__ import main
 
