@@ -48,6 +48,19 @@ class FakeQuantize(nn.Module):
     def extra_repr(self) -> str:
         return f"bits={self.bits}, signed={self.signed}, groups={self.groups}"
 
+    def fxq_spec(self) -> dict:
+        """Constructor arguments for fxq.save; scale and zero_point travel in the state dict."""
+        return {"bits": self.bits, "signed": self.signed, "num_timesteps": self.num_timesteps,
+                "shape": list(self.scale.shape)}
+
+    @classmethod
+    def from_fxq_spec(cls, spec: dict) -> "FakeQuantize":
+        """A FakeQuantize of the saved shape whose parameters fxq.load then fills by load_state_dict."""
+        shape = tuple(int(d) for d in spec["shape"])
+        Q.int_range(spec["bits"], spec["signed"])  # refuses a width outside 2-16
+        return cls(Q.QParams(torch.ones(shape), torch.zeros(shape), spec["bits"], bool(spec["signed"])),
+                   int(spec["num_timesteps"]))
+
 
 def lower(gm: fx.GraphModule, frozen: Frozen, num_timesteps: int = 1000) -> fx.GraphModule:
     """Rewrite a calibrated graph in place into its fake-quant form; returns it. The graph's modules must be its

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -37,12 +38,27 @@ def parse_args(argv=None):
     p.add_argument("--png", default="fxq-samples.png")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the report here")
+    p.add_argument("--save", metavar="PATH", help="write the quantized model here (fxq.load reads it back)")
     return p.parse_args(argv)
 
 
 def load(args):
     model, label = load_model(args.model, ch=args.ch, seed=args.seed)
     return model, f"fxq.models.pretrained({args.model!r})" if args.model in KNOWN else label
+
+
+def save_model(qunet, unet, example, path) -> dict:
+    """fxq.save the quantized model, read it back and check that it computes the very same outputs."""
+    fxq.save(qunet, path)
+    with torch.no_grad():
+        same = torch.equal(qunet(*example), fxq.load(path)(*example))
+    if not same:
+        raise fxq.errors.ModelFileError(f"{path} does not reproduce the quantized model; please report this")
+    size = os.path.getsize(path)
+    fp32 = sum(t.numel() * 4 for t in unet.state_dict().values() if t.is_floating_point())
+    print(f"wrote {path}: {size / 1e6:.1f} MB ({size / fp32:.2f}x the fp32 weights); fxq.load gives identical "
+          "outputs")
+    return {"path": path, "bytes": size, "fp32_weight_bytes": fp32}
 
 
 def main(argv=None) -> int:
@@ -69,6 +85,8 @@ def main(argv=None) -> int:
     print(f"quantized W{args.weight_bits}A{args.act_bits} ({args.estimator} activation ranges, fake-quant): "
           + ", ".join(f"{k} x{v}" for k, v in sorted(ops.items())) + f"; trace + calibrate {t_quant:.1f} s")
 
+    out_file = save_model(qunet, unet, example, args.save) if args.save else None
+
     per_t = report.per_timestep_sqnr(unet, qunet, sampler, (args.eval_batch, 3, 32, 32), seed=args.seed + 1)
     values = list(per_t.values())
     print(f"noise-prediction SQNR vs float over {len(per_t)} DDIM timesteps: mean {sum(values) / len(values):.1f}"
@@ -78,7 +96,7 @@ def main(argv=None) -> int:
 
     out = {"model": name, "params": n_params, "config": config.to_dict(), "calib_samples": len(data),
            "trajectory_s": t_traj, "quantize_s": t_quant, "ops": ops,
-           "sqnr_db_per_t": {str(k): v for k, v in per_t.items()}}
+           "sqnr_db_per_t": {str(k): v for k, v in per_t.items()}, "saved": out_file}
     if args.samples:
         t0 = time.perf_counter()
         fp_img, q_img = (sample_images(m, DDIM(steps=args.sample_steps), args.samples, args.samples, args.seed)

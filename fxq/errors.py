@@ -33,5 +33,9 @@ class ModelFileError(FxqError):
     """A file is not an fxq model, or is damaged."""
 
 
+class SaveError(FxqError):
+    """A model cannot be written to an fxq file (fxq.save); the message names the part and what to do."""
+
+
 class FxqWarning(UserWarning):
     """Something fxq could do, but probably not what the user meant."""

@@ -9,7 +9,8 @@ drops in wherever the original was used (a diffusers pipeline's `pipe.unet` incl
   models allow `unet.in_channels`), all read-only. A submodule of the original reads as the lowered graph's module
   at that path where the graph has one (SDXL pipelines read `unet.add_embedding.linear_1.in_features`).
 - `graph_module` is the lowered torch.fx GraphModule (`graph` its graph); `quant_config` the QuantConfig.
-- `fxq_spec()` holds everything but the graph as JSON-able data; `QuantizedModel.from_spec` rebuilds from it.
+- `fxq_spec()` holds everything but the graph as JSON-able data; `QuantizedModel.from_spec` rebuilds from it
+  (`from_fxq_spec` is the same for fxq.load, which attaches the graph afterwards).
 """
 
 from __future__ import annotations
@@ -255,7 +256,12 @@ class QuantizedModel(nn.Module):
         }
 
     @classmethod
-    def from_spec(cls, graph_module: fx.GraphModule, spec: dict) -> QuantizedModel:
+    def from_fxq_spec(cls, spec: dict) -> QuantizedModel:
+        """fxq.load's protocol: the model without its graph, which the loader attaches as `graph_module`."""
+        return cls.from_spec(None, spec)
+
+    @classmethod
+    def from_spec(cls, graph_module: fx.GraphModule | None, spec: dict) -> QuantizedModel:
         """The QuantizedModel that `fxq_spec()` describes, around `graph_module`. The config comes back as a
         FrozenConfig (a read-only mapping with attribute access), not the original's class."""
         if not isinstance(spec, dict) or spec.get("format") != SPEC_FORMAT:

@@ -138,3 +138,60 @@ def group_of(t, rows: int, groups: int, num_timesteps: int) -> torch.Tensor:
             f"an activation with {rows} rows does not split into {g.numel()} samples, so its timestep group is"
             " unknown; use timestep_groups=1 or keep that module in float (keep_float)")
     return g.repeat_interleave(rows // g.numel())
+
+
+# ------------------------------------------------------------------------- exact codes of a fake-quantized tensor
+
+_SAME_SIZE_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per row of two 2-D float tensors: whether every element is the same bit pattern (-0.0 != 0.0, NaN never)."""
+    as_int = _SAME_SIZE_INT[a.element_size()]
+    return (a.view(as_int) == b.view(as_int)).all(1)
+
+
+def _codes(x: torch.Tensor, qp: QParams) -> torch.Tensor:
+    # x / scale in float16/bfloat16 can round to the neighbouring code; float32 cannot, for up to 16 bits
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    return quantize(x.to(dtype), QParams(qp.scale.to(dtype), qp.zero_point.to(dtype), qp.bits, qp.signed, qp.axis))
+
+
+def exact_codes(w: torch.Tensor, bits: int, axis: int = 0) -> tuple[torch.Tensor, QParams] | None:
+    """Integer codes and symmetric per-channel parameters that reproduce `w` bit for bit, or None.
+
+    A fake-quantized weight holds values code * scale (per channel along `axis`), computed in w's dtype; this finds
+    such a (codes, scale) pair so that `dequantize(codes, qp)` returns exactly w, e.g. to store w as `bits`-bit
+    integers. The scale is read back from each channel's largest magnitude and checked on every element; a tensor
+    that is not such a lattice (or holds NaN/inf, or -0.0) gives None.
+    """
+    if not w.is_floating_point() or w.dim() == 0 or w.numel() == 0 or w.element_size() not in _SAME_SIZE_INT:
+        return None
+    qmin, qmax = int_range(bits, signed=True)
+    rows = w.detach().movedim(axis, 0).reshape(w.shape[axis], -1)
+    amax = rows.abs().amax(1)
+    scale = torch.ones_like(amax)  # all-zero channels: any scale
+    solved = amax == 0
+    # The largest code is the range's end in a fake-quantized weight; smaller ones only for a few tiny channels.
+    likely, rest = (qmax, -qmin), [m for m in range(1, -qmin + 1) if m not in (qmax, -qmin)]
+    for i, m in enumerate([*likely, *rest]):
+        todo = (~solved).nonzero().reshape(-1)
+        if todo.numel() == 0:
+            break
+        if i == len(likely) and todo.numel() > max(8, rows.shape[0] // 16):
+            return None  # not a lattice: no point searching every code
+        sub = rows[todo]
+        guess = amax[todo] / m
+        for step in (0, 1, -1, 2, -2):  # dividing back can land a few ulps off the scale that made w
+            s = guess
+            for _ in range(abs(step)):
+                s = torch.nextafter(s, torch.full_like(s, float("inf") if step > 0 else 0.0))
+            qp = QParams(s, torch.zeros_like(s), bits, True, 0)
+            ok = _same_bits(dequantize(_codes(sub, qp).to(w.dtype), qp), sub) & ~solved[todo]
+            scale[todo[ok]] = s[ok]
+            solved[todo[ok]] = True
+    qp = QParams(scale, torch.zeros_like(scale), bits, True, axis)  # unsolved channels fail the check below
+    codes = _codes(w.detach(), qp).to(torch.int8 if bits <= 8 else torch.int16)
+    if not bool(_same_bits(dequantize(codes.to(w.dtype), qp).reshape(1, -1), w.detach().reshape(1, -1))):
+        return None
+    return codes, qp
