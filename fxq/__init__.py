@@ -14,11 +14,11 @@ if not _os.path.isdir(_os.path.join(_here, "passes")) and _os.path.isfile(
 ):
     __path__.append(_root)  # noqa: F821  (module attribute of a package)
 
-from fxq import calib, diffusion, errors, models  # noqa: E402
+from fxq import calib, diffusion, errors, models, report  # noqa: E402
 from fxq.api import quantize  # noqa: E402
 from fxq.config import QuantConfig  # noqa: E402
 from fxq.errors import FxqError  # noqa: E402
 from fxq.tracer import trace  # noqa: E402
 
-__all__ = ["quantize", "trace", "QuantConfig", "FxqError", "calib", "diffusion", "models", "errors"]
+__all__ = ["quantize", "trace", "QuantConfig", "FxqError", "calib", "diffusion", "models", "errors", "report"]
 __version__ = "0.1.0"

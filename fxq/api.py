@@ -16,8 +16,10 @@ from fxq.graph import cuda_devices
 from fxq.inputs import as_args_kwargs
 from fxq.passes.decompose_attention import decompose_attention
 from fxq.passes.fold_bn import fold_bn
+from fxq.passes.fold_constants import fold_constants
 from fxq.passes.insert_observers import InsertObservers
 from fxq.passes.manager import PassManager
+from fxq.passes.normalize_args import normalize_args
 from fxq.passes.select_ops import SelectOps
 from fxq.tracer import trace
 
@@ -55,7 +57,8 @@ def prepare(model: nn.Module, example_inputs, config: QuantConfig) -> tuple[fx.G
     t_name = timestep_placeholder(gm, config.timestep_arg)
     if config.timestep_groups > 1 and t_name is None:
         raise ConfigError("timestep_groups > 1 needs a timestep input: set QuantConfig(timestep_arg=...)")
-    passes = PassManager([fold_bn, decompose_attention, SelectOps(config), InsertObservers(config, t_name)])
+    passes = PassManager([fold_constants, fold_bn, decompose_attention, normalize_args, SelectOps(config),
+                          InsertObservers(config, t_name)])
     gm = passes(gm).graph_module
     return gm, t_name
 

@@ -31,6 +31,7 @@ from fxq._proxy import (
 from fxq.errors import FxqError, FxqWarning, InputError, TraceError
 from fxq.graph import cuda_devices, innermost_module, warn_unmatched
 from fxq.inputs import as_args_kwargs
+from fxq.meta import record as record_meta
 
 __all__ = ["trace"]
 
@@ -96,6 +97,7 @@ class _ValueTracer(ReplayTracer):
             value, data_dependent = self._evaluate(kind, target, args, kwargs)
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr,
                                      proxy_factory_fn=lambda n: ValueProxy(n, self, value, data_dependent))
+        record_meta(proxy.node, value)  # shape/dtype/device of the example value, for the passes
         if isinstance(value, torch.Tensor):
             self._tensor_nodes.add(proxy.node)
         return proxy

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from torch.fx.passes.shape_prop import ShapeProp
 
 from fxq.passes.fold_bn import fold_bn
-from tests.graph_structure import assert_same_structure
+from tests.graph_structure import assert_same_structure, shaped_trace
 
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -62,7 +62,7 @@ def test_fold_preserves_outputs(spec, affine, eps, seed):
     randomize_bn(bn, gen)
     model = Pair(layer, bn).eval()
     x = torch.randn(shape, generator=gen)
-    gm = torch.fx.symbolic_trace(model)
+    gm = shaped_trace(model, x)
     with torch.no_grad():
         before = gm(x)
 
@@ -90,7 +90,7 @@ def test_user_model_and_parameters_untouched():
     x = torch.randn(2, 3, 5, 5)
     with torch.no_grad():
         ref = model(x)
-    gm = torch.fx.symbolic_trace(model)  # shares the leaf modules with `model`
+    gm = shaped_trace(model, x)  # shares the leaf modules with `model`
 
     fold_bn(gm)
 
@@ -137,8 +137,8 @@ def test_before_expected():
     gen = torch.Generator().manual_seed(1)
     for bn in (model.bn, model.bn3, model.bn1):
         randomize_bn(bn, gen)
-    gm = torch.fx.symbolic_trace(model)
     x, y = torch.randn(2, 3, 5, 5), torch.randn(3, 8)
+    gm = shaped_trace(model, x, y)
     with torch.no_grad():
         ref = gm(x, y)
 
@@ -184,7 +184,7 @@ class SubclassConv(nn.Conv2d):
 ], ids=["train_bn", "no_running_stats", "two_users", "bn_of_sum", "custom_forward"])
 def test_leaves_unfoldable_alone(make):
     torch.manual_seed(0)
-    gm = torch.fx.symbolic_trace(make())
+    gm = shaped_trace(make(), torch.randn(2, 2, 3, 3))
     code = gm.code
     result = fold_bn(gm)
     assert not result.modified
@@ -204,8 +204,8 @@ class SharedConv(nn.Module):
 def test_shared_conv_gets_own_module():
     model = SharedConv().eval()
     randomize_bn(model.bn, torch.Generator().manual_seed(2))
-    gm = torch.fx.symbolic_trace(model)
     x = torch.randn(1, 2, 3, 3)
+    gm = shaped_trace(model, x)
     with torch.no_grad():
         ref = gm(x)
 
@@ -229,8 +229,8 @@ class SharedBn(nn.Module):
 
 
 def test_bn_module_kept_while_used():
-    gm = torch.fx.symbolic_trace(SharedBn().eval())
-    fold_bn(gm)
+    gm = shaped_trace(SharedBn().eval(), torch.randn(1, 2, 3, 3))
+    assert fold_bn(gm).modified
     assert len(bn_nodes(gm)) == 1
     assert isinstance(gm.bn, nn.BatchNorm2d)
     gm(torch.randn(1, 2, 3, 3))

@@ -12,7 +12,7 @@ from fxq.config import OP_KINDS, QuantConfig
 from fxq.errors import FxqWarning
 from fxq.passes.manager import PassManager
 from fxq.passes.select_ops import SelectOps, selected_nodes, summary
-from tests.graph_structure import structure
+from tests.graph_structure import shaped_trace, structure
 
 
 class Block(nn.Module):
@@ -31,8 +31,8 @@ class Block(nn.Module):
         e = torch.einsum("bij,bjk->bik", o, o.transpose(1, 2))      # einsum, two operands
         f = e.matmul(t)                                             # Tensor.matmul
         g = torch.einsum("bij,bjk->bik", [f, f.transpose(1, 2)])    # list form: traced as two operands
-        p = t @ self.w                                              # parameter operand: not an activation op
-        q = torch.matmul(t, self.w.t())                             # parameter-derived operand: same
+        p = t @ self.w                                              # parameter operand: a linear
+        q = torch.matmul(t, self.w.t())                             # parameter function, not folded: float
         return h + (f + p + q + g.mean()).transpose(1, 2).reshape(n, c, hh, ww)
 
 
@@ -41,7 +41,7 @@ class Model(nn.Module):
         super().__init__()
         self.stem = nn.Conv2d(3, 4, 3, padding=1)
         self.down = nn.ModuleList([Block(), Block()])
-        self.up = nn.ConvTranspose2d(4, 4, 1)  # not a kind select_ops knows
+        self.up = nn.ConvTranspose2d(4, 4, 1)  # a conv whose weight's output channels are axis 1
         self.head = nn.Linear(4, 2)
 
     def forward(self, x):
@@ -52,19 +52,21 @@ class Model(nn.Module):
 
 
 def block_ops(name):
-    return [("conv", f"{name}.conv", (0,)), ("linear", f"{name}.proj", (0,)),
-            ("attn_matmul", name, (0, 1)), ("attn_matmul", name, (0, 1)), ("attn_matmul", name, (1, 2)),
-            ("attn_matmul", name, (0, 1)), ("attn_matmul", name, (1, 2))]
+    attn = ("attn_matmul", name, (0, 1), None, None)
+    return [("conv", f"{name}.conv", (0,), None, 0), ("linear", f"{name}.proj", (0,), None, 0),
+            attn, attn, ("attn_matmul", name, (1, 2), None, None), attn, ("attn_matmul", name, (1, 2), None, None),
+            ("linear", name, (0,), 1, 1)]
 
 
-# Every op of Model that can be quantized: (kind, module, act_inputs), in graph order.
-CANDIDATES = [("conv", "stem", (0,))] + block_ops("down.0") + block_ops("down.1") + [("linear", "head", (0,))]
+# Every op of Model that can be quantized: (kind, module, act_inputs, weight_input, weight_axis), in graph order.
+CANDIDATES = ([("conv", "stem", (0,), None, 0)] + block_ops("down.0") + block_ops("down.1")
+              + [("conv", "up", (0,), None, 1), ("linear", "head", (0,), None, 0)])
 PATTERNS = ["down.0*", "down.1", "*.proj", "head", "stem", "down.*.conv", "nothing.here", "up"]
 
 
 @pytest.fixture(scope="module")
 def traced():
-    return torch.fx.symbolic_trace(Model())
+    return shaped_trace(Model(), torch.randn(2, 3, 4, 4))
 
 
 def fresh(traced):
@@ -77,11 +79,12 @@ def expected_selection(config):
     chosen = [c for c in CANDIDATES
               if c[0] in config.ops and not any(fnmatchcase(c[1], p) for p in config.keep_float)]
     rows = []
-    for i, (kind, module, act_inputs) in enumerate(chosen):
+    for i, (kind, module, act_inputs, weight_input, weight_axis) in enumerate(chosen):
         wb, ab = (None if kind == "attn_matmul" else config.weight_bits), config.act_bits
         if config.first_last_bits is not None and i in (0, len(chosen) - 1):
             wb, ab = (None if wb is None else config.first_last_bits), config.first_last_bits
-        rows.append({"kind": kind, "module": module, "weight_bits": wb, "act_bits": ab, "act_inputs": act_inputs})
+        rows.append({"kind": kind, "module": module, "weight_bits": wb, "act_bits": ab, "act_inputs": act_inputs,
+                     "weight_input": weight_input, "weight_axis": weight_axis})
     return rows
 
 
@@ -99,7 +102,12 @@ def test_selection_follows_config(traced, ops, keep, bits, first_last):
 
     got = [n.meta["fxq"] for n in selected_nodes(gm)]
     assert got == expected_selection(config)
-    assert result.modified == bool(got)
+    assert result.modified  # a fresh graph always gets metadata: the unfolded matmul weights stay float
+    # every candidate the config leaves out is recorded as float, with the config's reason
+    config_floats = [f for n in gm.graph.nodes for f in n.meta.get("fxq_float", ())
+                     if f["reason"] in ("op_off", "keep_float")]
+    assert len(got) + len(config_floats) == len(CANDIDATES)
+    assert all((f["reason"] == "op_off") == (f["kind"] not in config.ops) for f in config_floats)
     assert all(type(m) is dict for m in got)
     assert gm.code == code
     warned = {str(w.message).split("'")[1] for w in caught if issubclass(w.category, FxqWarning)}
@@ -117,12 +125,13 @@ def test_selection_follows_config(traced, ops, keep, bits, first_last):
 def test_expected_selection_defaults(traced):
     gm = fresh(traced)
     SelectOps(QuantConfig(first_last_bits=None))(gm)
-    got = [(n.meta["fxq"]["kind"], n.meta["fxq"]["module"], n.meta["fxq"]["act_inputs"]) for n in selected_nodes(gm)]
+    keys = ("kind", "module", "act_inputs", "weight_input", "weight_axis")
+    got = [tuple(n.meta["fxq"][k] for k in keys) for n in selected_nodes(gm)]
     assert got == CANDIDATES
-    assert summary(gm) == {"conv": 3, "linear": 3, "attn_matmul": 10}
-    # Matmuls with a parameter operand and the ConvTranspose are not selected.
-    unselected = {n.name for n in gm.graph.nodes if "fxq" not in n.meta}
-    assert {"up", "matmul_2", "matmul_3", "matmul_6", "matmul_7"} <= unselected
+    assert summary(gm) == {"conv": 4, "linear": 5, "attn_matmul": 10}
+    # The matmul with an unfolded parameter function stays float, and says why.
+    floats = {n.name: [f["reason"] for f in n.meta["fxq_float"]] for n in gm.graph.nodes if "fxq_float" in n.meta}
+    assert floats == {"matmul_3": ["weight_not_folded"], "matmul_7": ["weight_not_folded"]}
 
 
 class Before(nn.Module):
@@ -136,17 +145,20 @@ class Before(nn.Module):
 
 
 def test_before_expected_meta_only():
-    gm = torch.fx.symbolic_trace(Before())
+    gm = shaped_trace(Before(), torch.randn(2, 2, 4))
     SelectOps(QuantConfig(weight_bits=4, act_bits=6, first_last_bits=8))(gm)
     # The code is untouched; only the metadata tells what was selected.
     assert structure(gm) == structure(torch.fx.symbolic_trace(Before()))
     meta = {n.name: n.meta.get("fxq") for n in gm.graph.nodes}
     assert meta == {
         "x": None,
-        "conv": {"kind": "conv", "module": "conv", "weight_bits": 8, "act_bits": 8, "act_inputs": (0,)},
-        "fc": {"kind": "linear", "module": "fc", "weight_bits": 4, "act_bits": 6, "act_inputs": (0,)},
+        "conv": {"kind": "conv", "module": "conv", "weight_bits": 8, "act_bits": 8, "act_inputs": (0,),
+                 "weight_input": None, "weight_axis": 0},
+        "fc": {"kind": "linear", "module": "fc", "weight_bits": 4, "act_bits": 6, "act_inputs": (0,),
+               "weight_input": None, "weight_axis": 0},
         "transpose": None,
-        "matmul": {"kind": "attn_matmul", "module": "", "weight_bits": None, "act_bits": 8, "act_inputs": (0, 1)},
+        "matmul": {"kind": "attn_matmul", "module": "", "weight_bits": None, "act_bits": 8, "act_inputs": (0, 1),
+                   "weight_input": None, "weight_axis": None},
         "output": None,
     }
 
@@ -157,7 +169,9 @@ def test_config_change_clears_stale_meta(traced):
     result = SelectOps(QuantConfig(ops=("linear",)))(gm)
     assert result.modified
     assert {n.meta["fxq"]["kind"] for n in selected_nodes(gm)} == {"linear"}
-    assert sum("fxq" in n.meta for n in gm.graph.nodes) == 3
+    assert sum("fxq" in n.meta for n in gm.graph.nodes) == 5
+    # what is no longer selected says so
+    assert sum(f["reason"] == "op_off" for n in gm.graph.nodes for f in n.meta.get("fxq_float", ())) == 14
 
 
 def test_unmatched_keep_float_warns_with_pattern(traced):
