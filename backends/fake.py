@@ -17,9 +17,8 @@ from fxq import quantizer as Q
 from fxq.calib import device_of
 from fxq.errors import InputError
 from fxq.freeze import Frozen
-from fxq.graph import free_name
+from fxq.graph import free_name, reads_values
 from fxq.ops import attr_of, weight_chain, weight_key
-from fxq.passes.fold_constants import drop_unread_attributes
 
 
 class FakeQuantize(nn.Module):
@@ -59,23 +58,27 @@ def _fake_quantized(weight: torch.Tensor, qp: Q.QParams) -> nn.Parameter:
 
 
 def _replace_constant_weight(gm: fx.GraphModule, node: fx.Node, pos: int, qp: Q.QParams) -> None:
-    """Point a functional op's weight slot at a fake-quantized copy of its constant, read through copies of the
-    same casts, so other readers of the constant (or of its casts) still see the original."""
+    """Give a functional op (F.conv2d, F.linear, a matmul with a constant) the fake-quantized value of the constant
+    in its weight slot. When nothing else reads that constant's values (shape reads are fine) the attribute itself
+    is replaced; otherwise the op reads a new attribute through copies of the same casts, and the other readers
+    keep the original."""
     chain = weight_chain(node, pos)
     source = chain[0]
+    value = _fake_quantized(attr_of(gm, source.target), qp)
+    readers = {(user, n) for n in chain for user in n.users} - {(node, chain[-1])} - set(zip(chain[1:], chain))
+    if not any(reads_values(user, n) for user, n in readers):
+        owner, _, name = str(source.target).rpartition(".")
+        setattr(gm.get_submodule(owner), name, value)  # a new tensor: the old one is never written
+        return
     name = free_name(gm, "fxq_wq_" + node.name)
-    setattr(gm, name, _fake_quantized(attr_of(gm, source.target), qp))
+    setattr(gm, name, value)
     with gm.graph.inserting_before(node):
         new = gm.graph.get_attr(name)
         new.meta.update(source.meta)
         remap = {source: new}
         for cast in chain[1:]:
-            remap[cast] = gm.graph.node_copy(cast, remap.__getitem__)
+            remap[cast] = gm.graph.node_copy(cast, lambda n: remap.get(n, n))
     node.update_arg(pos, remap[chain[-1]])
-    for old in reversed(chain):
-        if not old.users:
-            gm.graph.erase_node(old)
-    drop_unread_attributes(gm, [str(source.target)])
 
 
 def lower(gm: fx.GraphModule, frozen: Frozen, num_timesteps: int = 1000) -> fx.GraphModule:

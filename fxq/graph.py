@@ -123,6 +123,15 @@ def _metadata_inputs(node: Node) -> tuple | None:
     return ()
 
 
+def reads_values(node: Node, arg: Node) -> bool:
+    """Whether `node` reads the values of its input `arg` (not only its shape, dtype or device)."""
+    skipped = _metadata_inputs(node)
+    if skipped is None:
+        return False
+    positions = [i for i, a in enumerate(node.args) if a is arg]
+    return not positions or any(i not in skipped for i in positions) or _used_elsewhere(node, arg, skipped)
+
+
 def value_dependent_nodes(graph: torch.fx.Graph) -> set[Node]:
     """Nodes whose values depend on the values of a graph input, as opposed to only on the inputs' shapes,
     dtypes or devices (`torch.arange(n, device=t.device)`, `x.new_zeros(x.shape)`) or on parameters alone. An
@@ -133,18 +142,13 @@ def value_dependent_nodes(graph: torch.fx.Graph) -> set[Node]:
         if node.op == "placeholder":
             dependent.add(node)
             continue
-        skipped = _metadata_inputs(node)
-        if skipped is None:
-            continue
-        skip = {node.args[i] for i in skipped if i < len(node.args) and isinstance(node.args[i], Node)}
-        # an argument at a skipped position can also be read for its values elsewhere in the call
-        read = [a for a in node.all_input_nodes if a not in skip or _used_elsewhere(node, a, skipped)]
-        if any(a in dependent for a in read):
+        if any(a in dependent and reads_values(node, a) for a in node.all_input_nodes):
             dependent.add(node)
     return dependent
 
 
 def _used_elsewhere(node: Node, arg: Node, skipped: tuple) -> bool:
+    """Whether `arg` also appears in `node`'s call outside the positions whose values it does not read."""
     others = [a for i, a in enumerate(node.args) if i not in skipped] + list(node.kwargs.values())
     found = []
     torch.fx.node.map_arg(others, lambda n: found.append(n) if n is arg else n)

@@ -11,7 +11,8 @@ Pattern:
   - a call of a module whose own weight is a parametrization (`torch.nn.utils.parametrizations.weight_norm`,
     `spectral_norm`) or that carries torch's old `weight_norm` / `spectral_norm` hooks, in eval mode.
 
-Rewrite: each maximal constant tensor that feeds a non-constant node becomes a new attribute of the GraphModule
+Rewrite: a guard (fxq.trace's shape check) that reads only constants is checked once and removed. Each maximal
+constant tensor that feeds a non-constant node becomes a new attribute of the GraphModule
 (`fxq_folded_<node>`: a frozen nn.Parameter when computed from a parameter, else a buffer) read by one get_attr
 node; the constant nodes left without users are removed, and so are the attributes only they read. A module with
 a weight function is replaced by a copy holding the computed weight as a plain parameter (torch's own
@@ -36,6 +37,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
 from fxq import ops
+from fxq._guards import check_specialized
 from fxq.graph import cuda_devices, free_name
 from fxq.meta import record as record_meta
 from fxq.passes.manager import PassError, PassResult
@@ -130,9 +132,16 @@ def _constant_values(gm: torch.fx.GraphModule) -> tuple[dict, set]:
     values: dict = {}
     from_param: set = set()
     excluded: set = set()  # constant in form, but random / uninitialized / touched by an in-place op
+    checked: list = []  # guards that only read constants
     probe = _RandomnessProbe(cuda_devices(gm))
     with torch.random.fork_rng(devices=probe.devices), torch.no_grad():
         for node in graph.nodes:
+            if node.op == "call_function" and node.target is check_specialized and node.all_input_nodes and all(
+                    i in values for i in node.all_input_nodes):
+                # a guard on a value computed from parameters: it cannot change, so check it once, here
+                node.target(*torch.fx.node.map_arg(node.args, values.__getitem__))
+                checked.append(node)
+                continue
             if not _may_fold(node) or any(i not in values for i in node.all_input_nodes):
                 if _syntactically_inplace(node):
                     excluded.update(i for i in node.all_input_nodes if i in values)
@@ -174,7 +183,7 @@ def _constant_values(gm: torch.fx.GraphModule) -> tuple[dict, set]:
                 todo.append(other)
     for node in excluded:
         values.pop(node, None)
-    return values, from_param
+    return values, from_param, checked
 
 
 def _tensors(tree) -> list:
@@ -184,11 +193,13 @@ def _tensors(tree) -> list:
 
 
 def _fold_subgraphs(gm: torch.fx.GraphModule) -> bool:
-    values, from_param = _constant_values(gm)
+    values, from_param, checked = _constant_values(gm)
     frontier = [n for n in values if n.op != "get_attr" and isinstance(values[n], torch.Tensor)
-                and any(u not in values for u in n.users)]
-    if not frontier:
+                and any(u not in values and u not in checked for u in n.users)]
+    if not frontier and not checked:
         return False
+    for guard in checked:
+        gm.graph.erase_node(guard)
     read_before = {str(n.target) for n in values if n.op == "get_attr"}
     for node in frontier:
         value = values[node].detach().clone()  # its own storage: never an alias of a parameter

@@ -2,6 +2,7 @@ import copy
 import warnings
 from fnmatch import fnmatchcase
 
+import networkx as nx
 import pytest
 import torch
 import torch.nn as nn
@@ -10,6 +11,7 @@ from hypothesis import strategies as st
 
 from fxq.config import OP_KINDS, QuantConfig
 from fxq.errors import FxqWarning
+from fxq.graph import to_networkx
 from fxq.passes.manager import PassManager
 from fxq.passes.select_ops import SelectOps, selected_nodes, summary
 from tests.graph_structure import shaped_trace, structure
@@ -75,13 +77,18 @@ def fresh(traced):
     return gm
 
 
-def expected_selection(config):
-    chosen = [c for c in CANDIDATES
+def expected_selection(gm, config):
+    # node names of CANDIDATES (test_expected_selection_defaults checks that list), and their distance from x
+    names = [n.name for n in selected_nodes(SelectOps(QuantConfig(first_last_bits=None))(fresh(gm)).graph_module)]
+    hops = nx.single_source_shortest_path_length(to_networkx(gm.graph), "x")
+    chosen = [(name, c) for name, c in zip(names, CANDIDATES)
               if c[0] in config.ops and not any(fnmatchcase(c[1], p) for p in config.keep_float)]
+    # first = the chosen op nearest the image input (ties: graph order); last = last in graph order
+    first = min(range(len(chosen)), key=lambda i: (hops[chosen[i][0]], i)) if chosen else None
     rows = []
-    for i, (kind, module, act_inputs, weight_input, weight_axis) in enumerate(chosen):
+    for i, (_, (kind, module, act_inputs, weight_input, weight_axis)) in enumerate(chosen):
         wb, ab = (None if kind == "attn_matmul" else config.weight_bits), config.act_bits
-        if config.first_last_bits is not None and i in (0, len(chosen) - 1):
+        if config.first_last_bits is not None and i in (first, len(chosen) - 1):
             wb, ab = (None if wb is None else config.first_last_bits), config.first_last_bits
         rows.append({"kind": kind, "module": module, "weight_bits": wb, "act_bits": ab, "act_inputs": act_inputs,
                      "weight_input": weight_input, "weight_axis": weight_axis})
@@ -101,7 +108,7 @@ def test_selection_follows_config(traced, ops, keep, bits, first_last):
         result = SelectOps(config)(gm)
 
     got = [n.meta["fxq"] for n in selected_nodes(gm)]
-    assert got == expected_selection(config)
+    assert got == expected_selection(traced, config)
     assert result.modified  # a fresh graph always gets metadata: the unfolded matmul weights stay float
     # every candidate the config leaves out is recorded as float, with the config's reason
     config_floats = [f for n in gm.graph.nodes for f in n.meta.get("fxq_float", ())
