@@ -10,13 +10,14 @@ Pattern:
     in-place op (`w.mul_(2)`, `out=`, `inplace=True`), whose value depends on when it is read.
   - a call of a module whose own weight is a parametrization (`torch.nn.utils.parametrizations.weight_norm`,
     `spectral_norm`) or that carries torch's old `weight_norm` / `spectral_norm` hooks, in eval mode.
+    (`weight_norm` / `spectral_norm` of torch.nn.utils.parametrizations are parametrizations; the old ones hooks.)
 
 Rewrite: a guard (fxq.trace's shape check) that reads only constants is checked once and removed. Each maximal
 constant tensor that feeds a non-constant node becomes a new attribute of the GraphModule
 (`fxq_folded_<node>`: a frozen nn.Parameter when computed from a parameter, else a buffer) read by one get_attr
 node; the constant nodes left without users are removed, and so are the attributes only they read. A module with
-a weight function is replaced by a copy holding the computed weight as a plain parameter (torch's own
-`remove_parametrizations` / `remove_weight_norm` / `remove_spectral_norm`, run on that copy).
+a weight function is replaced by a copy of its original class holding the computed weight as a plain parameter
+(hooks: torch's own `remove_weight_norm` / `remove_spectral_norm`, run on that copy).
 
 Guarantees afterwards: the graph computes the same values, bit for bit (each constant is computed by the very ops
 the graph ran, on the same device); the tensors of existing parameters are never written (the user's model
@@ -76,16 +77,27 @@ def _plain_weights(gm: torch.fx.GraphModule) -> bool:
             continue
         if not hooks and not parametrize.is_parametrized(module):
             continue
-        plain = copy.deepcopy(module)  # the removal below writes the copy's tensors only
         with torch.no_grad():
-            for name in list(getattr(plain, "parametrizations", {})):
-                parametrize.remove_parametrizations(plain, name, leave_parametrized=True)
-            for hook in _weight_hooks(plain):
+            plain = _unparametrized(module) if parametrize.is_parametrized(module) else copy.deepcopy(module)
+            for hook in _weight_hooks(plain):  # these write the copy's tensors only
                 remove = remove_weight_norm if isinstance(hook, WeightNorm) else remove_spectral_norm
                 remove(plain, hook.name)
         gm.set_submodule(target, plain)
         modified = True
     return modified
+
+
+def _unparametrized(module: nn.Module) -> nn.Module:
+    """A copy of a parametrized module, of its original class, holding the parametrized tensors' current values
+    as plain parameters. (torch's remove_parametrizations edits the module's class, which a copy shares with the
+    user's module: it would strip the user's parametrization too.)"""
+    values = {name: getattr(module, name).detach().clone() for name in module.parametrizations}
+    plain = copy.deepcopy(module)
+    plain.__class__ = type(module).__bases__[0]  # parametrize subclasses the original class once per module
+    del plain._modules["parametrizations"]
+    for name, value in values.items():
+        plain.register_parameter(name, nn.Parameter(value, requires_grad=False))
+    return plain
 
 
 # ----------------------------------------------------------------------------------- constant subgraphs

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.fx.passes.shape_prop import ShapeProp
 
+import fxq
 from fxq.passes.fold_bn import fold_bn
 from tests.graph_structure import assert_same_structure, shaped_trace
 
@@ -248,3 +249,26 @@ def test_linear_on_3d_input_with_shape_metadata_not_folded():
     assert not fold_bn(gm).modified
     with torch.no_grad():
         torch.testing.assert_close(gm(x), ref)
+
+
+@pytest.mark.parametrize("shape, folds", [((3, 4), True), ((3, 4, 4), False), ((3, 4, 5), False)])
+def test_linear_bn1d_folds_only_where_bn_normalizes_the_linear_features(shape, folds):
+    # On [N, L, C] BatchNorm1d normalizes L; with L == C the sizes match and a fold gave errors of ~4.
+    model = Pair(nn.Linear(shape[-1], 4), nn.BatchNorm1d(4)).eval()
+    randomize_bn(model.bn, torch.Generator().manual_seed(4))
+    x = torch.randn(*shape[:-1], shape[-1]) if folds else torch.randn(3, 4, shape[-1])
+    gm = fxq.trace(model, (x,))  # the tracer records the ranks
+    with torch.no_grad():
+        ref = model(x)
+    assert fold_bn(gm).modified == folds
+    assert len(bn_nodes(gm)) == (0 if folds else 1)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("make", [lambda: Pair(nn.Linear(4, 4), nn.BatchNorm1d(4)),
+                                  lambda: Pair(nn.Conv1d(4, 4, 1), nn.BatchNorm1d(4)),
+                                  lambda: Pair(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))])
+def test_unknown_rank_is_not_folded(make):
+    gm = torch.fx.symbolic_trace(make().eval())  # no shape metadata
+    assert not fold_bn(gm).modified and len(bn_nodes(gm)) == 1

@@ -1,4 +1,5 @@
 import copy
+import math
 import warnings
 from fnmatch import fnmatchcase
 
@@ -6,14 +7,18 @@ import networkx as nx
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import fxq
 from fxq.config import OP_KINDS, QuantConfig
 from fxq.errors import FxqWarning
 from fxq.graph import to_networkx
+from fxq.passes.fold_constants import fold_constants
 from fxq.passes.manager import PassManager
-from fxq.passes.select_ops import SelectOps, selected_nodes, summary
+from fxq.passes.normalize_args import normalize_args
+from fxq.passes.select_ops import SelectOps, float_nodes, selected_nodes, summary
 from tests.graph_structure import shaped_trace, structure
 
 
@@ -236,3 +241,98 @@ def test_first_and_last_follow_the_image_path_not_graph_order():
     bits = {n.meta["fxq"]["module"]: n.meta["fxq"]["weight_bits"] for n in gm.graph.nodes if "fxq" in n.meta}
     eight = sorted(m for m, b in bits.items() if b == 8)
     assert eight == ["conv_in", "conv_out"], eight  # the time-embedding linears run first but are not layer 1
+
+
+# ------------------------------------------------------------------ op choice from values and shapes, not names
+class TimestepEmbedding(nn.Module):
+    """The sinusoidal embedding of diffusion UNets: an einsum of the raw timestep with frequencies made on t's
+    device. Its operands depend on t's values on one side and only on t's device on the other."""
+
+    def forward(self, t):
+        half = 4
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)
+        e = torch.einsum("i,j->ij", t.float(), freqs)
+        return torch.cat([e.sin(), e.cos()], dim=1)
+
+
+class Mixed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.temb = TimestepEmbedding()
+        self.register_buffer("freqs", torch.rand(4))
+
+    def forward(self, x, t):
+        b, c, h, w = x.shape
+        e = self.temb(t)                                                    # einsum: not an activation product
+        e2 = t.float()[:, None] @ self.freqs[None, :]                       # outer product with a constant
+        s = x.flatten(2)                                                    # [B, C, HW]
+        a = torch.einsum("bci,bcj->bij", s, s).softmax(-1)                  # attention: both values, rank 3
+        pos = torch.arange(h * w, device=x.device).float()
+        rel = (pos[:, None] - pos[None, :]).expand(b, h * w, h * w)         # from x's shape/device only
+        r = torch.bmm(a, rel)                                               # not an attention product
+        g = e @ e.t()                                                       # rank 2: mixes the batch
+        return torch.bmm(s, a).sum() + r.sum() + g.sum() + e2.sum()
+
+
+def _decisions(model, *inputs):
+    gm = fxq.trace(model, inputs)
+    PassManager([fold_constants, normalize_args, SelectOps(QuantConfig(first_last_bits=None))])(gm)
+    chosen = {n.name: n.meta["fxq"]["kind"] for n in selected_nodes(gm)}
+    floats = {n.name: f["reason"] for n, f in float_nodes(gm)}
+    return gm, chosen, floats
+
+
+def test_attention_needs_both_operands_value_dependent_and_batched():
+    x, t = torch.randn(2, 3, 2, 2), torch.tensor([1, 501])
+    gm, chosen, floats = _decisions(Mixed(), x, t)
+    assert chosen == {"einsum_1": "attn_matmul", "bmm_1": "attn_matmul"}
+    assert floats == {"einsum": "not_activation",        # freqs follows t's device, not its values
+                      "matmul": "no_reduction",          # t x freqs: an outer product with a constant
+                      "bmm": "not_activation",           # rel is computed from x's shape and device only
+                      "matmul_1": "rank"}                # e @ e.T: rank 2
+
+
+def test_the_raw_timestep_is_never_quantized():
+    # The issue's case: an 8-bit quantizer on t gave t = 1, 2, 3, 501 -> 0, 3.47, 3.47, 502.7.
+    model = TimestepEmbedding()
+    t = torch.tensor([1, 2, 3, 501])
+    q = fxq.quantize(model, (t,), [(torch.randint(0, 1000, (4,)),) for _ in range(3)],
+                     QuantConfig(timestep_arg=None))
+    assert torch.equal(q(t), model(t))
+    assert [f.reason for f in fxq.report.float_ops(q)] == ["not_activation"]
+
+
+def test_unknown_rank_is_not_taken_for_attention():
+    gm = torch.fx.symbolic_trace(Before())  # no shape metadata
+    SelectOps(QuantConfig())(gm)
+    assert [n.meta["fxq"]["kind"] for n in selected_nodes(gm)] == ["conv", "linear"]
+    assert [(n.name, f["reason"]) for n, f in float_nodes(gm)] == [("matmul", "rank_unknown")]
+
+
+class Functional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 3, 3, 3))
+        self.wt = nn.Parameter(torch.randn(4, 2, 2, 2))           # conv_transpose: [in, out, k, k]
+        self.lin = nn.Parameter(torch.randn(5, 8))
+        self.b = nn.Parameter(torch.randn(5))
+
+    def forward(self, x):
+        h = F.conv2d(x, self.w * 2.0, padding=1)                   # a parameter function: folded
+        u = F.conv_transpose2d(h, self.wt, stride=2)               # transposed: weight axis 1
+        f = u.flatten(1)[:, :8]
+        y = F.linear(input=f, weight=self.lin)                     # keyword operands
+        z = torch.addmm(self.b, f, self.lin.t())                   # the product of addmm, constant on the right
+        d = F.linear(f, self.lin * f.mean())                       # a dynamic weight
+        return y + z + d
+
+
+def test_functional_ops_with_constant_weights_are_selected_with_their_weight_slot_and_axis():
+    gm, chosen, floats = _decisions(Functional(), torch.randn(2, 3, 4, 4))
+    meta = {n.name: (n.meta["fxq"]["kind"], n.meta["fxq"]["act_inputs"], n.meta["fxq"]["weight_input"],
+                     n.meta["fxq"]["weight_axis"]) for n in selected_nodes(gm)}
+    assert meta == {"conv2d": ("conv", (0,), 1, 0), "conv_transpose2d": ("conv", (0,), 1, 1),
+                    "linear": ("linear", (0,), 1, 0), "addmm": ("linear", (1,), 2, 1)}
+    assert floats == {"linear_1": "dynamic_weight"}
+    conv = next(n for n in gm.graph.nodes if n.name == "conv2d")
+    assert conv.args[1].op == "get_attr"
