@@ -2,6 +2,7 @@
 input-dependent is folded; the user's model is never touched."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 
 import fxq
 from fxq._guards import check_specialized
+from fxq.errors import FxqWarning
 from fxq.graph import activation_nodes
 from fxq.passes.fold_constants import fold_constants
 from fxq.passes.manager import PassManager
@@ -137,21 +139,23 @@ def test_folding_keeps_outputs_bit_identical_and_leaves_only_constants(ops, cin,
 class NotFoldable(nn.Module):
     def __init__(self):
         super().__init__()
-        self.w = nn.Parameter(torch.randn(4, 4))
+        self.w = nn.Parameter(torch.rand(4, 4))
 
     def forward(self, x):
-        noisy = self.w + torch.randn_like(self.w)            # random: drawn at every call
+        noisy = F.dropout(self.w, 0.5, training=True)        # random: drawn at every call (torch: "pure")
+        coins = self.w.bernoulli()                           # random, as a method
         inplace = (self.w * 2).add_(1)                       # in-place into a parameter-derived tensor
         sliced = self.w[:, : x.shape[1]]                     # depends on the input's shape
-        empty = torch.empty(4, 4).zero_()                    # uninitialized, then written in place
-        return x @ noisy + x @ inplace + x @ sliced + x @ empty
+        return x @ noisy + x @ coins + x @ inplace + x @ sliced
 
 
-def test_random_inplace_uninitialized_and_shape_dependent_parts_are_not_folded():
+def test_random_inplace_and_shape_dependent_parts_are_not_folded():
     torch.manual_seed(0)
     model = NotFoldable()
     x = torch.randn(2, 4)
-    gm = fxq.trace(model, (x,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FxqWarning)  # random: the traced run differs from the eager one
+        gm = fxq.trace(model, (x,))
     code = gm.code
     fold_constants(gm)
     assert gm.code == code  # nothing here is a constant
@@ -159,6 +163,45 @@ def test_random_inplace_uninitialized_and_shape_dependent_parts_are_not_folded()
     a = gm(x)
     torch.manual_seed(1)
     assert torch.equal(a, model(x))
+
+
+class Uninitialized(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.rand(4, 4))
+
+    def forward(self, x):
+        return x @ torch.empty_like(self.w) + x @ self.w.new_empty((4, 4))
+
+
+def test_uninitialized_memory_is_not_folded():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FxqWarning)  # the traced run read other garbage than the eager one
+        gm = fxq.trace(Uninitialized(), (torch.randn(4, 4),))
+    code = gm.code
+    fold_constants(gm)
+    assert gm.code == code  # folding would freeze whatever memory held: a model that differs from run to run
+
+
+class SharedView(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 5))
+
+    def forward(self, x):
+        return F.linear(x, self.w.t()) + x @ self.w  # the folded weight is a view of a parameter still read
+
+
+def test_folded_constants_never_alias_a_parameter():
+    x = torch.randn(2, 3)
+    gm = fxq.trace(SharedView(), (x,))
+    before = gm(x)
+    fold_constants(gm)
+    linear = next(n for n in gm.graph.nodes if n.target is F.linear)
+    folded = getattr(gm, linear.args[1].target)
+    assert torch.equal(folded, gm.w.t())
+    assert folded.untyped_storage().data_ptr() != gm.w.untyped_storage().data_ptr()
+    assert torch.equal(gm(x), before)
 
 
 def test_randomness_does_not_leak_into_the_callers_generator():
