@@ -3,8 +3,8 @@
 Lowering replaces each activation observer by a `FakeQuantize` module (same node, same (x, t) inputs, so the
 timestep still picks the parameters of its group) and each quantized conv/linear weight by its fake-quantized
 value, once, here, rather than at every call: a module gets a new weight Parameter, a functional op (F.conv2d,
-F.linear, a matmul with a constant) reads a new constant in its weight slot. Biases stay in float (as int8 kernels keep them in int32
-at the product's scale, which float simulates well).
+F.linear, a matmul with a constant) reads a new constant in its weight slot. Biases stay in float (as int8
+kernels keep them in int32 at the product's scale, which float simulates well).
 """
 
 from __future__ import annotations

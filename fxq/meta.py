@@ -91,8 +91,9 @@ class _Unknown(Exception):
 
 def fill_meta(gm: torch.fx.GraphModule) -> int:
     """Record metadata on the nodes that lack it (inserted by a pass), from their inputs' metadata; returns how
-    many got some. Does nothing on a graph without metadata at all (fxq's, ShapeProp's or export's). Only functions and methods run (on "meta"
-    tensors); a node that cannot be evaluated so (a module call, an op without a meta kernel) stays unknown."""
+    many got some. Does nothing on a graph without metadata at all (fxq's, ShapeProp's or export's). Only functions
+    and methods run (on "meta" tensors); a node that cannot be evaluated so (a module call, an op without a meta
+    kernel) stays unknown."""
     nodes = list(gm.graph.nodes)
     if not any(_has_meta(n) for n in nodes):
         return 0
@@ -103,9 +104,7 @@ def fill_meta(gm: torch.fx.GraphModule) -> int:
     for node in missing:
         try:
             value = _value(gm, node, values)
-        except _Unknown:
-            continue
-        except Exception:  # an op that does not run on meta tensors: its metadata stays unknown
+        except Exception:  # an unknown input, or an op that does not run on meta tensors: stays unknown
             continue
         node.meta[VAL_KEY] = describe(value, None if node.op == "get_attr" else _device_of_inputs(node))
         filled += 1

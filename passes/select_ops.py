@@ -94,7 +94,6 @@ class _Facts:
     """Per-graph analyses the decisions share."""
 
     def __init__(self, gm: torch.fx.GraphModule):
-        self.gm = gm
         self.values = value_dependent_nodes(gm.graph)
         self.from_inputs = activation_nodes(gm.graph)  # reachable from an input at all (values or metadata)
 

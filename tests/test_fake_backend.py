@@ -48,9 +48,10 @@ def _codes_per_channel(w, qp, axis):
 
 
 @settings(max_examples=10, deadline=None)
-@given(cin=st.integers(1, 4), cout=st.integers(2, 4), k=st.integers(1, 3), bits=st.integers(2, 6),
+@given(cin=st.integers(2, 4), cout=st.integers(2, 4), k=st.integers(1, 3), bits=st.integers(2, 6),
        seed=st.integers(0, 999))
 def test_transposed_conv_weight_is_fake_quantized_per_output_channel_on_axis_1(cin, cout, k, bits, seed):
+    # cin >= 2: a product that sums a single term stays float (select_ops)
     torch.manual_seed(seed)
     up = nn.ConvTranspose2d(cin, cout, k, stride=2)
     with torch.no_grad():  # output channels of very different magnitudes: axis 0 or per-tensor scales differ
