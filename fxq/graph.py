@@ -19,6 +19,7 @@ from torch.nn.utils.parametrize import is_parametrized
 from fxq._guards import is_guard
 from fxq._proxy import META_FUNCTIONS, META_METHODS
 from fxq.errors import FxqWarning
+from fxq.meta import rank, tensor_meta  # noqa: F401  (shape metadata readers: recorded, read and filled in fxq.meta)
 
 
 def to_networkx(graph: torch.fx.Graph) -> nx.DiGraph:

@@ -104,7 +104,9 @@ def einsum_operands(node: torch.fx.Node) -> tuple[int, int] | None:
 def is_unsupported(node: torch.fx.Node) -> bool:
     """A product of tensors fxq knows of but does not quantize (it stays in float, listed by the report)."""
     if node.op == "call_function":
-        return node.target in UNSUPPORTED_FUNCTIONS or (node.target is torch.einsum and not einsum_operands(node))
+        if node.target is torch.einsum:  # a product of three or more operands (one operand: a permutation)
+            return len(node.args) > 3 or (len(node.args) == 2 and isinstance(node.args[1], (list, tuple)))
+        return node.target in UNSUPPORTED_FUNCTIONS
     return node.op == "call_method" and node.target in UNSUPPORTED_METHODS
 
 
