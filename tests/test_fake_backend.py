@@ -97,3 +97,28 @@ def test_functional_weight_is_the_fake_quantized_folded_constant_and_other_reade
     expected = F.linear(x, Q.fake_quantize(folded, qp)) + folded.sum()
     torch.testing.assert_close(q(x), expected, rtol=1e-4, atol=1e-3)
     assert torch.equal(model.v, v)
+
+
+class SharedWithModule(nn.Module):
+    """A module's weight also used by a functional op: quantizing the functional use must not change the module's."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 5)
+
+    def forward(self, x):
+        return F.linear(x, self.lin.weight) + self.lin(x)
+
+
+def test_a_weight_shared_with_a_module_kept_float_stays_float_there():
+    torch.manual_seed(0)
+    model = SharedWithModule().eval()
+    x = torch.randn(3, 5)
+    config = fxq.QuantConfig(weight_bits=3, act_bits=16, first_last_bits=None, timestep_arg=None,
+                             keep_float=("lin",))
+    q = fxq.quantize(model, (x,), [(x,)], config)
+    assert [n.target for n in q.graph.nodes if "fxq" in n.meta] == [F.linear]
+    assert torch.equal(q.get_submodule("lin").weight, model.lin.weight)  # the module call still reads float
+    qp = WeightObserver(3, axis=0).qparams(model.lin.weight)
+    expected = F.linear(x, Q.fake_quantize(model.lin.weight, qp)) + model.lin(x)
+    torch.testing.assert_close(q(x), expected, rtol=1e-4, atol=1e-3)
