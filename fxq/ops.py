@@ -149,16 +149,17 @@ def module_contraction(module: nn.Module) -> int:
     return module.weight.shape[1] * math.prod(module.kernel_size)
 
 
-def weight_contraction(kind_sig: Signature, weight: torch.Tensor, groups: int = 1) -> int:
+def weight_contraction(sig: Signature, weight: torch.Tensor, groups: int = 1) -> int:
     """The same for a functional conv / linear from its weight tensor."""
-    if kind_sig.kind == "linear":
+    if sig.kind == "linear":
         return weight.shape[-1]
-    if kind_sig.weight_axis == 1:  # transposed: [in, out / groups, *k]
+    if sig.weight_axis == 1:  # transposed: [in, out / groups, *k]
         return weight.shape[0] // max(groups, 1) * math.prod(weight.shape[2:])
     return weight.shape[1] * math.prod(weight.shape[2:])
 
 
 def groups_of(node: torch.fx.Node, sig: Signature) -> int:
+    """The `groups` argument of a functional conv (1 when absent or computed at run time)."""
     pos = sig.params.index("groups")
     groups = node.args[pos] if len(node.args) > pos else node.kwargs.get("groups", 1)
     return groups if isinstance(groups, int) else 1

@@ -167,6 +167,9 @@ def _weighted(gm, node, sig: ops.Signature, owner: str, facts: _Facts) -> Candid
     if weight is None:
         reason, detail = _weight_reason(node.args[w_pos], facts)
         return Candidate(sig.kind, owner, reason=reason, detail=detail)
+    if weight.dim() < 2:
+        return Candidate(sig.kind, owner, reason="weight_rank",
+                         detail=f"{ops.op_name(node)} with a weight vector: a dot product per row, not a layer")
     groups = ops.groups_of(node, sig) if sig.kind == "conv" else 1
     if ops.weight_contraction(sig, weight, groups) == 1:
         return Candidate(sig.kind, owner, reason="no_reduction", detail="each output sums a single product")
