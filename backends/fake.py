@@ -59,14 +59,16 @@ def _fake_quantized(weight: torch.Tensor, qp: Q.QParams) -> nn.Parameter:
 
 def _replace_constant_weight(gm: fx.GraphModule, node: fx.Node, pos: int, qp: Q.QParams) -> None:
     """Give a functional op (F.conv2d, F.linear, a matmul with a constant) the fake-quantized value of the constant
-    in its weight slot. When nothing else reads that constant's values (shape reads are fine) the attribute itself
-    is replaced; otherwise the op reads a new attribute through copies of the same casts, and the other readers
+    in its weight slot. When nothing else reads that constant's values (shape reads are fine; a call of the module
+    that owns it would read them) the attribute itself is replaced; otherwise the op reads a new attribute through copies of the same casts, and the other readers
     keep the original."""
     chain = weight_chain(node, pos)
     source = chain[0]
     value = _fake_quantized(attr_of(gm, source.target), qp)
     readers = {(user, n) for n in chain for user in n.users} - {(node, chain[-1])} - set(zip(chain[1:], chain))
-    if not any(reads_values(user, n) for user, n in readers):
+    called = [str(n.target) for n in gm.graph.nodes if n.op == "call_module"]  # modules read their own weights
+    if not any(reads_values(user, n) for user, n in readers) and not any(
+            str(source.target).startswith(c + ".") for c in called):
         owner, _, name = str(source.target).rpartition(".")
         setattr(gm.get_submodule(owner), name, value)  # a new tensor: the old one is never written
         return
