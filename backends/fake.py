@@ -1,9 +1,10 @@
 """Fake-quant backend: simulated quantization in floating point, any bit-width (2-16), CPU or CUDA.
 
 Lowering replaces each activation observer by a `FakeQuantize` module (same node, same (x, t) inputs, so the
-timestep still picks the parameters of its group) and each quantized conv/linear by a copy whose weight is
-fake-quantized once, here, rather than at every call. Biases stay in float (as int8 kernels keep them in int32
-at the product's scale, which float simulates well).
+timestep still picks the parameters of its group) and each quantized conv/linear weight by its fake-quantized
+value, once, here, rather than at every call: a module gets a new weight Parameter, a functional op (F.conv2d,
+F.linear, a matmul with a constant) reads a new constant in its weight slot. Biases stay in float (as int8
+kernels keep them in int32 at the product's scale, which float simulates well).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from fxq import quantizer as Q
 from fxq.calib import device_of
 from fxq.errors import InputError
 from fxq.freeze import Frozen
+from fxq.graph import free_name, reads_values
+from fxq.ops import attr_of, weight_chain, weight_key
 
 
 class FakeQuantize(nn.Module):
@@ -62,17 +65,55 @@ class FakeQuantize(nn.Module):
                    int(spec["num_timesteps"]))
 
 
+def _fake_quantized(weight: torch.Tensor, qp: Q.QParams) -> nn.Parameter:
+    with torch.no_grad():  # a new Parameter: the old tensor is never written to
+        return nn.Parameter(Q.fake_quantize(weight.float(), qp).to(weight.dtype), requires_grad=False)
+
+
+def _replace_constant_weight(gm: fx.GraphModule, node: fx.Node, pos: int, qp: Q.QParams) -> None:
+    """Give a functional op (F.conv2d, F.linear, a matmul with a constant) the fake-quantized value of the constant
+    in its weight slot. When nothing else reads that constant's values (shape reads are fine; a call of the module
+    that owns it would read them) the attribute itself is replaced; otherwise the op reads a new attribute through copies of the same casts, and the other readers
+    keep the original."""
+    chain = weight_chain(node, pos)
+    source = chain[0]
+    value = _fake_quantized(attr_of(gm, source.target), qp)
+    readers = {(user, n) for n in chain for user in n.users} - {(node, chain[-1])} - set(zip(chain[1:], chain))
+    called = [str(n.target) for n in gm.graph.nodes if n.op == "call_module"]  # modules read their own weights
+    if not any(reads_values(user, n) for user, n in readers) and not any(
+            str(source.target).startswith(c + ".") for c in called):
+        owner, _, name = str(source.target).rpartition(".")
+        setattr(gm.get_submodule(owner), name, value)  # a new tensor: the old one is never written
+        return
+    name = free_name(gm, "fxq_wq_" + node.name)
+    setattr(gm, name, value)
+    with gm.graph.inserting_before(node):
+        new = gm.graph.get_attr(name)
+        new.meta.update(source.meta)
+        remap = {source: new}
+        for cast in chain[1:]:
+            remap[cast] = gm.graph.node_copy(cast, lambda n: remap.get(n, n))
+    node.update_arg(pos, remap[chain[-1]])
+
+
 def lower(gm: fx.GraphModule, frozen: Frozen, num_timesteps: int = 1000) -> fx.GraphModule:
     """Rewrite a calibrated graph in place into its fake-quant form; returns it. The graph's modules must be its
     own (fxq.quantize works on a copy of the user's model)."""
     device = device_of(gm)
     for target, qp in frozen.act.items():
         gm.set_submodule(target, FakeQuantize(qp, num_timesteps).to(device))
-    for target, qp in frozen.weight.items():
-        module = gm.get_submodule(target)
-        with torch.no_grad():  # a new Parameter: the old tensor is never written to
-            module.weight = nn.Parameter(Q.fake_quantize(module.weight.float(), qp).to(module.weight.dtype),
-                                         requires_grad=False)
+    done = set()
+    for node in list(gm.graph.nodes):
+        meta = node.meta.get("fxq")
+        if not meta or weight_key(node) not in frozen.weight or weight_key(node) in done:
+            continue
+        qp = frozen.weight[weight_key(node)]
+        done.add(weight_key(node))  # a module called at several places holds one weight
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            module.weight = _fake_quantized(module.weight, qp)
+        else:
+            _replace_constant_weight(gm, node, meta["weight_input"], qp)
     for node in gm.graph.nodes:  # weight observers have done their work
         wobs = node.meta.get("fxq", {}).pop("weight_observer", None)
         if wobs:

@@ -14,7 +14,7 @@ if not _os.path.isdir(_os.path.join(_here, "passes")) and _os.path.isfile(
 ):
     __path__.append(_root)  # noqa: F821  (module attribute of a package)
 
-from fxq import calib, diffusion, errors, models, serialize  # noqa: E402
+from fxq import calib, diffusion, errors, models, report, serialize  # noqa: E402
 from fxq.api import quantize  # noqa: E402
 from fxq.config import QuantConfig  # noqa: E402
 from fxq.errors import FxqError  # noqa: E402
@@ -24,5 +24,5 @@ from fxq.serialize import load, save  # noqa: E402
 from fxq.tracer import trace  # noqa: E402
 
 __all__ = ["quantize", "quantize_pipeline", "trace", "QuantConfig", "QuantizedModel", "FxqError", "save", "load",
-           "calib", "diffusion", "models", "errors", "serialize"]
+           "calib", "diffusion", "models", "errors", "report", "serialize"]
 __version__ = "0.1.0"

@@ -16,6 +16,7 @@ from fxq.freeze import freeze
 from fxq.graph import cuda_devices
 from fxq.passes.decompose_attention import decompose_attention
 from fxq.passes.fold_bn import fold_bn
+from fxq.passes.fold_constants import fold_constants
 from fxq.passes.insert_observers import InsertObservers
 from fxq.passes.manager import PassManager
 from fxq.passes.normalize_args import normalize_args
@@ -49,7 +50,7 @@ def prepare(model: nn.Module, example_inputs, config: QuantConfig) -> tuple[fx.G
         names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
         raise ConfigError(f"timestep_groups={config.timestep_groups} needs a timestep input; name it with "
                           f"QuantConfig(timestep_arg=\"<input name>\") (inputs: {names})")
-    passes = PassManager([normalize_args, fold_bn, decompose_attention, SelectOps(config),
+    passes = PassManager([fold_constants, normalize_args, fold_bn, decompose_attention, SelectOps(config),
                           InsertObservers(config, t_name)])
     gm = passes(gm).graph_module
     return gm, t_name

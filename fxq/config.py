@@ -44,6 +44,10 @@ class QuantConfig:
     weight_estimator: "minmax" or "mse" per output channel.
     keep_float: fnmatch patterns of module names (e.g. "down.0.*") whose ops stay in float.
     leaf_modules: fnmatch patterns of module names the tracer keeps opaque (they stay in float).
+    require: fnmatch patterns of module names whose convs, linears and matmuls must all be quantized: if one
+      stays in float (dynamic weight, an op fxq does not know, a module with its own forward, keep_float...),
+      quantize raises UnsupportedOpError naming the node, the module and the reason instead of leaving it float.
+      "*" requires every such op of the model. `fxq.report.float_ops(qmodel)` lists what stayed float otherwise.
     first_last_bits: the least bit-width of the first and last quantized layer (8 in the papers): they get
       max(weight_bits, first_last_bits) and max(act_bits, first_last_bits); None treats them like the rest.
     percentile: the "percentile" estimator's range runs from the (100 - percentile)th to the percentile-th
@@ -65,6 +69,7 @@ class QuantConfig:
     weight_estimator: str = "minmax"
     keep_float: tuple = ()
     leaf_modules: tuple = ()
+    require: tuple = ()
     first_last_bits: int | None = 8
     percentile: float = 99.99
     lp_norm: float = 2.4
@@ -87,6 +92,10 @@ class QuantConfig:
         object.__setattr__(self, "ops", ops)
         object.__setattr__(self, "keep_float", _as_tuple("keep_float", self.keep_float))
         object.__setattr__(self, "leaf_modules", _as_tuple("leaf_modules", self.leaf_modules))
+        object.__setattr__(self, "require", _as_tuple("require", self.require))
+        for name in ("keep_float", "require"):
+            if not all(isinstance(p, str) for p in getattr(self, name)):
+                raise ConfigError(f"{name} must hold fnmatch patterns (strings), got {getattr(self, name)!r}")
         if not 50.0 < float(self.percentile) <= 100.0:
             raise ConfigError(f"percentile={self.percentile!r} must lie in (50, 100]")
         if not float(self.lp_norm) > 0:

@@ -21,6 +21,10 @@ class PassError(FxqError):
     """A graph pass failed or left a broken graph; the message names the pass."""
 
 
+class UnsupportedOpError(FxqError):
+    """An op the config requires quantized (QuantConfig.require) cannot be; the message names node and module."""
+
+
 class InputError(FxqError, ValueError):
     """Example inputs or calibration data do not fit the model."""
 

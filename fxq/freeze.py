@@ -1,7 +1,8 @@
 """freeze: read every observer of a calibrated graph into quantization parameters.
 
 The one hand-off between calibration and the backends: `Frozen.act` maps each activation observer's submodule
-name to its QParams, `Frozen.weight` maps each quantized module's name to the QParams of its weight. Backends lower
+name to its QParams, `Frozen.weight` maps each quantized weight to its QParams: by module name for a module call,
+by node name for a functional op with a constant weight (fxq.ops.weight_key). Backends lower
 from this, so fake-quant and int8 use the very same numbers.
 """
 
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
+from fxq.ops import weight_key, weight_tensor
 from fxq.passes.insert_observers import is_act_observer
 from fxq.quantizer import QParams
 
@@ -29,5 +31,5 @@ def freeze(gm: fx.GraphModule) -> Frozen:
         meta = node.meta.get("fxq")
         if meta is not None and meta.get("weight_observer"):
             wobs = gm.get_submodule(meta["weight_observer"])
-            frozen.weight[node.target] = wobs.qparams(gm.get_submodule(node.target).weight)
+            frozen.weight[weight_key(node)] = wobs.qparams(weight_tensor(gm, node))
     return frozen

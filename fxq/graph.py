@@ -14,8 +14,12 @@ import torch
 import torch.fx
 from torch import nn
 from torch.fx import Node
+from torch.nn.utils.parametrize import is_parametrized
 
+from fxq._guards import is_guard
+from fxq._proxy import META_FUNCTIONS, META_METHODS
 from fxq.errors import FxqWarning
+from fxq.meta import rank, tensor_meta  # noqa: F401  (shape metadata readers: recorded, read and filled in fxq.meta)
 
 
 def to_networkx(graph: torch.fx.Graph) -> nx.DiGraph:
@@ -93,6 +97,65 @@ def activation_nodes(graph: torch.fx.Graph) -> set[Node]:
     return dynamic
 
 
+# Ops that read only the metadata (shape, dtype, device) of some inputs: which inputs, by position in node.args
+# (None: all of them). Everything else reads the values of all its inputs.
+META_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "layout", "is_cuda", "is_meta", "is_sparse",
+                        "is_quantized", "requires_grad"})
+_METADATA_ONLY_METHODS = {name: None for name in META_METHODS} | {
+    "new_zeros": (0,), "new_ones": (0,), "new_empty": (0,), "new_full": (0,), "new_empty_strided": (0,),
+    "type_as": (1,), "to": (1,), "expand_as": (1,), "view_as": (1,), "reshape_as": (1,),
+}
+_METADATA_ONLY_FUNCTIONS = {fn: None for fn in META_FUNCTIONS} | {
+    fn: (0,) for fn in (torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like,
+                        torch.randn_like, torch.randint_like)
+}
+
+
+def _metadata_inputs(node: Node) -> tuple | None:
+    """Positions in node.args whose values `node` does not read (None: it reads no input's values)."""
+    if node.op == "call_method":
+        return _METADATA_ONLY_METHODS.get(node.target, ())
+    if node.op == "call_function":
+        if node.target is getattr and len(node.args) == 2 and node.args[1] in META_ATTRS:
+            return None
+        if is_guard(node):
+            return None
+        return _METADATA_ONLY_FUNCTIONS.get(node.target, ())
+    return ()
+
+
+def reads_values(node: Node, arg: Node) -> bool:
+    """Whether `node` reads the values of its input `arg` (not only its shape, dtype or device)."""
+    skipped = _metadata_inputs(node)
+    if skipped is None:
+        return False
+    positions = [i for i, a in enumerate(node.args) if a is arg]
+    return not positions or any(i not in skipped for i in positions) or _used_elsewhere(node, arg, skipped)
+
+
+def value_dependent_nodes(graph: torch.fx.Graph) -> set[Node]:
+    """Nodes whose values depend on the values of a graph input, as opposed to only on the inputs' shapes,
+    dtypes or devices (`torch.arange(n, device=t.device)`, `x.new_zeros(x.shape)`) or on parameters alone. An
+    op that reads an input only through `.shape` / `.size()` / `.to(other)` / `zeros_like` ... does not make its
+    result depend on that input's values."""
+    dependent: set[Node] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            dependent.add(node)
+            continue
+        if any(a in dependent and reads_values(node, a) for a in node.all_input_nodes):
+            dependent.add(node)
+    return dependent
+
+
+def _used_elsewhere(node: Node, arg: Node, skipped: tuple) -> bool:
+    """Whether `arg` also appears in `node`'s call outside the positions whose values it does not read."""
+    others = [a for i, a in enumerate(node.args) if i not in skipped] + list(node.kwargs.values())
+    found = []
+    torch.fx.node.map_arg(others, lambda n: found.append(n) if n is arg else n)
+    return bool(found)
+
+
 def owning_module(node: Node) -> str:
     """Qualified name of the module an op lives in: a call_module's own target; for other nodes the innermost
     entry of `node.meta["nn_module_stack"]` (recorded by the tracer); "" at top level."""
@@ -113,10 +176,26 @@ def innermost_module(stack) -> str:
 
 
 def stock_type(module: nn.Module, bases) -> type | None:
-    """The base in `bases` that `module` is, provided it does not override forward (else its math is unknown)."""
+    """The base in `bases` that `module` is, provided it computes exactly what that base does: its class keeps the
+    base's forward, and the instance has no forward of its own, no hooks and no parametrization (any of which
+    change the math or the weight behind fxq's back)."""
+    if custom_behaviour(module):
+        return None
     for base in bases:
         if isinstance(module, base) and type(module).forward is base.forward:
             return base
+    return None
+
+
+def custom_behaviour(module: nn.Module) -> str | None:
+    """What makes a module instance compute something else than its class's forward, or None."""
+    if "forward" in vars(module):
+        return "a forward set on the instance"
+    if is_parametrized(module):
+        return "a parametrization of its parameters (torch.nn.utils.parametrize)"
+    hooks = [h for attr in ("_forward_pre_hooks", "_forward_hooks") for h in getattr(module, attr, {}).values()]
+    if hooks:
+        return f"forward hooks ({', '.join(sorted({type(h).__name__ for h in hooks}))})"
     return None
 
 

@@ -184,8 +184,9 @@ class WeightObserver(nn.Module):
         self.bits, self.estimator, self.lp_norm, self.axis = bits, estimator, lp_norm, axis
 
     @classmethod
-    def from_config(cls, config, bits: int) -> "WeightObserver":
-        return cls(bits, config.weight_estimator, config.lp_norm)
+    def from_config(cls, config, bits: int, axis: int = 0) -> "WeightObserver":
+        """`axis`: the output-channel axis of the weight it will see (the op's, e.g. 1 for ConvTranspose)."""
+        return cls(bits, config.weight_estimator, config.lp_norm, axis)
 
     def qparams(self, weight: torch.Tensor) -> Q.QParams:
         w = weight.detach().float().transpose(0, self.axis).reshape(weight.shape[self.axis], -1)

@@ -1,12 +1,18 @@
-"""Measurements of a quantized model against its float original: SQNR per timestep, op counts."""
+"""Measurements of a quantized model against its float original: SQNR per timestep, op counts, and what stayed
+in float and why (`float_ops`, `float_summary`)."""
 
 from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
 from fxq.diffusion import _model_device_dtype
-from fxq.passes.select_ops import summary
+from fxq.errors import InputError
+from fxq.ops import op_name
+from fxq.passes.select_ops import FLOAT_KEY, META_KEY, REASONS, float_nodes, summary
 from fxq.qmodel import QuantizedModel
 
 
@@ -24,6 +30,59 @@ def quantized_ops(model: QuantizedModel | fx.GraphModule) -> dict[str, int]:
     lowered graph, kinds with none left out."""
     gm = model.graph_module if isinstance(model, QuantizedModel) else model
     return {kind: n for kind, n in summary(gm).items() if n}
+
+
+@dataclass(frozen=True)
+class FloatOp:
+    """A conv / linear / matmul-like op that stayed in float, and why (`reason`: a key of select_ops.REASONS)."""
+
+    node: str
+    op: str
+    kind: str | None
+    module: str
+    reason: str
+    detail: str
+
+    @property
+    def label(self) -> str:
+        return REASONS.get(self.reason, self.reason)
+
+
+def _graph_of(qmodel) -> fx.GraphModule:
+    """The graph fxq compiled: the model itself, or the first GraphModule inside a wrapper that carries fxq's
+    decisions."""
+    if isinstance(qmodel, fx.GraphModule):
+        return qmodel
+    if isinstance(qmodel, torch.nn.Module):
+        for module in qmodel.modules():
+            if isinstance(module, fx.GraphModule) and any(
+                    META_KEY in n.meta or FLOAT_KEY in n.meta for n in module.graph.nodes):
+                return module
+    raise InputError(f"{type(qmodel).__name__} is not a model made by fxq.quantize (nor a graph select_ops ran on)")
+
+
+def float_ops(qmodel) -> list[FloatOp]:
+    """Every conv / linear / matmul-like op of a quantized model (or of a graph select_ops ran on) that stayed in
+    float, in graph order, with the reason. A module the tracer kept whole contributes one entry per layer in it."""
+    return [FloatOp(node.name, op_name(node), f["kind"], f["module"], f["reason"], f["detail"])
+            for node, f in float_nodes(_graph_of(qmodel))]
+
+
+def float_summary(qmodel) -> str:
+    """A readable account of what a quantized model runs in float: counts of quantized ops by kind, then one line
+    per float op (module, op, reason), then counts by reason."""
+    gm = _graph_of(qmodel)
+    quantized = quantized_ops(gm)
+    floats = float_ops(gm)
+    done = ", ".join(f"{k} {n}" for k, n in quantized.items()) or "none"
+    lines = [f"quantized ops: {sum(quantized.values())} ({done}); stayed in float: {len(floats)}"]
+    for f in floats:
+        kind = f" {f.kind}" if f.kind else ""
+        lines.append(f"  {f.module or '<top level>'}:{kind} {f.op} (node {f.node}): {f.label}. {f.detail}")
+    if floats:
+        counts = Counter(f.label for f in floats)
+        lines.append("by reason: " + "; ".join(f"{label} x{n}" for label, n in counts.most_common()))
+    return "\n".join(lines)
 
 
 def _eps(out):

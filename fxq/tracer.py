@@ -31,6 +31,7 @@ from fxq._proxy import (
 from fxq.errors import FxqError, FxqWarning, InputError, TraceError
 from fxq.graph import cuda_devices, innermost_module, warn_unmatched
 from fxq.inputs import as_args_kwargs
+from fxq.meta import record as record_meta
 
 __all__ = ["trace"]
 
@@ -93,7 +94,16 @@ class _ValueTracer(ReplayTracer):
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         node.meta.setdefault("nn_module_stack", collections.OrderedDict(self.module_stack))
+        if kind == "get_attr":  # also the constants fx makes of tensors passed straight to an op
+            with self._unpatched():
+                record_meta(node, self._attr(target))
         return node
+
+    def _attr(self, target: str):
+        value = self.root
+        for atom in target.split("."):
+            value = getattr(value, atom)
+        return value
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None,
                      value=None, data_dependent=False):
@@ -102,6 +112,7 @@ class _ValueTracer(ReplayTracer):
             value, data_dependent = self._evaluate(kind, target, args, kwargs)
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr,
                                      proxy_factory_fn=lambda n: ValueProxy(n, self, value, data_dependent))
+        record_meta(proxy.node, value)  # shape/dtype/device of the example value, for the passes
         if isinstance(value, torch.Tensor):
             self._tensor_nodes.add(proxy.node)
         return proxy
@@ -113,9 +124,7 @@ class _ValueTracer(ReplayTracer):
         unpatched = self._unpatched() if kind in ("call_module", "get_attr") else contextlib.nullcontext()
         with unpatched, torch.no_grad():
             if kind == "get_attr":
-                value = self.root
-                for atom in target.split("."):
-                    value = getattr(value, atom)
+                value = self._attr(target)
             elif kind == "call_function":
                 value = target(*cargs, **ckwargs)
             elif kind == "call_method":

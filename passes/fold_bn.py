@@ -13,9 +13,10 @@ else uses it. The original parameter tensors are never written: they may be shar
 Guarantees afterwards: no foldable pair remains; the graph computes the same function within float tolerance;
 train-mode BN, BN without running stats and layers whose output has other users are left as they were.
 
-Linear -> BatchNorm1d folds only when BN normalizes the Linear's feature axis, i.e. the Linear output is 2-D.
-When the nodes carry shape metadata (`tensor_meta` from ShapeProp, or `val`) the rank is checked; without
-metadata the pass relies on `num_features == out_features` (the usual MLP layout).
+BN normalizes dim 1, so a pair folds only when the layer's output has the rank where dim 1 is its channel axis:
+2-D for Linear (on [N, L, C] a BatchNorm1d normalizes L, not the Linear's features), 3-D for Conv1d (an unbatched
+[C, L] input would put L there), 4-D / 5-D for Conv2d / Conv3d. The rank comes from the shape metadata
+(fxq.meta: recorded by fxq.trace, or ShapeProp's); a pair whose rank is unknown is not folded.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch.fx
 import torch.nn as nn
 
 from fxq.graph import free_name, stock_type
+from fxq.meta import rank as output_rank
 from fxq.passes.manager import PassResult
 
 # layer type -> (BN type, rank of the layer output that BN normalizes along dim 1)
@@ -36,14 +38,6 @@ _PAIRS = {
     nn.Conv3d: (nn.BatchNorm3d, 5),
     nn.Linear: (nn.BatchNorm1d, 2),
 }
-
-
-def _output_rank(node: torch.fx.Node) -> int | None:
-    meta = node.meta.get("tensor_meta")
-    shape = getattr(meta, "shape", None)
-    if shape is None:
-        shape = getattr(node.meta.get("val"), "shape", None)
-    return None if shape is None else len(shape)
 
 
 def _bn_of(gm: torch.fx.GraphModule, layer_node: torch.fx.Node) -> torch.fx.Node | None:
@@ -64,7 +58,7 @@ def _bn_of(gm: torch.fx.GraphModule, layer_node: torch.fx.Node) -> torch.fx.Node
     out_features = layer.out_features if layer_type is nn.Linear else layer.out_channels
     if bn.num_features != out_features:
         return None
-    if _output_rank(layer_node) not in (None, rank):
+    if output_rank(layer_node) != rank:  # unknown rank: BN's channel axis might not be the layer's
         return None
     return bn_node
 

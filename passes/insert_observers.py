@@ -5,7 +5,8 @@ Pattern: every node that select_ops marked (`node.meta["fxq"]`).
   receives the timestep placeholder (if the model has one), so observers can keep ranges per timestep group.
   A producer feeding several selected ops at the same bit-width gets one shared observer: it is one quantized
   tensor, as it will be in an int8 graph.
-- conv/linear get a per-output-channel `WeightObserver` submodule, named in `meta["fxq"]["weight_observer"]`.
+- conv/linear get a per-output-channel `WeightObserver` submodule along `meta["fxq"]["weight_axis"]` (1 for a
+  transposed conv), named in `meta["fxq"]["weight_observer"]`.
 
 Guarantees afterwards: outputs are bit-identical to before (observers are identities); each selected activation
 input reads from exactly one observer of its bit-width; running the pass again changes nothing.
@@ -16,7 +17,9 @@ from __future__ import annotations
 import torch.fx as fx
 
 from fxq.graph import free_name
+from fxq.meta import VAL_KEY
 from fxq.observers import ActObserver, WeightObserver
+from fxq.ops import weight_key
 from fxq.passes.manager import PassResult
 
 ACT_PREFIX, WEIGHT_PREFIX = "fxq_obs_", "fxq_wobs_"
@@ -59,11 +62,14 @@ class InsertObservers:
                     with gm.graph.inserting_before(node):
                         args = (src,) if t_node is None else (src, t_node)
                         shared[key] = gm.graph.call_module(name, args)
+                    if VAL_KEY in src.meta:  # an identity: same metadata as what it observes
+                        shared[key].meta[VAL_KEY] = src.meta[VAL_KEY]
                 node.update_arg(pos, shared[key])
                 modified = True
             if meta["weight_bits"] is not None and "weight_observer" not in meta:
-                name = free_name(gm, WEIGHT_PREFIX + node.target.replace(".", "_"))
-                gm.add_submodule(name, WeightObserver.from_config(self.config, meta["weight_bits"]))
+                name = free_name(gm, WEIGHT_PREFIX + weight_key(node).replace(".", "_"))
+                axis = meta.get("weight_axis") or 0
+                gm.add_submodule(name, WeightObserver.from_config(self.config, meta["weight_bits"], axis))
                 meta["weight_observer"] = name
                 modified = True
         return PassResult(gm, modified)

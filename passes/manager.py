@@ -9,7 +9,9 @@ The passes in this package also recompile the GraphModule when they change it, s
 as well; the manager's recompile makes any pass safe.
 
 A pass that leaves dead nodes behind and wants them swept sets the attribute `dce = True` on itself; the manager
-then runs `graph.eliminate_dead_code()` after it. Nothing else is implicit.
+then runs `graph.eliminate_dead_code()` after it. A pass that inserts nodes need not compute their shape metadata:
+the manager fills it after each pass (fxq.meta.fill_meta; a pass run on its own leaves new nodes without it).
+Nothing else is implicit.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch.fx
 
 from fxq.errors import FxqError, PassError  # noqa: F401  (PassError: re-exported for passes)
+from fxq.meta import fill_meta
 
 
 class PassResult(NamedTuple):
@@ -50,9 +53,10 @@ def _wrap(name: str, err: Exception, what: str) -> FxqError:
 class PassManager:
     """Runs `passes` in order on one GraphModule.
 
-    After each pass: `graph.lint()` (when `check`), dead-code elimination if the pass set `dce = True`, and
-    `recompile()` so the next pass sees code that matches the graph. A failure inside a pass, or a graph that no
-    longer lints, raises an FxqError whose message names the pass (the original exception is the cause).
+    After each pass: `graph.lint()` (when `check`), dead-code elimination if the pass set `dce = True`, shape
+    metadata for new nodes, and `recompile()` so the next pass sees code that matches the graph. A failure inside
+    a pass, or a graph that no longer lints, raises an FxqError whose message names the pass (the original
+    exception is the cause).
     """
 
     def __init__(self, passes: Sequence[Pass], check: bool = True):
@@ -81,6 +85,7 @@ class PassManager:
                     gm.graph.lint()
                 if getattr(p, "dce", False):
                     changed = gm.graph.eliminate_dead_code() or changed
+                fill_meta(gm)
                 gm.recompile()
             except Exception as err:
                 raise _wrap(name, err, "left an invalid graph") from err

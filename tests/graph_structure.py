@@ -1,6 +1,8 @@
 """Structural comparison of fx graphs for Before/Expected pass tests."""
 
+import torch
 import torch.fx
+from torch.fx.passes.shape_prop import ShapeProp
 
 
 def structure(gm: torch.fx.GraphModule) -> list[tuple]:
@@ -31,3 +33,11 @@ def assert_same_structure(got: torch.fx.GraphModule, expected: torch.fx.GraphMod
     for i, (x, y) in enumerate(zip(a, b)):
         assert x == y, f"node {i} differs:\n got      {x}\n expected {y}\n\n{got.code}\n---\n{expected.code}"
     assert len(a) == len(b), f"{len(a)} nodes, expected {len(b)}:\n{got.code}\n---\n{expected.code}"
+
+
+def shaped_trace(module: torch.nn.Module, *inputs) -> torch.fx.GraphModule:
+    """`torch.fx.symbolic_trace` plus the shape metadata of running `inputs` through it (ShapeProp): passes that
+    decide by rank (fold_bn, select_ops) read it, as they read what fxq.trace records."""
+    gm = torch.fx.symbolic_trace(module)
+    ShapeProp(gm).propagate(*inputs)
+    return gm

@@ -1,11 +1,15 @@
 """FakeQuantize: per-group parameters are chosen by t; the lowered weights are the fake-quantized originals."""
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import fxq
 from fxq import quantizer as Q
 from fxq.backends.fake import FakeQuantize
+from fxq.observers import WeightObserver
 
 
 @settings(max_examples=25, deadline=None)
@@ -29,3 +33,92 @@ def test_single_group_ignores_t_and_matches_the_arithmetic():
     fq = FakeQuantize(qp)
     x = torch.linspace(-2, 4, 50)
     assert torch.equal(fq(x), Q.fake_quantize(x, qp)) and torch.equal(fq(x, torch.tensor(5)), fq(x))
+
+
+# ------------------------------------------------------------------------------- lowered weights, by op kind
+def _quantize(model, x, bits=4):
+    config = fxq.QuantConfig(weight_bits=bits, act_bits=16, first_last_bits=None, timestep_arg=None)
+    return fxq.quantize(model, (x,), [(x,)], config)
+
+
+def _codes_per_channel(w, qp, axis):
+    """Distinct integer codes of a lowered weight, per output channel."""
+    q = Q.quantize(w.detach(), qp)
+    return [q.select(axis, i).unique().numel() for i in range(w.shape[axis])]
+
+
+@settings(max_examples=10, deadline=None)
+@given(cin=st.integers(2, 4), cout=st.integers(2, 4), k=st.integers(1, 3), bits=st.integers(2, 6),
+       seed=st.integers(0, 999))
+def test_transposed_conv_weight_is_fake_quantized_per_output_channel_on_axis_1(cin, cout, k, bits, seed):
+    # cin >= 2: a product that sums a single term stays float (select_ops)
+    torch.manual_seed(seed)
+    up = nn.ConvTranspose2d(cin, cout, k, stride=2)
+    with torch.no_grad():  # output channels of very different magnitudes: axis 0 or per-tensor scales differ
+        up.weight.mul_(torch.logspace(-2, 1, cout)[None, :, None, None])
+    model = nn.Sequential(up).eval()
+    weight = up.weight.detach().clone()
+    q = _quantize(model, torch.randn(2, cin, 3, 3), bits)
+    qp = WeightObserver(bits, axis=1).qparams(weight)
+    assert qp.scale.shape == (cout,)
+    lowered = q.get_submodule("0").weight
+    assert torch.equal(lowered, Q.fake_quantize(weight, qp))
+    assert max(_codes_per_channel(lowered, qp, 1)) <= 2 ** bits
+    assert torch.equal(up.weight, weight)  # the user's module keeps its float weight
+
+
+class NormalizedLinear(nn.Module):
+    """A functional linear whose weight is a parameter function (weight standardization) shared with another
+    reader of its values."""
+
+    def __init__(self):
+        super().__init__()
+        self.v = nn.Parameter(torch.randn(6, 5) * torch.logspace(-2, 1, 6)[:, None])
+
+    def forward(self, x):
+        w = (self.v - self.v.mean(1, keepdim=True)) * 3.0
+        return F.linear(x, w.to(x.dtype)) + w.sum()       # w.sum() reads the float weight
+
+
+def test_functional_weight_is_the_fake_quantized_folded_constant_and_other_readers_keep_float():
+    torch.manual_seed(0)
+    model = NormalizedLinear()
+    v = model.v.detach().clone()
+    x = torch.randn(3, 5)
+    q = _quantize(model, x, bits=3)
+    folded = (v - v.mean(1, keepdim=True)) * 3.0
+    qp = WeightObserver(3, axis=0).qparams(folded)
+    linear = next(n for n in q.graph.nodes if n.target is F.linear)
+    src = linear.args[1].args[0]  # the weight slot reads a constant through the cast to x's dtype
+    lowered = getattr(q.graph_module, src.target)
+    assert torch.equal(lowered, Q.fake_quantize(folded, qp))
+    assert max(_codes_per_channel(lowered, qp, 0)) <= 2 ** 3
+    # the other reader sees the float weight, so the output is float linear of the quantized weight + w.sum()
+    expected = F.linear(x, Q.fake_quantize(folded, qp)) + folded.sum()
+    torch.testing.assert_close(q(x), expected, rtol=1e-4, atol=1e-3)
+    assert torch.equal(model.v, v)
+
+
+class SharedWithModule(nn.Module):
+    """A module's weight also used by a functional op: quantizing the functional use must not change the module's."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 5)
+
+    def forward(self, x):
+        return F.linear(x, self.lin.weight) + self.lin(x)
+
+
+def test_a_weight_shared_with_a_module_kept_float_stays_float_there():
+    torch.manual_seed(0)
+    model = SharedWithModule().eval()
+    x = torch.randn(3, 5)
+    config = fxq.QuantConfig(weight_bits=3, act_bits=16, first_last_bits=None, timestep_arg=None,
+                             keep_float=("lin",))
+    q = fxq.quantize(model, (x,), [(x,)], config)
+    assert [n.target for n in q.graph.nodes if "fxq" in n.meta] == [F.linear]
+    assert torch.equal(q.get_submodule("lin").weight, model.lin.weight)  # the module call still reads float
+    qp = WeightObserver(3, axis=0).qparams(model.lin.weight)
+    expected = F.linear(x, Q.fake_quantize(model.lin.weight, qp)) + model.lin(x)
+    torch.testing.assert_close(q(x), expected, rtol=1e-4, atol=1e-3)

@@ -7,8 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.fx.passes.shape_prop import ShapeProp
 
+import fxq
 from fxq.passes.fold_bn import fold_bn
-from tests.graph_structure import assert_same_structure
+from tests.graph_structure import assert_same_structure, shaped_trace
 
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -62,7 +63,7 @@ def test_fold_preserves_outputs(spec, affine, eps, seed):
     randomize_bn(bn, gen)
     model = Pair(layer, bn).eval()
     x = torch.randn(shape, generator=gen)
-    gm = torch.fx.symbolic_trace(model)
+    gm = shaped_trace(model, x)
     with torch.no_grad():
         before = gm(x)
 
@@ -90,7 +91,7 @@ def test_user_model_and_parameters_untouched():
     x = torch.randn(2, 3, 5, 5)
     with torch.no_grad():
         ref = model(x)
-    gm = torch.fx.symbolic_trace(model)  # shares the leaf modules with `model`
+    gm = shaped_trace(model, x)  # shares the leaf modules with `model`
 
     fold_bn(gm)
 
@@ -137,8 +138,8 @@ def test_before_expected():
     gen = torch.Generator().manual_seed(1)
     for bn in (model.bn, model.bn3, model.bn1):
         randomize_bn(bn, gen)
-    gm = torch.fx.symbolic_trace(model)
     x, y = torch.randn(2, 3, 5, 5), torch.randn(3, 8)
+    gm = shaped_trace(model, x, y)
     with torch.no_grad():
         ref = gm(x, y)
 
@@ -184,7 +185,7 @@ class SubclassConv(nn.Conv2d):
 ], ids=["train_bn", "no_running_stats", "two_users", "bn_of_sum", "custom_forward"])
 def test_leaves_unfoldable_alone(make):
     torch.manual_seed(0)
-    gm = torch.fx.symbolic_trace(make())
+    gm = shaped_trace(make(), torch.randn(2, 2, 3, 3))
     code = gm.code
     result = fold_bn(gm)
     assert not result.modified
@@ -204,8 +205,8 @@ class SharedConv(nn.Module):
 def test_shared_conv_gets_own_module():
     model = SharedConv().eval()
     randomize_bn(model.bn, torch.Generator().manual_seed(2))
-    gm = torch.fx.symbolic_trace(model)
     x = torch.randn(1, 2, 3, 3)
+    gm = shaped_trace(model, x)
     with torch.no_grad():
         ref = gm(x)
 
@@ -229,8 +230,8 @@ class SharedBn(nn.Module):
 
 
 def test_bn_module_kept_while_used():
-    gm = torch.fx.symbolic_trace(SharedBn().eval())
-    fold_bn(gm)
+    gm = shaped_trace(SharedBn().eval(), torch.randn(1, 2, 3, 3))
+    assert fold_bn(gm).modified
     assert len(bn_nodes(gm)) == 1
     assert isinstance(gm.bn, nn.BatchNorm2d)
     gm(torch.randn(1, 2, 3, 3))
@@ -248,3 +249,34 @@ def test_linear_on_3d_input_with_shape_metadata_not_folded():
     assert not fold_bn(gm).modified
     with torch.no_grad():
         torch.testing.assert_close(gm(x), ref)
+
+
+@pytest.mark.parametrize("shape, folds", [((3, 4), True), ((3, 4, 4), False), ((3, 4, 5), False)])
+def test_linear_bn1d_folds_only_where_bn_normalizes_the_linear_features(shape, folds):
+    # On [N, L, C] BatchNorm1d normalizes L; with L == C the sizes match and a fold gave errors of ~4.
+    model = Pair(nn.Linear(shape[-1], 4), nn.BatchNorm1d(4)).eval()
+    randomize_bn(model.bn, torch.Generator().manual_seed(4))
+    x = torch.randn(*shape[:-1], shape[-1]) if folds else torch.randn(3, 4, shape[-1])
+    gm = fxq.trace(model, (x,))  # the tracer records the ranks
+    with torch.no_grad():
+        ref = model(x)
+    assert fold_bn(gm).modified == folds
+    assert len(bn_nodes(gm)) == (0 if folds else 1)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("make", [lambda: Pair(nn.Linear(4, 4), nn.BatchNorm1d(4)),
+                                  lambda: Pair(nn.Conv1d(4, 4, 1), nn.BatchNorm1d(4)),
+                                  lambda: Pair(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))])
+def test_unknown_rank_is_not_folded(make):
+    gm = torch.fx.symbolic_trace(make().eval())  # no shape metadata
+    assert not fold_bn(gm).modified and len(bn_nodes(gm)) == 1
+
+
+def test_parametrized_conv_is_left_alone():
+    # its weight is a property computed at each call: assigning a folded weight fails (fold_constants makes
+    # such a module plain first, in the quantize pipeline)
+    conv = nn.utils.parametrizations.weight_norm(nn.Conv2d(2, 2, 1))
+    gm = shaped_trace(Pair(conv, nn.BatchNorm2d(2)).eval(), torch.randn(1, 2, 3, 3))
+    assert not fold_bn(gm).modified and len(bn_nodes(gm)) == 1

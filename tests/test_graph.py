@@ -7,7 +7,9 @@ import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fxq.graph import activation_nodes, is_reachable, node_order, owning_module, to_networkx, users_in_order
+from fxq.graph import (
+    activation_nodes, is_reachable, node_order, owning_module, to_networkx, users_in_order, value_dependent_nodes,
+)
 
 
 class Inner(nn.Module):
@@ -98,3 +100,29 @@ def test_reachability_agrees_with_networkx(graph):
     order = node_order(graph)
     for n in nodes:
         assert all(order[inp] < order[n] for inp in n.all_input_nodes)
+
+
+class MetadataReads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3))
+
+    def forward(self, x, t):
+        freqs = torch.arange(3, device=t.device).float()      # t's device only
+        zeros = torch.zeros_like(x) + x.new_ones(x.shape)      # x's shape, dtype, device only
+        w = self.w.to(x.dtype)                                 # x's dtype only
+        s = x.size(0) * freqs                                  # a shape times a constant
+        e = t.float()[:, None] * freqs                         # t's values
+        return zeros + w + s + e + x.type_as(t)                # x's values (type_as reads t's dtype)
+
+
+def test_value_dependence_follows_values_not_shapes_dtypes_or_devices():
+    gm = torch.fx.symbolic_trace(MetadataReads())
+    dependent = {n.name for n in value_dependent_nodes(gm.graph)}
+    reachable = {n.name for n in activation_nodes(gm.graph)}
+    independent = {"getattr_1", "arange", "float_1", "zeros_like", "getattr_2", "new_ones", "add", "w",
+                   "getattr_3", "to", "size", "mul", "add_1", "add_2"}
+    assert independent <= {n.name for n in gm.graph.nodes}
+    assert not dependent & independent, dependent & independent
+    assert independent - {"w"} <= reachable  # reachable from an input all the same (through metadata)
+    assert {"x", "t", "float_2", "getitem", "mul_1", "type_as", "add_3", "add_4", "output"} == dependent

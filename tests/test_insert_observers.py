@@ -10,6 +10,7 @@ from fxq.config import QuantConfig
 from fxq.observers import ActObserver, WeightObserver
 from fxq.passes.insert_observers import InsertObservers
 from fxq.passes.select_ops import SelectOps
+from tests.graph_structure import shaped_trace
 
 
 class Before(nn.Module):
@@ -51,7 +52,8 @@ def _trace_expected(module):
 
 
 def _observe(module, config=QuantConfig(), timestep="t"):
-    gm = fx.symbolic_trace(module)
+    c = module.conv.in_channels
+    gm = shaped_trace(module, torch.randn(2, c, 3, 3), torch.tensor([1, 2]))
     gm = SelectOps(config)(gm).graph_module
     result = InsertObservers(config, timestep)(gm)
     result.graph_module.graph.lint()

@@ -14,6 +14,7 @@ from fxq.passes.decompose_attention import decompose_attention
 from fxq.passes.fold_bn import fold_bn
 from fxq.passes.manager import PassError, PassManager, PassResult
 from fxq.passes.select_ops import SelectOps, selected_nodes
+from tests.graph_structure import shaped_trace
 
 
 class Small(nn.Module):
@@ -153,7 +154,8 @@ class Net(nn.Module):
 
 
 @settings(max_examples=15, deadline=None)
-@given(heads=st.integers(1, 2), per_head=st.integers(1, 3), size=st.integers(1, 4), causal=st.booleans(),
+# per_head, size >= 2: with one channel per head or one key, a product sums a single term and stays float
+@given(heads=st.integers(1, 2), per_head=st.integers(2, 3), size=st.integers(2, 4), causal=st.booleans(),
        seed=st.integers(0, 2**31 - 1))
 def test_pipeline_preserves_function_and_is_idempotent(heads, per_head, size, causal, seed):
     torch.manual_seed(seed)
@@ -164,7 +166,7 @@ def test_pipeline_preserves_function_and_is_idempotent(heads, per_head, size, ca
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         expected = model(x)
-    gm = torch.fx.symbolic_trace(copy.deepcopy(model))
+    gm = shaped_trace(copy.deepcopy(model), x)
     manager = PassManager([fold_bn, decompose_attention, SelectOps(QuantConfig())])
 
     result = manager(gm)

@@ -90,7 +90,7 @@ def test_quantize_returns_a_quantized_model_with_a_graph(q):
     assert isinstance(q, fxq.QuantizedModel)
     assert q.graph is q.graph_module.graph
     assert q.quant_config == fxq.QuantConfig() and q.graph_module.meta["fxq_config"] == q.quant_config
-    assert report.quantized_ops(q) == {"conv": 1, "linear": 1}
+    assert report.quantized_ops(q) == {"conv": 1}  # emb is Linear(1, 3) on t: one term, left in float
 
 
 @settings(max_examples=15, deadline=None)

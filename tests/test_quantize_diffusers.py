@@ -54,3 +54,20 @@ def test_cross_attention_unet_takes_keyword_inputs():
     (x, t), kw = item(1)
     assert report.sqnr_db(unet(x, t, **kw).sample, q(x, t, **kw).sample) > 15
     assert report.quantized_ops(q)["attn_matmul"] > 0
+
+
+def test_classic_attn_processor_quantizes_both_matmuls_including_baddbmm():
+    # diffusers' AttnProcessor computes QK^T with baddbmm(empty, q, k^T, beta=0, alpha=scale), then bmm with V
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+    torch.manual_seed(0)
+    attn = Attention(query_dim=16, heads=2, dim_head=8, processor=AttnProcessor()).eval()
+    g = torch.Generator().manual_seed(1)
+    calib = [(torch.randn(2, 6, 16, generator=g),) for _ in range(4)]
+    q = fxq.quantize(attn, calib[0], calib, fxq.QuantConfig(timestep_arg=None))
+    products = {n.target: n.meta["fxq"] for n in q.graph.nodes
+                if "fxq" in n.meta and n.meta["fxq"]["kind"] == "attn_matmul"}
+    assert set(products) == {torch.baddbmm, torch.bmm}
+    assert products[torch.baddbmm]["act_inputs"] == (1, 2)  # q and k^T; the `empty` input stays as it is
+    assert report.quantized_ops(q) == {"linear": 4, "attn_matmul": 2} and not report.float_ops(q)
+    x = torch.randn(3, 5, 16, generator=g)
+    assert report.sqnr_db(attn(x), q(x)) > 25
