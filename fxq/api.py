@@ -19,6 +19,7 @@ from fxq.passes.fold_bn import fold_bn
 from fxq.passes.insert_observers import InsertObservers
 from fxq.passes.manager import PassManager
 from fxq.passes.select_ops import SelectOps
+from fxq.passes.split_shortcut import split_shortcut
 from fxq.tracer import trace
 
 TIMESTEP_NAMES = ("t", "timestep", "timesteps", "time")
@@ -55,7 +56,9 @@ def prepare(model: nn.Module, example_inputs, config: QuantConfig) -> tuple[fx.G
     t_name = timestep_placeholder(gm, config.timestep_arg)
     if config.timestep_groups > 1 and t_name is None:
         raise ConfigError("timestep_groups > 1 needs a timestep input: set QuantConfig(timestep_arg=...)")
-    passes = PassManager([fold_bn, decompose_attention, SelectOps(config), InsertObservers(config, t_name)])
+    passes = [fold_bn, decompose_attention, SelectOps(config)]
+    passes += [split_shortcut] if config.split_shortcut else []
+    passes = PassManager(passes + [InsertObservers(config, t_name)])
     gm = passes(gm).graph_module
     return gm, t_name
 

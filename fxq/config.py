@@ -53,6 +53,8 @@ class QuantConfig:
     timestep_arg: which model input is the timestep: its name, its position, None for a model without one,
       or "auto" (an input named t / timestep / timesteps, else the second positional input).
     seed: makes calibration order and any sampling repeatable.
+    split_shortcut: give each operand of a channel concat feeding a quantized conv its own activation quantizer
+      and weight scales, by splitting the conv over its input channels (Q-Diffusion's split shortcut).
     """
 
     weight_bits: int = 8
@@ -70,6 +72,7 @@ class QuantConfig:
     num_timesteps: int = 1000
     seed: int = 0
     timestep_arg: str | int | None = "auto"
+    split_shortcut: bool = True
 
     def __post_init__(self):
         _check_bits("weight_bits", self.weight_bits)
@@ -94,6 +97,8 @@ class QuantConfig:
         if not isinstance(self.timestep_groups, int) or not 1 <= self.timestep_groups <= self.num_timesteps:
             raise ConfigError(
                 f"timestep_groups={self.timestep_groups!r} must be an integer from 1 to num_timesteps")
+        if not isinstance(self.split_shortcut, bool):
+            raise ConfigError(f"split_shortcut={self.split_shortcut!r} must be True or False")
         if not isinstance(self.seed, int):
             raise ConfigError(f"seed={self.seed!r} must be an integer")
 
