@@ -10,6 +10,7 @@ OP_KINDS = ("conv", "linear", "attn_matmul")
 BACKENDS = ("fake",)
 ACT_ESTIMATORS = ("minmax", "percentile", "mse")
 WEIGHT_ESTIMATORS = ("minmax", "mse")
+WEIGHT_ROUNDINGS = ("nearest", "adaround")
 MIN_BITS, MAX_BITS = 2, 16
 
 
@@ -53,6 +54,8 @@ class QuantConfig:
     timestep_arg: which model input is the timestep: its name, its position, None for a model without one,
       or "auto" (an input named t / timestep / timesteps, else the second positional input).
     seed: makes calibration order and any sampling repeatable.
+    weight_rounding: "nearest", or "adaround" (learn each weight's rounding direction layer by layer on the
+      calibration set, Nagel et al. 2020; adaround_iters optimizer steps per layer).
     split_shortcut: give each operand of a channel concat feeding a quantized conv its own activation quantizer
       and weight scales, by splitting the conv over its input channels (Q-Diffusion's split shortcut).
     """
@@ -73,6 +76,8 @@ class QuantConfig:
     seed: int = 0
     timestep_arg: str | int | None = "auto"
     split_shortcut: bool = True
+    weight_rounding: str = "nearest"
+    adaround_iters: int = 1000
 
     def __post_init__(self):
         _check_bits("weight_bits", self.weight_bits)
@@ -97,6 +102,10 @@ class QuantConfig:
         if not isinstance(self.timestep_groups, int) or not 1 <= self.timestep_groups <= self.num_timesteps:
             raise ConfigError(
                 f"timestep_groups={self.timestep_groups!r} must be an integer from 1 to num_timesteps")
+        _check_choice("weight_rounding", self.weight_rounding, WEIGHT_ROUNDINGS)
+        if not isinstance(self.adaround_iters, int) or isinstance(self.adaround_iters, bool) \
+                or self.adaround_iters < 0:
+            raise ConfigError(f"adaround_iters={self.adaround_iters!r} must be a non-negative integer")
         if not isinstance(self.split_shortcut, bool):
             raise ConfigError(f"split_shortcut={self.split_shortcut!r} must be True or False")
         if not isinstance(self.seed, int):
