@@ -74,16 +74,17 @@ def quantize(model: nn.Module, example_inputs, calib_data: Iterable, config: Qua
     config = config or QuantConfig()
     gm, _ = prepare(model, example_inputs, config)
     example = as_args_kwargs(example_inputs)
-    if config.weight_rounding == "adaround":
+    if config.weight_rounding != "nearest":
         calib_data = list(calib_data)  # read twice: calibration, then each layer's inputs
     # Seeded for stochastic layers; the caller's RNGs are restored after.
     with torch.random.fork_rng(devices=cuda_devices(gm)):
         torch.manual_seed(config.seed)
         calib.run(gm, calib_data, example, batch_size=batch_size, progress=progress)
         frozen = freeze(gm)
-        if config.weight_rounding == "adaround":
-            gm.meta["fxq_adaround"] = adaround(gm, frozen, calib_data, example, iters=config.adaround_iters,
-                                               batch_size=batch_size, seed=config.seed, progress=progress)
+        if config.weight_rounding != "nearest":
+            gm.meta["fxq_adaround"] = adaround(
+                gm, frozen, calib_data, example, granularity="block" if config.weight_rounding == "brecq" else "layer",
+                iters=config.adaround_iters, batch_size=batch_size, seed=config.seed, progress=progress)
     qmodel = _lower(gm, frozen, config)
     qmodel.meta["fxq_config"] = config
     return qmodel

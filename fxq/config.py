@@ -10,7 +10,7 @@ OP_KINDS = ("conv", "linear", "attn_matmul")
 BACKENDS = ("fake",)
 ACT_ESTIMATORS = ("minmax", "percentile", "mse")
 WEIGHT_ESTIMATORS = ("minmax", "mse")
-WEIGHT_ROUNDINGS = ("nearest", "adaround")
+WEIGHT_ROUNDINGS = ("nearest", "adaround", "brecq")
 MIN_BITS, MAX_BITS = 2, 16
 
 
@@ -54,8 +54,9 @@ class QuantConfig:
     timestep_arg: which model input is the timestep: its name, its position, None for a model without one,
       or "auto" (an input named t / timestep / timesteps, else the second positional input).
     seed: makes calibration order and any sampling repeatable.
-    weight_rounding: "nearest", or "adaround" (learn each weight's rounding direction layer by layer on the
-      calibration set, Nagel et al. 2020; adaround_iters optimizer steps per layer).
+    weight_rounding: "nearest"; "adaround" (learn each weight's rounding direction layer by layer on the
+      calibration set, Nagel et al. 2020); or "brecq" (the same, jointly over the quantized layers of each block,
+      on the block's outputs, as BRECQ's block reconstruction). adaround_iters: optimizer steps per layer/block.
     split_shortcut: give each operand of a channel concat feeding a quantized conv its own activation quantizer
       and weight scales, by splitting the conv over its input channels (Q-Diffusion's split shortcut).
     """
