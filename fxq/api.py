@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterable
 
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 
 from fxq import calib
 from fxq.callspec import RETURN_DICT, TIMESTEP_NAMES, CallSpec, timestep_input  # noqa: F401  (TIMESTEP_NAMES: API)
+from fxq.adaround import adaround
 from fxq.config import QuantConfig
 from fxq.errors import ConfigError, InputError
 from fxq.freeze import freeze
@@ -22,6 +24,7 @@ from fxq.passes.manager import PassManager
 from fxq.passes.normalize_args import normalize_args
 from fxq.passes.select_ops import SelectOps
 from fxq.qmodel import QuantizedModel
+from fxq.passes.split_shortcut import split_shortcut
 from fxq.tracer import trace
 
 
@@ -50,8 +53,9 @@ def prepare(model: nn.Module, example_inputs, config: QuantConfig) -> tuple[fx.G
         names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
         raise ConfigError(f"timestep_groups={config.timestep_groups} needs a timestep input; name it with "
                           f"QuantConfig(timestep_arg=\"<input name>\") (inputs: {names})")
-    passes = PassManager([fold_constants, normalize_args, fold_bn, decompose_attention, SelectOps(config),
-                          InsertObservers(config, t_name)])
+    passes = [fold_constants, normalize_args, fold_bn, decompose_attention, SelectOps(config)]
+    passes += [split_shortcut] if config.split_shortcut else []
+    passes = PassManager(passes + [InsertObservers(config, t_name)])
     gm = passes(gm).graph_module
     return gm, t_name
 
@@ -77,28 +81,20 @@ def quantize(model: nn.Module, example_inputs, calib_data: Iterable, config: Qua
     except TypeError:
         raise InputError(f"calib_data must be an iterable of input items, got {type(calib_data).__name__}") from None
     items = (call.canonical_item(item, f"calibration item {i}") for i, item in enumerate(items))
+    if config.weight_rounding != "nearest":
+        items = list(items)  # read twice: calibration, then each layer's (block's) inputs
     # Seeded for stochastic layers; the caller's RNGs are restored after.
     with torch.random.fork_rng(devices=cuda_devices(gm)):
         torch.manual_seed(config.seed)
         calib.run(gm, items, example, batch_size=batch_size, progress=progress)
-    frozen = freeze(gm)
+        frozen = freeze(gm)
+        if config.weight_rounding != "nearest":
+            gm.meta["fxq_adaround"] = [dataclasses.asdict(r) for r in adaround(
+                gm, frozen, items, example, granularity="block" if config.weight_rounding == "brecq" else "layer",
+                iters=config.adaround_iters, batch_size=batch_size, seed=config.seed, progress=progress)]
     lowered = _lower(gm, frozen, config)
     lowered.meta["fxq_config"] = config
     return QuantizedModel.around(model, lowered, call, config)
-
-
-def _tuple_len(model: nn.Module, call: CallSpec, example) -> int | None:
-    """Length of the float model's return_dict=False output on the example (None if it is not a tuple): the
-    quantized model converts its traced return_dict=True output to that form."""
-    bound = call.signature.bind(*example[0], **example[1])
-    bound.arguments[RETURN_DICT] = False
-    with calib.eval_mode(model), torch.no_grad(), torch.random.fork_rng(devices=cuda_devices(model, example)):
-        try:
-            out = model(*bound.args, **bound.kwargs)
-        except Exception as e:
-            raise InputError(f"the example inputs do not run {type(model).__name__} with return_dict=False "
-                             f"({type(e).__name__}: {e})") from e
-    return len(out) if isinstance(out, tuple) else None
 
 
 def _lower(gm, frozen, config):

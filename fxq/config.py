@@ -10,6 +10,7 @@ OP_KINDS = ("conv", "linear", "attn_matmul")
 BACKENDS = ("fake",)
 ACT_ESTIMATORS = ("minmax", "percentile", "mse")
 WEIGHT_ESTIMATORS = ("minmax", "mse")
+WEIGHT_ROUNDINGS = ("nearest", "adaround", "brecq")
 MIN_BITS, MAX_BITS = 2, 16
 
 
@@ -59,6 +60,11 @@ class QuantConfig:
       or "auto": an input named t / timestep / timesteps / time, else the second input with an FxqWarning (and a
       ConfigError when timestep_groups > 1: per-group ranges keyed by a guess could be silently wrong).
     seed: makes calibration order and any sampling repeatable.
+    weight_rounding: "nearest"; "adaround" (learn each weight's rounding direction layer by layer on the
+      calibration set, Nagel et al. 2020); or "brecq" (the same, jointly over the quantized layers of each block,
+      on the block's outputs, as BRECQ's block reconstruction). adaround_iters: optimizer steps per layer/block.
+    split_shortcut: give each operand of a channel concat feeding a quantized conv its own activation quantizer
+      and weight scales, by splitting the conv over its input channels (Q-Diffusion's split shortcut).
     """
 
     weight_bits: int = 8
@@ -77,6 +83,9 @@ class QuantConfig:
     num_timesteps: int = 1000
     seed: int = 0
     timestep_arg: str | int | None = "auto"
+    split_shortcut: bool = True
+    weight_rounding: str = "nearest"
+    adaround_iters: int = 1000
 
     def __post_init__(self):
         _check_bits("weight_bits", self.weight_bits)
@@ -105,6 +114,12 @@ class QuantConfig:
         if not isinstance(self.timestep_groups, int) or not 1 <= self.timestep_groups <= self.num_timesteps:
             raise ConfigError(
                 f"timestep_groups={self.timestep_groups!r} must be an integer from 1 to num_timesteps")
+        _check_choice("weight_rounding", self.weight_rounding, WEIGHT_ROUNDINGS)
+        if not isinstance(self.adaround_iters, int) or isinstance(self.adaround_iters, bool) \
+                or self.adaround_iters < 0:
+            raise ConfigError(f"adaround_iters={self.adaround_iters!r} must be a non-negative integer")
+        if not isinstance(self.split_shortcut, bool):
+            raise ConfigError(f"split_shortcut={self.split_shortcut!r} must be True or False")
         if not isinstance(self.seed, int):
             raise ConfigError(f"seed={self.seed!r} must be an integer")
 

@@ -97,6 +97,20 @@ def fake_quantize(x: torch.Tensor, qp: QParams) -> torch.Tensor:
     return dequantize(quantize(x, qp), qp)
 
 
+def floor_residual(x: torch.Tensor, qp: QParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """(floor(x / scale), the fractional part in [0, 1)): the two halves of a rounding decision."""
+    v = x / _along(qp.scale, x, qp.axis)
+    down = torch.floor(v)
+    return down, v - down
+
+
+def fake_quantize_rounded(down: torch.Tensor, up: torch.Tensor, qp: QParams) -> torch.Tensor:
+    """dequantize(clamp(down + up + zero_point)): x rounded down (`down`, from floor_residual) plus a chosen
+    rounding `up` in [0, 1] per element (0/1 for a hard choice, soft values while AdaRound learns it)."""
+    zp = _along(qp.zero_point, down, qp.axis)
+    return dequantize(torch.clamp(down + up + zp, qp.qmin, qp.qmax), qp)
+
+
 def representable_range(qp: QParams) -> tuple[torch.Tensor, torch.Tensor]:
     """The smallest and largest values fake_quantize can return."""
     return (qp.qmin - qp.zero_point) * qp.scale, (qp.qmax - qp.zero_point) * qp.scale
