@@ -97,6 +97,20 @@ def quantize(model: nn.Module, example_inputs, calib_data: Iterable, config: Qua
     return QuantizedModel.around(model, lowered, call, config)
 
 
+def _tuple_len(model: nn.Module, call: CallSpec, example) -> int | None:
+    """Length of the float model's return_dict=False output on the example (None if it is not a tuple): the
+    quantized model converts its traced return_dict=True output to that form."""
+    bound = call.signature.bind(*example[0], **example[1])
+    bound.arguments[RETURN_DICT] = False
+    with calib.eval_mode(model), torch.no_grad(), torch.random.fork_rng(devices=cuda_devices(model, example)):
+        try:
+            out = model(*bound.args, **bound.kwargs)
+        except Exception as e:
+            raise InputError(f"the example inputs do not run {type(model).__name__} with return_dict=False "
+                             f"({type(e).__name__}: {e})") from e
+    return len(out) if isinstance(out, tuple) else None
+
+
 def _lower(gm, frozen, config):
     if config.backend == "fake":
         from fxq.backends import fake

@@ -367,8 +367,11 @@ def float_nodes(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, dict]]:
 
 
 def summary(gm: torch.fx.GraphModule) -> dict[str, int]:
-    """How many ops of each kind are selected, every kind listed (0 when none)."""
+    """How many ops of each kind are selected, every kind listed (0 when none). A conv that split_shortcut split
+    into parts counts once: it is one op of the model."""
     counts = dict.fromkeys(OP_KINDS, 0)
     for node in selected_nodes(gm):
-        counts[node.meta[META_KEY]["kind"]] += 1
+        meta = node.meta[META_KEY]
+        if meta.get("split", {}).get("part", 0) == 0:
+            counts[meta["kind"]] += 1
     return counts

@@ -104,14 +104,13 @@ def _part_module(conv: nn.Module, lo: int, hi: int, with_bias: bool) -> nn.Modul
     return part
 
 
-class Parts(nn.Module):
-    """The conv modules one split conv became, as children part0, part1, ... (keeps their names under the
-    original module's path, so reports and keep_float patterns still find them)."""
-
-    def __init__(self, parts: list[nn.Module]):
-        super().__init__()
-        for i, part in enumerate(parts):
-            self.add_module(f"part{i}", part)
+def _parts(parts: list[nn.Module]) -> nn.Module:
+    """A plain container of the conv modules one split conv became, as children part0, part1, ...: their names
+    stay under the original module's path, so reports and keep_float patterns still find them."""
+    container = nn.Module()
+    for i, part in enumerate(parts):
+        container.add_module(f"part{i}", part)
+    return container
 
 
 def split_shortcut(gm: torch.fx.GraphModule) -> PassResult:
@@ -129,7 +128,7 @@ def split_shortcut(gm: torch.fx.GraphModule) -> PassResult:
         conv = gm.get_submodule(node.target)
         offsets = [sum(channels[:i]) for i in range(len(channels) + 1)]
         modules = [_part_module(conv, offsets[i], offsets[i + 1], with_bias=i == 0) for i in range(len(parts))]
-        gm.set_submodule(node.target, Parts(modules))
+        gm.set_submodule(node.target, _parts(modules))
         total = None
         with gm.graph.inserting_before(node):
             for i, part in enumerate(parts):
