@@ -55,6 +55,9 @@ def prepare(model: nn.Module, example_inputs, config: QuantConfig) -> tuple[fx.G
     t_name = timestep_placeholder(gm, config.timestep_arg)
     if config.timestep_groups > 1 and t_name is None:
         raise ConfigError("timestep_groups > 1 needs a timestep input: set QuantConfig(timestep_arg=...)")
+    if config.bias_correction and config.bias_groups > 1 and t_name is None:
+        raise ConfigError("bias correction per timestep group needs a timestep input: set "
+                          "QuantConfig(timestep_arg=...) or bias_correction_groups=1")
     passes = PassManager([fold_bn, decompose_attention, SelectOps(config), InsertObservers(config, t_name)])
     gm = passes(gm).graph_module
     return gm, t_name
@@ -68,13 +71,18 @@ def quantize(model: nn.Module, example_inputs, calib_data: Iterable, config: Qua
     calib_data: any iterable of items of the same form (any batch size), e.g. `fxq.calib.trajectory(...)`.
     """
     config = config or QuantConfig()
-    gm, _ = prepare(model, example_inputs, config)
+    gm, t_name = prepare(model, example_inputs, config)
     example = as_args_kwargs(example_inputs)
+    if config.bias_correction:
+        calib_data = list(calib_data)  # read twice: calibration, then bias correction
     # Seeded for stochastic layers; the caller's RNGs are restored after.
     with torch.random.fork_rng(devices=cuda_devices(gm)):
         torch.manual_seed(config.seed)
         calib.run(gm, calib_data, example, batch_size=batch_size, progress=progress)
     frozen = freeze(gm)
+    if config.bias_correction:
+        from fxq.bias_correction import correct_bias
+        correct_bias(gm, frozen, calib_data, example, t_name, config.bias_groups, config.num_timesteps, batch_size)
     qmodel = _lower(gm, frozen, config)
     qmodel.meta["fxq_config"] = config
     return qmodel

@@ -53,6 +53,9 @@ class QuantConfig:
     timestep_arg: which model input is the timestep: its name, its position, None for a model without one,
       or "auto" (an input named t / timestep / timesteps, else the second positional input).
     seed: makes calibration order and any sampling repeatable.
+    bias_correction: after calibration, remove the mean output error of every quantized conv/linear per output
+      channel, measured on (up to 512 items of) the calibration set (fxq.bias_correction; Nagel et al. 2019).
+    bias_correction_groups: timestep groups that get their own correction (None: timestep_groups).
     """
 
     weight_bits: int = 8
@@ -70,6 +73,8 @@ class QuantConfig:
     num_timesteps: int = 1000
     seed: int = 0
     timestep_arg: str | int | None = "auto"
+    bias_correction: bool = False
+    bias_correction_groups: int | None = None
 
     def __post_init__(self):
         _check_bits("weight_bits", self.weight_bits)
@@ -94,8 +99,18 @@ class QuantConfig:
         if not isinstance(self.timestep_groups, int) or not 1 <= self.timestep_groups <= self.num_timesteps:
             raise ConfigError(
                 f"timestep_groups={self.timestep_groups!r} must be an integer from 1 to num_timesteps")
+        if not isinstance(self.bias_correction, bool):
+            raise ConfigError(f"bias_correction={self.bias_correction!r} must be True or False")
+        g = self.bias_correction_groups
+        if g is not None and (not isinstance(g, int) or isinstance(g, bool) or not 1 <= g <= self.num_timesteps):
+            raise ConfigError(f"bias_correction_groups={g!r} must be None or an integer from 1 to num_timesteps")
         if not isinstance(self.seed, int):
             raise ConfigError(f"seed={self.seed!r} must be an integer")
+
+    @property
+    def bias_groups(self) -> int:
+        """Timestep groups of the bias correction."""
+        return self.timestep_groups if self.bias_correction_groups is None else self.bias_correction_groups
 
     def to_dict(self) -> dict:
         """Plain-data form (for saving next to a quantized model)."""
