@@ -27,6 +27,7 @@ ROOT = os.path.dirname(HERE)
 QUALITY = os.path.join(HERE, "quality.py")
 
 # name -> (label, quality.py arguments); every quantized row uses 256 calibration inputs unless it says otherwise
+BCG10 = ["--bias-correction", "--gain-correction", "--bias-groups", "10"]
 ROWS = {
     "traditional": ("traditional PTQ (random t, noise, min/max)",
                     ["--timesteps", "traditional", "--estimator", "minmax"]),
@@ -36,11 +37,16 @@ ROWS = {
     "fxq": ("fxq, uniform", []),
     "fxq-g4": ("fxq, uniform, 4 timestep groups", ["--timestep-groups", "4"]),
     "fxq-g10": ("fxq, uniform, 10 timestep groups", ["--timestep-groups", "10"]),
+    "fxq-rep": ("fxq, representative subset of a 4x uniform pool", ["--timesteps", "representative"]),
     "fxq-bc": ("fxq, uniform + bias correction", ["--bias-correction"]),
     "fxq-bc10": ("fxq, uniform + bias correction per 10 groups", ["--bias-correction", "--bias-groups", "10"]),
-    "fxq-g10-bc10": ("fxq, uniform, 10 groups + bias correction per 10 groups",
-                     ["--timestep-groups", "10", "--bias-correction"]),
-    "fxq-rep": ("fxq, representative subset of a 4x uniform pool", ["--timesteps", "representative"]),
+    "fxq-bcg10": ("fxq, uniform + bias & gain correction per 10 groups", BCG10),
+    "fxq-g10-bcg10": ("fxq, uniform, 10 groups + bias & gain correction per 10 groups",
+                      ["--timestep-groups", "10", *BCG10]),
+    "fxq-bcg10-in": ("fxq, bias & gain corr. per 10 groups, conv_in in float (the t -> 0 input)",
+                     [*BCG10, "--keep-float", "conv_in"]),
+    "fxq-bcg10-in-sc": ("fxq, as above + skip-concat 1x1 convs in float (what split shortcuts could buy)",
+                        [*BCG10, "--keep-float", "conv_in,up.*.nin_shortcut"]),
 }
 
 
@@ -52,7 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of: {', '.join(ROWS)}")
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=250, help="sampling batch (sharding splits by batches)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda")
     p.add_argument("--gpus", type=int, default=None, help="GPUs to use (default: all visible)")
@@ -159,7 +165,7 @@ def table(fp_doc, rows) -> list[dict]:
     fp = fp_doc["runs"]["fp"]["metrics"]
     out = [{"row": "fp", "label": "float", "fid": fp["fid"], "delta_fid_pct": 0.0, "kid": fp["kid_mean"],
             "kid_std": fp["kid_std"], "is": fp["isc_mean"], "psnr_db": None, "calibration_s": None,
-            "weight_bits": 32, "act_bits": 32, "sampling_s": fp_doc["runs"]["fp"]["sampling_s"],
+            "weight_bits": 32, "act_bits": 32, "weight_bits_all_params": 32, "sampling_s": fp_doc["runs"]["fp"]["sampling_s"],
             "world_size": fp_doc.get("world_size", 1)}]
     for name, label, row_dir in rows:
         doc = _load(row_dir)
@@ -169,19 +175,20 @@ def table(fp_doc, rows) -> list[dict]:
                     "kid": m["kid_mean"], "kid_std": m["kid_std"], "is": m["isc_mean"],
                     "psnr_db": doc["psnr_db"]["mean"], "calibration_s": doc["wall_s"].get("calibration_s"),
                     "weight_bits": bits["weight_bits_quantized"], "act_bits": bits["act_bits"],
+                    "weight_bits_all_params": bits["weight_bits_all_params"],
                     "sampling_s": doc["runs"]["quantized"]["sampling_s"]})
     return out
 
 
 def markdown(rows) -> str:
-    lines = ["| row | FID | ΔFID | KID | IS | PSNR to float (dB) | calibration (s) | avg W / A bits |",
+    lines = ["| row | FID | ΔFID | KID | IS | PSNR to float (dB) | calibration (s) | avg W bits (quantized / all params) / A bits |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         psnr = "" if r["psnr_db"] is None else f"{r['psnr_db']:.1f}"
         cal = "" if r["calibration_s"] is None else f"{r['calibration_s']:.1f}"
         lines.append(f"| {r['label']} | {r['fid']:.2f} | {r['delta_fid_pct']:+.1f} % | {r['kid']:.4f} ± "
                      f"{r['kid_std']:.4f} | {r['is']:.2f} | {psnr} | {cal} | {r['weight_bits']:.2f} / "
-                     f"{r['act_bits']:.2f} |")
+                     f"{r['weight_bits_all_params']:.2f} / {r['act_bits']:.2f} |")
     return "\n".join(lines)
 
 

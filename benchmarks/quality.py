@@ -212,7 +212,8 @@ def quantize_model(fp_model, sampler, bits, args, shape, device):
     config = QuantConfig(weight_bits=bits[0], act_bits=bits[1], act_estimator=args.estimator,
                          weight_estimator=args.weight_estimator, timestep_groups=args.timestep_groups,
                          ops=tuple(args.ops.split(",")), bias_correction=args.bias_correction,
-                         bias_correction_groups=args.bias_groups, seed=args.seed)
+                         bias_correction_groups=args.bias_groups, gain_correction=args.gain_correction,
+                         keep_float=tuple(p for p in args.keep_float.split(",") if p), seed=args.seed)
     data = calibration_set(fp_model, sampler, args, shape, device)
     g = torch.Generator().manual_seed(args.calib_seed)
     example = (torch.randn(2, *shape, generator=g).to(device), torch.tensor([999, 0], device=device))
@@ -305,6 +306,9 @@ def parse_args(argv=None):
                    "included the last steps)")
     p.add_argument("--ops", default="conv,linear,attn_matmul", help="op kinds to quantize (comma-separated)")
     p.add_argument("--bias-correction", action="store_true", help="empirical bias correction (fxq.bias_correction)")
+    p.add_argument("--gain-correction", action="store_true",
+                   help="with --bias-correction, also correct each channel's gain (PTQD's correlated error)")
+    p.add_argument("--keep-float", default="", help="comma-separated module patterns kept in float")
     p.add_argument("--bias-groups", type=int, default=None, help="timestep groups of the bias correction "
                    "(default: --timestep-groups)")
     p.add_argument("--calib-seed", type=int, default=None,

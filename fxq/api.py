@@ -82,7 +82,8 @@ def quantize(model: nn.Module, example_inputs, calib_data: Iterable, config: Qua
     frozen = freeze(gm)
     if config.bias_correction:
         from fxq.bias_correction import correct_bias
-        correct_bias(gm, frozen, calib_data, example, t_name, config.bias_groups, config.num_timesteps, batch_size)
+        correct_bias(gm, frozen, calib_data, example, t_name, config.bias_groups, config.num_timesteps, batch_size,
+                     gain=config.gain_correction)
     qmodel = _lower(gm, frozen, config)
     qmodel.meta["fxq_config"] = config
     return qmodel

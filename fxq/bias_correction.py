@@ -36,22 +36,27 @@ PREFIX = "fxq_bias_"
 
 
 class BiasCorrection(nn.Module):
-    """y + correction[group of t] along the channel axis: a per-timestep-group, per-channel bias."""
+    """y * scale[group of t] + shift[group of t] along the channel axis: a per-timestep-group, per-channel affine
+    correction (scale is None for a pure bias correction)."""
 
-    def __init__(self, correction: torch.Tensor, axis: int, num_timesteps: int = 1000):
+    def __init__(self, shift: torch.Tensor, axis: int, num_timesteps: int = 1000, scale: torch.Tensor | None = None):
         super().__init__()
         self.axis, self.num_timesteps = axis, num_timesteps
-        self.register_buffer("correction", correction.detach().clone().float())  # [G, C]
+        self.register_buffer("shift", shift.detach().clone().float())  # [G, C]
+        self.register_buffer("scale", None if scale is None else scale.detach().clone().float())
 
     @property
     def groups(self) -> int:
-        return self.correction.shape[0]
+        return self.shift.shape[0]
 
     def forward(self, y: torch.Tensor, t=None) -> torch.Tensor:
-        return y + _along(self.correction, y, self.axis, t, self.num_timesteps).to(y.dtype)
+        if self.scale is not None:
+            y = y * _along(self.scale, y, self.axis, t, self.num_timesteps).to(y.dtype)
+        return y + _along(self.shift, y, self.axis, t, self.num_timesteps).to(y.dtype)
 
     def extra_repr(self) -> str:
-        return f"channels={self.correction.shape[1]}, axis={self.axis}, groups={self.groups}"
+        return (f"channels={self.shift.shape[1]}, axis={self.axis}, groups={self.groups}, "
+                f"gain={self.scale is not None}")
 
 
 def _along(c: torch.Tensor, y: torch.Tensor, axis: int, t, num_timesteps: int) -> torch.Tensor:
@@ -109,10 +114,10 @@ def _fake_quant_act(x: torch.Tensor, qp: Q.QParams, t, num_timesteps: int) -> to
 class _Lockstep:
     """Runs the observed graph node by node on all calibration chunks, in float and quantized."""
 
-    def __init__(self, gm, frozen, t_name, groups, num_timesteps):
-        self.gm, self.frozen, self.groups, self.T = gm, frozen, groups, num_timesteps
+    def __init__(self, gm, frozen, t_name, groups, num_timesteps, gain=False):
+        self.gm, self.frozen, self.groups, self.T, self.gain = gm, frozen, groups, num_timesteps, gain
         self.t_node = next((n for n in gm.graph.nodes if n.op == "placeholder" and n.name == t_name), None)
-        self.corrections: dict[fx.Node, tuple[torch.Tensor, int]] = {}
+        self.corrections: dict[fx.Node, tuple] = {}  # node -> (shift [G, C], scale [G, C] or None, axis)
 
     def _call(self, node, args, kwargs):
         if node.op == "call_function":
@@ -184,34 +189,55 @@ class _Lockstep:
         if axis is None or not all(torch.is_tensor(v) and v.dim() >= 1 for v in fp_vals):
             return
         channels = fp_vals[0].shape[axis]
-        sums = torch.zeros(self.groups, channels, dtype=torch.float64, device=fp_vals[0].device)
-        counts = torch.zeros(self.groups, dtype=torch.float64, device=sums.device)
-        groups_of = []
+        device = fp_vals[0].device
+        # per group and channel: count, sum fp, sum q, sum fp^2, sum fp*q
+        stats = torch.zeros(5, self.groups, channels, dtype=torch.float64, device=device)
         for k, (a, b) in enumerate(zip(fp_vals, q_vals)):
-            d = (a.double() - b.double()).movedim(axis, -1)
-            rows = d.shape[0] if d.dim() > 1 else 1
-            per_row = d.reshape(rows, -1, channels).sum(1)  # [rows, C]
-            per_elem = d.numel() // (rows * channels)
-            if self.groups > 1:
-                g = Q.group_of(t_values[k], rows, self.groups, self.T).to(sums.device)
-            else:
-                g = torch.zeros(rows, dtype=torch.long, device=sums.device)
-            groups_of.append(g)
-            sums.index_add_(0, g, per_row)
-            counts.index_add_(0, g, torch.full((rows,), float(per_elem), dtype=torch.float64, device=sums.device))
-        overall = sums.sum(0) / counts.sum()
-        # a group that calibration never reached gets the correction over all timesteps
-        corr = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], overall[None, :]).float()
+            a, b = a.double().movedim(axis, -1), b.double().movedim(axis, -1)
+            rows = a.shape[0] if a.dim() > 1 else 1
+            a, b = a.reshape(rows, -1, channels), b.reshape(rows, -1, channels)
+            per_row = torch.stack([torch.full((rows, channels), float(a.shape[1]), dtype=a.dtype, device=device),
+                                   a.sum(1), b.sum(1), (a * a).sum(1), (a * b).sum(1)])
+            g = (Q.group_of(t_values[k], rows, self.groups, self.T).to(device) if self.groups > 1
+                 else torch.zeros(rows, dtype=torch.long, device=device))
+            stats.index_add_(1, g, per_row)
+        # a group that calibration never reached gets the statistics over all timesteps
+        reached = stats[0] > 0
+        stats = torch.where(reached[None], stats, stats.sum(1, keepdim=True))
+        n, s_fp, s_q, s_fp2, s_fpq = stats
+        mu_fp, mu_q = s_fp / n, s_q / n
+        scale = None
+        if self.gain:
+            # PTQD's split of the error: y_q - y = k (y - E y) + (uncorrelated part); y_q / (1 + k) removes k
+            var = s_fp2 / n - mu_fp ** 2
+            cov = s_fpq / n - mu_fp * mu_q
+            one_plus_k = torch.where(var > 1e-12 * (s_fp2 / n).clamp_min(1e-30), cov / var.clamp_min(1e-30), 1.0)
+            scale = (1.0 / one_plus_k.clamp(0.5, 2.0))
+            shift = mu_fp - mu_q * scale
+            scale = scale.float()
+        else:
+            shift = mu_fp - mu_q
+        shift = shift.float()
         for k, b in enumerate(q_vals):
-            q_vals[k] = b + _along(corr, b, axis, t_values[k] if self.groups > 1 else None, self.T).to(b.dtype)
-        self.corrections[node] = (corr, axis)
+            t = t_values[k] if self.groups > 1 else None
+            if scale is not None:
+                b = b * _along(scale, b, axis, t, self.T).to(b.dtype)
+            q_vals[k] = b + _along(shift, b, axis, t, self.T).to(b.dtype)
+        self.corrections[node] = (shift, scale, axis)
 
 
 @torch.no_grad()
 def correct_bias(gm: fx.GraphModule, frozen, calib_data, example, t_name: str | None, groups: int = 1,
-                 num_timesteps: int = 1000, batch_size: int = 32, max_samples: int = MAX_SAMPLES) -> int:
+                 num_timesteps: int = 1000, batch_size: int = 32, max_samples: int = MAX_SAMPLES,
+                 gain: bool = False) -> int:
     """Measure and insert the bias corrections of every quantized conv/linear of a calibrated, frozen graph
-    (in place); returns how many ops were corrected. `calib_data` must be a list (it is read again here)."""
+    (in place); returns how many ops were corrected. `calib_data` must be a list (it is read again here).
+
+    gain: also remove the part of each op's error proportional to its centred float output, per channel and
+    group (PTQD's correlated-noise correction, He et al. 2023, applied at every layer): with
+    y_q - E y_q = (1 + k)(y - E y) + r, the corrected output is (y_q - E y_q) / (1 + k) + E y (1 + k clamped to
+    [0.5, 2]). Without it, only the mean: y_q - E y_q + E y.
+    """
     from fxq import calib
 
     if groups > 1 and t_name is None:
@@ -224,7 +250,7 @@ def correct_bias(gm: fx.GraphModule, frozen, calib_data, example, t_name: str | 
     for args, kwargs in calib.batches(items, example, batch_size):
         args, kwargs = tree_map(lambda v: v.to(device) if torch.is_tensor(v) else v, (args, kwargs))
         chunks.append(list(binder(*args, **kwargs)))
-    lockstep = _Lockstep(gm, frozen, t_name, groups, num_timesteps)
+    lockstep = _Lockstep(gm, frozen, t_name, groups, num_timesteps, gain)
     with calib.eval_mode(gm):
         lockstep.run(chunks)
     _insert(gm, lockstep.corrections, lockstep.t_node, num_timesteps)
@@ -233,18 +259,18 @@ def correct_bias(gm: fx.GraphModule, frozen, calib_data, example, t_name: str | 
 
 def _insert(gm, corrections, t_node, num_timesteps) -> None:
     uses = collections.Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
-    for node, (corr, axis) in corrections.items():
+    for node, (shift, scale, axis) in corrections.items():
         module = gm.get_submodule(node.target)
-        if corr.shape[0] == 1 and uses[node.target] == 1:
-            old = module.bias if module.bias is not None else torch.zeros_like(corr[0])
+        if shift.shape[0] == 1 and scale is None and uses[node.target] == 1:
+            old = module.bias if module.bias is not None else torch.zeros_like(shift[0])
             # a new Parameter: the old tensor is never written to
-            module.bias = nn.Parameter((old.detach().float() + corr[0].to(old.device)).to(module.weight.dtype),
+            module.bias = nn.Parameter((old.detach().float() + shift[0].to(old.device)).to(module.weight.dtype),
                                        requires_grad=False)
             continue
         name = free_name(gm, PREFIX + node.target.replace(".", "_"))
-        gm.add_submodule(name, BiasCorrection(corr, axis, num_timesteps).to(corr.device))
+        gm.add_submodule(name, BiasCorrection(shift, axis, num_timesteps, scale).to(shift.device))
         with gm.graph.inserting_after(node):
-            args = (node,) if t_node is None or corr.shape[0] == 1 else (node, t_node)
+            args = (node,) if t_node is None or shift.shape[0] == 1 else (node, t_node)
             new = gm.graph.call_module(name, args)
         node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
     gm.graph.lint()

@@ -56,6 +56,8 @@ class QuantConfig:
     bias_correction: after calibration, remove the mean output error of every quantized conv/linear per output
       channel, measured on (up to 512 items of) the calibration set (fxq.bias_correction; Nagel et al. 2019).
     bias_correction_groups: timestep groups that get their own correction (None: timestep_groups).
+    gain_correction: with bias_correction, also divide out the part of each op's error that is proportional to
+      its float output, per channel and group (PTQD's correlated-noise correction, applied per layer).
     """
 
     weight_bits: int = 8
@@ -75,6 +77,7 @@ class QuantConfig:
     timestep_arg: str | int | None = "auto"
     bias_correction: bool = False
     bias_correction_groups: int | None = None
+    gain_correction: bool = False
 
     def __post_init__(self):
         _check_bits("weight_bits", self.weight_bits)
@@ -101,6 +104,10 @@ class QuantConfig:
                 f"timestep_groups={self.timestep_groups!r} must be an integer from 1 to num_timesteps")
         if not isinstance(self.bias_correction, bool):
             raise ConfigError(f"bias_correction={self.bias_correction!r} must be True or False")
+        if not isinstance(self.gain_correction, bool):
+            raise ConfigError(f"gain_correction={self.gain_correction!r} must be True or False")
+        if self.gain_correction and not self.bias_correction:
+            raise ConfigError("gain_correction=True refines the bias correction: set bias_correction=True too")
         g = self.bias_correction_groups
         if g is not None and (not isinstance(g, int) or isinstance(g, bool) or not 1 <= g <= self.num_timesteps):
             raise ConfigError(f"bias_correction_groups={g!r} must be None or an integer from 1 to num_timesteps")
