@@ -65,6 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", default=None, help="default: benchmarks/results/ablation-n<N>")
     p.add_argument("--time-sharding", action="store_true",
                    help="also sample the float model on one GPU, to time the sharded run against it")
+    p.add_argument("--reuse-fp", action="store_true",
+                   help="reuse the float run already in --out-dir (its images file must match, quality.py checks)")
     p.add_argument("--extra", default="", help="more quality.py arguments for every run (one string)")
     args, rest = p.parse_known_args(argv)
     args.extra = args.extra.split() + rest
@@ -113,6 +115,9 @@ def float_rows(args, gpus, out) -> dict:
     samples = os.path.join(out, "fp", "samples.safetensors")
     runs = {}
     plan = [("fp", gpus)] + ([("fp-1gpu", 1)] if args.time_sharding and gpus > 1 else [])
+    if args.reuse_fp and os.path.isfile(samples) and os.path.isfile(os.path.join(out, "fp", "metrics.json")):
+        plan = [(name, world) for name, world in plan if name != "fp"]
+        runs["fp"] = os.path.join(out, "fp")
     for name, world in plan:
         row_dir = os.path.join(out, name)
         save = samples if name == "fp" else os.path.join(row_dir, "samples.safetensors")
