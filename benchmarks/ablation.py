@@ -43,6 +43,7 @@ ROWS = {
     "fxq-bcg10": ("fxq, uniform + bias & gain correction per 10 groups", BCG10),
     "fxq-g10-bcg10": ("fxq, uniform, 10 groups + bias & gain correction per 10 groups",
                       ["--timestep-groups", "10", *BCG10]),
+    "fxq-mm-bcg10": ("fxq, min/max ranges + bias & gain correction per 10 groups", ["--estimator", "minmax", *BCG10]),
     "fxq-bcg10-in": ("fxq, bias & gain corr. per 10 groups, conv_in in float (the t -> 0 input)",
                      [*BCG10, "--keep-float", "conv_in"]),
     "fxq-bcg10-in-sc": ("fxq, as above + skip-concat 1x1 convs in float (what split shortcuts could buy)",
@@ -55,7 +56,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="ddpm32")
     p.add_argument("--settings", default="W8A8,W4A8")
-    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of: {', '.join(ROWS)}")
+    p.add_argument("--rows", default=",".join(ROWS),
+                   help=f"comma-separated, of: {', '.join(ROWS)}; SETTING:row runs a row for that setting only")
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=250, help="sampling batch (sharding splits by batches)")
@@ -71,7 +73,7 @@ def parse_args(argv=None):
     args, rest = p.parse_known_args(argv)
     args.extra = args.extra.split() + rest
     args.out_dir = args.out_dir or os.path.join("benchmarks", "results", f"ablation-n{args.n}")
-    unknown = [r for r in args.rows.split(",") if r not in ROWS]
+    unknown = [r for r in args.rows.split(",") if r.split(":")[-1] not in ROWS]
     if unknown:
         p.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
     return args
@@ -92,8 +94,10 @@ def _common(args) -> list[str]:
             "--no-progress", *args.extra]
 
 
-def _env(gpu: int | None) -> dict:
+def _env(gpu: int | None, gpus: int = 1) -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if gpus > 1:  # rows side by side: each gets its share of the CPU cores (torch takes them all by default)
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // gpus)))
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
     return env
@@ -131,24 +135,34 @@ def float_rows(args, gpus, out) -> dict:
     return {"samples": samples, "dirs": runs}
 
 
+def _plan(args) -> list[tuple[str, str]]:
+    """(setting, row) pairs: each setting's rows in --rows order; "SETTING:row" entries for that setting only."""
+    plan = []
+    for setting in args.settings.split(","):
+        for entry in args.rows.split(","):
+            only, _, row = entry.rpartition(":")
+            if not only or only.upper() == setting.upper():
+                plan.append((setting, row))
+    return plan
+
+
 def quantized_rows(args, gpus, out, samples) -> list[tuple[str, str, str]]:
     """Every (setting, row) run, at most one per GPU at a time; returns (name, label, dir) of each."""
     queue = []
-    for setting in args.settings.split(","):
-        for row in args.rows.split(","):
-            label, extra = ROWS[row]
-            name = f"{setting.lower()}-{row}"
-            row_dir = os.path.join(out, name)
-            cmd = [sys.executable, QUALITY, *_common(args), "--quantize", setting, "--no-with-fp",
-                   "--fp-samples", samples, "--out-dir", row_dir, *extra]
-            queue.append((name, f"{setting.upper()} {label}", row_dir, cmd))
+    for setting, row in _plan(args):
+        label, extra = ROWS[row]
+        name = f"{setting.lower()}-{row}"
+        row_dir = os.path.join(out, name)
+        cmd = [sys.executable, QUALITY, *_common(args), "--quantize", setting, "--no-with-fp",
+               "--fp-samples", samples, "--out-dir", row_dir, *extra]
+        queue.append((name, f"{setting.upper()} {label}", row_dir, cmd))
     running: dict[int, tuple] = {}
     done = []
     while queue or running:
         for gpu in range(gpus):
             if gpu not in running and queue:
                 name, label, row_dir, cmd = queue.pop(0)
-                env = _env(gpu if args.device == "cuda" else None)
+                env = _env(gpu if args.device == "cuda" else None, gpus)
                 running[gpu] = (name, label, row_dir, _run(cmd, os.path.join(row_dir, "log.txt"), env))
                 print(f"started {name} on GPU {gpu}", flush=True)
         time.sleep(1)
