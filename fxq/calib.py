@@ -36,13 +36,16 @@ def step_counts(timesteps: list[int], mode: str, n: int, T: int, mean: float = P
                 std: float = PTQ4DM_STD, generator: torch.Generator | None = None) -> list[int]:
     """How many of the n calibration samples each visited step (index into `timesteps`) gets.
 
-    "uniform": step indices at n evenly spaced positions from the first step to the last, rounded (both ends
-    always included; with n >= len(timesteps) every step is hit). "normal": n i.i.d. draws of
+    "uniform": with n >= len(timesteps), every step, n // S or n // S + 1 times, both ends included; with fewer,
+    n evenly spaced steps from the first to the last (both ends included). "normal": n i.i.d. draws of
     t ~ N(mean*T, std*T), clamped to [0, T-1], each snapped to the nearest visited timestep.
     """
     S = len(timesteps)
     if mode == "uniform":
-        idx = torch.linspace(0, S - 1, n, dtype=torch.float64).round().long() if n > 1 else torch.tensor([S - 1])
+        if n >= S:  # midpoints of n equal slices of [0, S): balanced, and slice 0 / n-1 hit step 0 / S-1
+            idx = ((torch.arange(n, dtype=torch.float64) + 0.5) * S / n).floor().long()
+        else:
+            idx = torch.linspace(0, S - 1, n, dtype=torch.float64).round().long() if n > 1 else torch.tensor([S - 1])
     elif mode == "normal":
         draws = (torch.randn(n, generator=generator, dtype=torch.float64) * std + mean) * T
         draws = draws.clamp(0, T - 1)
