@@ -193,7 +193,7 @@ def calibration_set(fp_model, sampler, args, shape, device) -> list:
     if not kept:
         raise InputError(f"--calib-min-t {args.calib_min_t} leaves no step of the sampler")
     # with --calib-min-t, draw more and keep the steps at or above it
-    pool_n = n * (4 if args.timesteps == "representative" else 1) * len(sampler.timesteps) // len(kept) + 1
+    pool_n = -(-n * (4 if args.timesteps == "representative" else 1) * len(sampler.timesteps) // len(kept))
     mode = "uniform" if args.timesteps == "representative" else args.timesteps
     items = calib.trajectory(fp_model, sampler, n=pool_n, timesteps=mode, seed=seed, shape=shape, device=device,
                              progress=progress)
