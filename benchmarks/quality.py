@@ -5,7 +5,9 @@ images are generated on the first run (fxq.data, all CPU cores) and cached under
 
     python benchmarks/quality.py --model ddpm32 --sampler ddim --steps 100 --n 10000 --device cuda
     python benchmarks/quality.py --model ddpm32 --quantize W8A8 --estimator mse --calib 256 --device cuda
-    torchrun --nproc-per-node 4 benchmarks/quality.py --model ddpm32 --quantize W8A8 --device cuda
+    torchrun --standalone --nproc-per-node 4 -- benchmarks/quality.py --model ddpm32 --quantize W8A8 --device cuda
+
+(the `--` keeps torchrun from reading this script's --n as an abbreviation of its own options)
 
 Under torchrun every rank quantizes (the same seed gives the same model; rank 0's copy is broadcast anyway),
 samples every N-th batch, and rank 0 gathers the images, measures and writes: the numbers equal a one-GPU run's.

@@ -230,6 +230,8 @@ def activation_ranges(model: nn.Module, example_inputs, calib_data, config,
             x, t = inputs[0], inputs[1]
             rows = x.shape[0]
             t = torch.as_tensor(t).reshape(-1)
+            if t.numel() != 1 and rows % t.numel():
+                return  # rows that do not map to samples: no per-timestep record
             t = t.expand(rows) if t.numel() == 1 else t.repeat_interleave(rows // t.numel())
             flat = x.detach().reshape(rows, -1)
             lo, hi = flat.amin(1), flat.amax(1)
