@@ -63,13 +63,14 @@ def output_error(model, q, items, groups):
     return y, yq, g, dims
 
 
-@pytest.mark.parametrize("groups", [1, 4])
-def test_mean_output_error_is_zero_on_the_calibration_batch(groups):
+@pytest.mark.parametrize("groups, range_groups", [(1, 1), (4, 1), (4, 4)])
+def test_mean_output_error_is_zero_on_the_calibration_batch(groups, range_groups):
+    """With per-group activation ranges too: the correction pass simulates exactly what the backend runs."""
     torch.manual_seed(0)
     model, items = ConvNet().eval(), calib_set()
-    plain = fxq.quantize(model, joined(items[:2]), items, config())
-    corrected = fxq.quantize(model, joined(items[:2]), items, config(bias_correction=True,
-                                                                      bias_correction_groups=groups))
+    plain = fxq.quantize(model, joined(items[:2]), items, config(timestep_groups=range_groups))
+    corrected = fxq.quantize(model, joined(items[:2]), items, config(
+        bias_correction=True, bias_correction_groups=groups, timestep_groups=range_groups))
     y, yq, g, dims = output_error(model, plain, items, groups)
     _, yc, _, _ = output_error(model, corrected, items, groups)
     for k in range(groups):
