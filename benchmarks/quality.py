@@ -5,6 +5,14 @@ images are generated on the first run (fxq.data, all CPU cores) and cached under
 
     python benchmarks/quality.py --model ddpm32 --sampler ddim --steps 100 --n 10000 --device cuda
     python benchmarks/quality.py --model ddpm32 --quantize W8A8 --estimator mse --calib 256 --device cuda
+    torchrun --standalone --nproc-per-node 4 -- benchmarks/quality.py --model ddpm32 --quantize W8A8 --device cuda
+
+(the `--` keeps torchrun from reading this script's --n as an abbreviation of its own options)
+
+Under torchrun every rank quantizes (the same seed gives the same model; rank 0's copy is broadcast anyway),
+samples every N-th batch, and rank 0 gathers the images, measures and writes: the numbers equal a one-GPU run's.
+--save-samples / --fp-samples keep the float model's images in a file so that several quantized runs measure
+their PSNR against one float sampling.
 
 Noise: sample k's initial noise x_T comes from its own generator, seeded by (seed, k), so with DDIM (eta = 0, no
 other randomness) sample k gets the same x_T whatever N and --batch-size are; the float and the quantized model
@@ -75,12 +83,14 @@ def image_metrics(samples, reference, feature_extractor="fxq-classifier", weight
 
 def evaluate(model, sampler, n: int, reference, *, fp_model=None, fp_metrics: bool = True, batch_size: int = 500,
              seed: int = 0, device=None, feature_extractor: str = "fxq-classifier", weights_path=None,
-             metric_batch_size: int = 256, progress: bool = False) -> dict:
+             metric_batch_size: int = 256, progress: bool = False, fp_images=None) -> dict:
     """Sample `model` (and `fp_model`, its float original, from the same noise) and measure.
 
     Returns {"runs": {"fp": {...}, "quantized": {...}}, "psnr_db": {...} (with fp_model), "images": {...}}; a
     run holds "metrics" (fid, kid_mean, kid_std, isc_mean, isc_std; absent for fp when fp_metrics=False),
     "sampling_s" and "metrics_s". Without fp_model, `model` is the float model and its run is "fp".
+    fp_images: the float model's images from the same noise, sampled before (then fp_model is not sampled).
+    Under torch.distributed, only rank 0 measures; the other ranks return None after sampling.
     """
     reference = check_images(reference, "reference")
     check_fid_size(n, reference.shape[0], feature_dim(feature_extractor, weights_path), feature_extractor)
@@ -88,11 +98,17 @@ def evaluate(model, sampler, n: int, reference, *, fp_model=None, fp_metrics: bo
     models = {"fp": model} if fp_model is None else {"fp": fp_model, "quantized": model}
     result = {"runs": {}, "images": {}}
     for label, m in models.items():
+        if label == "fp" and fp_images is not None:
+            result["images"][label] = check_images(fp_images, "float images")
+            result["runs"][label] = {"sampling_s": None, "images_from_file": True}
+            continue
         t0 = time.perf_counter()
         images = sample_images(m, sampler, n, batch_size, seed, device=device, shape=shape, progress=progress,
                                desc=f"sampling ({label})")
         result["images"][label] = images
         result["runs"][label] = {"sampling_s": time.perf_counter() - t0}
+    if _rank() != 0:
+        return None
     for label, run in result["runs"].items():
         if label == "fp" and fp_model is not None and not fp_metrics:
             continue
@@ -161,19 +177,113 @@ def make_sampler(args):
     return DDPM(), {"name": "ddpm", "steps": 1000, "variance": "fixedlarge"}
 
 
+CALIB_SETS = ("uniform", "normal", "representative", "traditional", "traditional-data")
+
+
+def calibration_set(fp_model, sampler, args, shape, device) -> list:
+    """The --calib items of the --timesteps kind (see fxq.calib), seeded by --calib-seed."""
+    from fxq import calib
+
+    n, seed, progress = args.calib, args.calib_seed, not args.no_progress
+    if args.timesteps in ("traditional", "traditional-data"):
+        data = None
+        if args.timesteps == "traditional-data":
+            from fxq.data import make_dataset, to_model_range
+            data = to_model_range(make_dataset("train", n=n)[0])
+        return calib.traditional(n, shape, T=sampler.T, data=data, seed=seed)
+    kept = [t for t in sampler.timesteps if t >= args.calib_min_t]
+    if not kept:
+        raise InputError(f"--calib-min-t {args.calib_min_t} leaves no step of the sampler")
+    # with --calib-min-t, draw more and keep the steps at or above it
+    pool_n = -(-n * (4 if args.timesteps == "representative" else 1) * len(sampler.timesteps) // len(kept))
+    mode = "uniform" if args.timesteps == "representative" else args.timesteps
+    items = calib.trajectory(fp_model, sampler, n=pool_n, timesteps=mode, seed=seed, shape=shape, device=device,
+                             progress=progress)
+    items = [it for it in items if int(it[1]) >= args.calib_min_t]
+    if args.timesteps == "representative":
+        return calib.representative(items, n)
+    keep = torch.linspace(0, len(items) - 1, min(n, len(items))).round().long().tolist()
+    return [items[i] for i in keep]
+
+
 def quantize_model(fp_model, sampler, bits, args, shape, device):
-    """fxq fake-quantized copy of fp_model, calibrated on its own trajectories; and the config used."""
-    from fxq import QuantConfig, calib
+    """fxq fake-quantized copy of fp_model calibrated on --calib items; the config used; calibration time (s)."""
+    from fxq import QuantConfig
     from fxq.api import quantize
 
     config = QuantConfig(weight_bits=bits[0], act_bits=bits[1], act_estimator=args.estimator,
                          weight_estimator=args.weight_estimator, timestep_groups=args.timestep_groups,
-                         seed=args.seed)
-    data = calib.trajectory(fp_model, sampler, n=args.calib, timesteps=args.timesteps, seed=args.calib_seed,
-                            shape=shape, device=device, progress=not args.no_progress)
+                         ops=tuple(args.ops.split(",")), bias_correction=args.bias_correction,
+                         bias_correction_groups=args.bias_groups, gain_correction=args.gain_correction,
+                         keep_float=tuple(p for p in args.keep_float.split(",") if p), seed=args.seed)
+    data = calibration_set(fp_model, sampler, args, shape, device)
     g = torch.Generator().manual_seed(args.calib_seed)
     example = (torch.randn(2, *shape, generator=g).to(device), torch.tensor([999, 0], device=device))
-    return quantize(fp_model, example, data, config, progress=not args.no_progress), config
+    t0 = time.perf_counter()
+    qmodel = quantize(fp_model, example, data, config, progress=not args.no_progress)
+    return qmodel, config, time.perf_counter() - t0
+
+
+# --- float images kept in a file -----------------------------------------------------------------------------
+
+def _sampling_key(args, model_sha) -> dict:
+    """What fixes the float model's images: two runs that agree on it sample the very same images."""
+    return {"model_sha256": str(model_sha), "n": str(args.n), "seed": str(args.seed),
+            "batch_size": str(args.batch_size), "sampler": args.sampler, "steps": str(args.steps),
+            "eta": str(args.eta)}
+
+
+def save_samples(path, images, key: dict) -> None:
+    from safetensors.torch import save_file
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_file({"images": images.contiguous()}, path, metadata=key)
+
+
+def load_samples(path, key: dict):
+    """Float images saved by --save-samples, checked to come from the same model, noise and sampler."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise InputError(f"--fp-samples {path}: no such file (write it with a float run's --save-samples)")
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+        images = f.get_tensor("images")
+    diff = {k: (meta.get(k), v) for k, v in key.items() if meta.get(k) != v}
+    if diff:
+        raise InputError(f"--fp-samples {path} was sampled with other settings ({diff}, file vs this run): "
+                         "re-sample the float images with the same --model/--n/--seed/--batch-size/--sampler")
+    return images
+
+
+# --- torch.distributed ---------------------------------------------------------------------------------------
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def init_distributed(device: torch.device) -> torch.device:
+    """Join the torchrun group if this process was started by torchrun (WORLD_SIZE > 1); the rank's device."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def broadcast_model(model) -> None:
+    """Rank 0's parameters and buffers in every rank (each quantized its own copy; this rules out any drift)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, 0)
 
 
 def parse_args(argv=None):
@@ -189,8 +299,20 @@ def parse_args(argv=None):
     p.add_argument("--weight-estimator", default="minmax", choices=WEIGHT_ESTIMATORS)
     p.add_argument("--timestep-groups", type=int, default=1, help="activation ranges per group of timesteps")
     p.add_argument("--calib", type=int, default=256, help="calibration inputs (x_t, t)")
-    p.add_argument("--timesteps", default="uniform", choices=("uniform", "normal"),
-                   help="calibration timesteps: Q-Diffusion (uniform) or PTQ4DM (normal)")
+    p.add_argument("--timesteps", default="uniform", choices=CALIB_SETS,
+                   help="calibration set: the model's own trajectories with uniform (Q-Diffusion) or normal (PTQ4DM) "
+                   "timesteps, a representative subset of a 4x uniform pool, or traditional PTQ (random t; pure "
+                   "noise, or forward-noised training images)")
+    p.add_argument("--calib-min-t", type=int, default=0,
+                   help="keep only calibration steps with t >= this (40 reproduces the uniform set before it "
+                   "included the last steps)")
+    p.add_argument("--ops", default="conv,linear,attn_matmul", help="op kinds to quantize (comma-separated)")
+    p.add_argument("--bias-correction", action="store_true", help="empirical bias correction (fxq.bias_correction)")
+    p.add_argument("--gain-correction", action="store_true",
+                   help="with --bias-correction, also correct each channel's gain (PTQD's correlated error)")
+    p.add_argument("--keep-float", default="", help="comma-separated module patterns kept in float")
+    p.add_argument("--bias-groups", type=int, default=None, help="timestep groups of the bias correction "
+                   "(default: --timestep-groups)")
     p.add_argument("--calib-seed", type=int, default=None,
                    help="seed of the calibration trajectories (None: --seed + 1)")
     p.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"))
@@ -210,6 +332,9 @@ def parse_args(argv=None):
     p.add_argument("--ref-n", type=int, default=None, help="reference images (default: the whole ref split)")
     p.add_argument("--with-fp", action=argparse.BooleanOptionalAction, default=True,
                    help="when quantized, also compute the float model's FID/KID/IS")
+    p.add_argument("--save-samples", default=None, help="write the float run's images here (.safetensors)")
+    p.add_argument("--fp-samples", default=None,
+                   help="a float run's --save-samples file: its images stand in for sampling the float model")
     p.add_argument("--out-dir", default=None, help="default: benchmarks/results/<model>-<quantize>-<sampler>-n<N>")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -244,7 +369,8 @@ def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     start = time.perf_counter()
-    device = torch.device(args.device)
+    device = init_distributed(torch.device(args.device))
+    rank = _rank()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
         torch.backends.cudnn.allow_tf32 = args.tf32
@@ -259,22 +385,39 @@ def main(argv=None) -> dict:
     sampler, sampler_info = make_sampler(args)
     times = {}
     t0 = time.perf_counter()
+    if rank != 0:  # rank 0 makes the cached reference set, the others read it
+        torch.distributed.barrier()
     reference, _ = load_or_make("ref", args.ref_cache, n=args.ref_n)
+    if rank == 0 and torch.distributed.is_initialized():
+        torch.distributed.barrier()
     times["reference_s"] = time.perf_counter() - t0
     if tuple(reference.shape[1:]) != shape:
         raise InputError(f"the model makes {shape} samples but the reference images are "
                          f"{tuple(reference.shape[1:])}; the benchmark needs a {tuple(reference.shape[1:])} model")
 
+    key = _sampling_key(args, sha256(model_file))
+    fp_images = None if args.fp_samples is None else load_samples(args.fp_samples, key)
     qconfig = None
+    bits_info = None
     if args.bits is not None:
         t0 = time.perf_counter()
-        qmodel, qconfig = quantize_model(model, sampler, args.bits, args, shape, device)
+        qmodel, qconfig, times["calibration_s"] = quantize_model(model, sampler, args.bits, args, shape, device)
+        broadcast_model(qmodel)
         times["quantize_s"] = time.perf_counter() - t0
+        from fxq.analysis import average_bits
+        bits_info = average_bits(qmodel)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     result = evaluate(model if qconfig is None else qmodel, sampler, args.n, reference,
                       fp_model=None if qconfig is None else model, fp_metrics=args.with_fp,
                       batch_size=args.batch_size, seed=args.seed, device=device,
                       feature_extractor=args.feature_extractor, weights_path=weights,
-                      metric_batch_size=args.metric_batch_size, progress=not args.no_progress)
+                      metric_batch_size=args.metric_batch_size, progress=not args.no_progress and rank == 0,
+                      fp_images=fp_images)
+    if result is None:  # not rank 0: rank 0 measures and writes
+        torch.distributed.destroy_process_group()
+        return None
+    if args.save_samples:
+        save_samples(args.save_samples, result["images"]["fp"], key)
     times["total_s"] = time.perf_counter() - start
     meta = {
         "command": shlex.join(["python", "benchmarks/quality.py", *argv]),
@@ -283,7 +426,9 @@ def main(argv=None) -> dict:
                   "config": model_config(model)},
         "quantization": None if qconfig is None else {"setting": args.quantize.upper(), **qconfig.to_dict(),
                                                        "calib": args.calib, "calib_timesteps": args.timesteps,
-                                                       "calib_seed": args.calib_seed},
+                                                       "calib_min_t": args.calib_min_t,
+                                                       "calib_seed": args.calib_seed, "bits": bits_info},
+        "world_size": world, "fp_samples": args.fp_samples,
         "n": args.n, "sampler": sampler_info, "shape": list(shape),
         "seeds": {"seed": args.seed, "calib_seed": args.calib_seed, "batch_size": args.batch_size,
                   "initial_noise": "per sample: SeedSequence([NOISE_TAG, seed, k])",
@@ -302,10 +447,13 @@ def main(argv=None) -> dict:
         m = run.get("metrics")
         if m:
             print(f"{titles[label]:6s} FID {m['fid']:8.3f}  KID {m['kid_mean']:.5f} ± {m['kid_std']:.5f}  "
-                  f"IS {m['isc_mean']:.3f} ± {m['isc_std']:.3f}  sampling {run['sampling_s']:.1f} s")
+                  f"IS {m['isc_mean']:.3f} ± {m['isc_std']:.3f}  sampling "
+                  + (f"{run['sampling_s']:.1f} s" if run['sampling_s'] is not None else "from file"))
     if "psnr_db" in doc:
         print(f"PSNR to FP samples: mean {doc['psnr_db']['mean']} dB, pooled {doc['psnr_db']['pooled']} dB")
     print(f"wrote {os.path.join(args.out_dir, 'metrics.json')} and grid.png")
+    if world > 1:
+        torch.distributed.destroy_process_group()
     return doc
 
 

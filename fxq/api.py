@@ -53,6 +53,9 @@ def prepare(model: nn.Module, example_inputs, config: QuantConfig) -> tuple[fx.G
         names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
         raise ConfigError(f"timestep_groups={config.timestep_groups} needs a timestep input; name it with "
                           f"QuantConfig(timestep_arg=\"<input name>\") (inputs: {names})")
+    if config.bias_correction and config.bias_groups > 1 and t_name is None:
+        raise ConfigError("bias correction per timestep group needs a timestep input: set "
+                          "QuantConfig(timestep_arg=...) or bias_correction_groups=1")
     passes = [fold_constants, normalize_args, fold_bn, decompose_attention, SelectOps(config)]
     passes += [split_shortcut] if config.split_shortcut else []
     passes = PassManager(passes + [InsertObservers(config, t_name)])
@@ -73,7 +76,7 @@ def quantize(model: nn.Module, example_inputs, calib_data: Iterable, config: Qua
     config = config or QuantConfig()
     _check_model_and_config(model, config)
     call, example = CallSpec.from_example(model, example_inputs, config.timestep_arg)
-    gm, _ = prepare(model, example, config)
+    gm, t_name = prepare(model, example, config)
     if call.takes_return_dict:
         call.tuple_len = _tuple_len(model, call, example)
     try:
@@ -81,8 +84,8 @@ def quantize(model: nn.Module, example_inputs, calib_data: Iterable, config: Qua
     except TypeError:
         raise InputError(f"calib_data must be an iterable of input items, got {type(calib_data).__name__}") from None
     items = (call.canonical_item(item, f"calibration item {i}") for i, item in enumerate(items))
-    if config.weight_rounding != "nearest":
-        items = list(items)  # read twice: calibration, then each layer's (block's) inputs
+    if config.weight_rounding != "nearest" or config.bias_correction:
+        items = list(items)  # read again after calibration: rounding, bias correction
     # Seeded for stochastic layers; the caller's RNGs are restored after.
     with torch.random.fork_rng(devices=cuda_devices(gm)):
         torch.manual_seed(config.seed)
@@ -92,6 +95,10 @@ def quantize(model: nn.Module, example_inputs, calib_data: Iterable, config: Qua
             gm.meta["fxq_adaround"] = [dataclasses.asdict(r) for r in adaround(
                 gm, frozen, items, example, granularity="block" if config.weight_rounding == "brecq" else "layer",
                 iters=config.adaround_iters, batch_size=batch_size, seed=config.seed, progress=progress)]
+    if config.bias_correction:  # after the rounding: it corrects the error of the final weights
+        from fxq.bias_correction import correct_bias
+        correct_bias(gm, frozen, items, example, t_name, config.bias_groups, config.num_timesteps, batch_size,
+                     gain=config.gain_correction)
     lowered = _lower(gm, frozen, config)
     lowered.meta["fxq_config"] = config
     return QuantizedModel.around(model, lowered, call, config)

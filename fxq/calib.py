@@ -1,12 +1,18 @@
-"""Calibration: build a time-step-aware calibration set from the float model's own sampling (`trajectory` with
-fxq's samplers, `record` with any pipeline), and run any calibration set through an observed graph in batches.
+"""Calibration: build a time-step-aware calibration set — from the float model's own sampling (`trajectory`), from
+any pipeline's calls (`record`), or the classic baselines — and run any calibration set through an observed graph
+in batches.
 
-`trajectory()` follows the seeds' papers:
-- timesteps="uniform" (Q-Diffusion): every k-th step of the sampler's trajectory (k chosen so that at most
-  `steps_per_run` steps are kept, e.g. every 5th of DDIM-100), over as many sampler runs as n needs.
-- timesteps="normal" (PTQ4DM's DNTC): timesteps drawn from N(mean*T, std*T), clamped to [0, T-1]; each is
-  taken at the nearest step the sampler visits. Each run contributes distinct steps, drawn without replacement
-  with those normal weights.
+Calibration sets are plain lists of input items (`(x_t, t)` pairs here; anything `fxq.quantize` takes, such as
+the items `calib.record` captures from a pipeline), so every builder below and any recorded set plug in alike.
+
+`trajectory()` samples `(x_t, t)` from the float model's own sampling, as the seeds' papers do:
+- timesteps="uniform" (Q-Diffusion): the n samples spread evenly over the sampler's steps, both ends included
+  (the first step, pure noise, and the last one, t = 0 for DDIM-100), each run of the sampler contributing at
+  most `steps_per_run` of them, spaced along its trajectory.
+- timesteps="normal" (PTQ4DM's DNTC): n timesteps drawn i.i.d. from N(mean*T, std*T), clamped to [0, T-1], each
+  taken at the nearest step the sampler visits; a step drawn k times is taken from k different runs.
+`traditional()` is the classic PTQ baseline that ignores the sampler: t uniform in [0, T), x pure noise or
+forward-noised data. `representative()` selects a subset of any calibration set (see there for the rule).
 """
 
 from __future__ import annotations
@@ -27,17 +33,42 @@ from fxq.images import check_count
 from fxq.inputs import as_args_kwargs
 
 PTQ4DM_MEAN, PTQ4DM_STD = 0.4, 0.4  # the PTQ4DM repo's scripts (argparse defaults are 0.5 / 0.35)
+TIMESTEP_MODES = ("uniform", "normal")
 
 
-def _chosen_steps(timesteps: list[int], mode: str, per_run: int, T: int, mean, std, generator):
-    """Indices into the sampler's step list to keep for one run."""
+def step_counts(timesteps: list[int], mode: str, n: int, T: int, mean: float = PTQ4DM_MEAN,
+                std: float = PTQ4DM_STD, generator: torch.Generator | None = None) -> list[int]:
+    """How many of the n calibration samples each visited step (index into `timesteps`) gets.
+
+    "uniform": with n >= len(timesteps), every step, n // S or n // S + 1 times, both ends included; with fewer,
+    n evenly spaced steps from the first to the last (both ends included). "normal": n i.i.d. draws of
+    t ~ N(mean*T, std*T), clamped to [0, T-1], each snapped to the nearest visited timestep.
+    """
     S = len(timesteps)
     if mode == "uniform":
-        every = max(1, math.ceil(S / per_run))
-        return list(range(0, S, every))
-    weights = _normal_weights(timesteps, T, mean, std)
-    k = min(per_run, S)
-    return sorted(torch.multinomial(weights, k, replacement=False, generator=generator).tolist())
+        if n >= S:  # midpoints of n equal slices of [0, S): balanced, and slice 0 / n-1 hit step 0 / S-1
+            idx = ((torch.arange(n, dtype=torch.float64) + 0.5) * S / n).floor().long()
+        else:
+            idx = torch.linspace(0, S - 1, n, dtype=torch.float64).round().long() if n > 1 else torch.tensor([S - 1])
+    elif mode == "normal":
+        draws = (torch.randn(n, generator=generator, dtype=torch.float64) * std + mean) * T
+        draws = draws.clamp(0, T - 1)
+        t = torch.tensor(timesteps, dtype=torch.float64)
+        idx = (draws[:, None] - t[None, :]).abs().argmin(1)  # ties go to the earlier (noisier) step
+    else:
+        raise InputError(f"timesteps={mode!r}: choose one of {', '.join(map(repr, TIMESTEP_MODES))}")
+    return torch.bincount(idx, minlength=S).tolist()
+
+
+def _runs(counts: list[int], per_run: int) -> list[list[int]]:
+    """Step indices each sampler run keeps: samples in trajectory order dealt round-robin over the runs, so a
+    step drawn k times lands in k different runs and each run's steps are spread along its trajectory."""
+    order = [s for s, c in enumerate(counts) for _ in range(c)]
+    runs = max(math.ceil(len(order) / per_run), max(counts))
+    keep = [[] for _ in range(runs)]
+    for i, s in enumerate(order):
+        keep[i % runs].append(s)
+    return keep
 
 
 def _normal_weights(timesteps, T: int, mean: float, std: float) -> torch.Tensor:
@@ -55,7 +86,7 @@ def _normal_weights(timesteps, T: int, mean: float, std: float) -> torch.Tensor:
 
 def _mean_std(timesteps: str, mean, std) -> tuple[float, float]:
     """mean/std of the "normal" choice (PTQ4DM's by default), after checking the mode."""
-    if timesteps not in ("uniform", "normal"):
+    if timesteps not in TIMESTEP_MODES:
         raise InputError(f"timesteps={timesteps!r}: choose 'uniform' (Q-Diffusion) or 'normal' (PTQ4DM)")
     if timesteps == "uniform" and (mean is not None or std is not None):
         raise InputError("mean/std only apply to timesteps='normal'")
@@ -70,37 +101,145 @@ def trajectory(model, sampler, n: int, timesteps: str = "uniform", mean: float |
                std: float | None = None, batch_size: int | None = None, seed: int = 0,
                steps_per_run: int = 20, shape: tuple | None = None, device=None,
                progress: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """n calibration inputs `(x_t, t)` (each with a batch dim of 1) from `model`'s own sampling with `sampler`.
+    """n calibration inputs `(x_t, t)` (each with a batch dim of 1) from `model`'s own sampling with `sampler`,
+    in trajectory order of each run (see the module docstring for the timestep modes).
 
+    sampler: any fxq.diffusion sampler (DDIM(steps=...), DDPM()); its steps are the candidate timesteps.
+    steps_per_run: at most this many samples come from one run of the sampler (more runs: more diverse images).
     shape: the (C, H, W) of a sample; default: inferred from `model.in_channels` / `model.resolution`.
     batch_size: sampler runs done in parallel (default: all of them, at most 64).
     device: where to sample (default: the sampler's, the device of the model's first floating parameter).
     """
     check_count("n", n)
+    check_count("steps_per_run", steps_per_run)
     mean, std = _mean_std(timesteps, mean, std)
     shape = tuple(shape) if shape is not None else _sample_shape(model)
     steps = list(sampler.timesteps)
     gen = torch.Generator().manual_seed(seed)
-    per_run = len(_chosen_steps(steps, timesteps, steps_per_run, sampler.T, mean, std, gen))
-    runs = math.ceil(n / per_run)
+    keep = _runs(step_counts(steps, timesteps, n, sampler.T, mean, std, gen), steps_per_run)
+    runs = len(keep)
     batch_size = min(runs, batch_size or 64)
-    pool: list[tuple[torch.Tensor, torch.Tensor]] = []
+    out: list[tuple[torch.Tensor, torch.Tensor]] = []
     bar = tqdm(total=runs, desc="calibration trajectories", disable=not progress)
     with eval_mode(model):  # dropout off: the same seed must give the same calibration set
         for start in range(0, runs, batch_size):
             b = min(batch_size, runs - start)
-            keep = [set(_chosen_steps(steps, timesteps, steps_per_run, sampler.T, mean, std, gen)) for _ in range(b)]
+            kept = [set(keep[start + j]) for j in range(b)]
+            pool: list[list] = [[] for _ in range(b)]
 
-            def record(i, t, x_t, keep=keep):
+            def record(i, t, x_t, kept=kept, pool=pool):
                 for j in range(b):
-                    if i in keep[j]:
-                        pool.append((x_t[j:j + 1].detach().float().cpu(), torch.tensor([t], dtype=torch.long)))
+                    if i in kept[j]:
+                        pool[j].append((x_t[j:j + 1].detach().float().cpu(), torch.tensor([t], dtype=torch.long)))
 
             sampler.sample(model, (b, *shape), seed=seed * 1_000_003 + start, device=device, callback=record)
+            for items in pool:
+                out.extend(items)
             bar.update(b)
     bar.close()
-    order = torch.randperm(len(pool), generator=gen)[:n].sort().values
-    return [pool[i] for i in order.tolist()]
+    return out
+
+
+def traditional(n: int, shape: tuple, T: int = 1000, data: torch.Tensor | None = None, seed: int = 0,
+                schedule=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The classic PTQ baseline, blind to the sampler: n items `(x, t)` with t uniform in [0, T) and x pure
+    Gaussian noise (data=None), or forward-noised data, x = q_sample(x0, t, eps) with x0 drawn from `data`
+    ([N, C, H, W] floats in the model's range) and `schedule` (default: fxq.diffusion's linear betas, T steps)."""
+    from fxq.diffusion import Schedule, linear_betas
+
+    check_count("n", n)
+    check_count("T", T)
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.randint(0, T, (n,), generator=gen)
+    if data is None:
+        x = torch.randn((n, *shape), generator=gen)
+    else:
+        if not torch.is_tensor(data) or not data.is_floating_point() or tuple(data.shape[1:]) != tuple(shape):
+            raise InputError(f"data must be a float tensor [N, {', '.join(map(str, shape))}] in the model's range")
+        schedule = schedule or Schedule(linear_betas(T))
+        if schedule.T != T:
+            raise InputError(f"the schedule has {schedule.T} steps but T={T}")
+        x0 = data[torch.randint(0, data.shape[0], (n,), generator=gen)].float()
+        x = schedule.q_sample(x0, t, torch.randn(x0.shape, generator=gen))
+    return [(x[i:i + 1].clone(), t[i:i + 1].clone()) for i in range(n)]
+
+
+def representative(items: list, n: int, features=None, timestep=None) -> list:
+    """n items of a calibration set chosen to represent it (the rest dropped), in their original order.
+
+    The rule (PQD, Ye et al. 2025, "selecting representative samples", publishes no algorithm; this follows
+    EDA-DM's idea, Liu et al. 2024, of matching the density and the diversity of the whole set): items are
+    grouped by timestep, each group keeps its share of n (largest remainders), and inside a group the items are
+    picked by greedy k-medoids (facility location) on a feature vector: each pick lowers most the summed
+    distance from every item of the group to its nearest pick. Dense regions get picks first, and picks
+    spread out as their coverage overlaps. Deterministic: no seed is needed beyond the one that made `items`.
+
+    features(item) -> 1-D tensor; default: the item's first floating tensor, averaged over its batch rows and
+      pooled to 4x4 per channel (its colour and layout at a coarse scale).
+    timestep(item) -> hashable or None; default: the second positional input when it holds one value.
+    Build a pool with `trajectory(..., n=4 * n)` and pass it here; recorded sets work alike.
+    """
+    items = list(items)
+    check_count("n", n)
+    if n > len(items):
+        raise InputError(f"representative: asked for n={n} of a calibration set of {len(items)} items; "
+                         "build a larger pool (e.g. trajectory(..., n=4 * n))")
+    features = features or _pooled_features
+    timestep = timestep or _item_timestep
+    groups: dict = {}
+    for i, item in enumerate(items):
+        groups.setdefault(timestep(item), []).append(i)
+    quota = _largest_remainder({k: len(v) for k, v in groups.items()}, n)
+    chosen: list[int] = []
+    for key, members in groups.items():
+        if quota[key]:
+            feats = torch.stack([features(items[i]).detach().double().reshape(-1).cpu() for i in members])
+            chosen += [members[j] for j in _greedy_medoids(feats, quota[key])]
+    return [items[i] for i in sorted(chosen)]
+
+
+def _largest_remainder(sizes: dict, n: int) -> dict:
+    total = sum(sizes.values())
+    exact = {k: n * s / total for k, s in sizes.items()}
+    quota = {k: int(math.floor(v)) for k, v in exact.items()}
+    rest = sorted(sizes, key=lambda k: (-(exact[k] - quota[k]), list(sizes).index(k)))
+    for k in rest[:n - sum(quota.values())]:
+        quota[k] += 1
+    return quota
+
+
+def _greedy_medoids(feats: torch.Tensor, k: int) -> list[int]:
+    dist = torch.cdist(feats, feats)
+    best = torch.full((feats.shape[0],), float(dist.max()) + 1.0, dtype=dist.dtype)
+    picked: list[int] = []
+    for _ in range(k):
+        gain = (best[:, None] - dist).clamp_min(0).sum(0)
+        gain[picked] = -1.0
+        c = int(torch.argmax(gain))  # first index wins ties: deterministic
+        picked.append(c)
+        best = torch.minimum(best, dist[:, c])
+    return picked
+
+
+def _pooled_features(item) -> torch.Tensor:
+    args, kwargs = as_args_kwargs(item)
+    for leaf in tree_flatten((args, kwargs))[0]:
+        if torch.is_tensor(leaf) and leaf.is_floating_point():
+            x = leaf.detach().float()
+            if x.dim() >= 3:  # [B, C, spatial...]: coarse layout per channel
+                x = torch.nn.functional.adaptive_avg_pool2d(x.reshape(*x.shape[:2], x.shape[2], -1), 4)
+            return x.mean(0).reshape(-1) if x.dim() > 1 else x.reshape(-1)
+    raise InputError("representative: an item holds no floating tensor to compare; pass features=")
+
+
+def _item_timestep(item):
+    args, _ = as_args_kwargs(item)
+    if len(args) < 2:
+        return None
+    t = args[1]
+    if torch.is_tensor(t) and t.numel() >= 1 and bool((t.reshape(-1) == t.reshape(-1)[0]).all()):
+        return float(t.reshape(-1)[0])
+    return float(t) if isinstance(t, (int, float)) and not isinstance(t, bool) else None
 
 
 def record(module, run, n: int | None = None, timesteps: str = "uniform", mean: float | None = None,

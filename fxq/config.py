@@ -65,6 +65,11 @@ class QuantConfig:
       on the block's outputs, as BRECQ's block reconstruction). adaround_iters: optimizer steps per layer/block.
     split_shortcut: give each operand of a channel concat feeding a quantized conv its own activation quantizer
       and weight scales, by splitting the conv over its input channels (Q-Diffusion's split shortcut).
+    bias_correction: after calibration, remove the mean output error of every quantized conv/linear per output
+      channel, measured on (up to 512 items of) the calibration set (fxq.bias_correction; Nagel et al. 2019).
+    bias_correction_groups: timestep groups that get their own correction (None: timestep_groups).
+    gain_correction: with bias_correction, also divide out the part of each op's error that is proportional to
+      its float output, per channel and group (PTQD's correlated-noise correction, applied per layer).
     """
 
     weight_bits: int = 8
@@ -86,6 +91,9 @@ class QuantConfig:
     split_shortcut: bool = True
     weight_rounding: str = "nearest"
     adaround_iters: int = 1000
+    bias_correction: bool = False
+    bias_correction_groups: int | None = None
+    gain_correction: bool = False
 
     def __post_init__(self):
         _check_bits("weight_bits", self.weight_bits)
@@ -120,8 +128,22 @@ class QuantConfig:
             raise ConfigError(f"adaround_iters={self.adaround_iters!r} must be a non-negative integer")
         if not isinstance(self.split_shortcut, bool):
             raise ConfigError(f"split_shortcut={self.split_shortcut!r} must be True or False")
+        if not isinstance(self.bias_correction, bool):
+            raise ConfigError(f"bias_correction={self.bias_correction!r} must be True or False")
+        if not isinstance(self.gain_correction, bool):
+            raise ConfigError(f"gain_correction={self.gain_correction!r} must be True or False")
+        if self.gain_correction and not self.bias_correction:
+            raise ConfigError("gain_correction=True refines the bias correction: set bias_correction=True too")
+        g = self.bias_correction_groups
+        if g is not None and (not isinstance(g, int) or isinstance(g, bool) or not 1 <= g <= self.num_timesteps):
+            raise ConfigError(f"bias_correction_groups={g!r} must be None or an integer from 1 to num_timesteps")
         if not isinstance(self.seed, int):
             raise ConfigError(f"seed={self.seed!r} must be an integer")
+
+    @property
+    def bias_groups(self) -> int:
+        """Timestep groups of the bias correction."""
+        return self.timestep_groups if self.bias_correction_groups is None else self.bias_correction_groups
 
     def to_dict(self) -> dict:
         """Plain-data form (for saving next to a quantized model)."""

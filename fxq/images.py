@@ -33,19 +33,36 @@ def initial_noise(seed: int, start: int, count: int, shape) -> torch.Tensor:
     return out
 
 
+def _shard() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed group this process belongs to, (0, 1) if none."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 @torch.no_grad()
 def sample_images(model, sampler, n: int, batch_size: int, seed: int, device=None, shape=(3, 32, 32),
                   progress: bool = False, desc: str = "sampling") -> torch.Tensor:
-    """n samples of `model` with `sampler` as uint8 [n, C, H, W] on the CPU (see the module docstring on noise)."""
+    """n samples of `model` with `sampler` as uint8 [n, C, H, W] on the CPU (see the module docstring on noise).
+
+    Under torch.distributed (e.g. `torchrun --nproc-per-node N`), rank r samples batches r, r + N, ... and every
+    rank returns all n images. Batch b draws its noise from (seed, sample index) and seed * 1_000_003 + b
+    whichever rank runs it, so the images equal a one-process run's with the same arguments.
+    """
     from fxq.data import from_model_range  # the dataset's pixel convention
 
     check_count("n", n)
     check_count("batch_size", batch_size)
     check_count("seed", seed, 0)
     shape = tuple(shape)
-    out = torch.empty((n, *shape), dtype=torch.uint8)
-    bar = tqdm(total=n, desc=desc, unit="img", disable=not progress)
-    for b, start in enumerate(range(0, n, batch_size)):
+    rank, world = _shard()
+    out = torch.zeros((n, *shape), dtype=torch.uint8)
+    starts = list(range(0, n, batch_size))
+    mine = [(b, start) for b, start in enumerate(starts) if b % world == rank]
+    bar = tqdm(total=sum(min(batch_size, n - s) for _, s in mine), desc=desc, unit="img", disable=not progress)
+    for b, start in mine:
         count = min(batch_size, n - start)
         x0 = sampler.sample(model, (count, *shape), seed=seed * 1_000_003 + b, device=device,
                             x_T=initial_noise(seed, start, count, shape))
@@ -56,7 +73,19 @@ def sample_images(model, sampler, n: int, batch_size: int, seed: int, device=Non
         out[start:start + count] = from_model_range(x0).cpu()
         bar.update(count)
     bar.close()
+    if world > 1:
+        out = _gather(out, device)
     return out
+
+
+def _gather(out: torch.Tensor, device) -> torch.Tensor:
+    """Every rank's images in every rank: each image is written by one rank and zero elsewhere, so a sum of
+    uint8 tensors joins them exactly."""
+    import torch.distributed as dist
+
+    on = out.to(device) if dist.get_backend() == "nccl" else out
+    dist.all_reduce(on, op=dist.ReduceOp.SUM)
+    return on.cpu()
 
 
 def check_images(x, what: str = "samples") -> torch.Tensor:

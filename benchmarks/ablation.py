@@ -1,0 +1,241 @@
+"""Ablation of fxq's quality recipe on the benchmark model: one benchmarks/quality.py run per row, side by side on
+every visible GPU (one row per GPU at a time), each writing its own metrics.json; then one table (ablation.json,
+and Markdown on stdout). The float model is sampled once, sharded over all GPUs with torchrun, and its images
+serve every quantized row's PSNR. Not a test: it asserts nothing.
+
+    python benchmarks/ablation.py --n 2000 --settings W8A8,W4A8 --device cuda
+    python benchmarks/ablation.py --rows fxq,fxq-bc --settings W4A8 --n 10000   # a subset of the rows
+
+Rows (per bit setting): traditional PTQ (random t, pure-noise inputs, min/max ranges); the PTQ4DM recipe (DNTC
+normal timesteps, 1024 samples, Lp-search ranges, attention matmuls left in float); fxq variants, attention
+quantized: the uniform set before its fix (t >= 40 only), uniform, timestep groups 4 and 10, bias correction (one
+group and 10 groups), a representative subset. The Q-Diffusion recipe needs split shortcuts and BRECQ, which
+are not in fxq yet: it has no row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+QUALITY = os.path.join(HERE, "quality.py")
+
+# name -> (label, quality.py arguments); every quantized row uses 256 calibration inputs unless it says otherwise
+BCG10 = ["--bias-correction", "--gain-correction", "--bias-groups", "10"]
+ROWS = {
+    "traditional": ("traditional PTQ (random t, noise, min/max)",
+                    ["--timesteps", "traditional", "--estimator", "minmax"]),
+    "ptq4dm": ("PTQ4DM recipe (DNTC, 1024, Lp search, attention float)",
+               ["--timesteps", "normal", "--calib", "1024", "--ops", "conv,linear"]),
+    "fxq-t40": ("fxq, uniform t >= 40 (before the fix)", ["--calib-min-t", "40"]),
+    "fxq": ("fxq, uniform", []),
+    "fxq-g4": ("fxq, uniform, 4 timestep groups", ["--timestep-groups", "4"]),
+    "fxq-g10": ("fxq, uniform, 10 timestep groups", ["--timestep-groups", "10"]),
+    "fxq-rep": ("fxq, representative subset of a 4x uniform pool", ["--timesteps", "representative"]),
+    "fxq-bc": ("fxq, uniform + bias correction", ["--bias-correction"]),
+    "fxq-bc10": ("fxq, uniform + bias correction per 10 groups", ["--bias-correction", "--bias-groups", "10"]),
+    "fxq-bcg10": ("fxq, uniform + bias & gain correction per 10 groups", BCG10),
+    "fxq-g10-bcg10": ("fxq, uniform, 10 groups + bias & gain correction per 10 groups",
+                      ["--timestep-groups", "10", *BCG10]),
+    "fxq-mm-bcg10": ("fxq, min/max ranges + bias & gain correction per 10 groups", ["--estimator", "minmax", *BCG10]),
+    "fxq-bcg10-in": ("fxq, bias & gain corr. per 10 groups, conv_in in float (the t -> 0 input)",
+                     [*BCG10, "--keep-float", "conv_in"]),
+    "fxq-bcg10-in-sc": ("fxq, as above + skip-concat 1x1 convs in float (what split shortcuts could buy)",
+                        [*BCG10, "--keep-float", "conv_in,up.*.nin_shortcut"]),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="ddpm32")
+    p.add_argument("--settings", default="W8A8,W4A8")
+    p.add_argument("--rows", default=",".join(ROWS),
+                   help=f"comma-separated, of: {', '.join(ROWS)}; SETTING:row runs a row for that setting only")
+    p.add_argument("--n", type=int, default=2000)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=250, help="sampling batch (sharding splits by batches)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs to use (default: all visible)")
+    p.add_argument("--out-dir", default=None, help="default: benchmarks/results/ablation-n<N>")
+    p.add_argument("--time-sharding", action="store_true",
+                   help="also sample the float model on one GPU, to time the sharded run against it")
+    p.add_argument("--reuse-fp", action="store_true",
+                   help="reuse the float run already in --out-dir (its images file must match, quality.py checks)")
+    p.add_argument("--extra", default="", help="more quality.py arguments for every run (one string)")
+    args, rest = p.parse_known_args(argv)
+    args.extra = args.extra.split() + rest
+    args.out_dir = args.out_dir or os.path.join("benchmarks", "results", f"ablation-n{args.n}")
+    unknown = [r for r in args.rows.split(",") if r.split(":")[-1] not in ROWS]
+    if unknown:
+        p.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
+    return args
+
+
+def _gpus(args) -> int:
+    if args.device != "cuda":
+        return 1
+    if args.gpus:
+        return args.gpus
+    import torch
+    return max(1, torch.cuda.device_count())
+
+
+def _common(args) -> list[str]:
+    return ["--model", args.model, "--sampler", "ddim", "--steps", str(args.steps), "--n", str(args.n),
+            "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--device", args.device,
+            "--no-progress", *args.extra]
+
+
+def _env(gpu: int | None, gpus: int = 1) -> dict:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if gpus > 1:  # rows side by side: each gets its share of the CPU cores (torch takes them all by default)
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // gpus)))
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    return env
+
+
+def _run(cmd, log_path, env) -> subprocess.Popen:
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    log = open(log_path, "w")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+
+
+def _wait(proc, name) -> None:
+    if proc.wait() != 0:
+        raise SystemExit(f"row {name} failed (exit {proc.returncode}); see its log.txt")
+
+
+def float_rows(args, gpus, out) -> dict:
+    """The float run, sharded over all GPUs (and once on one GPU with --time-sharding); its images file."""
+    samples = os.path.join(out, "fp", "samples.safetensors")
+    runs = {}
+    plan = [("fp", gpus)] + ([("fp-1gpu", 1)] if args.time_sharding and gpus > 1 else [])
+    if args.reuse_fp and os.path.isfile(samples) and os.path.isfile(os.path.join(out, "fp", "metrics.json")):
+        plan = [(name, world) for name, world in plan if name != "fp"]
+        runs["fp"] = os.path.join(out, "fp")
+    for name, world in plan:
+        row_dir = os.path.join(out, name)
+        save = samples if name == "fp" else os.path.join(row_dir, "samples.safetensors")
+        cmd = [sys.executable, QUALITY] if world == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}", "--",
+            QUALITY]
+        cmd += _common(args) + ["--quantize", "none", "--out-dir", row_dir, "--save-samples", save]
+        env = _env(None if world > 1 or args.device != "cuda" else 0)
+        _wait(_run(cmd, os.path.join(row_dir, "log.txt"), env), name)
+        runs[name] = row_dir
+    return {"samples": samples, "dirs": runs}
+
+
+def _plan(args) -> list[tuple[str, str]]:
+    """(setting, row) pairs: each setting's rows in --rows order; "SETTING:row" entries for that setting only."""
+    plan = []
+    for setting in args.settings.split(","):
+        for entry in args.rows.split(","):
+            only, _, row = entry.rpartition(":")
+            if not only or only.upper() == setting.upper():
+                plan.append((setting, row))
+    return plan
+
+
+def quantized_rows(args, gpus, out, samples) -> list[tuple[str, str, str]]:
+    """Every (setting, row) run, at most one per GPU at a time; returns (name, label, dir) of each."""
+    queue = []
+    for setting, row in _plan(args):
+        label, extra = ROWS[row]
+        name = f"{setting.lower()}-{row}"
+        row_dir = os.path.join(out, name)
+        cmd = [sys.executable, QUALITY, *_common(args), "--quantize", setting, "--no-with-fp",
+               "--fp-samples", samples, "--out-dir", row_dir, *extra]
+        queue.append((name, f"{setting.upper()} {label}", row_dir, cmd))
+    running: dict[int, tuple] = {}
+    done = []
+    while queue or running:
+        for gpu in range(gpus):
+            if gpu not in running and queue:
+                name, label, row_dir, cmd = queue.pop(0)
+                env = _env(gpu if args.device == "cuda" else None, gpus)
+                running[gpu] = (name, label, row_dir, _run(cmd, os.path.join(row_dir, "log.txt"), env))
+                print(f"started {name} on GPU {gpu}", flush=True)
+        time.sleep(1)
+        for gpu, (name, label, row_dir, proc) in list(running.items()):
+            if proc.poll() is not None:
+                _wait(proc, name)
+                done.append((name, label, row_dir))
+                del running[gpu]
+                print(f"finished {name}", flush=True)
+    return done
+
+
+def _load(row_dir):
+    with open(os.path.join(row_dir, "metrics.json")) as f:
+        return json.load(f)
+
+
+def table(fp_doc, rows) -> list[dict]:
+    fp = fp_doc["runs"]["fp"]["metrics"]
+    out = [{"row": "fp", "label": "float", "fid": fp["fid"], "delta_fid_pct": 0.0, "kid": fp["kid_mean"],
+            "kid_std": fp["kid_std"], "is": fp["isc_mean"], "psnr_db": None, "calibration_s": None,
+            "weight_bits": 32, "act_bits": 32, "weight_bits_all_params": 32, "sampling_s": fp_doc["runs"]["fp"]["sampling_s"],
+            "world_size": fp_doc.get("world_size", 1)}]
+    for name, label, row_dir in rows:
+        doc = _load(row_dir)
+        m = doc["runs"]["quantized"]["metrics"]
+        bits = doc["quantization"]["bits"]
+        out.append({"row": name, "label": label, "fid": m["fid"], "delta_fid_pct": 100 * (m["fid"] / fp["fid"] - 1),
+                    "kid": m["kid_mean"], "kid_std": m["kid_std"], "is": m["isc_mean"],
+                    "psnr_db": doc["psnr_db"]["mean"], "calibration_s": doc["wall_s"].get("calibration_s"),
+                    "weight_bits": bits["weight_bits_quantized"], "act_bits": bits["act_bits"],
+                    "weight_bits_all_params": bits["weight_bits_all_params"],
+                    "sampling_s": doc["runs"]["quantized"]["sampling_s"]})
+    return out
+
+
+def markdown(rows) -> str:
+    lines = ["| row | FID | ΔFID | KID | IS | PSNR to float (dB) | calibration (s) | avg W bits (quantized / all params) / A bits |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        psnr = "" if r["psnr_db"] is None else f"{r['psnr_db']:.1f}"
+        cal = "" if r["calibration_s"] is None else f"{r['calibration_s']:.1f}"
+        lines.append(f"| {r['label']} | {r['fid']:.2f} | {r['delta_fid_pct']:+.1f} % | {r['kid']:.4f} ± "
+                     f"{r['kid_std']:.4f} | {r['is']:.2f} | {psnr} | {cal} | {r['weight_bits']:.2f} / "
+                     f"{r['weight_bits_all_params']:.2f} / {r['act_bits']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = os.path.abspath(args.out_dir)
+    gpus = _gpus(args)
+    t0 = time.perf_counter()
+    fp = float_rows(args, gpus, out)
+    fp_doc = _load(fp["dirs"]["fp"])
+    rows = quantized_rows(args, gpus, out, fp["samples"])
+    result = {"command": " ".join(["python", "benchmarks/ablation.py", *(argv or sys.argv[1:])]), "gpus": gpus,
+              "n": args.n, "rows": table(fp_doc, rows), "wall_s": time.perf_counter() - t0}
+    if "fp-1gpu" in fp["dirs"]:
+        one = _load(fp["dirs"]["fp-1gpu"])
+        result["sharding"] = {"gpus": gpus, "sampling_s_1gpu": one["runs"]["fp"]["sampling_s"],
+                              "sampling_s_sharded": fp_doc["runs"]["fp"]["sampling_s"],
+                              "identical_metrics": one["runs"]["fp"]["metrics"] == fp_doc["runs"]["fp"]["metrics"]}
+        s = result["sharding"]
+        s["ratio_x_gpus"] = s["sampling_s_sharded"] / s["sampling_s_1gpu"] * gpus
+    with open(os.path.join(out, "ablation.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(markdown(result["rows"]))
+    if "sharding" in result:
+        print(f"sharded float sampling: {result['sharding']}")
+    print(f"wrote {os.path.join(out, 'ablation.json')} ({result['wall_s']:.0f} s)")
+    return result
+
+
+if __name__ == "__main__":
+    main()

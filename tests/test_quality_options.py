@@ -1,0 +1,63 @@
+"""benchmarks/quality.py's calibration-set kinds and float images kept in a file, and benchmarks/ablation.py's
+row plan, on the tiny model of test_quality."""
+
+import types
+
+import pytest
+import torch
+
+pytest.importorskip("fxq.fidelity")
+
+from benchmarks import ablation, quality  # noqa: E402
+from fxq.diffusion import DDIM  # noqa: E402
+from fxq.errors import InputError  # noqa: E402
+from tests.test_quality import N, files, one_thread, tiny_unet  # noqa: E402,F401  (fixtures)
+
+
+def cli(files, out_dir, *extra):
+    return quality.main(["--model", files["model"], "--n", str(N), "--batch-size", "40", "--steps", "4",
+                         "--device", "cpu", "--feature-extractor-weights", files["clf"],
+                         "--ref-cache", str(files["root"] / "cache"), "--ref-n", str(N),
+                         "--out-dir", str(out_dir), "--no-progress", *extra])
+
+
+def test_float_images_from_a_file_give_the_same_numbers(files, tmp_path):
+    samples = tmp_path / "fp.safetensors"
+    cli(files, tmp_path / "fp", "--save-samples", str(samples))
+    args = ("--quantize", "W8A8", "--calib", "8", "--estimator", "minmax", "--no-with-fp")
+    direct = cli(files, tmp_path / "a", *args)
+    reused = cli(files, tmp_path / "b", *args, "--fp-samples", str(samples))
+    assert reused["psnr_db"] == direct["psnr_db"]
+    assert reused["runs"]["quantized"]["metrics"] == direct["runs"]["quantized"]["metrics"]
+    assert reused["runs"]["fp"]["images_from_file"] and reused["quantization"]["bits"]["weight_bits_quantized"] == 8
+    with pytest.raises(InputError, match="sampled with other settings"):
+        cli(files, tmp_path / "c", *args, "--fp-samples", str(samples), "--seed", "1")
+
+
+@pytest.mark.parametrize("kind", quality.CALIB_SETS)
+def test_calibration_set_kinds(kind):
+    args = types.SimpleNamespace(calib=12, calib_seed=0, no_progress=True, timesteps=kind, calib_min_t=0)
+    items = quality.calibration_set(tiny_unet(), DDIM(steps=10), args, (3, 32, 32), "cpu")
+    assert len(items) == 12 and all(x.shape == (1, 3, 32, 32) and t.shape == (1,) for x, t in items)
+    if kind in ("uniform", "representative"):
+        assert 0 in {int(t) for _, t in items}  # the last step of the trajectory
+
+
+def test_calib_min_t_drops_the_last_steps():
+    args = types.SimpleNamespace(calib=20, calib_seed=0, no_progress=True, timesteps="uniform", calib_min_t=300)
+    items = quality.calibration_set(tiny_unet(), DDIM(steps=10), args, (3, 32, 32), "cpu")
+    assert len(items) == 20 and min(int(t) for _, t in items) == 300
+    args.calib_min_t = 2000
+    with pytest.raises(InputError, match="leaves no step"):
+        quality.calibration_set(tiny_unet(), DDIM(steps=10), args, (3, 32, 32), "cpu")
+
+
+def test_ablation_plan_and_table():
+    args = ablation.parse_args(["--settings", "W8A8,W4A8", "--rows", "fxq,W4A8:fxq-bc,traditional"])
+    assert ablation._plan(args) == [("W8A8", "fxq"), ("W8A8", "traditional"), ("W4A8", "fxq"), ("W4A8", "fxq-bc"),
+                                    ("W4A8", "traditional")]
+    with pytest.raises(SystemExit):
+        ablation.parse_args(["--rows", "nope"])
+    rows = [{"label": "float", "fid": 10.0, "delta_fid_pct": 0.0, "kid": 0.05, "kid_std": 0.01, "is": 8.0,
+             "psnr_db": None, "calibration_s": None, "weight_bits": 32, "weight_bits_all_params": 32, "act_bits": 32}]
+    assert "| float | 10.00 | +0.0 % |" in ablation.markdown(rows)
