@@ -9,8 +9,9 @@ serve every quantized row's PSNR. Not a test: it asserts nothing.
 Rows (per bit setting): traditional PTQ (random t, pure-noise inputs, min/max ranges); the PTQ4DM recipe (DNTC
 normal timesteps, 1024 samples, Lp-search ranges, attention matmuls left in float); fxq variants, attention
 quantized: the uniform set before its fix (t >= 40 only), uniform, timestep groups 4 and 10, bias correction (one
-group and 10 groups), a representative subset. The Q-Diffusion recipe needs split shortcuts and BRECQ, which
-are not in fxq yet: it has no row.
+group and 10 groups), a representative subset, with and without split shortcuts (on by default), AdaRound and
+BRECQ-style block reconstruction; the Q-Diffusion recipe (uniform, split shortcuts, BRECQ; without its
+activation-range reconstruction).
 """
 
 from __future__ import annotations
@@ -48,6 +49,14 @@ ROWS = {
                      [*BCG10, "--keep-float", "conv_in"]),
     "fxq-bcg10-in-sc": ("fxq, as above + skip-concat 1x1 convs in float (what split shortcuts could buy)",
                         [*BCG10, "--keep-float", "conv_in,up.*.nin_shortcut"]),
+    "fxq-nosplit": ("fxq, uniform, without split shortcuts", ["--no-split-shortcut"]),
+    "fxq-bcg10-nosplit": ("fxq, bias & gain corr. per 10 groups, without split shortcuts",
+                          [*BCG10, "--no-split-shortcut"]),
+    "fxq-ada-bcg10": ("fxq, AdaRound + bias & gain corr. per 10 groups", ["--weight-rounding", "adaround", *BCG10]),
+    "fxq-brecq-bcg10": ("fxq, BRECQ blocks + bias & gain corr. per 10 groups",
+                        ["--weight-rounding", "brecq", *BCG10]),
+    "qdiffusion": ("Q-Diffusion recipe (uniform, split shortcuts, BRECQ, attention quantized)",
+                   ["--weight-rounding", "brecq"]),
 }
 
 

@@ -215,7 +215,9 @@ def quantize_model(fp_model, sampler, bits, args, shape, device):
                          weight_estimator=args.weight_estimator, timestep_groups=args.timestep_groups,
                          ops=tuple(args.ops.split(",")), bias_correction=args.bias_correction,
                          bias_correction_groups=args.bias_groups, gain_correction=args.gain_correction,
-                         keep_float=tuple(p for p in args.keep_float.split(",") if p), seed=args.seed)
+                         keep_float=tuple(p for p in args.keep_float.split(",") if p), seed=args.seed,
+                         split_shortcut=args.split_shortcut, weight_rounding=args.weight_rounding,
+                         adaround_iters=args.adaround_iters)
     data = calibration_set(fp_model, sampler, args, shape, device)
     g = torch.Generator().manual_seed(args.calib_seed)
     example = (torch.randn(2, *shape, generator=g).to(device), torch.tensor([999, 0], device=device))
@@ -311,6 +313,10 @@ def parse_args(argv=None):
     p.add_argument("--gain-correction", action="store_true",
                    help="with --bias-correction, also correct each channel's gain (PTQD's correlated error)")
     p.add_argument("--keep-float", default="", help="comma-separated module patterns kept in float")
+    p.add_argument("--split-shortcut", action=argparse.BooleanOptionalAction, default=True,
+                   help="split convs that read a channel concat, one quantizer per operand (Q-Diffusion)")
+    p.add_argument("--weight-rounding", default="nearest", choices=("nearest", "adaround", "brecq"))
+    p.add_argument("--adaround-iters", type=int, default=1000, help="optimizer steps per layer / block")
     p.add_argument("--bias-groups", type=int, default=None, help="timestep groups of the bias correction "
                    "(default: --timestep-groups)")
     p.add_argument("--calib-seed", type=int, default=None,
