@@ -68,6 +68,9 @@ def quantize(model: nn.Module, example_inputs, calib_data: Iterable, config: Qua
     calib_data: any iterable of items of the same form (any batch size), e.g. `fxq.calib.trajectory(...)`.
     """
     config = config or QuantConfig()
+    if config.backend == "x86":  # before any work: this CPU, and a CPU model
+        from fxq.backends import x86
+        x86.check_model(model)
     gm, _ = prepare(model, example_inputs, config)
     example = as_args_kwargs(example_inputs)
     # Seeded for stochastic layers; the caller's RNGs are restored after.
@@ -84,4 +87,7 @@ def _lower(gm, frozen, config):
     if config.backend == "fake":
         from fxq.backends import fake
         return fake.lower(gm, frozen, num_timesteps=config.num_timesteps)
+    if config.backend == "x86":
+        from fxq.backends import x86
+        return x86.lower(gm, frozen, config)
     raise ConfigError(f"backend {config.backend!r} has no lowering")
