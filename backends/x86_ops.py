@@ -281,19 +281,20 @@ class QConv(_WeightedInt8):
     fp32 tensor in the kernel (2d only; written in place, so the lowering passes only tensors dead afterwards)."""
 
     _spec_fields = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "conv_groups",
-                    "bias", "groups", "unary", "out_quant", "accum")
+                    "has_bias", "groups", "unary", "out_quant", "accum")
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride, padding, dilation,
-                 conv_groups: int = 1, bias: bool = True, groups: int = 1, unary: str = "none",
+                 conv_groups: int = 1, has_bias: bool = True, groups: int = 1, unary: str = "none",
                  out_quant: bool = False, accum: bool = False):
         super().__init__()
+        self.has_bias = has_bias
         self.in_channels, self.out_channels, self.conv_groups = in_channels, out_channels, conv_groups
         self.kernel_size, self.stride = tuple(kernel_size), tuple(stride)
         self.padding, self.dilation = tuple(padding), tuple(dilation)
         self.groups, self.unary, self.out_quant, self.accum = groups, unary, out_quant, accum
         if unary not in UNARY_POST_OPS:
             raise InputError(f"unary post-op {unary!r} is not one of {UNARY_POST_OPS}")
-        self._register((out_channels, in_channels // conv_groups) + self.kernel_size, bias, groups, out_quant)
+        self._register((out_channels, in_channels // conv_groups) + self.kernel_size, has_bias, groups, out_quant)
 
     @classmethod
     def from_float(cls, conv: nn.modules.conv._ConvNd, wqp: Q.QParams, xqp: Q.QParams) -> "QConv":
@@ -349,16 +350,17 @@ class QLinear(_WeightedInt8):
     """Int8 linear on oneDNN over any leading dims, fp32 or uint8 output; `other` adds a same-shaped fp32
     tensor in the kernel (not in place)."""
 
-    _spec_fields = ("in_features", "out_features", "bias", "groups", "unary", "out_quant")
+    _spec_fields = ("in_features", "out_features", "has_bias", "groups", "unary", "out_quant")
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, groups: int = 1,
+    def __init__(self, in_features: int, out_features: int, has_bias: bool = True, groups: int = 1,
                  unary: str = "none", out_quant: bool = False):
         super().__init__()
+        self.has_bias = has_bias
         self.in_features, self.out_features = in_features, out_features
         self.groups, self.unary, self.out_quant = groups, unary, out_quant
         if unary not in UNARY_POST_OPS:
             raise InputError(f"unary post-op {unary!r} is not one of {UNARY_POST_OPS}")
-        self._register((out_features, in_features), bias, groups, out_quant)
+        self._register((out_features, in_features), has_bias, groups, out_quant)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, wqp: Q.QParams, xqp: Q.QParams) -> "QLinear":

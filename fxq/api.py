@@ -68,7 +68,7 @@ def quantize(model: nn.Module, example_inputs, calib_data: Iterable, config: Qua
     calib_data: any iterable of items of the same form (any batch size), e.g. `fxq.calib.trajectory(...)`.
     """
     config = config or QuantConfig()
-    if config.backend == "x86":  # before any work: this CPU, and a CPU model
+    if getattr(config, "backend", None) == "x86":  # before any work: this CPU, and a CPU model
         from fxq.backends import x86
         x86.check_model(model)
     gm, _ = prepare(model, example_inputs, config)
