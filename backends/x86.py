@@ -241,7 +241,7 @@ def fuse_unary(gm: fx.GraphModule) -> None:
             continue
         user = next(iter(node.users))
         kind = _unary_kind(gm, user)
-        if kind is not None:
+        if kind in type(module).UNARY:
             module.unary = kind
             user.replace_all_uses_with(node)
             gm.graph.erase_node(user)

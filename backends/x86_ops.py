@@ -280,6 +280,8 @@ class QConv(_WeightedInt8):
     """Int8 convolution (1d/2d/3d, zero padding) on oneDNN, fp32 or uint8 output; `accum` adds a same-shaped
     fp32 tensor in the kernel (2d only; written in place, so the lowering passes only tensors dead afterwards)."""
 
+    UNARY = ("none", "relu", "swish")  # oneDNN's int8 conv has no GELU post-op
+
     _spec_fields = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "conv_groups",
                     "has_bias", "groups", "unary", "out_quant", "accum")
 
@@ -292,8 +294,8 @@ class QConv(_WeightedInt8):
         self.kernel_size, self.stride = tuple(kernel_size), tuple(stride)
         self.padding, self.dilation = tuple(padding), tuple(dilation)
         self.groups, self.unary, self.out_quant, self.accum = groups, unary, out_quant, accum
-        if unary not in UNARY_POST_OPS:
-            raise InputError(f"unary post-op {unary!r} is not one of {UNARY_POST_OPS}")
+        if unary not in self.UNARY:
+            raise InputError(f"unary post-op {unary!r} is not one of {self.UNARY}")
         self._register((out_channels, in_channels // conv_groups) + self.kernel_size, has_bias, groups, out_quant)
 
     @classmethod
@@ -350,6 +352,8 @@ class QLinear(_WeightedInt8):
     """Int8 linear on oneDNN over any leading dims, fp32 or uint8 output; `other` adds a same-shaped fp32
     tensor in the kernel (not in place)."""
 
+    UNARY = UNARY_POST_OPS
+
     _spec_fields = ("in_features", "out_features", "has_bias", "groups", "unary", "out_quant")
 
     def __init__(self, in_features: int, out_features: int, has_bias: bool = True, groups: int = 1,
@@ -358,8 +362,8 @@ class QLinear(_WeightedInt8):
         self.has_bias = has_bias
         self.in_features, self.out_features = in_features, out_features
         self.groups, self.unary, self.out_quant = groups, unary, out_quant
-        if unary not in UNARY_POST_OPS:
-            raise InputError(f"unary post-op {unary!r} is not one of {UNARY_POST_OPS}")
+        if unary not in self.UNARY:
+            raise InputError(f"unary post-op {unary!r} is not one of {self.UNARY}")
         self._register((out_features, in_features), has_bias, groups, out_quant)
 
     @classmethod

@@ -212,6 +212,36 @@ def test_fusions_are_in_the_lowered_graph():
     assert isinstance(int8.get_submodule(interp.args[0].target), x86_ops.Quantize)
 
 
+@pytest.mark.parametrize("act", [None, nn.SiLU(), nn.ReLU(), nn.GELU()])
+def test_requantizing_kernel_output_gives_the_next_ops_codes(act):
+    # conv -> [act] -> conv: the first kernel writes uint8 codes at the second's input parameters; apart from
+    # rare rounding flips (one step), the second conv sees the codes fake-quant computes
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(3, 8, 3, padding=1)] + ([act] if act is not None else []) + [nn.Conv2d(8, 4, 3, padding=1)]
+    x = torch.randn(2, 3, 8, 8)
+    fake, int8 = _pair(_Single(nn.Sequential(*layers)).eval(), (x,), [(torch.randn(2, 3, 8, 8),)])
+    first = int8.get_submodule("op.0")
+    # oneDNN's int8 conv has no GELU post-op: GELU stays in float and the first conv keeps an fp32 output
+    fused = {None: "none", nn.SiLU: "swish", nn.ReLU: "relu"}.get(type(act) if act is not None else None)
+    assert first.out_quant == (fused is not None) and first.unary == (fused or "none")
+    yf, y8 = fake(x), int8(x)
+    close = (y8 - yf).abs() <= 1e-4 * (yf.abs().max() + 1)
+    assert close.float().mean() >= 0.95
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_quantize_moves_above_nearest_upsampling_only(mode):
+    torch.manual_seed(0)
+    model = _Single(nn.Sequential(nn.Upsample(scale_factor=2, mode=mode), nn.Conv2d(3, 4, 3, padding=1))).eval()
+    x = torch.randn(2, 3, 4, 4)
+    fake, int8 = _pair(model, (x,), [(torch.randn(2, 3, 4, 4),)])
+    up = next(n for n in int8.graph.nodes if n.target == "op.0")
+    before = up.args[0]
+    moved = before.op == "call_module" and isinstance(int8.get_submodule(before.target), x86_ops.Quantize)
+    assert moved == (mode == "nearest")
+    assert (int8(x) - fake(x)).abs().max() <= 1e-4 * (fake(x).abs().max() + 1)
+
+
 class _SkipReadLater(nn.Module):
     """The residual operand is read again after the add: adding in place into it would corrupt the output."""
 
