@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+import time
+
 from fxq.diffusion import _model_device_dtype
 from fxq.passes.select_ops import summary
 
@@ -75,3 +77,20 @@ def summarize_sqnr(per_t: dict[int, float], buckets: int = 5) -> list[tuple[int,
         chunk = items[i:i + size]
         rows.append((chunk[-1][0], chunk[0][0], sum(v for _, v in chunk) / len(chunk)))
     return rows
+
+
+@torch.no_grad()
+def interleaved_latency(models: dict, inputs: tuple, rounds: int = 10, warmup: int = 2) -> dict[str, dict]:
+    """Wall time of one call of each model on `inputs`, measured in interleaved rounds (every model once per
+    round, so load on the machine hits all alike): {name: {"median_ms", "min_ms", "max_ms"}}."""
+    for fn in models.values():
+        for _ in range(warmup):
+            fn(*inputs)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, fn in models.items():
+            t0 = time.perf_counter()
+            fn(*inputs)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: {"median_ms": sorted(v)[len(v) // 2], "min_ms": min(v), "max_ms": max(v)}
+            for name, v in times.items()}
