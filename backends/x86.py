@@ -151,9 +151,8 @@ def lower(gm: fx.GraphModule, frozen: Frozen, config) -> fx.GraphModule:
     for obs in [n for n in graph.nodes if is_act_observer(gm, n)]:
         obs.replace_all_uses_with(obs.args[0])
         graph.erase_node(obs)
-    fuse_unary(gm)
-    fuse_output_quant(gm)
-    fuse_residual_add(gm)
+    for fuse in FUSIONS:
+        fuse(gm)
     _guard_inputs_outputs(gm)
     gm.delete_all_unused_submodules()
     graph.lint()
@@ -328,6 +327,10 @@ def fuse_residual_add(gm: fx.GraphModule) -> None:
         gm.graph.erase_node(add)
         gm.graph.erase_node(node)
         order = node_order(gm.graph)
+
+
+# In this order: a unary post-op first, so conv -> SiLU -> Quantize can then fuse the requantization too.
+FUSIONS = (fuse_unary, fuse_output_quant, fuse_residual_add)
 
 
 def _guard_inputs_outputs(gm: fx.GraphModule) -> None:
