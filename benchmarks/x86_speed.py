@@ -12,6 +12,7 @@ alike); the median and spread per variant are printed and written as JSON. Varia
 Also the SQNR of int8 against its fake-quant twin and against float on random inputs at t=500.
 
     python benchmarks/x86_speed.py --model random128 --model ddpm32 --batch 1 --batch 4 --threads 2 --rounds 15
+    python benchmarks/x86_speed.py --threads 1 --clock cpu     # on a loaded machine
 """
 
 from __future__ import annotations
@@ -70,11 +71,14 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--calib-batches", type=int, default=8)
     p.add_argument("--estimator", default="minmax", help="activation ranges (speed does not depend on it)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="cpu: CPU time of the calling thread (use with --threads 1; steadier on a shared machine)")
     p.add_argument("--out", default="benchmarks/results/x86_speed.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     models, batches = args.model or ["random128", "ddpm32"], args.batch or [1, 4]
     result = {"cpu": cpu_model(), "torch": torch.__version__, "threads": args.threads, "rounds": args.rounds,
+              "clock": args.clock,
               "capability": torch.backends.cpu.get_cpu_capability(), "runs": []}
     print(f"{result['cpu']}, torch {torch.__version__}, {args.threads} threads, {args.rounds} interleaved rounds")
     for name in models:
@@ -90,7 +94,8 @@ def main(argv=None) -> int:
             x = torch.randn(b, 3, 32, 32, generator=g)
             t = torch.full((b,), 500)
             variants = {"fp32": model, "fp32-cl": fp_cl, **{k: v for k, v in q.items() if k != "fake"}}
-            timing = report.interleaved_latency(variants, (x, t), rounds=args.rounds)
+            clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+            timing = report.interleaved_latency(variants, (x, t), rounds=args.rounds, clock=clock)
             with torch.no_grad():
                 y, yf, y8 = model(x, t), q["fake"](x, t), q["int8"](x, t)
             run = {"model": label, "batch": b, "timing_ms": timing,

@@ -80,17 +80,19 @@ def summarize_sqnr(per_t: dict[int, float], buckets: int = 5) -> list[tuple[int,
 
 
 @torch.no_grad()
-def interleaved_latency(models: dict, inputs: tuple, rounds: int = 10, warmup: int = 2) -> dict[str, dict]:
-    """Wall time of one call of each model on `inputs`, measured in interleaved rounds (every model once per
-    round, so load on the machine hits all alike): {name: {"median_ms", "min_ms", "max_ms"}}."""
+def interleaved_latency(models: dict, inputs: tuple, rounds: int = 10, warmup: int = 2,
+                        clock=time.perf_counter) -> dict[str, dict]:
+    """Time of one call of each model on `inputs`, measured in interleaved rounds (every model once per round,
+    so load on the machine hits all alike): {name: {"median_ms", "min_ms", "max_ms"}}. `clock`: wall time by
+    default; `time.thread_time` (CPU time of this thread, with 1 torch thread) is steadier on a loaded machine."""
     for fn in models.values():
         for _ in range(warmup):
             fn(*inputs)
     times: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(rounds):
         for name, fn in models.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             fn(*inputs)
-            times[name].append((time.perf_counter() - t0) * 1e3)
+            times[name].append((clock() - t0) * 1e3)
     return {name: {"median_ms": sorted(v)[len(v) // 2], "min_ms": min(v), "max_ms": max(v)}
             for name, v in times.items()}
