@@ -377,3 +377,29 @@ class _TimeFree(nn.Module):
 
     def forward(self, x, t):
         return self.c(x)
+
+
+@pytest.mark.slow  # two quantizations of a diffusers UNet
+def test_a_diffusers_cross_attention_unet_runs_on_int8_kernels():
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=16,
+        attention_head_dim=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).eval()
+    with torch.no_grad():
+        for p in unet.parameters():  # zero-initialized output convs would carry no signal
+            p.add_(0.02 * torch.randn(p.shape))
+    g = torch.Generator().manual_seed(2)
+
+    def item(b):
+        return ((torch.randn(b, 4, 8, 8, generator=g), torch.randint(0, 1000, (b,), generator=g)),
+                {"encoder_hidden_states": torch.randn(b, 5, 16, generator=g)})
+
+    calib = [item(2) for _ in range(2)]
+    fake = fxq.quantize(unet, calib[0], calib)
+    int8 = fxq.quantize(unet, calib[0], calib, fxq.QuantConfig(backend="x86"))
+    assert _modules(int8, x86_ops.QMatmul) and _modules(int8, x86_ops.QConv) and _modules(int8, x86_ops.QLinear)
+    (x, t), kw = item(1)
+    out, ref = int8(x, t, **kw), fake(x, t, **kw)
+    assert type(out) is type(ref) and sqnr_db(ref.sample, out.sample) >= 30
