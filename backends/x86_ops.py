@@ -17,6 +17,7 @@ import functools
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fxq import quantizer as Q
@@ -91,6 +92,27 @@ def _per_group(fn, g, x: torch.Tensor, *others):
 
 def _channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def _dense_strides(shape, channels_last: bool) -> tuple[int, ...]:
+    order = [0, 2, 3, 1] if channels_last else list(range(len(shape)))  # outermost to innermost
+    strides, step = [0] * len(shape), 1
+    for d in reversed(order):
+        strides[d] = step
+        step *= shape[d]
+    return tuple(strides)
+
+
+def canonical(x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """x densely laid out with exactly the strides of its format. torch calls a tensor contiguous whatever the
+    strides of its size-1 dims, but oneDNN reads those strides: a [N, 1, H, W] tensor with stride 25 for C is
+    misread as channels-last (seen: garbage outputs)."""
+    if x.stride() == _dense_strides(x.shape, channels_last):
+        return x
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.empty(x.shape, dtype=x.dtype, memory_format=fmt)
+    assert out.stride() == _dense_strides(x.shape, channels_last) or x.numel() == 0
+    return out.copy_(x)
 
 
 # --- graph glue --------------------------------------------------------------------------------------------
@@ -306,10 +328,19 @@ class QConv(_WeightedInt8):
         module.set_weight(conv.weight, wqp, conv.bias, xqp)
         return module
 
+    @property
+    def _pad_codes(self) -> bool:
+        """Padding at least as wide as the kernel: padded here with the zero point's code (exact) and the kernel
+        runs unpadded, as oneDNN computes such convs wrongly (seen with 1 input channel, k=2, pad=2)."""
+        return any(p >= d * (k - 1) + 1 for p, k, d in zip(self.padding, self.kernel_size, self.dilation))
+
+    def _kernel_padding(self) -> list[int]:
+        return [0] * len(self.padding) if self._pad_codes else list(self.padding)
+
     def _build(self):
         xs, xz = _ActParams.floats(self, "x")[0]
         packed = torch.ops.onednn.qconv_prepack(self.weight, self.w_scale, xs, xz, list(self.stride),
-                                                list(self.padding), list(self.dilation), self.conv_groups, None)
+                                                self._kernel_padding(), list(self.dilation), self.conv_groups, None)
         return {"packed": packed, "w_zp": torch.zeros(self.out_channels, dtype=torch.int64),
                 "x": _ActParams.floats(self, "x"),
                 "out": _ActParams.floats(self, "out") if self.out_quant else None}
@@ -317,16 +348,21 @@ class QConv(_WeightedInt8):
     def forward(self, x: torch.Tensor, g=None, accum: torch.Tensor | None = None) -> torch.Tensor:
         self._check_call(x, g)
         d = self.derived()
-        if x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = canonical(x, channels_last=x.dim() == 4)
         fused = (accum is not None and self.accum and x.dim() == 4 and accum.dtype == torch.float32
                  and _channels_last(accum) and isinstance(g, (int, type(None))))
+        if fused:
+            accum = canonical(accum, channels_last=True)
 
         def conv(gi, x, acc):
             xs, xz = d["x"][gi]
+            if self._pad_codes:
+                pads = [p for p in reversed(self.padding) for _ in range(2)]
+                x = canonical(F.pad(x, pads, value=xz), channels_last=x.dim() == 4)
             os_, oz, odt = self._out_args(gi)
             attr, scalars, algo = _unary_args(self.unary)
-            common = (list(self.stride), list(self.padding), list(self.dilation), self.conv_groups, os_, oz, odt)
+            common = (list(self.stride), self._kernel_padding(), list(self.dilation), self.conv_groups, os_, oz,
+                      odt)
             if acc is not None:
                 return torch.ops.onednn.qconv2d_pointwise.binary(
                     x, xs, xz, d["packed"], self.w_scale, d["w_zp"], acc, self.bias, *common, 1.0, 0, "sum", 1.0,
@@ -382,7 +418,7 @@ class QLinear(_WeightedInt8):
     def forward(self, x: torch.Tensor, g=None, other: torch.Tensor | None = None) -> torch.Tensor:
         self._check_call(x, g)
         d = self.derived()
-        x = x.contiguous()
+        x = canonical(x)
         attr, scalars, algo = _unary_args(self.unary)
 
         def linear(gi, x, other):
@@ -397,7 +433,7 @@ class QLinear(_WeightedInt8):
 
         fuse = (other is not None and other.dtype == torch.float32 and not self.out_quant
                 and tuple(other.shape) == tuple(x.shape[:-1]) + (self.out_features,))
-        y = _per_group(linear, 0 if g is None else g, x, other.contiguous() if fuse else None)
+        y = _per_group(linear, 0 if g is None else g, x, canonical(other) if fuse else None)
         return y if other is None or fuse else y + other
 
     def extra_repr(self) -> str:
