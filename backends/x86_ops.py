@@ -237,7 +237,10 @@ class Quantize(_Spec, _Lazy):
         scale, zp = self.derived()[g or 0]
         with warnings.catch_warnings():  # quantized tensor creation is deprecated; its kernel is ours to call
             warnings.simplefilter("ignore", UserWarning)
-            return torch.quantize_per_tensor(x, scale, zp, torch.quint8).int_repr()
+            q = torch.quantize_per_tensor(x, scale, zp, torch.quint8)
+        # the same bytes as a plain uint8 tensor sharing q's storage (int_repr() would copy them, 4x the cost of
+        # quantizing); the storage lives as long as the returned tensor
+        return torch.empty(0, dtype=torch.uint8).set_(q.untyped_storage(), q.storage_offset(), q.size(), q.stride())
 
     def extra_repr(self) -> str:
         return f"groups={self.groups}"
