@@ -121,6 +121,8 @@ def lower(gm: fx.GraphModule, frozen: Frozen, config) -> fx.GraphModule:
                 qparams[table[obs]] = qp
         return table[obs]
 
+    originals = {n.target: gm.get_submodule(n.target) for n in selected if n.op == "call_module"}
+    calls = {t: sum(n.op == "call_module" and n.target == t for n in graph.nodes) for t in originals}
     report = []
     for node in selected:
         meta = node.meta["fxq"]
@@ -140,10 +142,15 @@ def lower(gm: fx.GraphModule, frozen: Frozen, config) -> fx.GraphModule:
             gm.add_submodule(name, ops.QMatmul.from_qparams(aqp, bqp))
             _replace(graph, node, name, (a, b, group))
         else:
-            float_module = gm.get_submodule(node.target)
             xqp = qparams[node.args[0]]
             cls = ops.QConv if meta["kind"] == "conv" else ops.QLinear
-            gm.set_submodule(node.target, cls.from_float(float_module, frozen.weight[node.target], xqp))
+            qmodule = cls.from_float(originals[node.target], frozen.weight[node.target], xqp)
+            if calls[node.target] == 1:
+                gm.set_submodule(node.target, qmodule)
+            else:  # one module called at several places: each call has its own input parameters
+                name = free_name(gm, f"{node.target}_{node.name}".replace(".", "_"))
+                gm.add_submodule(name, qmodule)
+                node.target = name
             node.args = (node.args[0], group)
             node.kwargs = {}
         meta.pop("weight_observer", None)

@@ -264,6 +264,25 @@ def test_residual_add_is_not_fused_into_a_tensor_read_later():
     assert (int8(x) - fake(x)).abs().max() <= 1e-4 * (fake(x).abs().max() + 1)
 
 
+class _Shared(nn.Module):
+    """One conv applied to two inputs of very different ranges: each call needs its own input parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        return self.c(x) + self.c(x * 20)
+
+
+def test_a_module_called_twice_gets_the_parameters_of_each_call():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 5)
+    fake, int8 = _pair(_Shared().eval(), (x,), [(torch.randn(2, 3, 5, 5),)])
+    assert len(_modules(int8, x86_ops.QConv)) == 2
+    assert (int8(x) - fake(x)).abs().max() <= 1e-4 * (fake(x).abs().max() + 1)
+
+
 # --- timestep groups ---------------------------------------------------------------------------------------------
 
 class _TimeScaled(nn.Module):
