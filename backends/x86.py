@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxq import quantizer as Q
+from fxq.backends import x86_glue as glue
 from fxq.backends import x86_ops as ops
 from fxq.backends.fake import FakeQuantize
 from fxq.calib import device_of
@@ -53,7 +54,7 @@ def check_config(config) -> None:
 
 def check_model(model: nn.Module) -> None:
     """Fails early (before calibration) for a model the x86 backend cannot serve."""
-    ops.check_cpu()
+    glue.check_cpu()
     devices = {t.device.type for t in list(model.parameters()) + list(model.buffers())}
     if devices - {"cpu"}:
         raise FxqError(f"backend='x86' runs on the CPU but the model is on {sorted(devices - {'cpu'})}: quantize "
@@ -88,7 +89,7 @@ def lower(gm: fx.GraphModule, frozen: Frozen, config) -> fx.GraphModule:
     """Rewrite a calibrated graph in place into its int8 form; returns it. The graph's modules must be its own
     (fxq.quantize works on a copy of the user's model)."""
     check_config(config)
-    ops.check_cpu()
+    glue.check_cpu()
     if device_of(gm).type != "cpu":
         raise FxqError(f"backend='x86' runs on the CPU but the model is on {device_of(gm)}: quantize model.cpu()")
     graph = gm.graph
@@ -180,7 +181,7 @@ def _group_node(gm: fx.GraphModule, frozen: Frozen, config):
     if t is None:
         raise FxqError("activation parameters are per timestep group but no observer sees the timestep input")
     with gm.graph.inserting_after(t):
-        return gm.graph.call_function(ops.timestep_group, (t, config.timestep_groups, config.num_timesteps))
+        return gm.graph.call_function(glue.timestep_group, (t, config.timestep_groups, config.num_timesteps))
 
 
 def _replace(graph: fx.Graph, node: fx.Node, target: str, args: tuple) -> fx.Node:
@@ -348,9 +349,9 @@ def _guard_inputs_outputs(gm: fx.GraphModule) -> None:
         if not users:
             continue
         with graph.inserting_after(ph):
-            checked = graph.call_function(ops.check_input, (ph, ph.name))
+            checked = graph.call_function(glue.check_input, (ph, ph.name))
         for user in users:
             user.replace_input_with(ph, checked)
     out = next(n for n in graph.nodes if n.op == "output")
     with graph.inserting_before(out):
-        out.args = fx.node.map_arg(out.args, lambda n: graph.call_function(ops.dense, (n,)))
+        out.args = fx.node.map_arg(out.args, lambda n: graph.call_function(glue.dense, (n,)))

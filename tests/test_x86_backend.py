@@ -21,11 +21,11 @@ from torch import nn
 
 import fxq
 from fxq import quantizer as Q
-from fxq.backends import x86, x86_ops
+from fxq.backends import x86, x86_glue, x86_ops
 from fxq.errors import ConfigError, FxqError, InputError
 from fxq.report import sqnr_db
 
-pytestmark = pytest.mark.skipif(x86_ops.cpu_int8_support() is not None, reason="no int8 x86 kernels here")
+pytestmark = pytest.mark.skipif(x86_glue.cpu_int8_support() is not None, reason="no int8 x86 kernels here")
 
 X86 = dict(backend="x86", timestep_arg=None)
 
@@ -350,7 +350,7 @@ def test_a_model_off_the_cpu_is_refused_before_calibration():
 
 
 def test_a_cpu_without_int8_kernels_is_refused(monkeypatch):
-    monkeypatch.setattr(x86_ops, "cpu_int8_support", lambda: "this CPU has no VNNI")
+    monkeypatch.setattr(x86_glue, "cpu_int8_support", lambda: "this CPU has no VNNI")
     with pytest.raises(FxqError, match="VNNI"):
         fxq.quantize(_Single(nn.Conv2d(3, 3, 1)), (torch.randn(1, 3, 4, 4),), [], fxq.QuantConfig(**X86))
 
