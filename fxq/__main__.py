@@ -7,6 +7,7 @@ The defaults are sized to finish in a few minutes on a 2-core CPU.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -18,7 +19,7 @@ import fxq
 from fxq import calib, report
 from fxq.diffusion import DDIM
 from fxq.images import psnr, sample_images, save_grid
-from fxq.config import ACT_ESTIMATORS
+from fxq.config import ACT_ESTIMATORS, BACKENDS
 from fxq.models.pretrained import KNOWN, load_model
 
 
@@ -37,6 +38,10 @@ def parse_args(argv=None):
     p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps for those images")
     p.add_argument("--png", default="fxq-samples.png")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default="fake", choices=BACKENDS,
+                   help="fake: simulated quantization; x86: real int8 kernels on this CPU (also times it)")
+    p.add_argument("--speed-batch", type=int, default=4, help="batch of the float vs int8 timing (x86)")
+    p.add_argument("--speed-rounds", type=int, default=10, help="interleaved timing rounds (x86)")
     p.add_argument("--json", help="also write the report here")
     p.add_argument("--save", metavar="PATH", help="write the quantized model here (fxq.load reads it back)")
     return p.parse_args(argv)
@@ -61,6 +66,37 @@ def save_model(qunet, unet, example, path) -> dict:
     return {"path": path, "bytes": size, "fp32_weight_bytes": fp32}
 
 
+def _print_sqnr(what: str, per_t: dict) -> None:
+    values = list(per_t.values())
+    print(f"{what} over {len(per_t)} DDIM timesteps: mean {sum(values) / len(values):.1f} dB, "
+          f"min {min(values):.1f} dB")
+    for lo, hi, db in report.summarize_sqnr(per_t):
+        print(f"  t {hi:4d}..{lo:<4d}  {db:6.1f} dB")
+
+
+def _x86_report(args, unet, qunet, data, example, config, reference) -> dict:
+    """int8 against its fake-quant twin (same calibration) per timestep, and int8 against float speed."""
+    from fxq.backends.x86 import fallbacks
+
+    twin = fxq.quantize(unet, example_inputs=example, calib_data=data,
+                        config=dataclasses.replace(config, backend="fake"))
+    with torch.no_grad():
+        twin_ref = [(t, x_t, twin(x_t, torch.full((x_t.shape[0],), t))) for t, x_t, _ in reference]
+    per_t = report.sqnr_against(twin_ref, qunet)
+    _print_sqnr("int8 vs its fake-quant twin, SQNR", per_t)
+    for op in fallbacks(qunet):
+        print(f"  float fallback: {op['kind']} {op['module']!r}: {op['reason']}")
+    x = torch.randn(args.speed_batch, 3, 32, 32, generator=torch.Generator().manual_seed(args.seed))
+    t = torch.full((args.speed_batch,), 500)
+    timing = report.interleaved_latency({"float": unet, "int8": qunet}, (x, t), rounds=args.speed_rounds)
+    speedup = timing["float"]["median_ms"] / timing["int8"]["median_ms"]
+    print(f"speed at batch {args.speed_batch}, {torch.get_num_threads()} threads, {args.speed_rounds} interleaved "
+          f"rounds (median): float32 eager {timing['float']['median_ms']:.1f} ms, int8 "
+          f"{timing['int8']['median_ms']:.1f} ms: {speedup:.2f}x")
+    return {"sqnr_int8_vs_fake_db_per_t": {str(k): v for k, v in per_t.items()}, "timing_ms": timing,
+            "speedup": speedup, "threads": torch.get_num_threads(), "speed_batch": args.speed_batch}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
@@ -75,33 +111,33 @@ def main(argv=None) -> int:
     print(f"calibration set: {len(data)} (x_t, t) pairs from the model's own DDIM-{args.steps} trajectories "
           f"({args.timesteps} timesteps) in {t_traj:.1f} s")
 
-    config = fxq.QuantConfig(weight_bits=args.weight_bits, act_bits=args.act_bits, backend="fake",
+    config = fxq.QuantConfig(weight_bits=args.weight_bits, act_bits=args.act_bits, backend=args.backend,
                              act_estimator=args.estimator, seed=args.seed)
     example = (torch.randn(2, 3, 32, 32), torch.randint(0, 1000, (2,)))
     t0 = time.perf_counter()
     qunet = fxq.quantize(unet, example_inputs=example, calib_data=data, config=config, progress=True)
     t_quant = time.perf_counter() - t0
     ops = report.quantized_ops(qunet)
-    print(f"quantized W{args.weight_bits}A{args.act_bits} ({args.estimator} activation ranges, fake-quant): "
+    kernels = "fake-quant" if args.backend == "fake" else "int8 kernels on x86"
+    print(f"quantized W{args.weight_bits}A{args.act_bits} ({args.estimator} activation ranges, {kernels}): "
           + ", ".join(f"{k} x{v}" for k, v in sorted(ops.items())) + f"; trace + calibrate {t_quant:.1f} s")
 
     out_file = save_model(qunet, unet, example, args.save) if args.save else None
 
-    per_t = report.per_timestep_sqnr(unet, qunet, sampler, (args.eval_batch, 3, 32, 32), seed=args.seed + 1)
-    values = list(per_t.values())
-    print(f"noise-prediction SQNR vs float over {len(per_t)} DDIM timesteps: mean {sum(values) / len(values):.1f}"
-          f" dB, min {min(values):.1f} dB")
-    for lo, hi, db in report.summarize_sqnr(per_t):
-        print(f"  t {hi:4d}..{lo:<4d}  {db:6.1f} dB")
-
+    reference = report.float_reference(unet, sampler, (args.eval_batch, 3, 32, 32), seed=args.seed + 1)
+    per_t = report.sqnr_against(reference, qunet)
+    _print_sqnr("noise-prediction SQNR vs float", per_t)
     out = {"model": name, "params": n_params, "config": config.to_dict(), "calib_samples": len(data),
            "trajectory_s": t_traj, "quantize_s": t_quant, "ops": ops,
            "sqnr_db_per_t": {str(k): v for k, v in per_t.items()}, "saved": out_file}
+    if args.backend == "x86":
+        out.update(_x86_report(args, unet, qunet, data, example, config, reference))
     if args.samples:
         t0 = time.perf_counter()
         fp_img, q_img = (sample_images(m, DDIM(steps=args.sample_steps), args.samples, args.samples, args.seed)
                          for m in (unet, qunet))
-        save_grid(args.png, [("float", fp_img), (f"W{args.weight_bits}A{args.act_bits}", q_img)], nrow=4,
+        label = f"W{args.weight_bits}A{args.act_bits}" + (" int8" if args.backend == "x86" else "")
+        save_grid(args.png, [("float", fp_img), (label, q_img)], nrow=4,
                   scale=3)
         per_image = psnr(fp_img, q_img)
         out["sample_psnr_db"] = float(per_image.mean())

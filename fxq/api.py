@@ -75,6 +75,9 @@ def quantize(model: nn.Module, example_inputs, calib_data: Iterable, config: Qua
     """
     config = config or QuantConfig()
     _check_model_and_config(model, config)
+    if config.backend == "x86":  # before any work: this CPU, and a CPU model
+        from fxq.backends import x86
+        x86.check_model(model)
     call, example = CallSpec.from_example(model, example_inputs, config.timestep_arg)
     gm, t_name = prepare(model, example, config)
     if call.takes_return_dict:
@@ -122,4 +125,7 @@ def _lower(gm, frozen, config):
     if config.backend == "fake":
         from fxq.backends import fake
         return fake.lower(gm, frozen, num_timesteps=config.num_timesteps)
+    if config.backend == "x86":
+        from fxq.backends import x86
+        return x86.lower(gm, frozen, config)
     raise ConfigError(f"backend {config.backend!r} has no lowering")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 from fxq.errors import ConfigError
 
 OP_KINDS = ("conv", "linear", "attn_matmul")
-BACKENDS = ("fake",)
+BACKENDS = ("fake", "x86")
 ACT_ESTIMATORS = ("minmax", "percentile", "mse")
 WEIGHT_ESTIMATORS = ("minmax", "mse")
 WEIGHT_ROUNDINGS = ("nearest", "adaround", "brecq")
@@ -39,7 +39,8 @@ class QuantConfig:
 
     weight_bits, act_bits: integer widths (2-16). Weights are symmetric signed per output channel;
       activations are affine unsigned per tensor (the fbgemm/x86 convention, so int8 lowering slots in).
-    backend: how the quantized model runs ("fake": simulated quantization in float, any width, CPU or CUDA).
+    backend: how the quantized model runs ("fake": simulated quantization in float, any width, CPU or CUDA;
+      "x86": real int8 kernels (oneDNN) on an x86 CPU with VNNI or AMX, weight_bits = act_bits = 8).
     ops: op kinds to quantize: "conv", "linear", "attn_matmul" (both operands of QK^T and softmax.V).
     act_estimator: activation range from calibration: "minmax", "percentile" or "mse" (Lp clipping search).
     weight_estimator: "minmax" or "mse" per output channel.
@@ -70,6 +71,8 @@ class QuantConfig:
     bias_correction_groups: timestep groups that get their own correction (None: timestep_groups).
     gain_correction: with bias_correction, also divide out the part of each op's error that is proportional to
       its float output, per channel and group (PTQD's correlated-noise correction, applied per layer).
+    float_fallback: with backend="x86", an op selected for quantization that has no int8 kernel runs as its
+      fake-quant simulation (listed by `fxq.backends.x86.fallbacks(qmodel)`) instead of raising an error.
     """
 
     weight_bits: int = 8
@@ -94,6 +97,7 @@ class QuantConfig:
     bias_correction: bool = False
     bias_correction_groups: int | None = None
     gain_correction: bool = False
+    float_fallback: bool = False
 
     def __post_init__(self):
         _check_bits("weight_bits", self.weight_bits)
@@ -139,6 +143,15 @@ class QuantConfig:
             raise ConfigError(f"bias_correction_groups={g!r} must be None or an integer from 1 to num_timesteps")
         if not isinstance(self.seed, int):
             raise ConfigError(f"seed={self.seed!r} must be an integer")
+        if not isinstance(self.float_fallback, bool):
+            raise ConfigError(f"float_fallback={self.float_fallback!r} must be True or False")
+        if self.backend == "x86":
+            for name in ("weight_bits", "act_bits", "first_last_bits"):
+                value = getattr(self, name)
+                if value is not None and value != 8:
+                    raise ConfigError(
+                        f"backend='x86' runs int8 kernels only: {name}={value} must be 8 (or use backend='fake' "
+                        "to simulate other bit-widths)")
 
     @property
     def bias_groups(self) -> int:

@@ -4,7 +4,10 @@ Integer limits for a bit-width, scale/zero-point from a range, round/clamp, fake
 range estimators minimize. Observers, the fake backend and (later) the int8 backend all call these functions;
 nothing else derives a scale.
 
-Conventions: q = clamp(round(x / scale) + zero_point, qmin, qmax); x_hat = (q - zero_point) * scale.
+Conventions: q = clamp(round(x * (1 / scale)) + zero_point, qmin, qmax); x_hat = (q - zero_point) * scale.
+The multiplication by the float32 reciprocal (not a division) is what torch's and oneDNN's int8 kernels compute
+(`quantize_per_tensor`, `fake_quantize_per_tensor_affine`): x / s and x * (1 / s) round apart at ties, so the
+simulation uses the kernels' form and the int8 backend's codes equal fake-quant's bit for bit.
 Symmetric (weights): signed, zero_point = 0, scale = amax / qmax. Affine (activations): unsigned, the range is
 widened to include 0 so that zero is exact (padding and ReLU/SiLU zeros must stay zero).
 """
@@ -83,8 +86,22 @@ def _along(p: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
 
 def quantize(x: torch.Tensor, qp: QParams) -> torch.Tensor:
     """Integer codes of x (kept in x's float dtype so any bit-width and device works)."""
-    scale, zp = _along(qp.scale, x, qp.axis), _along(qp.zero_point, x, qp.axis)
-    return torch.clamp(torch.round(x / scale) + zp, qp.qmin, qp.qmax)
+    # at least float32: the reciprocal of a tiny scale overflows float16 (and its codes would round)
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    scale, zp = _along(qp.scale.to(dtype), x, qp.axis), _along(qp.zero_point.to(dtype), x, qp.axis)
+    return torch.clamp(torch.round(x.to(dtype) * torch.reciprocal(scale)) + zp, qp.qmin, qp.qmax).to(x.dtype)
+
+
+def storage_dtype(qp: QParams) -> torch.dtype:
+    """The integer dtype that holds qp's codes in an int8 kernel: int8 (signed) or uint8 (unsigned), 8 bits."""
+    if qp.bits != 8:
+        raise ConfigError(f"{qp.bits}-bit codes have no int8 storage; int8 kernels need bits=8")
+    return torch.int8 if qp.signed else torch.uint8
+
+
+def codes(x: torch.Tensor, qp: QParams) -> torch.Tensor:
+    """`quantize(x, qp)` stored in its integer dtype (see storage_dtype): what int8 kernels consume."""
+    return quantize(x.float(), qp).to(storage_dtype(qp))
 
 
 def dequantize(q: torch.Tensor, qp: QParams) -> torch.Tensor:

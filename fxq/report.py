@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+import time
+
 from fxq.diffusion import _model_device_dtype
 from fxq.errors import InputError
 from fxq.ops import op_name
@@ -136,3 +138,22 @@ def summarize_sqnr(per_t: dict[int, float], buckets: int = 5) -> list[tuple[int,
         chunk = items[i:i + size]
         rows.append((chunk[-1][0], chunk[0][0], sum(v for _, v in chunk) / len(chunk)))
     return rows
+
+
+@torch.no_grad()
+def interleaved_latency(models: dict, inputs: tuple, rounds: int = 10, warmup: int = 2,
+                        clock=time.perf_counter) -> dict[str, dict]:
+    """Time of one call of each model on `inputs`, measured in interleaved rounds (every model once per round,
+    so load on the machine hits all alike): {name: {"median_ms", "min_ms", "max_ms"}}. `clock`: wall time by
+    default; `time.thread_time` (CPU time of this thread, with 1 torch thread) is steadier on a loaded machine."""
+    for fn in models.values():
+        for _ in range(warmup):
+            fn(*inputs)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, fn in models.items():
+            t0 = clock()
+            fn(*inputs)
+            times[name].append((clock() - t0) * 1e3)
+    return {name: {"median_ms": sorted(v)[len(v) // 2], "min_ms": min(v), "max_ms": max(v)}
+            for name, v in times.items()}

@@ -1,0 +1,358 @@
+"""x86 backend: lower a calibrated graph to real int8 kernels on the CPU (oneDNN through torch, `torch._int_mm`).
+
+Lowering (from the same `Frozen` QParams the fake backend uses, so both compute one function):
+- each activation observer feeding an int8 op becomes a `Quantize` node (float -> uint8 codes); conv/linear
+  become `QConv`/`QLinear` (int8 weights per output channel, fp32 bias, fp32 output with the dequantization
+  fused); attention matmuls (`torch.matmul`/`bmm`, `@`) become `QMatmul`.
+- an op select_ops chose that has no int8 kernel here (see `unsupported_reason`) raises `FxqError` naming it,
+  unless `QuantConfig(float_fallback=True)`: then it runs its fake-quant simulation; `fallbacks(qmodel)` lists
+  those ops and why.
+- with timestep groups one `timestep_group(t)` node feeds every int8 module, which picks its group's parameters
+  at call time (a mixed batch is split by group where a kernel needs one scale).
+
+Then fusions that keep the function up to kernel rounding (each is a graph rewrite below):
+- `fuse_unary`: conv/linear -> SiLU/ReLU/GELU with no other user becomes a oneDNN post-op;
+- `fuse_output_quant`: conv/linear -> (reshape/permute/view ...) -> Quantize: the kernel writes uint8 codes
+  itself (requantization fused) and the view ops run on codes; otherwise Quantize moves above nearest-upsample,
+  max-pool and view ops (fewer elements to quantize, integer data to move);
+- `fuse_residual_add`: conv2d/linear -> add(other): the add runs inside the kernel (conv: in place on `other`,
+  only where `other` is a fresh tensor no later op reads).
+Everything else (GroupNorm, SiLU not after a conv, softmax, adds, the time embedding's sin/cos) stays in float32,
+channels-last where the int8 convs leave it, as in the fake-quant graph.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from fxq import quantizer as Q
+from fxq.backends import x86_glue as glue
+from fxq.backends import x86_ops as ops
+from fxq.backends.fake import FakeQuantize
+from fxq.calib import device_of
+from fxq.errors import ConfigError, FxqError
+from fxq.freeze import Frozen
+from fxq.graph import free_name, node_order
+from fxq.passes.insert_observers import is_act_observer
+
+FALLBACK_META = "fxq_float_fallback"
+_MATMULS = {torch.matmul, torch.bmm, operator.matmul, "matmul", "bmm"}
+
+
+# --- checks ----------------------------------------------------------------------------------------------------
+
+def check_config(config) -> None:
+    for name in ("weight_bits", "act_bits"):
+        if getattr(config, name) != 8:
+            raise ConfigError(f"backend='x86' runs int8 kernels only: set {name}=8")
+
+
+def check_model(model: nn.Module) -> None:
+    """Fails early (before calibration) for a model the x86 backend cannot serve."""
+    glue.check_cpu()
+    devices = {t.device.type for t in list(model.parameters()) + list(model.buffers())}
+    if devices - {"cpu"}:
+        raise FxqError(f"backend='x86' runs on the CPU but the model is on {sorted(devices - {'cpu'})}: quantize "
+                       "model.cpu() (or use backend='fake' on the GPU)")
+
+
+def unsupported_reason(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """Why a node select_ops marked has no int8 kernel here, or None."""
+    meta = node.meta["fxq"]
+    if meta["act_bits"] != 8 or (meta["weight_bits"] not in (None, 8)):
+        return f"{meta['weight_bits']}/{meta['act_bits']}-bit (int8 kernels need 8/8)"
+    kind = meta["kind"]
+    if kind == "conv":
+        conv = gm.get_submodule(node.target)
+        if not isinstance(conv, nn.modules.conv._ConvNd) or conv.transposed:
+            return f"{type(conv).__name__} has no int8 kernel here"
+        if conv.padding_mode != "zeros":
+            return f"padding_mode={conv.padding_mode!r} (the int8 conv pads with zeros only)"
+        if isinstance(conv.padding, str):
+            return f"padding={conv.padding!r} (give explicit padding)"
+        return None
+    if kind == "linear":
+        return None
+    if kind == "attn_matmul":
+        return None if node.target in _MATMULS else f"{node.target} (matmul/bmm/@ have an int8 kernel here)"
+    return f"op kind {kind!r}"
+
+
+# --- lowering --------------------------------------------------------------------------------------------------
+
+def lower(gm: fx.GraphModule, frozen: Frozen, config) -> fx.GraphModule:
+    """Rewrite a calibrated graph in place into its int8 form; returns it. The graph's modules must be its own
+    (fxq.quantize works on a copy of the user's model)."""
+    check_config(config)
+    glue.check_cpu()
+    if device_of(gm).type != "cpu":
+        raise FxqError(f"backend='x86' runs on the CPU but the model is on {device_of(gm)}: quantize model.cpu()")
+    graph = gm.graph
+    selected = [n for n in graph.nodes if "fxq" in n.meta]
+    reasons = {n: r for n in selected if (r := unsupported_reason(gm, n)) is not None}
+    if reasons and not config.float_fallback:
+        listed = "; ".join(f"node {n.name} in module {n.meta['fxq']['module'] or '<top>'!r}: {r}"
+                           for n, r in reasons.items())
+        raise FxqError(f"backend='x86' has no int8 kernel for: {listed}. Keep them in float "
+                       "(QuantConfig(keep_float=[...module names...]) or ops=...), or pass "
+                       "QuantConfig(float_fallback=True) to run them as fake-quant")
+
+    group = _group_node(gm, frozen, config)
+    codes: dict[fx.Node, fx.Node] = {}   # observer node -> its Quantize node
+    fakes: dict[fx.Node, fx.Node] = {}   # observer node -> its FakeQuantize node (fallback consumers)
+    qparams: dict[fx.Node, Q.QParams] = {}  # Quantize node -> the parameters of its codes
+
+    def quantized_input(obs: fx.Node, lowered: bool) -> fx.Node:
+        table = codes if lowered else fakes
+        if obs not in table:
+            with graph.inserting_after(obs):
+                qp = frozen.act[obs.target]
+                if lowered:
+                    module, args = ops.Quantize.from_qparams(qp), (obs.args[0], group)
+                else:
+                    module, args = FakeQuantize(qp, config.num_timesteps), obs.args
+                name = free_name(gm, obs.target.replace("fxq_obs_", "fxq_quant_" if lowered else "fxq_fake_"))
+                gm.add_submodule(name, module)
+                table[obs] = graph.call_module(name, args)
+                qparams[table[obs]] = qp
+        return table[obs]
+
+    originals = {n.target: gm.get_submodule(n.target) for n in selected if n.op == "call_module"}
+    calls = {t: sum(n.op == "call_module" and n.target == t for n in graph.nodes) for t in originals}
+    report = []
+    for node in selected:
+        meta = node.meta["fxq"]
+        lowered = node not in reasons
+        for pos in meta["act_inputs"]:
+            obs = node.args[pos]
+            if isinstance(obs, fx.Node) and is_act_observer(gm, obs):
+                node.update_arg(pos, quantized_input(obs, lowered))
+        if not lowered:
+            _fake_weight(gm, node, frozen)
+            report.append({"node": node.name, "module": meta["module"], "kind": meta["kind"],
+                           "reason": reasons[node]})
+        elif meta["kind"] == "attn_matmul":
+            a, b = (node.args[i] for i in meta["act_inputs"])
+            aqp, bqp = qparams[a], qparams[b]
+            name = free_name(gm, f"fxq_qmatmul_{node.name}")
+            gm.add_submodule(name, ops.QMatmul.from_qparams(aqp, bqp))
+            _replace(graph, node, name, (a, b, group))
+        else:
+            xqp = qparams[node.args[0]]
+            cls = ops.QConv if meta["kind"] == "conv" else ops.QLinear
+            qmodule = cls.from_float(originals[node.target], frozen.weight[node.target], xqp)
+            if calls[node.target] == 1:
+                gm.set_submodule(node.target, qmodule)
+            else:  # one module called at several places: each call has its own input parameters
+                name = free_name(gm, f"{node.target}_{node.name}".replace(".", "_"))
+                gm.add_submodule(name, qmodule)
+                node.target = name
+            node.args = (node.args[0], group)
+            node.kwargs = {}
+        meta.pop("weight_observer", None)
+
+    for obs in [n for n in graph.nodes if is_act_observer(gm, n)]:
+        obs.replace_all_uses_with(obs.args[0])
+        graph.erase_node(obs)
+    for fuse in FUSIONS:
+        fuse(gm)
+    _guard_inputs_outputs(gm)
+    gm.delete_all_unused_submodules()
+    graph.lint()
+    gm.recompile()
+    gm.meta[FALLBACK_META] = report
+    return gm
+
+
+def fallbacks(qmodel) -> list[dict]:
+    """The ops of an x86-lowered model that run as fake-quant (float_fallback=True), each with the reason."""
+    gm = getattr(qmodel, "graph_module", qmodel)  # a fxq.QuantizedModel, or its lowered graph
+    return list(getattr(gm, "meta", {}).get(FALLBACK_META, []))
+
+
+def _group_node(gm: fx.GraphModule, frozen: Frozen, config):
+    if not any(qp.scale.dim() == 1 for qp in frozen.act.values()):
+        return None
+    t = next((obs.args[1] for obs in gm.graph.nodes if is_act_observer(gm, obs) and len(obs.args) > 1), None)
+    if t is None:
+        raise FxqError("activation parameters are per timestep group but no observer sees the timestep input")
+    with gm.graph.inserting_after(t):
+        return gm.graph.call_function(glue.timestep_group, (t, config.timestep_groups, config.num_timesteps))
+
+
+def _replace(graph: fx.Graph, node: fx.Node, target: str, args: tuple) -> fx.Node:
+    with graph.inserting_before(node):
+        new = graph.call_module(target, args)
+    new.meta = node.meta
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    return new
+
+
+def _fake_weight(gm: fx.GraphModule, node: fx.Node, frozen: Frozen) -> None:
+    qp = frozen.weight.get(node.target) if node.op == "call_module" else None
+    if qp is not None:
+        module = gm.get_submodule(node.target)
+        module.weight = nn.Parameter(Q.fake_quantize(module.weight.detach().float(), qp).to(module.weight.dtype),
+                                     requires_grad=False)
+
+
+def _module(gm: fx.GraphModule, node: fx.Node, cls) -> nn.Module | None:
+    if node.op != "call_module":
+        return None
+    module = gm.get_submodule(node.target)
+    return module if isinstance(module, cls) else None
+
+
+# --- fusions ---------------------------------------------------------------------------------------------------
+
+_UNARY = {F.silu: "swish", torch.nn.functional.silu: "swish", F.relu: "relu", torch.relu: "relu"}
+_UNARY_MODULES = {nn.SiLU: "swish", nn.ReLU: "relu"}
+
+
+def _unary_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """The oneDNN post-op computing `node` from its only tensor input, or None."""
+    if node.op == "call_function" and node.target in _UNARY and len(node.args) == 1:
+        return None if node.kwargs.get("inplace") else _UNARY[node.target]
+    if node.op == "call_function" and node.target is F.gelu and len(node.args) == 1:
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(node.kwargs.get("approximate", "none"))
+    if node.op == "call_method" and node.target in ("relu",) and len(node.args) == 1 and not node.kwargs:
+        return "relu"
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if type(module) in _UNARY_MODULES:
+            return _UNARY_MODULES[type(module)]
+        if type(module) is nn.GELU:
+            return {"none": "gelu", "tanh": "gelu_tanh"}.get(module.approximate)
+    return None
+
+
+def _fusable_producer(gm: fx.GraphModule, node: fx.Node, allow_unary: bool = False):
+    """node's QConv/QLinear module if node is an int8 conv/linear with fp32 output, no fused add, one user, and
+    (unless allow_unary) no unary post-op."""
+    module = _module(gm, node, (ops.QConv, ops.QLinear))
+    if module is None or module.out_quant or len(node.args) > 2 or len(node.users) != 1:
+        return None
+    return module if allow_unary or module.unary == "none" else None
+
+
+def fuse_unary(gm: fx.GraphModule) -> None:
+    """conv/linear -> unary (its only user) ==> conv/linear with the unary as oneDNN post-op."""
+    for node in list(gm.graph.nodes):
+        module = _fusable_producer(gm, node)
+        if module is None:
+            continue
+        user = next(iter(node.users))
+        kind = _unary_kind(gm, user)
+        if kind in type(module).UNARY:
+            module.unary = kind
+            user.replace_all_uses_with(node)
+            gm.graph.erase_node(user)
+
+
+def _view_like(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Ops that only move elements (x -> x[perm]): they commute with elementwise quantization exactly."""
+    if node.op == "call_method":
+        return node.target in {"view", "reshape", "permute", "transpose", "flatten", "contiguous", "squeeze",
+                               "unsqueeze"}
+    if node.op == "call_function":
+        if node.target in {torch.reshape, torch.flatten, torch.permute, torch.transpose, torch.squeeze,
+                           torch.unsqueeze}:
+            return True
+        if node.target is F.interpolate:
+            return node.kwargs.get("mode", node.args[3] if len(node.args) > 3 else "nearest") == "nearest"
+        return node.target in {F.max_pool1d, F.max_pool2d, F.max_pool3d}
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if isinstance(module, nn.Upsample):
+            return module.mode == "nearest"
+        return type(module) in {nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Flatten, nn.Identity}
+    return False
+
+
+def fuse_output_quant(gm: fx.GraphModule) -> None:
+    """Quantize(view-like ops(y)) ==> view-like ops(Quantize(y)), and where y is a plain int8 conv/linear with
+    no other user, the kernel writes y's uint8 codes itself. max-pool, nearest upsample and pure moves of data
+    commute with rounding to a grid, so the codes are the ones the float graph would quantize."""
+    for q in list(gm.graph.nodes):
+        if _module(gm, q, ops.Quantize) is None:
+            continue
+        chain, src = [], q.args[0]
+        while isinstance(src, fx.Node) and _view_like(gm, src) and len(src.users) == 1 and src.args \
+                and isinstance(src.args[0], fx.Node):
+            chain.append(src)
+            src = src.args[0]
+        producer = _fusable_producer(gm, src, allow_unary=True) if isinstance(src, fx.Node) else None
+        if producer is not None and src.args[1] is q.args[1]:
+            producer.set_output(ops._ActParams.qparams(gm.get_submodule(q.target), "x"))
+            q.replace_all_uses_with(q.args[0])
+            gm.graph.erase_node(q)
+        elif chain:  # quantize before the chain: it then moves uint8 data, and upsampling multiplies nothing
+            top = chain[-1]
+            with gm.graph.inserting_before(top):
+                moved = gm.graph.call_module(q.target, (top.args[0], q.args[1]))
+            top.update_arg(0, moved)
+            q.replace_all_uses_with(q.args[0])
+            gm.graph.erase_node(q)
+
+
+_FRESH_FUNCTIONS = {operator.add, torch.add, operator.mul, torch.mul, torch.cat}
+
+
+def _fresh_and_dead_after(gm: fx.GraphModule, other: fx.Node, add: fx.Node, order: dict) -> bool:
+    """`other` owns its storage (no view of a live tensor, no input) and nothing reads it after `add`."""
+    fresh = (other.op == "call_function" and other.target in _FRESH_FUNCTIONS) or \
+        _module(gm, other, (ops.QConv, ops.QLinear)) is not None
+    return fresh and all(order[u] < order[add] for u in other.users if u is not add)
+
+
+def fuse_residual_add(gm: fx.GraphModule) -> None:
+    """conv2d/linear y (only user: add) -> y + other ==> one kernel call computing conv(x) + other."""
+    order = node_order(gm.graph)
+    for node in list(gm.graph.nodes):
+        module = _fusable_producer(gm, node)
+        if module is None:
+            continue
+        add = next(iter(node.users))
+        if add.op != "call_function" or add.target not in (operator.add, torch.add) or add.kwargs \
+                or len(add.args) != 2:
+            continue
+        other = add.args[1] if add.args[0] is node else add.args[0]
+        if not isinstance(other, fx.Node) or other is node:
+            continue
+        if isinstance(module, ops.QConv):
+            if len(module.kernel_size) != 2 or not _fresh_and_dead_after(gm, other, add, order):
+                continue
+            module.accum = True
+        with gm.graph.inserting_before(add):
+            fused = gm.graph.call_module(node.target, (node.args[0], node.args[1], other))
+        fused.meta = node.meta
+        add.replace_all_uses_with(fused)
+        gm.graph.erase_node(add)
+        gm.graph.erase_node(node)
+        order = node_order(gm.graph)
+
+
+# In this order: a unary post-op first, so conv -> SiLU -> Quantize can then fuse the requantization too.
+FUSIONS = (fuse_unary, fuse_output_quant, fuse_residual_add)
+
+
+def _guard_inputs_outputs(gm: fx.GraphModule) -> None:
+    """Inputs checked for device and dtype; tensor outputs returned in the default memory format."""
+    graph = gm.graph
+    for ph in [n for n in graph.nodes if n.op == "placeholder"]:
+        users = list(ph.users)
+        if not users:
+            continue
+        with graph.inserting_after(ph):
+            checked = graph.call_function(glue.check_input, (ph, ph.name))
+        for user in users:
+            user.replace_input_with(ph, checked)
+    out = next(n for n in graph.nodes if n.op == "output")
+    with graph.inserting_before(out):
+        out.args = fx.node.map_arg(out.args, lambda n: graph.call_function(glue.dense, (n,)))

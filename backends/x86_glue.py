@@ -1,0 +1,120 @@
+"""Support of the x86 int8 runtime: can this CPU run the kernels, which timestep group a call is in, the memory
+layouts oneDNN expects, and the checks and conversions at the lowered graph's inputs and outputs. The graph calls
+`timestep_group`, `check_input` and `dense` by their qualified names here."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from fxq import quantizer as Q
+from fxq.errors import FxqError, InputError
+
+
+# --- the machine -------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def cpu_int8_support() -> str | None:
+    """None when this CPU and torch build can run the int8 kernels, else why not (a sentence)."""
+    if not hasattr(torch.ops, "onednn") or not hasattr(torch.ops.onednn, "qconv_pointwise"):
+        return f"this torch build ({torch.__version__}) has no oneDNN int8 kernels (torch.ops.onednn.qconv_pointwise)"
+    if not torch.backends.mkldnn.is_available():
+        return "this torch build has oneDNN (mkldnn) disabled"
+    cap = torch.backends.cpu.get_cpu_capability()
+    if cap not in ("AVX512", "AVX2"):
+        return f"this CPU's vector capability is {cap!r}; the int8 kernels need an x86 CPU with AVX2 or AVX-512"
+    # Without VNNI (or AMX) oneDNN multiplies u8 x s8 pairs with 16-bit saturation: results could silently differ.
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    if flags and not {"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags):
+        return ("this CPU has no VNNI or AMX-INT8 instructions (avx512_vnni / avx_vnni / amx_int8), without which "
+                "oneDNN's int8 products can saturate")
+    return None
+
+
+def check_cpu() -> None:
+    why = cpu_int8_support()
+    if why is not None:
+        raise FxqError(f"backend='x86' cannot run here: {why}. Use backend='fake' to simulate int8 instead.")
+
+
+# --- timestep groups ---------------------------------------------------------------------------------------
+
+def timestep_group(t, groups: int, num_timesteps: int):
+    """The timestep group of the call: an int when every sample shares one (the common case, one kernel call
+    per op), else a LongTensor with one group per sample."""
+    g = Q.group_of(t, torch.as_tensor(t).numel(), groups, num_timesteps)
+    first = int(g[0])
+    return first if bool((g == first).all()) else g
+
+
+def row_groups(g: torch.Tensor, rows: int) -> torch.Tensor:
+    """Per-sample groups repeated over rows that fold more than one row per sample (b * k + i, batch-major)."""
+    if rows % g.numel():
+        raise InputError(f"an activation with {rows} rows does not split into {g.numel()} samples, so its "
+                         "timestep group is unknown; call the model with one timestep for the whole batch")
+    return g.repeat_interleave(rows // g.numel())
+
+
+def per_group(fn, g, x: torch.Tensor, *others):
+    """fn(group, x, *others) over the rows (dim 0) of each group of a mixed batch, re-joined in row order."""
+    if isinstance(g, int):
+        return fn(g, x, *others)
+    rows = row_groups(g, x.shape[0])
+    out = None
+    for u in torch.unique(rows).tolist():
+        idx = torch.nonzero(rows == u).squeeze(1)
+        part = fn(u, x.index_select(0, idx), *(o if o is None else o.index_select(0, idx) for o in others))
+        if out is None:
+            fmt = torch.channels_last if part.dim() == 4 and channels_last(part) else torch.contiguous_format
+            out = part.new_empty((x.shape[0],) + tuple(part.shape[1:])).contiguous(memory_format=fmt)
+        out.index_copy_(0, idx, part)
+    return out
+
+
+def channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def _dense_strides(shape, channels_last: bool) -> tuple[int, ...]:
+    order = [0, 2, 3, 1] if channels_last else list(range(len(shape)))  # outermost to innermost
+    strides, step = [0] * len(shape), 1
+    for d in reversed(order):
+        strides[d] = step
+        step *= shape[d]
+    return tuple(strides)
+
+
+def canonical(x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """x densely laid out with exactly the strides of its format. torch calls a tensor contiguous whatever the
+    strides of its size-1 dims, but oneDNN reads those strides: a [N, 1, H, W] tensor with stride 25 for C is
+    misread as channels-last (seen: garbage outputs)."""
+    if x.stride() == _dense_strides(x.shape, channels_last):
+        return x
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.empty(x.shape, dtype=x.dtype, memory_format=fmt)
+    assert out.stride() == _dense_strides(x.shape, channels_last) or x.numel() == 0
+    return out.copy_(x)
+
+
+# --- graph glue --------------------------------------------------------------------------------------------
+
+def check_input(x, name: str):
+    """A model input, unchanged, once checked to be something the int8 kernels can serve."""
+    if isinstance(x, torch.Tensor):
+        if x.device.type != "cpu":
+            raise InputError(f"input {name!r} is on {x.device}; the x86 int8 model runs on the CPU: pass CPU "
+                             "tensors (or quantize with backend='fake' for CUDA)")
+        if x.is_floating_point() and x.dtype != torch.float32:
+            raise InputError(f"input {name!r} is {x.dtype}; the x86 int8 model takes float32 inputs: pass "
+                             "x.float()")
+    return x
+
+
+def dense(x):
+    """x in the default memory format (int8 kernels leave 4-d activations channels-last)."""
+    return x.contiguous() if isinstance(x, torch.Tensor) else x

@@ -1,0 +1,398 @@
+"""Runtime modules of the x86 int8 backend (the graph-level helpers they use are in x86_glue.py).
+
+Activations travel between int8 ops as plain uint8 code tensors; the quantization parameters that give them
+meaning live in the modules that produce and consume them (copies of one frozen QParams), per timestep group when
+the model has groups. Kernels: oneDNN's fused int8 conv/linear (`torch.ops.onednn.q{conv,linear}_*`, the ones
+inductor's x86 int8 lowering emits; scales are call arguments, so one packed weight serves every group) and
+`torch._int_mm` for activation x activation matmuls.
+
+Every module keeps its state in buffers (int8 weights as int8), takes JSON-able constructor arguments
+(`fxq_spec()` returns them, `from_fxq_spec(spec)` rebuilds an empty instance for `load_state_dict`), and rebuilds
+derived state (the packed oneDNN weight, Python-float scales) lazily, after any load.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fxq import quantizer as Q
+from fxq.backends.x86_glue import canonical, channels_last, per_group, row_groups
+from fxq.errors import FxqError, InputError
+
+_U8_TO_S8 = 128  # uint8 code c and int8 code c - 128 share a bit pattern: (c ^ 0x80).view(int8)
+
+
+# --- modules -------------------------------------------------------------------------------------------------
+
+class _Spec:
+    """fxq_spec/from_fxq_spec over the constructor arguments each subclass lists in `_spec_fields`."""
+
+    _spec_fields: tuple[str, ...] = ()
+
+    def fxq_spec(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in
+                ((k, getattr(self, k)) for k in self._spec_fields)}
+
+    @classmethod
+    def from_fxq_spec(cls, spec: dict):
+        unknown = set(spec) - set(cls._spec_fields)
+        if unknown:
+            raise InputError(f"{cls.__name__} spec has unknown fields {sorted(unknown)}")
+        return cls(**spec)
+
+
+class _ActParams:
+    """Per-tensor activation parameters held as buffers `<prefix>_scale`/`<prefix>_zp` ([] or [groups]), with
+    Python-float copies per group for kernel arguments."""
+
+    @staticmethod
+    def register(module: nn.Module, prefix: str, groups: int) -> None:
+        shape = (groups,) if groups > 1 else ()
+        module.register_buffer(f"{prefix}_scale", torch.ones(shape))
+        module.register_buffer(f"{prefix}_zp", torch.zeros(shape))
+
+    @staticmethod
+    def set(module: nn.Module, prefix: str, qp: Q.QParams) -> None:
+        if qp.bits != 8 or qp.signed or qp.axis is not None:
+            raise FxqError(f"int8 activations are unsigned 8-bit per tensor, got bits={qp.bits} signed={qp.signed}")
+        getattr(module, f"{prefix}_scale").copy_(qp.scale.reshape(getattr(module, f"{prefix}_scale").shape))
+        getattr(module, f"{prefix}_zp").copy_(qp.zero_point.reshape(getattr(module, f"{prefix}_zp").shape))
+
+    @staticmethod
+    def floats(module: nn.Module, prefix: str) -> list[tuple[float, int]]:
+        scale = getattr(module, f"{prefix}_scale").reshape(-1).tolist()
+        zp = getattr(module, f"{prefix}_zp").reshape(-1).tolist()
+        return [(s, int(z)) for s, z in zip(scale, zp)]
+
+    @staticmethod
+    def qparams(module: nn.Module, prefix: str) -> Q.QParams:
+        return Q.QParams(getattr(module, f"{prefix}_scale"), getattr(module, f"{prefix}_zp"), 8, False, None)
+
+
+class _Lazy(nn.Module):
+    """Derived state built at first use and dropped whenever buffers are loaded or moved."""
+
+    def __init__(self):
+        super().__init__()
+        self._derived = None
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._derived = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._derived = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def derived(self):
+        if self._derived is None:
+            self._derived = self._build()
+        return self._derived
+
+    def _build(self):
+        raise NotImplementedError
+
+
+class Quantize(_Spec, _Lazy):
+    """float32 x -> uint8 codes of `quantize(x, qp)` (qp per timestep group: pass the group, see timestep_group)."""
+
+    _spec_fields = ("groups",)
+
+    def __init__(self, groups: int = 1):
+        super().__init__()
+        self.groups = groups
+        _ActParams.register(self, "x", groups)
+
+    @classmethod
+    def from_qparams(cls, qp: Q.QParams) -> "Quantize":
+        module = cls(qp.scale.numel() if qp.scale.dim() == 1 else 1)
+        _ActParams.set(module, "x", qp)
+        return module
+
+    def _build(self):
+        return _ActParams.floats(self, "x")
+
+    def forward(self, x: torch.Tensor, g=None) -> torch.Tensor:
+        if not x.is_floating_point() or x.device.type != "cpu":
+            raise InputError(f"int8 quantization takes a float CPU tensor, got {x.dtype} on {x.device}")
+        x = x.float()
+        if self.groups > 1 and g is None:
+            raise InputError("this int8 model keeps activation parameters per timestep group: call it with t")
+        if isinstance(g, torch.Tensor):  # mixed groups: per-row parameters, the same arithmetic
+            rows = row_groups(g, x.shape[0])
+            qp = Q.select_group(_ActParams.qparams(self, "x"), rows, x)
+            return Q.codes(x, qp)
+        scale, zp = self.derived()[g or 0]
+        with warnings.catch_warnings():  # quantized tensor creation is deprecated; its kernel is ours to call
+            warnings.simplefilter("ignore", UserWarning)
+            q = torch.quantize_per_tensor(x, scale, zp, torch.quint8)
+        # the same bytes as a plain uint8 tensor sharing q's storage (int_repr() would copy them, 4x the cost of
+        # quantizing); the storage lives as long as the returned tensor
+        return torch.empty(0, dtype=torch.uint8).set_(q.untyped_storage(), q.storage_offset(), q.size(), q.stride())
+
+    def extra_repr(self) -> str:
+        return f"groups={self.groups}"
+
+
+UNARY_POST_OPS = ("none", "relu", "swish", "gelu", "gelu_tanh")
+
+
+def _unary_args(unary: str) -> tuple[str, list, str]:
+    """(attr, scalars, algorithm) of a oneDNN unary post-op."""
+    if unary.startswith("gelu"):
+        return "gelu", [], "tanh" if unary == "gelu_tanh" else "none"
+    return unary, [], ""
+
+
+class _WeightedInt8(_Spec, _Lazy):
+    """Shared state of QConv and QLinear: int8 weight [out, in/groups, *kernel], fp32 per-out-channel weight
+    scales, fp32 bias, input activation parameters, and optionally output activation parameters (the kernel then
+    requantizes its result to uint8 codes) and a fused unary post-op."""
+
+    def _register(self, weight_shape, bias: bool, groups: int, out_quant: bool):
+        self.register_buffer("weight", torch.zeros(weight_shape, dtype=torch.int8))
+        self.register_buffer("w_scale", torch.ones(weight_shape[0]))
+        self.register_buffer("bias", torch.zeros(weight_shape[0]) if bias else None)
+        _ActParams.register(self, "x", groups)
+        if out_quant:
+            _ActParams.register(self, "out", groups)
+
+    def set_weight(self, weight: torch.Tensor, wqp: Q.QParams, bias, xqp: Q.QParams):
+        if wqp.bits != 8 or not wqp.signed or wqp.axis != 0:
+            raise FxqError(f"int8 weights are signed 8-bit per output channel, got bits={wqp.bits} "
+                           f"signed={wqp.signed} axis={wqp.axis}")
+        self.weight.copy_(Q.codes(weight.detach(), wqp))
+        self.w_scale.copy_(wqp.scale.reshape(-1))
+        if bias is not None:
+            self.bias.copy_(bias.detach().float())
+        _ActParams.set(self, "x", xqp)
+
+    def set_output(self, qp: Q.QParams) -> None:
+        """Requantize the output to uint8 codes with qp (the next int8 op's input parameters)."""
+        if not self.out_quant:
+            self.out_quant = True
+            _ActParams.register(self, "out", self.groups)
+        _ActParams.set(self, "out", qp)
+        self._derived = None
+
+    def _out_args(self, g: int) -> tuple[float, int, torch.dtype]:
+        if self.out_quant:
+            scale, zp = self._derived["out"][g]
+            return scale, zp, torch.uint8
+        return 1.0, 0, torch.float32
+
+    def _check_call(self, x: torch.Tensor, g) -> None:
+        if x.dtype != torch.uint8:
+            raise FxqError(f"{type(self).__name__} takes uint8 activation codes, got {x.dtype}: the lowered graph "
+                           "is inconsistent")
+        if self.groups > 1 and g is None:
+            raise InputError("this int8 model keeps activation parameters per timestep group: call it with t")
+
+
+class QConv(_WeightedInt8):
+    """Int8 convolution (1d/2d/3d, zero padding) on oneDNN, fp32 or uint8 output; `accum` adds a same-shaped
+    fp32 tensor in the kernel (2d only; written in place, so the lowering passes only tensors dead afterwards)."""
+
+    UNARY = ("none", "relu", "swish")  # oneDNN's int8 conv has no GELU post-op
+
+    _spec_fields = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "conv_groups",
+                    "has_bias", "groups", "unary", "out_quant", "accum")
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride, padding, dilation,
+                 conv_groups: int = 1, has_bias: bool = True, groups: int = 1, unary: str = "none",
+                 out_quant: bool = False, accum: bool = False):
+        super().__init__()
+        self.has_bias = has_bias
+        self.in_channels, self.out_channels, self.conv_groups = in_channels, out_channels, conv_groups
+        self.kernel_size, self.stride = tuple(kernel_size), tuple(stride)
+        self.padding, self.dilation = tuple(padding), tuple(dilation)
+        self.groups, self.unary, self.out_quant, self.accum = groups, unary, out_quant, accum
+        if unary not in self.UNARY:
+            raise InputError(f"unary post-op {unary!r} is not one of {self.UNARY}")
+        self._register((out_channels, in_channels // conv_groups) + self.kernel_size, has_bias, groups, out_quant)
+
+    @classmethod
+    def from_float(cls, conv: nn.modules.conv._ConvNd, wqp: Q.QParams, xqp: Q.QParams) -> "QConv":
+        groups = xqp.scale.numel() if xqp.scale.dim() == 1 else 1
+        module = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                     conv.dilation, conv.groups, conv.bias is not None, groups)
+        module.set_weight(conv.weight, wqp, conv.bias, xqp)
+        return module
+
+    @property
+    def _pad_codes(self) -> bool:
+        """Padding at least as wide as the kernel: padded here with the zero point's code (exact) and the kernel
+        runs unpadded, as oneDNN computes such convs wrongly (seen with 1 input channel, k=2, pad=2)."""
+        return any(p >= d * (k - 1) + 1 for p, k, d in zip(self.padding, self.kernel_size, self.dilation))
+
+    def _kernel_padding(self) -> list[int]:
+        return [0] * len(self.padding) if self._pad_codes else list(self.padding)
+
+    def _build(self):
+        xs, xz = _ActParams.floats(self, "x")[0]
+        packed = torch.ops.onednn.qconv_prepack(self.weight, self.w_scale, xs, xz, list(self.stride),
+                                                self._kernel_padding(), list(self.dilation), self.conv_groups, None)
+        return {"packed": packed, "w_zp": torch.zeros(self.out_channels, dtype=torch.int64),
+                "x": _ActParams.floats(self, "x"),
+                "out": _ActParams.floats(self, "out") if self.out_quant else None}
+
+    def forward(self, x: torch.Tensor, g=None, accum: torch.Tensor | None = None) -> torch.Tensor:
+        self._check_call(x, g)
+        d = self.derived()
+        x = canonical(x, channels_last=x.dim() == 4)
+        fused = (accum is not None and self.accum and x.dim() == 4 and accum.dtype == torch.float32
+                 and channels_last(accum) and isinstance(g, (int, type(None))))
+        if fused:
+            accum = canonical(accum, channels_last=True)
+
+        def conv(gi, x, acc):
+            xs, xz = d["x"][gi]
+            if self._pad_codes:
+                pads = [p for p in reversed(self.padding) for _ in range(2)]
+                x = canonical(F.pad(x, pads, value=xz), channels_last=x.dim() == 4)
+            os_, oz, odt = self._out_args(gi)
+            attr, scalars, algo = _unary_args(self.unary)
+            common = (list(self.stride), self._kernel_padding(), list(self.dilation), self.conv_groups, os_, oz,
+                      odt)
+            if acc is not None:
+                return torch.ops.onednn.qconv2d_pointwise.binary(
+                    x, xs, xz, d["packed"], self.w_scale, d["w_zp"], acc, self.bias, *common, 1.0, 0, "sum", 1.0,
+                    attr, scalars, algo)
+            return torch.ops.onednn.qconv_pointwise(x, xs, xz, d["packed"], self.w_scale, d["w_zp"], self.bias,
+                                                    *common, attr, scalars, algo)
+
+        if fused:
+            y = conv(g or 0, x, accum)
+            if y.shape == accum.shape:
+                return y
+            raise FxqError(f"fused residual add got shapes {tuple(y.shape)} and {tuple(accum.shape)}")
+        y = per_group(lambda gi, xx: conv(gi, xx, None), 0 if g is None else g, x)
+        return y if accum is None else y + accum
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, groups={self.groups}, unary={self.unary}, out_quant={self.out_quant}, "
+                f"accum={self.accum}")
+
+
+class QLinear(_WeightedInt8):
+    """Int8 linear on oneDNN over any leading dims, fp32 or uint8 output; `other` adds a same-shaped fp32
+    tensor in the kernel (not in place)."""
+
+    UNARY = UNARY_POST_OPS
+
+    _spec_fields = ("in_features", "out_features", "has_bias", "groups", "unary", "out_quant")
+
+    def __init__(self, in_features: int, out_features: int, has_bias: bool = True, groups: int = 1,
+                 unary: str = "none", out_quant: bool = False):
+        super().__init__()
+        self.has_bias = has_bias
+        self.in_features, self.out_features = in_features, out_features
+        self.groups, self.unary, self.out_quant = groups, unary, out_quant
+        if unary not in self.UNARY:
+            raise InputError(f"unary post-op {unary!r} is not one of {self.UNARY}")
+        self._register((out_features, in_features), has_bias, groups, out_quant)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, wqp: Q.QParams, xqp: Q.QParams) -> "QLinear":
+        groups = xqp.scale.numel() if xqp.scale.dim() == 1 else 1
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, groups)
+        module.set_weight(linear.weight, wqp, linear.bias, xqp)
+        return module
+
+    def _build(self):
+        return {"packed": torch.ops.onednn.qlinear_prepack(self.weight, None),
+                "w_zp": torch.zeros(self.out_features, dtype=torch.int64),
+                "x": _ActParams.floats(self, "x"),
+                "out": _ActParams.floats(self, "out") if self.out_quant else None}
+
+    def forward(self, x: torch.Tensor, g=None, other: torch.Tensor | None = None) -> torch.Tensor:
+        self._check_call(x, g)
+        d = self.derived()
+        x = canonical(x)
+        attr, scalars, algo = _unary_args(self.unary)
+
+        def linear(gi, x, other):
+            xs, xz = d["x"][gi]
+            os_, oz, odt = self._out_args(gi)
+            if other is not None:
+                return torch.ops.onednn.qlinear_pointwise.binary(
+                    x, xs, xz, d["packed"], self.w_scale, d["w_zp"], other, self.bias, os_, oz, odt, 1.0, 0,
+                    "add", 1.0, attr, scalars, algo)
+            return torch.ops.onednn.qlinear_pointwise(x, xs, xz, d["packed"], self.w_scale, d["w_zp"], self.bias,
+                                                      os_, oz, odt, attr, scalars, algo)
+
+        fuse = (other is not None and other.dtype == torch.float32 and not self.out_quant
+                and tuple(other.shape) == tuple(x.shape[:-1]) + (self.out_features,))
+        y = per_group(linear, 0 if g is None else g, x, canonical(other) if fuse else None)
+        return y if other is None or fuse else y + other
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_features}, {self.out_features}, groups={self.groups}, unary={self.unary}, "
+                f"out_quant={self.out_quant}")
+
+
+class QMatmul(_Spec, _Lazy):
+    """a @ b of two uint8-coded activations (torch.matmul semantics, both at least 2-d) on `torch._int_mm`,
+    fp32 output. Zero points are applied exactly in int32 through row and column sums; each operand's parameters
+    are per timestep group, picked per row of its dim 0, so a mixed batch needs no splitting."""
+
+    _spec_fields = ("groups",)
+
+    def __init__(self, groups: int = 1):
+        super().__init__()
+        self.groups = groups
+        _ActParams.register(self, "a", groups)
+        _ActParams.register(self, "b", groups)
+
+    @classmethod
+    def from_qparams(cls, aqp: Q.QParams, bqp: Q.QParams) -> "QMatmul":
+        module = cls(aqp.scale.numel() if aqp.scale.dim() == 1 else 1)
+        _ActParams.set(module, "a", aqp)
+        _ActParams.set(module, "b", bqp)
+        return module
+
+    def _build(self):
+        return None
+
+    def _row_params(self, prefix: str, g, x: torch.Tensor, batch: torch.Size):
+        """(scale, zp) broadcast to the flattened batch [N, 1, 1] of the matmul."""
+        scale, zp = getattr(self, f"{prefix}_scale"), getattr(self, f"{prefix}_zp")
+        if self.groups > 1:
+            if g is None:
+                raise InputError("this int8 model keeps activation parameters per timestep group: call it with t")
+            idx = torch.full((x.shape[0],), g) if isinstance(g, int) else row_groups(g, x.shape[0])
+            shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+            scale, zp = scale[idx].reshape(shape), zp[idx].reshape(shape)
+        full = tuple(batch) + (1, 1)
+        return (scale.expand(full).reshape(-1, 1, 1) if scale.dim() else scale,
+                zp.expand(full).reshape(-1, 1, 1) if zp.dim() else zp)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, g=None) -> torch.Tensor:
+        if a.dtype != torch.uint8 or b.dtype != torch.uint8:
+            raise FxqError(f"QMatmul takes uint8 codes, got {a.dtype} and {b.dtype}: the lowered graph is "
+                           "inconsistent")
+        if a.dim() < 2 or b.dim() < 2:
+            raise InputError(f"an int8 attention matmul needs operands of rank >= 2, got shapes {tuple(a.shape)} "
+                             f"and {tuple(b.shape)}; keep this op in float (QuantConfig(keep_float=...))")
+        batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+        m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+        sa, za = self._row_params("a", g, a, batch)
+        sb, zb = self._row_params("b", g, b, batch)
+        a8 = a.expand(tuple(batch) + (m, k)).reshape(-1, m, k).bitwise_xor(_U8_TO_S8).view(torch.int8)
+        b8 = b.expand(tuple(batch) + (k, n)).reshape(-1, k, n).bitwise_xor(_U8_TO_S8).view(torch.int8)
+        acc = torch.stack([torch._int_mm(a8[i], b8[i]) for i in range(a8.shape[0])])
+        # sum_k (a - za)(b - zb) with a, za shifted by 128 alike: the shift cancels in each difference
+        za8 = (za - _U8_TO_S8).to(torch.int32)
+        zb8 = (zb - _U8_TO_S8).to(torch.int32)
+        acc -= zb8 * a8.sum(-1, keepdim=True, dtype=torch.int32)
+        acc -= za8 * b8.sum(-2, keepdim=True, dtype=torch.int32)
+        acc += k * za8 * zb8
+        return (acc.float() * (sa * sb)).reshape(tuple(batch) + (m, n))
+
+    def extra_repr(self) -> str:
+        return f"groups={self.groups}"

@@ -1,0 +1,428 @@
+"""x86 int8 backend: int8 computes what fake-quant simulates, weights are stored as int8, timestep groups are
+picked per sample, fusions keep the function, modules rebuild from spec + state, bad input gets an FxqError.
+
+The bound int8 vs fake: both quantize the same float inputs with the same arithmetic (fxq.quantizer), so one op
+on graph inputs sees identical codes and differs only by fake's float32 accumulation (~1e-6 relative). Deeper in
+a graph, a value that lands within that rounding of a grid midpoint can flip to the neighbouring code: one step
+of that quantizer, for a vanishing fraction of elements, far below the quantization noise itself. Hence: single
+ops within 1e-4 of the output's magnitude, small graphs at SQNR >= 40 dB (8-bit quantization noise alone is
+~30-45 dB on these graphs).
+"""
+
+import json
+import operator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import fxq
+from fxq import quantizer as Q
+from fxq.backends import x86, x86_glue, x86_ops
+from fxq.errors import ConfigError, FxqError, InputError
+from fxq.report import sqnr_db
+
+pytestmark = pytest.mark.skipif(x86_glue.cpu_int8_support() is not None, reason="no int8 x86 kernels here")
+
+X86 = dict(backend="x86", timestep_arg=None)
+
+
+def _pair(model, example, calib, **cfg):
+    """(fake, int8) quantized copies of model from the same calibration."""
+    fake = fxq.quantize(model, example, calib, fxq.QuantConfig(**{**X86, **cfg, "backend": "fake"}))
+    int8 = fxq.quantize(model, example, calib, fxq.QuantConfig(**{**X86, **cfg}))
+    return fake, int8
+
+
+def _modules(gm, cls):
+    return [m for m in gm.modules() if isinstance(m, cls)]
+
+
+# --- arithmetic ----------------------------------------------------------------------------------------------
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), lo=st.floats(-50, 0), span=st.floats(1e-3, 100), groups=st.integers(1, 4))
+def test_quantize_codes_are_the_arithmetic_bit_for_bit(seed, lo, span, groups):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.rand(3 * groups, 4, 5, generator=g) * 1.4 - 0.2) * span + lo  # some values outside the range
+    qps = [Q.affine_qparams(torch.tensor(lo * (i + 1)), torch.tensor(lo + span * (i + 1)), 8) for i in range(groups)]
+    qp = Q.QParams(torch.stack([q.scale for q in qps]), torch.stack([q.zero_point for q in qps]), 8, False)
+    qmod = x86_ops.Quantize.from_qparams(qp if groups > 1 else qps[0])
+    for gi in range(groups):  # one group for the whole call: the fused kernel
+        expected = Q.quantize(x, qps[gi]).to(torch.uint8)
+        assert torch.equal(qmod(x, gi if groups > 1 else None), expected)
+    if groups > 1:  # mixed: each sample its group's parameters
+        per_sample = torch.arange(x.shape[0]) % groups
+        y = qmod(x, per_sample)
+        for row in range(x.shape[0]):
+            assert torch.equal(y[row], Q.quantize(x[row], qps[int(per_sample[row])]).to(torch.uint8))
+
+
+@pytest.mark.parametrize("scale", [0.02, 0.0371, 0.1, 0.007])
+def test_simulation_rounds_ties_like_the_int8_kernel(scale):
+    # values on grid midpoints: x / s and x * (1 / s) round apart on some of them; the kernel multiplies
+    qp = Q.QParams(torch.tensor(scale), torch.tensor(100.0), 8, False)
+    x = (torch.arange(-1000, 1000).float() + 0.5) * scale
+    kernel = x86_ops.Quantize.from_qparams(qp)(x)
+    assert torch.equal(Q.quantize(x, qp).to(torch.uint8), kernel)
+    assert torch.equal(Q.codes(x, qp), kernel)
+
+
+# --- single ops: identical codes, only accumulation rounding --------------------------------------------------
+
+class _Single(nn.Module):
+    def __init__(self, op):
+        super().__init__()
+        self.op = op
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class _Bmm(nn.Module):
+    def forward(self, a, b):
+        return torch.bmm(a, b)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), dims=st.sampled_from([1, 2, 3]), cin=st.integers(1, 6), cout=st.integers(1, 6),
+       k=st.integers(1, 3), stride=st.integers(1, 2), pad=st.integers(0, 2), depthwise=st.booleans(),
+       bias=st.booleans())
+@example(seed=0, dims=2, cin=1, cout=1, k=2, stride=1, pad=2, depthwise=False, bias=False)  # oneDNN misreads it
+def test_conv_equals_fake_quant_up_to_accumulation(seed, dims, cin, cout, k, stride, pad, depthwise, bias):
+    torch.manual_seed(seed)
+    groups = cin if depthwise else 1
+    conv = [nn.Conv1d, nn.Conv2d, nn.Conv3d][dims - 1](cin, cout * groups, k, stride, pad, groups=groups, bias=bias)
+    shape = (2, cin) + (5,) * dims
+    fake, int8 = _pair(_Single(conv).eval(), (torch.randn(shape),), [(torch.randn(shape) * 2,)])
+    x = torch.randn(shape) * 2
+    yf, y8 = fake(x), int8(x)
+    assert y8.shape == yf.shape and y8.is_contiguous()
+    assert (y8 - yf).abs().max() <= 1e-4 * (yf.abs().max() + 1)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000), m=st.integers(1, 9), k=st.integers(2, 40), n=st.integers(1, 9),
+       batch=st.integers(1, 3), shift=st.floats(-3, 3))  # k >= 2: a one-term product stays float (select_ops)
+def test_attention_matmul_equals_fake_quant_up_to_accumulation(seed, m, k, n, batch, shift):
+    torch.manual_seed(seed)
+    a, b = torch.randn(batch, m, k) + shift, torch.rand(batch, k, n)  # asymmetric ranges: zero points matter
+    fake, int8 = _pair(_Bmm(), (a, b), [(a * 1.1, b * 1.1)])
+    assert _modules(int8, x86_ops.QMatmul)
+    yf, y8 = fake(a, b), int8(a, b)
+    assert (y8 - yf).abs().max() <= 1e-4 * (yf.abs().max() + 1)
+
+
+# --- small random graphs -----------------------------------------------------------------------------------------
+
+class _ConvNet(nn.Module):
+    """conv -> SiLU -> conv + residual, nearest upsample -> conv: unary, requant and residual fusions."""
+
+    def __init__(self, c, act):
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, 2, 1)
+        self.act = act
+
+    def forward(self, x):
+        h = self.c2(self.act(self.c1(x))) + x * 2
+        return self.c3(F.interpolate(h, scale_factor=2.0, mode="nearest"))
+
+
+class _MLP(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(c, 2 * c), nn.Linear(2 * c, c)
+
+    def forward(self, x):
+        return self.l2(F.gelu(self.l1(x))) + x
+
+
+class _Attention(nn.Module):
+    """q/k/v projections -> reshape -> QK^T -> softmax -> .V -> projection + residual, multi-head."""
+
+    def __init__(self, c, heads):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(c, c) for _ in range(4))
+        self.heads = heads
+
+    def forward(self, x):
+        b, n, c = x.shape
+        split = lambda y: y.reshape(b, n, self.heads, c // self.heads).permute(0, 2, 1, 3)  # noqa: E731
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        w = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * (c // self.heads) ** -0.5, dim=-1)
+        out = torch.matmul(w, v).permute(0, 2, 1, 3).reshape(b, n, c)
+        return self.o(out) + x
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 10_000), kind=st.sampled_from(["conv_silu", "conv_relu", "mlp", "attention"]),
+       c=st.sampled_from([2, 4, 8]), heads=st.sampled_from([1, 2]))
+def test_small_graphs_int8_agree_with_fake_quant(seed, kind, c, heads):
+    torch.manual_seed(seed)
+    if kind.startswith("conv"):
+        model, shape = _ConvNet(c, nn.SiLU() if kind == "conv_silu" else nn.ReLU()), (2, c, 6, 6)
+    elif kind == "mlp":
+        model, shape = _MLP(c), (2, 3, c)
+    else:
+        model, shape = _Attention(c, heads), (2, 5, c)
+    model.eval()
+    calib = [(torch.randn(shape),) for _ in range(2)]
+    fake, int8 = _pair(model, (torch.randn(shape),), calib)
+    x = torch.randn(shape)
+    assert sqnr_db(fake(x), int8(x)) >= 40
+
+
+# --- what the lowered model holds ----------------------------------------------------------------------------------
+
+def test_weights_are_int8_codes_of_the_fake_quant_weights():
+    torch.manual_seed(0)
+    model = _ConvNet(4, nn.SiLU()).eval()
+    fake, int8 = _pair(model, (torch.randn(2, 4, 6, 6),), [(torch.randn(2, 4, 6, 6),)])
+    for name in ("c1", "c2", "c3"):
+        q = int8.graph_module.get_submodule(name)
+        assert q.weight.dtype == torch.int8
+        per_channel = q.weight.reshape(q.weight.shape[0], -1)
+        assert all(row.unique().numel() <= 256 for row in per_channel)
+        dequant = q.weight.float() * q.w_scale.reshape(-1, 1, 1, 1)
+        assert torch.equal(dequant, fake.graph_module.get_submodule(name).weight)
+
+
+def test_same_seed_same_int8_model_bit_for_bit():
+    torch.manual_seed(0)
+    model = _MLP(4).eval()
+    calib = [(torch.randn(3, 2, 4),) for _ in range(2)]
+    a, b = (fxq.quantize(model, (torch.randn(3, 2, 4),), calib, fxq.QuantConfig(**X86)) for _ in range(2))
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_fusions_are_in_the_lowered_graph():
+    torch.manual_seed(0)
+    model = _ConvNet(4, nn.SiLU()).eval()
+    int8 = fxq.quantize(model, (torch.randn(2, 4, 6, 6),), [(torch.randn(2, 4, 6, 6),)], fxq.QuantConfig(**X86))
+    c1, c2 = int8.graph_module.get_submodule("c1"), int8.graph_module.get_submodule("c2")
+    assert c1.unary == "swish" and c1.out_quant  # c1 -> silu -> c2: the kernel writes c2's input codes
+    assert c2.accum  # c2 + (x * 2): the product is fresh and read by nothing else
+    targets = [n.target for n in int8.graph.nodes if n.op == "call_function"]
+    assert F.silu not in targets and operator.add not in targets
+    # the upsample moves codes: its Quantize runs before it
+    interp = next(n for n in int8.graph.nodes if n.target is F.interpolate)
+    assert isinstance(int8.graph_module.get_submodule(interp.args[0].target), x86_ops.Quantize)
+
+
+@pytest.mark.parametrize("act", [None, nn.SiLU(), nn.ReLU(), nn.GELU()])
+def test_requantizing_kernel_output_gives_the_next_ops_codes(act):
+    # conv -> [act] -> conv: the first kernel writes uint8 codes at the second's input parameters; apart from
+    # rare rounding flips (one step), the second conv sees the codes fake-quant computes
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(3, 8, 3, padding=1)] + ([act] if act is not None else []) + [nn.Conv2d(8, 4, 3, padding=1)]
+    x = torch.randn(2, 3, 8, 8)
+    fake, int8 = _pair(_Single(nn.Sequential(*layers)).eval(), (x,), [(torch.randn(2, 3, 8, 8),)])
+    first = int8.graph_module.get_submodule("op.0")
+    # oneDNN's int8 conv has no GELU post-op: GELU stays in float and the first conv keeps an fp32 output
+    fused = {None: "none", nn.SiLU: "swish", nn.ReLU: "relu"}.get(type(act) if act is not None else None)
+    assert first.out_quant == (fused is not None) and first.unary == (fused or "none")
+    yf, y8 = fake(x), int8(x)
+    close = (y8 - yf).abs() <= 1e-4 * (yf.abs().max() + 1)
+    assert close.float().mean() >= 0.95
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_quantize_moves_above_nearest_upsampling_only(mode):
+    torch.manual_seed(0)
+    model = _Single(nn.Sequential(nn.Upsample(scale_factor=2, mode=mode), nn.Conv2d(3, 4, 3, padding=1))).eval()
+    x = torch.randn(2, 3, 4, 4)
+    fake, int8 = _pair(model, (x,), [(torch.randn(2, 3, 4, 4),)])
+    up = next(n for n in int8.graph.nodes if n.target == "op.0")
+    before = up.args[0]
+    moved = before.op == "call_module" and isinstance(
+        int8.graph_module.get_submodule(before.target), x86_ops.Quantize)
+    assert moved == (mode == "nearest")
+    assert (int8(x) - fake(x)).abs().max() <= 1e-4 * (fake(x).abs().max() + 1)
+
+
+class _SkipReadLater(nn.Module):
+    """The residual operand is read again after the add: adding in place into it would corrupt the output."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        skip = x * 1.5
+        h = self.c2(self.c1(x)) + skip
+        return torch.cat([h, skip], dim=1)
+
+
+def test_residual_add_is_not_fused_into_a_tensor_read_later():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 5)
+    fake, int8 = _pair(_SkipReadLater().eval(), (x,), [(torch.randn(2, 3, 5, 5),)])
+    assert not int8.graph_module.get_submodule("c2").accum
+    assert (int8(x) - fake(x)).abs().max() <= 1e-4 * (fake(x).abs().max() + 1)
+
+
+class _Shared(nn.Module):
+    """One conv applied to two inputs of very different ranges: each call needs its own input parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        return self.c(x) + self.c(x * 20)
+
+
+def test_a_module_called_twice_gets_the_parameters_of_each_call():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 5)
+    fake, int8 = _pair(_Shared().eval(), (x,), [(torch.randn(2, 3, 5, 5),)])
+    assert len(_modules(int8, x86_ops.QConv)) == 2
+    assert (int8(x) - fake(x)).abs().max() <= 1e-4 * (fake(x).abs().max() + 1)
+
+
+# --- timestep groups ---------------------------------------------------------------------------------------------
+
+class _TimeScaled(nn.Module):
+    """Activations whose range depends on t (x * (1 + t/50)), so each group's scale differs widely."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 4, 3, padding=1)
+        self.l = nn.Linear(4, 3)
+
+    def forward(self, x, t):
+        h = self.c(x * (1 + t.float().reshape(-1, 1, 1, 1) / 50))
+        return self.l(h.permute(0, 2, 3, 1))
+
+
+def test_mixed_timestep_batch_uses_each_samples_group():
+    torch.manual_seed(0)
+    model = _TimeScaled().eval()
+    calib = [(torch.randn(4, 3, 5, 5), torch.full((4,), t)) for t in (10, 300, 600, 900)]
+    cfg = dict(timestep_groups=4, timestep_arg="t")
+    fake, int8 = _pair(model, (torch.randn(4, 3, 5, 5), torch.tensor([0, 1, 2, 3])), calib, **cfg)
+    x, t = torch.randn(4, 3, 5, 5), torch.tensor([900, 10, 600, 300])
+    y8, yf = int8(x, t), fake(x, t)
+    assert (y8 - yf).abs().max() <= 1e-4 * (yf.abs().max() + 1)
+    for i in range(4):  # the same sample alone (one group, one kernel call) gives the same row
+        assert torch.allclose(int8(x[i:i + 1], t[i:i + 1]), y8[i:i + 1], rtol=1e-5, atol=1e-5)
+    # a batch-wide 0-d t picks one group for all
+    assert torch.allclose(int8(x, torch.tensor(600)), fake(x, torch.tensor(600)), rtol=1e-4, atol=1e-4)
+
+
+# --- serialization contract ----------------------------------------------------------------------------------------
+
+def test_modules_rebuild_from_json_spec_and_state_dict():
+    torch.manual_seed(0)
+    model = _TimeScaled().eval()
+    calib = [(torch.randn(2, 3, 5, 5), torch.full((2,), t)) for t in (10, 900)]
+    int8 = fxq.quantize(model, calib[0], calib, fxq.QuantConfig(**{**X86, "timestep_groups": 2,
+                                                                     "timestep_arg": "t"}))
+    x, t = torch.randn(2, 3, 5, 5), torch.tensor([5, 950])
+    before = int8(x, t)
+    for name, module in list(int8.named_modules()):
+        if isinstance(module, x86_ops._Spec):
+            spec = json.loads(json.dumps(module.fxq_spec()))
+            fresh = type(module).from_fxq_spec(spec)
+            fresh.load_state_dict(module.state_dict())
+            assert all(v.dtype == module.state_dict()[k].dtype for k, v in fresh.state_dict().items())
+            int8.set_submodule(name, fresh)
+    assert torch.equal(int8(x, t), before)
+    modules = {getattr(n.target, "__module__", "") for n in int8.graph.nodes if n.op == "call_function"}
+    assert all(m.split(".")[0] in ("torch", "_operator", "fxq") for m in modules), modules
+
+
+# --- bad input -------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("field", ["weight_bits", "act_bits", "first_last_bits"])
+def test_x86_needs_eight_bits(field):
+    with pytest.raises(ConfigError, match=field):
+        fxq.QuantConfig(backend="x86", **{field: 4})
+
+
+def test_a_model_off_the_cpu_is_refused_before_calibration():
+    model = _Single(nn.Conv2d(3, 3, 1, device="meta"))
+    with pytest.raises(FxqError, match="CPU"):
+        fxq.quantize(model, (torch.randn(1, 3, 4, 4),), [], fxq.QuantConfig(**X86))
+
+
+def test_a_cpu_without_int8_kernels_is_refused(monkeypatch):
+    monkeypatch.setattr(x86_glue, "cpu_int8_support", lambda: "this CPU has no VNNI")
+    with pytest.raises(FxqError, match="VNNI"):
+        fxq.quantize(_Single(nn.Conv2d(3, 3, 1)), (torch.randn(1, 3, 4, 4),), [], fxq.QuantConfig(**X86))
+
+
+class _Reflect(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pad = nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect")
+        self.ok = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        return self.ok(self.pad(x))
+
+
+def test_an_op_without_int8_kernel_is_named_or_falls_back_when_asked():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 5)
+    with pytest.raises(FxqError, match=r"pad.*reflect"):
+        fxq.quantize(_Reflect().eval(), (x,), [(x,)], fxq.QuantConfig(**X86))
+    fake, int8 = _pair(_Reflect().eval(), (x,), [(x,)], float_fallback=True)
+    assert [(r["module"], r["kind"]) for r in x86.fallbacks(int8)] == [("pad", "conv")]
+    assert isinstance(int8.graph_module.get_submodule("ok"), x86_ops.QConv)
+    assert (int8(x) - fake(x)).abs().max() <= 1e-4 * (fake(x).abs().max() + 1)
+
+
+def test_calls_the_int8_model_cannot_serve():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 5)
+    int8 = fxq.quantize(_Single(nn.Conv2d(3, 3, 1)).eval(), (x,), [(x,)], fxq.QuantConfig(**X86))
+    with pytest.raises(InputError, match="float32"):
+        int8(x.double())
+    with pytest.raises(InputError, match="CPU"):
+        int8(x.to("meta"))
+    groups = fxq.quantize(_TimeFree().eval(), (x, torch.tensor([1, 900])), [(x, torch.tensor([1, 900]))],
+                          fxq.QuantConfig(**{**X86, "timestep_groups": 2, "timestep_arg": "t"}))
+    with pytest.raises(InputError, match="timestep"):  # 4 rows, 3 timesteps: the wrapper says so first
+        groups(torch.randn(4, 3, 5, 5), torch.tensor([1, 900, 5]))
+    with pytest.raises(InputError, match="timestep group"):  # and the int8 graph itself, called directly
+        groups.graph_module(torch.randn(4, 3, 5, 5), torch.tensor([1, 900, 5]))
+
+
+class _TimeFree(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x, t):
+        return self.c(x)
+
+
+@pytest.mark.slow  # two quantizations of a diffusers UNet
+def test_a_diffusers_cross_attention_unet_runs_on_int8_kernels():
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=16,
+        attention_head_dim=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).eval()
+    with torch.no_grad():
+        for p in unet.parameters():  # zero-initialized output convs would carry no signal
+            p.add_(0.02 * torch.randn(p.shape))
+    g = torch.Generator().manual_seed(2)
+
+    def item(b):
+        return ((torch.randn(b, 4, 8, 8, generator=g), torch.randint(0, 1000, (b,), generator=g)),
+                {"encoder_hidden_states": torch.randn(b, 5, 16, generator=g)})
+
+    calib = [item(2) for _ in range(2)]
+    fake = fxq.quantize(unet, calib[0], calib)
+    int8 = fxq.quantize(unet, calib[0], calib, fxq.QuantConfig(backend="x86"))
+    assert _modules(int8, x86_ops.QMatmul) and _modules(int8, x86_ops.QConv) and _modules(int8, x86_ops.QLinear)
+    (x, t), kw = item(1)
+    out, ref = int8(x, t, **kw), fake(x, t, **kw)
+    assert type(out) is type(ref) and sqnr_db(ref.sample, out.sample) >= 30
