@@ -75,8 +75,8 @@ def load_model(name: str, seed: int) -> torch.nn.Module:
 
 
 def random_inputs(batches: int, batch: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """`batches` random (x, t) batches; the timesteps are stratified over [0, T) so that every timestep group
-    of a timestep-aware quantizer sees some."""
+    """`batches` random (x, t) batches; the timesteps are stratified over [0, T) (one per stratum of T / n), so
+    that every one of G timestep groups sees some once n >= 2 G (8 batches of 4 cover G = 10)."""
     g = torch.Generator().manual_seed(seed)
     n = batches * batch
     t = ((torch.arange(n) + torch.rand(n, generator=g)) * T / n).long()[torch.randperm(n, generator=g)]
@@ -407,14 +407,15 @@ def parse_args(argv=None):
     p.add_argument("--no-rss", action="store_true", help="skip the per-backend peak RSS children")
     p.add_argument("--rss-timeout", type=float, default=1800)
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: 3 rounds, 1 warm-up, 16 calibration samples, 4 SQNR inputs, DDIM-5 sample")
+                   help="smoke run: 3 rounds, 1 warm-up, 5 random calibration batches (or 16 trajectory samples), "
+                        "4 SQNR inputs, DDIM-5 sample")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="benchmarks/results/speed.json")
     p.add_argument("--rss-child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.warmup, args.calib_n, args.eval_points = 3, 1, 16, 4
-        args.steps, args.sample_steps, args.calib_batches = 20, 5, 2
+        args.steps, args.sample_steps, args.calib_batches = 20, 5, 5
     args.models = [m for m in args.models.split(",") if m]
     args.backends = [b for b in args.backends.split(",") if b]
     args.sample_backends = [b for b in args.sample_backends.split(",") if b]
