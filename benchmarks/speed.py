@@ -254,7 +254,6 @@ def _rss_kib(field: str = "VmRSS") -> int:
 def rss_child(spec: dict) -> dict:
     """Build one backend, release the float source model, reset the high-water mark, run it; report RSS."""
     import ctypes
-    import resource
 
     torch.set_num_threads(spec["threads"])
     start = _rss_kib()
@@ -268,7 +267,8 @@ def rss_child(spec: dict) -> dict:
         row = build(spec["backend"], ctx, [example[0].shape[0]])
         if row["status"] != "ok":
             return {"status": row["status"], "error": row["error"]}
-        build_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        # VmHWM, not getrusage's ru_maxrss: the latter keeps the parent's peak from before the exec
+        build_peak = _rss_kib("VmHWM")
         runner = row.pop("runner")
         del model, calib, ctx, row
         gc.collect()
@@ -499,7 +499,7 @@ def main(argv=None) -> dict:
            "git_commit": _git_commit(), "openvino_config": speed_peers.OV_CONFIG,
            "timing": "median and quartiles of per-call wall time (time.perf_counter) over interleaved rounds",
            "rss_method": "child process per backend, calibrating on the first "
-                         f"{RSS_CALIB_BATCHES} calibration batches: ru_maxrss after build (build_peak_mib); "
+                         f"{RSS_CALIB_BATCHES} calibration batches: VmHWM after build (build_peak_mib); "
                          "after releasing the float source model, VmHWM reset via /proc/self/clear_refs and "
                          "re-read after running at the largest batch (run_peak_mib); start_mib: RSS after "
                          "imports, before the model is loaded",
