@@ -222,6 +222,7 @@ def summary(ms: list[float]) -> dict:
 def sample_race(rows: dict, names, batch: int, steps: int, seed: int) -> list[dict]:
     """Wall time of one DDIM sample at `batch` with each named backend (same noise), and PSNR of its images
     to the first one's (fp32)."""
+    from fxq.data import from_model_range
     from fxq.diffusion import DDIM
     from fxq.images import psnr
 
@@ -234,7 +235,7 @@ def sample_race(rows: dict, names, batch: int, steps: int, seed: int) -> list[di
                         "error": "not in --backends" if row is None else row.get("error")})
             continue
         t0 = time.perf_counter()
-        images = DDIM(steps=steps).sample(row["runner"], (batch, *SHAPE), seed=seed)
+        images = from_model_range(DDIM(steps=steps).sample(row["runner"], (batch, *SHAPE), seed=seed))
         entry.update(status="ok", wall_s=round(time.perf_counter() - t0, 3))
         if ref is None:
             ref = images
