@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
-import platform
 import re
 import shlex
 import subprocess
@@ -36,7 +34,6 @@ import tempfile
 import time
 import traceback
 import warnings
-from importlib import metadata
 
 import numpy as np
 import torch
@@ -47,14 +44,13 @@ if __package__ in (None, ""):  # run as a script from a source checkout: use the
 from benchmarks import speed_peers  # noqa: E402
 from benchmarks.quality import _git_commit  # noqa: E402
 from benchmarks.speed_peers import BACKENDS, Context, Unavailable  # noqa: E402
+from benchmarks.speed_report import machine, plain, table  # noqa: E402
 
 MODELS = {
     "random128": "fxq.models.DDPMUNet() (ch 128, 35.7M parameters), random weights",
     "ddpm32": "fxq.models.pretrained('ddpm32') (ch 64, 8.95M parameters, trained)",
     "tiny": "DDPMUNet(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn at 8x8), random weights",
 }
-PACKAGES = ("torch", "numpy", "onnx", "onnxscript", "onnxruntime", "openvino", "nncf", "torchao")
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
 T = 1000  # the DDPM's number of diffusion steps
 SHAPE = (3, 32, 32)
 RSS_CALIB_BATCHES = 2  # calibration batches a peak-RSS child calibrates on
@@ -306,92 +302,6 @@ def measure_rss(names, model_name: str, calib_path: str, example_path: str, args
     return out
 
 
-# --- report ------------------------------------------------------------------------------------------------
-
-def machine() -> dict:
-    model = None
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        model = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")),
-                     None)
-    except (OSError, subprocess.SubprocessError):
-        pass
-    flags = set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(re.search(r"^flags\s*:(.*)$", f.read(), re.M).group(1).split())
-    except (OSError, AttributeError):
-        pass
-    versions = {}
-    for p in PACKAGES:
-        try:
-            versions[p] = metadata.version(p)
-        except metadata.PackageNotFoundError:
-            versions[p] = None
-    return {"cpu_model": model or platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "cpu_flags": [f for f in CPU_FLAGS if f in flags], "python": platform.python_version(),
-            "versions": versions}
-
-
-def _ms(row, b) -> str:
-    s = row.get("ms", {}).get(str(b))
-    return f"{s['median']:.1f} ({s['q1']:.1f}–{s['q3']:.1f})" if s else "–"
-
-
-def _ratio(row, fp, b) -> str:
-    s, f = row.get("ms", {}).get(str(b)), (fp or {}).get("ms", {}).get(str(b))
-    return f"{f['median'] / s['median']:.2f}" if s and f else "–"
-
-
-def table(result: dict, batches) -> str:
-    head = ["backend"]
-    for b in sorted(batches, reverse=True):
-        head += [f"batch {b} ms, median (IQR)", "× fp32 eager"]
-    head += ["SQNR vs fp32 dB, mean (min)", "peak RSS running MiB (above start)", "build s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    rows = result["rows"]
-    fp = next((r for r in rows if r["backend"] == "fp32" and r["status"] == "ok"), None)
-    for row in rows:
-        if row["status"] != "ok":
-            reason = (row.get("error") or "").splitlines()[0][:160].replace("|", "/") if row.get("error") else ""
-            lines.append(f"| {row['label']} | {row['status']}: {reason} |" + " |" * (len(head) - 2))
-            continue
-        cells = [row["label"]]
-        for b in sorted(batches, reverse=True):
-            cells += [_ms(row, b), _ratio(row, fp, b)]
-        q = row.get("sqnr_db")
-        cells.append(f"{q['mean']:.1f} ({q['min']:.1f})" if q else "–")
-        rss = row.get("rss", {})
-        cells.append(f"{rss['run_peak_mib']:.0f} (+{rss['run_peak_mib'] - rss['start_mib']:.0f})"
-                     if rss.get("status") == "ok" else rss.get("status", "–"))
-        cells.append(f"{row['build_s']:.1f}")
-        lines.append("| " + " | ".join(cells) + " |")
-    samples = result.get("sample")
-    if samples:
-        steps, b = result["sample_steps"], result["sample_batch"]
-        lines += ["", f"| DDIM-{steps} sample, batch {b} | wall s | × {samples[0]['label']} | PSNR to its images dB |",
-                  "| --- | --- | --- | --- |"]
-        first = next((s for s in samples if s["status"] == "ok"), None)
-        for s in samples:
-            if s["status"] != "ok":
-                reason = (s.get("error") or "").splitlines()[0][:160] if s.get("error") else ""
-                lines.append(f"| {s['label']} | {s['status']}: {reason} | | |")
-                continue
-            ratio = first["wall_s"] / s["wall_s"] if first else float("nan")
-            lines.append(f"| {s['label']} | {s['wall_s']:.2f} | {ratio:.2f} | {s.get('psnr_to_first_db', '–')} |")
-    return "\n".join(lines)
-
-
-def _plain(v):
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items() if k != "runner"}
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    return v
-
-
 # --- main --------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
@@ -510,7 +420,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as work:
         for name in args.models:
             result = run_model(name, args, work)
-            doc["models"].append(_plain(result))
+            doc["models"].append(plain(result))
             print(f"\n### {result['description']}\n{result['calibration']}; SQNR on {result['sqnr_inputs']}\n")
             print(table(result, args.batches), flush=True)
             _write(doc, args.json)

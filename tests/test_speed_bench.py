@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from benchmarks import speed, speed_peers
+from benchmarks import speed, speed_peers, speed_report
 from benchmarks.speed_peers import Backend, Context, Runner, Unavailable
 
 PEER_MODULES = ("onnxruntime", "onnx", "onnxscript", "openvino", "nncf", "torchao")
@@ -78,7 +78,7 @@ def test_a_backend_that_cannot_build_gets_a_row_with_the_reason(monkeypatch, err
     ctx = Context(torch.nn.Identity(), (torch.zeros(4), torch.zeros(4)), [], 1, ".")
     row = speed.build("broken", ctx, [1, 4])
     assert row["status"] == status and text in row["error"] and "runner" not in row
-    table = speed.table({"rows": [row]}, [1, 4])
+    table = speed_report.table({"rows": [row]}, [1, 4])
     assert f"| a broken peer | {status}: " in table and text in table
 
 
@@ -86,7 +86,7 @@ def test_table_ratios_are_speedups_over_fp32_eager():
     def row(name, b4, b1):
         return {"backend": name, "label": name, "status": "ok", "build_s": 1.0,
                 "ms": {"4": speed.summary([b4]), "1": speed.summary([b1])}}
-    table = speed.table({"rows": [row("fp32", 200.0, 80.0), row("fast", 50.0, 40.0)]}, [1, 4])
+    table = speed_report.table({"rows": [row("fp32", 200.0, 80.0), row("fast", 50.0, 40.0)]}, [1, 4])
     fast = next(line for line in table.splitlines() if line.startswith("| fast"))
     assert "| 4.00 |" in fast and "| 2.00 |" in fast
 
