@@ -45,7 +45,11 @@ def cpu_model() -> str:
 def load(name: str):
     if name == "random128":
         torch.manual_seed(0)
-        return fxq.models.DDPMUNet(ch=128).eval(), "fxq.models.DDPMUNet() (ch 128, random weights)"
+        model = fxq.models.DDPMUNet(ch=128).eval()
+        for module in model.modules():  # Ho's init zeroes the last conv of each block: the output would be 0
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)) and not module.weight.any():
+                torch.nn.init.xavier_uniform_(module.weight)
+        return model, "fxq.models.DDPMUNet() (ch 128, random weights, no zero-initialized layers)"
     return fxq.models.pretrained(name).eval(), f"fxq.models.pretrained({name!r})"
 
 
