@@ -307,7 +307,8 @@ def measure_rss(names, model_name: str, calib_path: str, example_path: str, args
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="random128,ddpm32", help=f"comma list of {', '.join(MODELS)}")
-    p.add_argument("--backends", default=",".join(BACKENDS), help=f"comma list of {', '.join(BACKENDS)}")
+    p.add_argument("--backends", default=",".join(BACKENDS),
+                   help=f"comma list of {', '.join(BACKENDS)} (fp32 always runs: the reference)")
     p.add_argument("--batches", default="1,4", help="batch sizes to time")
     p.add_argument("--threads", type=int, default=2, help="threads for torch, ONNX Runtime and OpenVINO")
     p.add_argument("--rounds", type=int, default=25)
