@@ -1,7 +1,8 @@
 """Fake-quant backend: simulated quantization in floating point, any bit-width (2-16), CPU or CUDA.
 
-Lowering replaces each activation observer by a `FakeQuantize` module (same node, same (x, t) inputs, so the
-timestep still picks the parameters of its group) and each quantized conv/linear by a copy whose weight is
+Lowering replaces each activation observer by a `FakeQuantize` module (same node, same inputs: x and, with
+timestep groups, the per-sample group that one graph node computes from t, so t still picks the parameters of its
+group) and each quantized conv/linear by a copy whose weight is
 fake-quantized once, here, rather than at every call. Biases stay in float (as int8 kernels keep them in int32
 at the product's scale, which float simulates well).
 """
@@ -19,12 +20,16 @@ from fxq.freeze import Frozen
 
 
 class FakeQuantize(nn.Module):
-    """x -> dequantize(quantize(x)) with per-tensor parameters, chosen per sample by timestep group if the
-    parameters carry a group dimension."""
+    """x -> dequantize(quantize(x)) with per-tensor parameters. With a group dimension [G] the parameters are
+    chosen per row of x's batch axis by the per-sample timestep group (`fxq.quantizer.select_group`).
 
-    def __init__(self, qp: Q.QParams, num_timesteps: int = 1000):
+    Constructor state is plain data (bits, signed, batch_axis, batch_major) plus the scale/zero_point buffers.
+    """
+
+    def __init__(self, qp: Q.QParams):
         super().__init__()
-        self.bits, self.signed, self.num_timesteps = qp.bits, qp.signed, num_timesteps
+        self.bits, self.signed = qp.bits, qp.signed
+        self.batch_axis, self.batch_major = qp.batch_axis, qp.batch_major
         self.register_buffer("scale", qp.scale.detach().clone().float())
         self.register_buffer("zero_point", qp.zero_point.detach().clone().float())
 
@@ -33,28 +38,29 @@ class FakeQuantize(nn.Module):
         return self.scale.numel() if self.scale.dim() == 1 else 1
 
     def qparams(self) -> Q.QParams:
-        return Q.QParams(self.scale, self.zero_point, self.bits, self.signed, None)
+        return Q.QParams(self.scale, self.zero_point, self.bits, self.signed, None, self.batch_axis,
+                         self.batch_major)
 
-    def forward(self, x: torch.Tensor, t=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, group: torch.Tensor | None = None) -> torch.Tensor:
         qp = self.qparams()
         if self.scale.dim() == 1:
-            if t is None:
-                raise InputError("this quantizer keeps parameters per timestep group: call the model with t")
-            g = Q.group_of(t, x.shape[0], self.groups, self.num_timesteps).to(x.device)
-            qp = Q.select_group(qp, g, x)
+            if group is None:
+                raise InputError("this quantizer keeps parameters per timestep group: it needs the group input")
+            qp = Q.select_group(qp, group, x)
         # in float32 whatever x's dtype: bf16/fp16 cannot hold every code of 8+ bits exactly
         return Q.fake_quantize(x.float(), qp).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, signed={self.signed}, groups={self.groups}"
+        rows = "" if self.groups == 1 else f", batch_axis={self.batch_axis}, batch_major={self.batch_major}"
+        return f"bits={self.bits}, signed={self.signed}, groups={self.groups}{rows}"
 
 
-def lower(gm: fx.GraphModule, frozen: Frozen, num_timesteps: int = 1000) -> fx.GraphModule:
+def lower(gm: fx.GraphModule, frozen: Frozen) -> fx.GraphModule:
     """Rewrite a calibrated graph in place into its fake-quant form; returns it. The graph's modules must be its
     own (fxq.quantize works on a copy of the user's model)."""
     device = device_of(gm)
     for target, qp in frozen.act.items():
-        gm.set_submodule(target, FakeQuantize(qp, num_timesteps).to(device))
+        gm.set_submodule(target, FakeQuantize(qp).to(device))
     for target, qp in frozen.weight.items():
         module = gm.get_submodule(target)
         with torch.no_grad():  # a new Parameter: the old tensor is never written to

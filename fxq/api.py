@@ -14,6 +14,7 @@ from fxq.errors import ConfigError, InputError
 from fxq.freeze import freeze
 from fxq.graph import cuda_devices
 from fxq.inputs import as_args_kwargs
+from fxq.passes.batch_axes import FindBatchAxes
 from fxq.passes.decompose_attention import decompose_attention
 from fxq.passes.fold_bn import fold_bn
 from fxq.passes.insert_observers import InsertObservers
@@ -55,8 +56,11 @@ def prepare(model: nn.Module, example_inputs, config: QuantConfig) -> tuple[fx.G
     t_name = timestep_placeholder(gm, config.timestep_arg)
     if config.timestep_groups > 1 and t_name is None:
         raise ConfigError("timestep_groups > 1 needs a timestep input: set QuantConfig(timestep_arg=...)")
-    passes = PassManager([fold_bn, decompose_attention, SelectOps(config), InsertObservers(config, t_name)])
-    gm = passes(gm).graph_module
+    passes = [fold_bn, decompose_attention, SelectOps(config)]
+    if config.timestep_groups > 1:  # only per-group ranges need each activation's batch axis
+        passes.append(FindBatchAxes(as_args_kwargs(example_inputs), t_name))
+    passes.append(InsertObservers(config, t_name))
+    gm = PassManager(passes)(gm).graph_module
     return gm, t_name
 
 
@@ -83,5 +87,5 @@ def quantize(model: nn.Module, example_inputs, calib_data: Iterable, config: Qua
 def _lower(gm, frozen, config):
     if config.backend == "fake":
         from fxq.backends import fake
-        return fake.lower(gm, frozen, num_timesteps=config.num_timesteps)
+        return fake.lower(gm, frozen)
     raise ConfigError(f"backend {config.backend!r} has no lowering")
