@@ -13,6 +13,7 @@ flagged, not raised, inside the step; `fxq.calib.run` checks the flags once per 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -31,6 +32,32 @@ E_MIN = -100  # finest cell width 2**-100: all-zero data still gets a grid
 INDEX_BITS = 22
 NONFINITE = ("holds NaN or inf during calibration: the model overflows on this calibration data (check the data, "
              "or run the model in float32)")
+
+
+_SCRATCH: dict | None = None
+
+
+@contextlib.contextmanager
+def reused_buffers():
+    """Observers called in this block bin into two scratch buffers reused from call to call. Fresh multi-MB CPU
+    tensors page-fault on every call, which costs as much as the binning itself; the buffers go at the end."""
+    global _SCRATCH
+    outer, _SCRATCH = _SCRATCH, {}
+    try:
+        yield
+    finally:
+        _SCRATCH = outer
+
+
+def _buffer(dtype, like: torch.Tensor) -> torch.Tensor:
+    """A tensor shaped like `like` to write into: a reused scratch buffer inside `reused_buffers()`."""
+    if _SCRATCH is None:
+        return torch.empty(like.shape, dtype=dtype, device=like.device)
+    key = (dtype, like.device)
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.numel() < like.numel():
+        buf = _SCRATCH[key] = torch.empty(like.numel(), dtype=dtype, device=like.device)
+    return buf[:like.numel()].view(like.shape)
 
 
 @dataclass
@@ -84,39 +111,49 @@ class RangeHistogram:
         self.origin = torch.zeros((), dtype=torch.float64, device=device)
         self.finite = torch.ones((), dtype=torch.bool, device=device)
         self._cells = torch.arange(self.bins, dtype=torch.int64, device=device)
+        self._gridded = (math.inf, -math.inf)  # CPU only: the [min, max] the grid was last made for
+        self._scale, self._origin = torch.exp2(-self.exponent).float(), self.origin.float()
 
     def add(self, x: torch.Tensor, group=None, axis: int = 0) -> None:
         """Count x. group: None (group 0), a 0-d/1-element tensor (all of x), or one index per row of x along
         `axis`."""
         if x.numel() == 0:
             return
-        x = x.detach().float()
+        x = x.detach()
         if self.counts is None:
             self._start(x.device)
+        offset = None
         if group is None:
-            group = torch.zeros((), dtype=torch.int64, device=x.device)
-        group = group.to(x.device)
-        if group.numel() == 1:
-            lo, hi = torch.aminmax(x)
-            group = group.reshape(1)
-            self.min.scatter_reduce_(0, group, lo.reshape(1), "amin")
-            self.max.scatter_reduce_(0, group, hi.reshape(1), "amax")
-            offset = group.reshape(()) * self.bins
+            lo, hi = x.amin(), x.amax()
+            torch.minimum(self.min, lo, out=self.min)
+            torch.maximum(self.max, hi, out=self.max)
         else:
-            rows_lo, rows_hi = _row_aminmax(x, axis)
-            self.min.scatter_reduce_(0, group, rows_lo, "amin")
-            self.max.scatter_reduce_(0, group, rows_hi, "amax")
-            lo, hi = rows_lo.min(), rows_hi.max()
-            shape = [1] * x.dim()
-            shape[axis] = -1
-            offset = (group * self.bins).reshape(shape)
-        self.finite &= torch.isfinite(lo) & torch.isfinite(hi)
-        self._regrid()
+            group = group.to(x.device).reshape(-1)
+            if group.numel() == 1:
+                lo, hi = x.amin().reshape(1), x.amax().reshape(1)
+                offset = group.reshape(()) * self.bins
+            else:
+                lo, hi = _row_aminmax(x, axis)
+                shape = [1] * x.dim()
+                shape[axis] = -1
+                offset = (group * self.bins).reshape(shape)
+            self.min.scatter_reduce_(0, group, lo, "amin")  # NaN propagates into min/max
+            self.max.scatter_reduce_(0, group, hi, "amax")
+        self.finite &= torch.isfinite(lo).all() & torch.isfinite(hi).all()
+        if x.device.type != "cpu":
+            self._regrid()  # branch-free on the device: no read-back
+        else:  # a CPU scalar is free to read: regrid only when the range grew
+            lo_f, hi_f = float(self.min.min()), float(self.max.max())
+            if lo_f < self._gridded[0] or hi_f > self._gridded[1]:
+                self._regrid()
+                self._gridded = (lo_f, hi_f)
         # cell of each value: floor(x / 2**e) is exact (a power-of-two scale), so is the shift by the origin
-        scaled = x * torch.exp2(-self.exponent).float()
-        idx = scaled.floor_().sub_(self.origin.float()).int().clamp_(0, self.bins - 1)  # NaN lands in range too
-        idx += offset.int()
-        flat = idx.reshape(-1)
+        scaled = torch.mul(x.float(), self._scale, out=_buffer(torch.float32, x))
+        scaled.floor_().sub_(self._origin)
+        idx = _buffer(torch.int32, x).copy_(scaled).clamp_(0, self.bins - 1)  # NaN lands in range too
+        if offset is not None:
+            idx += offset.int()
+        flat = idx.view(-1)
         if flat.is_cuda:  # CUDA's bincount reads its max back to the host; index_add_ does not
             self.counts.view(-1).index_add_(0, flat, torch.ones((), dtype=torch.float64, device=x.device)
                                             .expand(flat.numel()))
@@ -132,11 +169,14 @@ class RangeHistogram:
         magnitude_e = torch.floor(torch.log2(torch.maximum(lo.abs(), hi.abs()))) - INDEX_BITS
         old_e, old_origin = self.exponent, self.origin
         self.exponent = torch.maximum(torch.maximum(old_e, span_e), magnitude_e)
-        self.origin = torch.floor(lo * torch.exp2(-self.exponent))
+        scale = torch.exp2(-self.exponent)
+        self.origin = torch.floor(lo * scale)
         shift = (self.exponent - old_e).clamp(max=62).long()
         cells = (old_origin.long() + self._cells) >> shift  # old cell -> the new cell holding it
         idx = (cells - self.origin.long()).clamp_(0, self.bins - 1)  # only empty old cells fall outside
         self.counts = torch.zeros_like(self.counts).index_add_(1, idx, self.counts)
+        # float32 copies for binning (exact: a power of two, an integer below 2**23)
+        self._scale, self._origin = scale.float(), self.origin.float()
 
     @property
     def empty(self) -> bool:
@@ -155,14 +195,9 @@ class RangeHistogram:
 
 
 def _row_aminmax(x: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min and max of each row of x along `axis` (one pass when that axis is the outer one)."""
-    if x.dim() == 1:
-        return x, x
-    rows = x.movedim(axis, 0)
-    if rows.is_contiguous():
-        return torch.aminmax(rows.reshape(rows.shape[0], -1), dim=1)
+    """Min and max of each row of x along `axis`. (amin + amax: aminmax over a dim is many times slower.)"""
     dims = [d for d in range(x.dim()) if d != axis]
-    return x.amin(dim=dims), x.amax(dim=dims)
+    return (x.amin(dim=dims), x.amax(dim=dims)) if dims else (x, x)
 
 
 def histogram_lp_error(hist: Histogram, lo: torch.Tensor, hi: torch.Tensor, bits: int, p: float):

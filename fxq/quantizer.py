@@ -110,7 +110,12 @@ def fake_quantize(x: torch.Tensor, qp: QParams) -> torch.Tensor:
     y = x / scale
     if y.requires_grad:  # autograd cannot take the in-place ops below
         return torch.clamp(torch.round(y), lo, hi) * scale
-    return y.round_().clamp_(lo, hi).mul_(scale)
+    y.round_()
+    if lo.numel() == 1 and lo.device.type == "cpu":
+        y.clamp_(float(lo), float(hi))  # torch's fast path wants Python bounds; a CPU scalar is free to read
+    else:
+        y.clamp_min_(lo).clamp_max_(hi)  # tensor bounds: two vectorized passes beat clamp_'s generic one
+    return y.mul_(scale)
 
 
 def representable_range(qp: QParams) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,7 +150,8 @@ def rows_group(group: torch.Tensor, rows: int, batch_major: bool = True) -> torc
 
     rows may be a multiple k of the samples: batch-major rows (heads folded into the batch as b * k + i, as
     reshape(B * heads, ...) gives) repeat each sample's group k times in a row; otherwise (i * B + b, e.g.
-    rearrange "b h ... -> (h b) ...") the samples' groups repeat k times as a block.
+    rearrange "b h ... -> (h b) ...") the samples' groups repeat k times as a block. Works for any per-sample
+    values, e.g. the parameters of each sample's group.
     """
     n = group.numel()
     if n == 1:
@@ -154,7 +160,10 @@ def rows_group(group: torch.Tensor, rows: int, batch_major: bool = True) -> torc
         raise InputError(
             f"an activation with {rows} rows along its batch axis does not split into {n} samples, so its "
             "timestep group is unknown; use timestep_groups=1 or keep that module in float (keep_float)")
-    return group.repeat_interleave(rows // n) if batch_major else group.repeat(rows // n)
+    k = rows // n
+    # expand + reshape, not repeat_interleave: no output-size read-back on CUDA
+    per_sample = group.reshape(n, 1).expand(n, k) if batch_major else group.reshape(1, n).expand(k, n)
+    return per_sample.reshape(rows)
 
 
 def shared_group(group: torch.Tensor) -> torch.Tensor:
@@ -175,11 +184,11 @@ def select_group(qp: QParams, group: torch.Tensor, x: torch.Tensor) -> QParams:
     if qp.batch_axis is None or group.numel() == 1:
         g = shared_group(group)
         return QParams(qp.scale[g], qp.zero_point[g], qp.bits, qp.signed, None, qp.batch_axis, qp.batch_major)
-    rg = rows_group(group, x.shape[qp.batch_axis], qp.batch_major)
+    rows = x.shape[qp.batch_axis]
     shape = [1] * x.dim()
     shape[qp.batch_axis] = -1
-    return QParams(qp.scale[rg].reshape(shape), qp.zero_point[rg].reshape(shape), qp.bits, qp.signed, None,
-                   qp.batch_axis, qp.batch_major)
+    scale, zp = (rows_group(p[group], rows, qp.batch_major).reshape(shape) for p in (qp.scale, qp.zero_point))
+    return QParams(scale, zp, qp.bits, qp.signed, None, qp.batch_axis, qp.batch_major)
 
 
 def group_of(t, rows: int, groups: int, num_timesteps: int, batch_major: bool = True) -> torch.Tensor:
