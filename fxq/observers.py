@@ -123,6 +123,8 @@ class RangeHistogram:
         if self.counts is None:
             self._start(x.device)
         offset = None
+        if group is None and self.groups > 1:
+            group = torch.zeros(1, dtype=torch.int64, device=x.device)
         if group is None:
             lo, hi = x.amin(), x.amax()
             torch.minimum(self.min, lo, out=self.min)
@@ -140,7 +142,7 @@ class RangeHistogram:
             self.min.scatter_reduce_(0, group, lo, "amin")  # NaN propagates into min/max
             self.max.scatter_reduce_(0, group, hi, "amax")
         self.finite &= torch.isfinite(lo).all() & torch.isfinite(hi).all()
-        if x.device.type != "cpu":
+        if not _host_side(x.device):
             self._regrid()  # branch-free on the device: no read-back
         else:  # a CPU scalar is free to read: regrid only when the range grew
             lo_f, hi_f = float(self.min.min()), float(self.max.max())
@@ -154,11 +156,11 @@ class RangeHistogram:
         if offset is not None:
             idx += offset.int()
         flat = idx.view(-1)
-        if flat.is_cuda:  # CUDA's bincount reads its max back to the host; index_add_ does not
+        if _host_side(x.device):
+            self.counts += torch.bincount(flat, minlength=self.groups * self.bins).view(self.groups, self.bins)
+        else:  # CUDA's bincount reads its max back to the host; index_add_ does not
             self.counts.view(-1).index_add_(0, flat, torch.ones((), dtype=torch.float64, device=x.device)
                                             .expand(flat.numel()))
-        else:
-            self.counts += torch.bincount(flat, minlength=self.groups * self.bins).view(self.groups, self.bins)
 
     def _regrid(self) -> None:
         """The smallest aligned grid that holds [min, max] of every group; old counts merge into it exactly."""
@@ -184,14 +186,26 @@ class RangeHistogram:
 
     def snapshot(self, group: int | None = None) -> Histogram:
         """One group's histogram (None: the sum over all groups) on the CPU."""
+        if group is None:
+            counts, lows, highs, lo, width = self._read()
+            return Histogram(counts.sum(0), lo, width, min(lows), max(highs))
+        return self.snapshots()[group]
+
+    def snapshots(self) -> list[Histogram]:
+        """Every group's histogram on the CPU (one read-back)."""
+        counts, lows, highs, lo, width = self._read()
+        return [Histogram(counts[g], lo, width, lows[g], highs[g]) for g in range(self.groups)]
+
+    def _read(self):
         if self.counts is None:
             raise InputError("a histogram with no data has no snapshot")
-        counts = self.counts.cpu()
         width = 2.0 ** float(self.exponent)
-        lo = float(self.origin) * width
-        if group is None:
-            return Histogram(counts.sum(0), lo, width, float(self.min.min()), float(self.max.max()))
-        return Histogram(counts[group], lo, width, float(self.min[group]), float(self.max[group]))
+        return self.counts.cpu(), self.min.tolist(), self.max.tolist(), float(self.origin) * width, width
+
+
+def _host_side(device: torch.device) -> bool:
+    """Whether tensors on `device` are host memory, so reading a scalar back costs no synchronization."""
+    return device.type == "cpu"
 
 
 def _row_aminmax(x: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,40 +214,51 @@ def _row_aminmax(x: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor
     return (x.amin(dim=dims), x.amax(dim=dims)) if dims else (x, x)
 
 
-def histogram_lp_error(hist: Histogram, lo: torch.Tensor, hi: torch.Tensor, bits: int, p: float):
-    """Expected Lp error of affine quantization over [lo_k, hi_k] for each candidate k, from the histogram.
+def _lp_errors(c: torch.Tensor, n: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, p: float):
+    """Expected Lp error of affine quantization over [lo_k, hi_k] for each candidate k, from a histogram given as
+    the sorted centers c [B] of its non-empty bins and their counts n [B].
 
     Values inside the representable range cost the uniform rounding error; values outside cost their distance
-    to the clamp bound. Only non-empty bins are visited.
+    to the clamp bound.
     """
     qp = Q.affine_qparams(lo, hi, bits)
-    rlo, rhi = (r.double()[:, None] for r in Q.representable_range(qp))
-    nz = hist.counts.nonzero().squeeze(1)
-    c, n = hist.centers()[nz], hist.counts[nz]
-    outside = (rlo - c).clamp_min_(0).add_((c - rhi).clamp_min_(0))
-    clipped = outside.pow_(p).mul_(n).sum(1)
+    rlo, rhi = Q.representable_range(qp)
+    # distance outside [rlo, rhi] as |c - mid| - half; the [K, B] terms in float32 (twice as fast, and the
+    # centers are exact there), summed in float64
+    mid, half = ((rlo + rhi) / 2)[:, None], ((rhi - rlo) / 2)[:, None]
+    outside = (c.float() - mid).abs_().sub_(half).clamp_min_(0)
+    clipped = outside.pow_(p).mul_(n.float()).sum(1, dtype=torch.float64)
     # c is sorted, so the counts inside [rlo, rhi] are a difference of the cumulative counts
+    below = torch.searchsorted(c, rlo.double(), side="left")
+    above = torch.searchsorted(c, rhi.double(), side="right")
     cdf = torch.cat([torch.zeros(1, dtype=n.dtype), torch.cumsum(n, 0)])
-    first = torch.searchsorted(c, rlo.squeeze(1), side="left")
-    after = torch.searchsorted(c, rhi.squeeze(1), side="right")
-    inside = (cdf[after] - cdf[first]).clamp_min(0)
-    return clipped + Q.uniform_rounding_lp(qp.scale.double(), p) * inside
+    return clipped + Q.uniform_rounding_lp(qp.scale.double(), p) * (cdf[above] - cdf[below]).clamp_min(0)
+
+
+def _used_bins(hist: Histogram) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centers and counts of the histogram's non-empty bins (the others add nothing to any error)."""
+    used = hist.counts.nonzero().squeeze(1)
+    return hist.centers()[used], hist.counts[used]
+
+
+def histogram_lp_error(hist: Histogram, lo: torch.Tensor, hi: torch.Tensor, bits: int, p: float):
+    """Expected Lp error of affine quantization over [lo_k, hi_k] for each candidate k, from the histogram."""
+    return _lp_errors(*_used_bins(hist), lo, hi, bits, p)
 
 
 def mse_range(hist: Histogram, bits: int, p: float) -> tuple[float, float]:
     """Clipping range minimizing the Lp error: a joint shrink of both ends, then each end refined alone."""
+    c, n = _used_bins(hist)
     lo0, hi0 = min(hist.min, 0.0), max(hist.max, 0.0)
     r = CLIP_RATIOS
-    best = int(torch.argmin(histogram_lp_error(hist, lo0 * r, hi0 * r, bits, p)))
+    best = int(torch.argmin(_lp_errors(c, n, lo0 * r, hi0 * r, bits, p)))  # the first, widest, of equal errors
     lo, hi = lo0 * float(r[best]), hi0 * float(r[best])
     if lo0 < 0:  # refine the lower end with the upper fixed
         cand = lo0 * r
-        err = histogram_lp_error(hist, cand, torch.full_like(cand, hi), bits, p)
-        lo = float(cand[int(torch.argmin(err))])
+        lo = float(cand[int(torch.argmin(_lp_errors(c, n, cand, torch.full_like(cand, hi), bits, p)))])
     if hi0 > 0:
         cand = hi0 * r
-        err = histogram_lp_error(hist, torch.full_like(cand, lo), cand, bits, p)
-        hi = float(cand[int(torch.argmin(err))])
+        hi = float(cand[int(torch.argmin(_lp_errors(c, n, torch.full_like(cand, lo), cand, bits, p)))])
     return lo, hi
 
 
@@ -307,9 +332,8 @@ class ActObserver(nn.Module):
         if self.groups == 1:
             return self._with_rows(self._qparams_of(self.hist.snapshot(0)))
         parts, overall = [], None
-        for g in range(self.groups):
-            hist = self.hist.snapshot(g)
-            if hist.empty:
+        for hist in self.hist.snapshots():
+            if hist.empty:  # a group calibration never reached uses the range over all timesteps
                 if overall is None:
                     overall = self._qparams_of(self.hist.snapshot())
                 parts.append(overall)

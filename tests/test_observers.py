@@ -155,6 +155,31 @@ def test_weight_mse_is_no_worse_per_channel_than_minmax(seed, bits):
     assert (errs["mse"] <= errs["minmax"] * (1 + 1e-5)).all()
 
 
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**16), groups=st.integers(1, 3))
+def test_the_device_path_counts_like_the_host_path(seed, groups):
+    """On accelerators the grid is recomputed every call, branch-free, and counted with index_add_; on the CPU
+    it is recomputed only when the range grows, and counted with bincount. Both give the same histogram."""
+    import fxq.observers as observers
+
+    gen = torch.Generator().manual_seed(seed)
+    chunks = _chunks(seed)
+    host, device = RangeHistogram(bins=128, groups=groups), RangeHistogram(bins=128, groups=groups)
+    group_of = [torch.randint(0, groups, (1,), generator=gen) for _ in chunks]
+    for c, g in zip(chunks, group_of):
+        host.add(c, g)
+    real = observers._host_side
+    observers._host_side = lambda device: False
+    try:
+        for c, g in zip(chunks, group_of):
+            device.add(c, g)
+    finally:
+        observers._host_side = real
+    for g in [None, *range(groups)]:
+        a, b = host.snapshot(g), device.snapshot(g)
+        assert torch.equal(a.counts, b.counts) and (a.lo, a.width, a.min, a.max) == (b.lo, b.width, b.min, b.max)
+
+
 def test_counts_are_exact_and_non_finite_activations_are_refused():
     h = RangeHistogram(bins=64)
     h.add(torch.zeros(2**25 + 1000))  # float32 counting would lose the last 1000
