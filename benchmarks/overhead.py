@@ -7,7 +7,8 @@ with and without timestep groups. Prints a table and writes JSON; asserts nothin
 - fake-quant: a forward of the quantized model divided by a float forward, same batch.
 
 Each round measures every setting once, float forwards interleaved between them; the table gives the median over
-rounds (and the spread). With --baseline DIR the same measurements run on the fxq of another checkout too (e.g.
+rounds (and the spread). Wall-clock time by default; `--clock cpu --threads 1` times the process's CPU time
+instead, which a busy shared machine disturbs far less (with more threads, CPU time counts OpenMP's spinning). With --baseline DIR the same measurements run on the fxq of another checkout too (e.g.
 `git worktree add /tmp/fxq-base <commit>`), alternating one round here, one round there, each in a fresh process
 whose `import fxq` resolves to that checkout, so before/after numbers come from the same stretch of machine time.
 
@@ -39,23 +40,27 @@ def parse_args(argv=None):
     p.add_argument("--forward-reps", type=int, default=3, help="forwards per timing (median)")
     p.add_argument("--groups", type=int, nargs="+", default=[1, 10], help="timestep_groups settings")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall-clock time, or the process's CPU time (use with --threads 1)")
     p.add_argument("--baseline", help="another checkout of fxq to measure the same way, rounds interleaved")
     p.add_argument("--out", default="benchmarks/results/overhead.json")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one round, JSON on stdout
     return p.parse_args(argv)
 
 
-def _timer(device):
+def _timer(device, clock: str):
     import torch
+
+    now = time.process_time if clock == "cpu" else time.perf_counter
 
     def timed(fn):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
+        t0 = now()
         out = fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        return time.perf_counter() - t0, out
+        return now() - t0, out
 
     return timed
 
@@ -70,7 +75,7 @@ def measure_rounds(args, rounds: int) -> list[dict]:
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    timed = _timer(device)
+    timed = _timer(device, args.clock)
     model = fxq.models.pretrained("ddpm32").to(device).eval()
     g = torch.Generator().manual_seed(0)
     # speed does not depend on where the inputs come from: noise-level images and uniform timesteps
@@ -114,7 +119,7 @@ def _child_round(args, root: str) -> dict:
     """One round in a fresh process whose `import fxq` is the checkout at `root`."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--rounds", "1", "--threads", str(args.threads),
            "--calib", str(args.calib), "--batch-size", str(args.batch_size), "--forward-reps",
-           str(args.forward_reps), "--groups", *map(str, args.groups)]
+           str(args.forward_reps), "--clock", args.clock, "--groups", *map(str, args.groups)]
     if args.device:
         cmd += ["--device", args.device]
     env = dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS=str(args.threads))
@@ -179,6 +184,7 @@ def main(argv=None) -> dict:
         rounds = {"this": measure_rounds(args, args.rounds)}
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     result = {"model": "fxq.models.pretrained('ddpm32')", "device": device, "threads": args.threads,
+              "clock": args.clock,
               "cpu": _cpu_model(), "torch": torch.__version__, "calib_samples": args.calib,
               "batch_size": args.batch_size, "rounds": args.rounds, "loadavg_before": load,
               "loadavg_after": os.getloadavg(), "git_commit": _git_commit(ROOT)}
@@ -187,7 +193,8 @@ def main(argv=None) -> dict:
     for label, rs in rounds.items():
         result[label] = {"summary": summarize(rs, args.groups), "rounds": rs}
         _print(label, result[label]["summary"], args.groups)
-    print(f"({result['cpu']}, {args.threads} threads, load average {load[0]:.1f} -> {result['loadavg_after'][0]:.1f})")
+    print(f"({result['cpu']}, {args.threads} threads, {args.clock} clock, load average {load[0]:.1f} -> "
+          f"{result['loadavg_after'][0]:.1f})")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

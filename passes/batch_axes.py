@@ -111,23 +111,25 @@ class FindBatchAxes:
         batched = [_batched(v, batch) for v in leaves]
         pick = torch.arange(grown) % batch
 
-        def inputs(taint: bool) -> list:  # copies at batch `grown`, the last sample NaN in float inputs if taint
+        def inputs(size: int, taint: bool = False) -> list:
+            """Copies of the inputs at batch `size` (samples repeated), the last sample NaN in float inputs if
+            taint; the model may write into its inputs, so unbatched tensors are copied too."""
             out = []
             for v, is_batched in zip(leaves, batched):
                 if is_batched:
-                    v = v[pick.to(v.device)]
+                    v = v[pick[:size].to(v.device)]
                     if taint and v.is_floating_point():
                         v[-1] = float("nan")
-                out.append(v.clone() if isinstance(v, torch.Tensor) else v)
+                elif isinstance(v, torch.Tensor):
+                    v = v.clone()
+                out.append(v)
             return out
 
-        small = self._run(gm, watched, _shape, [v.clone() if isinstance(v, torch.Tensor) else v for v in leaves],
-                          spec)
+        small = self._run(gm, watched, _shape, inputs(batch), spec)
         try:
-            large = self._run(gm, watched, _shape_and_nan_rows, inputs(taint=True), spec)
+            large = self._run(gm, watched, _shape_and_nan_rows, inputs(grown, taint=True), spec)
         except Exception:  # NaN broke the model (e.g. an index computed from values): shapes alone, untainted
-            large = {n: (s, None) for n, s in self._run(gm, watched, _shape, inputs(taint=False), spec,
-                                                        grown).items()}
+            large = {n: (s, None) for n, s in self._run(gm, watched, _shape, inputs(grown), spec, grown).items()}
         per_sample_t = t_node is not None and small.get(t_node) != large.get(t_node, (None,))[0]
         results = {}
         for node, users in consumers.items():

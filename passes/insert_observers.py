@@ -82,7 +82,8 @@ class InsertObservers:
                     continue
                 key = (src.name, meta["act_bits"])
                 if key not in shared:
-                    group = group or self._group_node(gm, node)
+                    if group is None:
+                        group = self._group_node(gm, node)
                     name = free_name(gm, ACT_PREFIX + src.name)
                     label = f"input `{src.name}` of {meta['kind']} `{meta['module'] or node.name}`"
                     gm.add_submodule(name, ActObserver.from_config(self.config, meta["act_bits"], label=label,
