@@ -223,11 +223,15 @@ def _lp_errors(c: torch.Tensor, n: torch.Tensor, lo: torch.Tensor, hi: torch.Ten
     """
     qp = Q.affine_qparams(lo, hi, bits)
     rlo, rhi = Q.representable_range(qp)
+    # only bins outside some candidate's range can be clipped (when one end is held, that is about one side)
+    c32 = c.float()
+    tails = (c32 < rlo.max()) | (c32 > rhi.min())
+    c32, n32 = c32[tails], n[tails].float()
     # distance outside [rlo, rhi] as |c - mid| - half; the [K, B] terms in float32 (twice as fast, and the
     # centers are exact there), summed in float64
     mid, half = ((rlo + rhi) / 2)[:, None], ((rhi - rlo) / 2)[:, None]
-    outside = (c.float() - mid).abs_().sub_(half).clamp_min_(0)
-    clipped = outside.pow_(p).mul_(n.float()).sum(1, dtype=torch.float64)
+    outside = (c32 - mid).abs_().sub_(half).clamp_min_(0)
+    clipped = outside.pow_(p).mul_(n32).sum(1, dtype=torch.float64)
     # c is sorted, so the counts inside [rlo, rhi] are a difference of the cumulative counts
     below = torch.searchsorted(c, rlo.double(), side="left")
     above = torch.searchsorted(c, rhi.double(), side="right")
