@@ -2,9 +2,9 @@
 
 Lowering replaces each activation observer by a `FakeQuantize` module (same node, same inputs: x and, with
 timestep groups, the per-sample group that one graph node computes from t, so t still picks the parameters of its
-group) and each quantized conv/linear by a copy whose weight is
-fake-quantized once, here, rather than at every call. Biases stay in float (as int8 kernels keep them in int32
-at the product's scale, which float simulates well).
+group) and each quantized conv/linear by a copy whose weight is fake-quantized once, here, rather than at every
+call. Biases stay in float (as int8 kernels keep them in int32 at the product's scale, which float simulates
+well). The arithmetic is fxq.quantizer's `fake_quantize` (bit for bit `dequantize(quantize(x))`).
 """
 
 from __future__ import annotations
