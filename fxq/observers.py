@@ -30,6 +30,8 @@ WEIGHT_CLIP_RATIOS = torch.linspace(1.0, 0.2, 81)
 E_MIN = -100  # finest cell width 2**-100: all-zero data still gets a grid
 # Cells no finer than 2**-22 of the largest magnitude: cell indices (< 2**23) stay exact in float32.
 INDEX_BITS = 22
+# A float32 2**23 + k, 0 <= k < 2**23 an integer, has the bits 0x4B000000 + k: binning reads cells from the bits.
+CELL_BASE, CELL_BASE_BITS = 2**23, 0x4B000000
 NONFINITE = ("holds NaN or inf during calibration: the model overflows on this calibration data (check the data, "
              "or run the model in float32)")
 
@@ -112,7 +114,7 @@ class RangeHistogram:
         self.finite = torch.ones((), dtype=torch.bool, device=device)
         self._cells = torch.arange(self.bins, dtype=torch.int64, device=device)
         self._gridded = (math.inf, -math.inf)  # CPU only: the [min, max] the grid was last made for
-        self._scale, self._origin = torch.exp2(-self.exponent).float(), self.origin.float()
+        self._scale, self._shift = torch.exp2(-self.exponent).float(), (self.origin - CELL_BASE).float()
 
     def add(self, x: torch.Tensor, group=None, axis: int = 0) -> None:
         """Count x. group: None (group 0), a 0-d/1-element tensor (all of x), or one index per row of x along
@@ -149,10 +151,11 @@ class RangeHistogram:
             if lo_f < self._gridded[0] or hi_f > self._gridded[1]:
                 self._regrid()
                 self._gridded = (lo_f, hi_f)
-        # cell of each value: floor(x / 2**e) is exact (a power-of-two scale), so is the shift by the origin
+        # cell of each value: floor(x / 2**e) is exact (a power-of-two scale), so is the shift by the origin to
+        # CELL_BASE + cell, whose float32 bits give the cell: no float -> int conversion pass (the slowest one)
         scaled = torch.mul(x.float(), self._scale, out=_buffer(torch.float32, x))
-        scaled.floor_().sub_(self._origin)
-        idx = _buffer(torch.int32, x).copy_(scaled).clamp_(0, self.bins - 1)  # NaN lands in range too
+        idx = scaled.floor_().sub_(self._shift).view(torch.int32)
+        idx.sub_(CELL_BASE_BITS).clamp_(0, self.bins - 1)  # NaN and inf land in range too
         if offset is not None:
             idx += offset.int()
         flat = idx.view(-1)
@@ -177,8 +180,8 @@ class RangeHistogram:
         cells = (old_origin.long() + self._cells) >> shift  # old cell -> the new cell holding it
         idx = (cells - self.origin.long()).clamp_(0, self.bins - 1)  # only empty old cells fall outside
         self.counts = torch.zeros_like(self.counts).index_add_(1, idx, self.counts)
-        # float32 copies for binning (exact: a power of two, an integer below 2**23)
-        self._scale, self._origin = scale.float(), self.origin.float()
+        # float32 copies for binning (exact: a power of two, an integer below 2**24)
+        self._scale, self._shift = scale.float(), (self.origin - CELL_BASE).float()
 
     @property
     def empty(self) -> bool:
