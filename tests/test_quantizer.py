@@ -73,7 +73,8 @@ def test_symmetric_per_channel_keeps_each_channel_max(bits, seed, channels):
     assert torch.allclose(wq.abs().flatten(1).amax(1), amax, rtol=1e-5)
     assert (qp.zero_point == 0).all()
     step = qp.scale.reshape(-1, 1, 1, 1)
-    assert ((wq - w).abs() <= step / 2 * (1 + 1e-4)).all()
+    float32_slack = 8 * torch.finfo(torch.float32).eps * w.abs().max()  # w / scale at 16 bits is ~3e4
+    assert ((wq - w).abs() <= step / 2 + float32_slack).all()
 
 
 @SET
