@@ -1,10 +1,11 @@
 """Fake-quant backend: simulated quantization in floating point, any bit-width (2-16), CPU or CUDA.
 
-Lowering replaces each activation observer by a `FakeQuantize` module (same node, same (x, t) inputs, so the
-timestep still picks the parameters of its group) and each quantized conv/linear weight by its fake-quantized
-value, once, here, rather than at every call: a module gets a new weight Parameter, a functional op (F.conv2d,
-F.linear, a matmul with a constant) reads a new constant in its weight slot. Biases stay in float (as int8
-kernels keep them in int32 at the product's scale, which float simulates well).
+Lowering replaces each activation observer by a `FakeQuantize` module (same node, same inputs: x and, with
+timestep groups, the per-sample group that one graph node computes from t, so t still picks the parameters of its
+group) and each quantized conv/linear weight by its fake-quantized value, once, here, rather than at every call: a
+module gets a new weight Parameter, a functional op (F.conv2d, F.linear, a matmul with a constant) reads a new
+constant in its weight slot. Biases stay in float (as int8 kernels keep them in int32 at the product's scale, which
+float simulates well). The arithmetic is fxq.quantizer's `fake_quantize` (bit for bit `dequantize(quantize(x))`).
 """
 
 from __future__ import annotations
@@ -22,12 +23,16 @@ from fxq.ops import attr_of, weight_chain, weight_key
 
 
 class FakeQuantize(nn.Module):
-    """x -> dequantize(quantize(x)) with per-tensor parameters, chosen per sample by timestep group if the
-    parameters carry a group dimension."""
+    """x -> dequantize(quantize(x)) with per-tensor parameters. With a group dimension [G] the parameters are
+    chosen per row of x's batch axis by the per-sample timestep group (`fxq.quantizer.select_group`).
 
-    def __init__(self, qp: Q.QParams, num_timesteps: int = 1000):
+    Constructor state is plain data (bits, signed, batch_axis, batch_major) plus the scale/zero_point buffers.
+    """
+
+    def __init__(self, qp: Q.QParams):
         super().__init__()
-        self.bits, self.signed, self.num_timesteps = qp.bits, qp.signed, num_timesteps
+        self.bits, self.signed = qp.bits, qp.signed
+        self.batch_axis, self.batch_major = qp.batch_axis, qp.batch_major
         self.register_buffer("scale", qp.scale.detach().clone().float())
         self.register_buffer("zero_point", qp.zero_point.detach().clone().float())
 
@@ -36,33 +41,44 @@ class FakeQuantize(nn.Module):
         return self.scale.numel() if self.scale.dim() == 1 else 1
 
     def qparams(self) -> Q.QParams:
-        return Q.QParams(self.scale, self.zero_point, self.bits, self.signed, None)
+        return Q.QParams(self.scale, self.zero_point, self.bits, self.signed, None, self.batch_axis,
+                         self.batch_major)
 
-    def forward(self, x: torch.Tensor, t=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, group: torch.Tensor | None = None) -> torch.Tensor:
         qp = self.qparams()
         if self.scale.dim() == 1:
-            if t is None:
-                raise InputError("this quantizer keeps parameters per timestep group: call the model with t")
-            g = Q.group_of(t, x.shape[0], self.groups, self.num_timesteps).to(x.device)
-            qp = Q.select_group(qp, g, x)
+            if group is None:
+                raise InputError("this quantizer keeps parameters per timestep group: it needs the group input")
+            qp = Q.select_group(qp, group, x)
         # in float32 whatever x's dtype: bf16/fp16 cannot hold every code of 8+ bits exactly
         return Q.fake_quantize(x.float(), qp).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, signed={self.signed}, groups={self.groups}"
+        rows = "" if self.groups == 1 else f", batch_axis={self.batch_axis}, batch_major={self.batch_major}"
+        return f"bits={self.bits}, signed={self.signed}, groups={self.groups}{rows}"
 
     def fxq_spec(self) -> dict:
         """Constructor arguments for fxq.save; scale and zero_point travel in the state dict."""
-        return {"bits": self.bits, "signed": self.signed, "num_timesteps": self.num_timesteps,
-                "shape": list(self.scale.shape)}
+        return {"bits": self.bits, "signed": self.signed, "shape": list(self.scale.shape),
+                "batch_axis": self.batch_axis, "batch_major": self.batch_major}
 
     @classmethod
     def from_fxq_spec(cls, spec: dict) -> "FakeQuantize":
         """A FakeQuantize of the saved shape whose parameters fxq.load then fills by load_state_dict."""
+        unknown = set(spec) - {"bits", "signed", "shape", "batch_axis", "batch_major", "num_timesteps"}
+        if unknown:
+            raise InputError(f"FakeQuantize spec has unknown fields {sorted(unknown)}")
         shape = tuple(int(d) for d in spec["shape"])
+        if "num_timesteps" in spec and len(shape) == 1:
+            # an older file: its graph feeds t, not the timestep group, to this quantizer
+            raise InputError("this file's quantizers take the timestep (an fxq before batch axes wrote it): "
+                             "quantize the model again and save it with this fxq")
         Q.int_range(spec["bits"], spec["signed"])  # refuses a width outside 2-16
-        return cls(Q.QParams(torch.ones(shape), torch.zeros(shape), spec["bits"], bool(spec["signed"])),
-                   int(spec["num_timesteps"]))
+        axis, major = spec.get("batch_axis", 0), spec.get("batch_major", True)
+        if not (axis is None or (isinstance(axis, int) and not isinstance(axis, bool))) or not isinstance(major, bool):
+            raise InputError(f"FakeQuantize spec: batch_axis {axis!r} must be an int or None, batch_major a bool")
+        return cls(Q.QParams(torch.ones(shape), torch.zeros(shape), spec["bits"], bool(spec["signed"]), None,
+                             axis, major))
 
 
 def _fake_quantized(weight: torch.Tensor, qp: Q.QParams) -> nn.Parameter:
@@ -96,12 +112,12 @@ def _replace_constant_weight(gm: fx.GraphModule, node: fx.Node, pos: int, qp: Q.
     node.update_arg(pos, remap[chain[-1]])
 
 
-def lower(gm: fx.GraphModule, frozen: Frozen, num_timesteps: int = 1000) -> fx.GraphModule:
+def lower(gm: fx.GraphModule, frozen: Frozen) -> fx.GraphModule:
     """Rewrite a calibrated graph in place into its fake-quant form; returns it. The graph's modules must be its
     own (fxq.quantize works on a copy of the user's model)."""
     device = device_of(gm)
     for target, qp in frozen.act.items():
-        gm.set_submodule(target, FakeQuantize(qp, num_timesteps).to(device))
+        gm.set_submodule(target, FakeQuantize(qp).to(device))
     done = set()
     for node in list(gm.graph.nodes):
         meta = node.meta.get("fxq")

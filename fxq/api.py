@@ -16,6 +16,8 @@ from fxq.config import QuantConfig
 from fxq.errors import ConfigError, InputError
 from fxq.freeze import freeze
 from fxq.graph import cuda_devices
+from fxq.inputs import as_args_kwargs
+from fxq.passes.batch_axes import FindBatchAxes
 from fxq.passes.decompose_attention import decompose_attention
 from fxq.passes.fold_bn import fold_bn
 from fxq.passes.fold_constants import fold_constants
@@ -53,13 +55,17 @@ def prepare(model: nn.Module, example_inputs, config: QuantConfig) -> tuple[fx.G
         names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
         raise ConfigError(f"timestep_groups={config.timestep_groups} needs a timestep input; name it with "
                           f"QuantConfig(timestep_arg=\"<input name>\") (inputs: {names})")
-    if config.bias_correction and config.bias_groups > 1 and t_name is None:
+    bias_groups = config.bias_groups if config.bias_correction else 1
+    if bias_groups > 1 and t_name is None:
         raise ConfigError("bias correction per timestep group needs a timestep input: set "
                           "QuantConfig(timestep_arg=...) or bias_correction_groups=1")
     passes = [fold_constants, normalize_args, fold_bn, decompose_attention, SelectOps(config)]
     passes += [split_shortcut] if config.split_shortcut else []
-    passes = PassManager(passes + [InsertObservers(config, t_name)])
-    gm = passes(gm).graph_module
+    if config.timestep_groups > 1 or bias_groups > 1:  # only per-group work needs each tensor's batch axis
+        passes.append(FindBatchAxes(as_args_kwargs(example_inputs), t_name, act_inputs=config.timestep_groups > 1,
+                                    outputs=bias_groups > 1))
+    passes.append(InsertObservers(config, t_name))
+    gm = PassManager(passes)(gm).graph_module
     return gm, t_name
 
 
@@ -124,7 +130,7 @@ def _tuple_len(model: nn.Module, call: CallSpec, example) -> int | None:
 def _lower(gm, frozen, config):
     if config.backend == "fake":
         from fxq.backends import fake
-        return fake.lower(gm, frozen, num_timesteps=config.num_timesteps)
+        return fake.lower(gm, frozen)
     if config.backend == "x86":
         from fxq.backends import x86
         return x86.lower(gm, frozen, config)

@@ -31,6 +31,7 @@ from fxq.callspec import timestep_input
 from fxq.errors import InputError
 from fxq.images import check_count
 from fxq.inputs import as_args_kwargs
+from fxq.observers import ActObserver, check_finite, reused_buffers
 
 PTQ4DM_MEAN, PTQ4DM_STD = 0.4, 0.4  # the PTQ4DM repo's scripts (argparse defaults are 0.5 / 0.35)
 TIMESTEP_MODES = ("uniform", "normal")
@@ -493,14 +494,19 @@ def _rows(args, kwargs) -> int:
 
 @torch.no_grad()
 def run(gm, calib_data: Iterable, example, batch_size: int = 32, progress: bool = False) -> int:
-    """Feed every calibration item through `gm` (its observers record); returns the number of batches."""
+    """Feed every calibration item through `gm` (its observers record); returns the number of batches.
+
+    Observers flag non-finite values on the device; they are checked once per batch (one host sync)."""
     device = device_of(gm)
+    observers = [m for m in gm.modules() if isinstance(m, ActObserver)]
     done = 0
     bar = tqdm(desc="calibrating", unit="sample", disable=not progress)
-    for args, kwargs in batches(calib_data, example, batch_size):
-        args, kwargs = tree_map(lambda v: v.to(device) if torch.is_tensor(v) else v, (args, kwargs))
-        gm(*args, **kwargs)
-        done += 1
-        bar.update(_rows(args, kwargs))
+    with reused_buffers():
+        for args, kwargs in batches(calib_data, example, batch_size):
+            args, kwargs = tree_map(lambda v: v.to(device) if torch.is_tensor(v) else v, (args, kwargs))
+            gm(*args, **kwargs)
+            check_finite(observers)
+            done += 1
+            bar.update(_rows(args, kwargs))
     bar.close()
     return done

@@ -39,7 +39,10 @@ class QParams:
     """Quantization parameters of one tensor.
 
     scale/zero_point are float tensors broadcastable to the quantized tensor along `axis` (per channel), or of
-    shape [] (per tensor). With timestep groups they carry a leading group dimension, see `select_group`.
+    shape [] (per tensor). With timestep groups they carry a leading group dimension [G], and `batch_axis` says
+    which axis of the quantized tensor runs over the samples (None: no axis does, e.g. a tensor computed from t
+    alone); `batch_major` says how its rows fold more than one row per sample (see `rows_group`). `select_group`
+    turns them into per-row parameters.
     """
 
     scale: torch.Tensor
@@ -47,6 +50,8 @@ class QParams:
     bits: int
     signed: bool
     axis: int | None = None
+    batch_axis: int | None = 0
+    batch_major: bool = True
 
     @property
     def qmin(self) -> int:
@@ -110,8 +115,28 @@ def dequantize(q: torch.Tensor, qp: QParams) -> torch.Tensor:
 
 
 def fake_quantize(x: torch.Tensor, qp: QParams) -> torch.Tensor:
-    """x rounded to the nearest representable value and clamped to the range: dequantize(quantize(x))."""
-    return dequantize(quantize(x, qp), qp)
+    """x rounded to the nearest representable value and clamped to the range: dequantize(quantize(x)), bit for bit.
+
+    For float32/float64 x, computed as clamp(round(x * (1 / scale)), qmin - zp, qmax - zp) * scale with the same
+    reciprocal as `quantize` (so ties round as in the int8 kernels): the codes are integers below 2**24, so
+    shifting the clamp bounds by zp instead of adding and subtracting zp is exact, and it saves two of six passes
+    over x; the rest run in place.
+    """
+    if x.dtype not in (torch.float32, torch.float64):  # codes rounded to a narrow dtype: quantize's own steps
+        return dequantize(quantize(x, qp), qp)
+    inv = torch.reciprocal(_along(qp.scale.to(x.dtype), x, qp.axis))
+    zp = _along(qp.zero_point.to(x.dtype), x, qp.axis)
+    scale = _along(qp.scale, x, qp.axis)  # dequantize's operand, in its own dtype
+    lo, hi = qp.qmin - zp, qp.qmax - zp
+    y = x * inv
+    if y.requires_grad:  # autograd cannot take the in-place ops below
+        return torch.clamp(torch.round(y), lo, hi) * scale
+    y.round_()
+    if lo.numel() == 1 and lo.device.type == "cpu":
+        y.clamp_(float(lo), float(hi))  # torch's fast path wants Python bounds; a CPU scalar is free to read
+    else:
+        y.clamp_min_(lo).clamp_max_(hi)  # tensor bounds: two vectorized passes beat clamp_'s generic one
+    return y.mul_(scale) if torch.result_type(y, scale) == y.dtype else y * scale
 
 
 def floor_residual(x: torch.Tensor, qp: QParams) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,31 +169,66 @@ def uniform_rounding_lp(scale: torch.Tensor, p: float) -> torch.Tensor:
     return (scale / 2) ** p / (p + 1)
 
 
-def select_group(qp: QParams, group: torch.Tensor, x: torch.Tensor) -> QParams:
-    """Per-sample parameters from per-group ones.
+def timestep_group(t, groups: int, num_timesteps: int) -> torch.Tensor:
+    """Timestep group of each sample, as a 1-d long tensor: group g holds t in [g*T/G, (g+1)*T/G).
 
-    qp.scale has a leading group dim [G] (per tensor) ; `group` holds a group index per row of x's first dim
-    (already expanded to x.shape[0]). Returns parameters shaped to broadcast over x, one per row.
-    """
-    shape = [-1] + [1] * (x.dim() - 1)
-    return QParams(qp.scale[group].reshape(shape), qp.zero_point[group].reshape(shape), qp.bits, qp.signed, None)
-
-
-def group_of(t, rows: int, groups: int, num_timesteps: int) -> torch.Tensor:
-    """Timestep group of each of `rows` rows: group g holds t in [g*T/G, (g+1)*T/G).
-
-    t is a 0-d/1-element tensor, a python number, or one entry per sample; rows may be a multiple of the batch
-    (attention folds heads into the batch dim batch-major, b * heads + h), so each t repeats rows // B times.
+    t is a 0-d/1-element tensor or a python number (one group for the whole batch) or one entry per sample.
+    Quantized graphs compute this once per call, in one node, and feed it to every per-group quantizer.
     """
     t = torch.as_tensor(t).reshape(-1)
-    g = torch.clamp(torch.div(t.long() * groups, num_timesteps, rounding_mode="floor"), 0, groups - 1)
-    if g.numel() == 1:
-        return g.expand(rows)
-    if rows % g.numel():
+    g = torch.div(t.long() * groups, num_timesteps, rounding_mode="floor")
+    return torch.clamp(g, 0, groups - 1)
+
+
+def rows_group(group: torch.Tensor, rows: int, batch_major: bool = True) -> torch.Tensor:
+    """Group of each of `rows` rows of a tensor's batch axis, from one group per sample (or one for all).
+
+    rows may be a multiple k of the samples: batch-major rows (heads folded into the batch as b * k + i, as
+    reshape(B * heads, ...) gives) repeat each sample's group k times in a row; otherwise (i * B + b, e.g.
+    rearrange "b h ... -> (h b) ...") the samples' groups repeat k times as a block. Works for any per-sample
+    values, e.g. the parameters of each sample's group.
+    """
+    n = group.numel()
+    if n == 1:
+        return group.reshape(1).expand(rows)
+    if rows % n:
         raise InputError(
-            f"an activation with {rows} rows does not split into {g.numel()} samples, so its timestep group is"
-            " unknown; use timestep_groups=1 or keep that module in float (keep_float)")
-    return g.repeat_interleave(rows // g.numel())
+            f"an activation with {rows} rows along its batch axis does not split into {n} samples, so its "
+            "timestep group is unknown; use timestep_groups=1 or keep that module in float (keep_float)")
+    k = rows // n
+    # expand + reshape, not repeat_interleave: no output-size read-back on CUDA
+    per_sample = group.reshape(n, 1).expand(n, k) if batch_major else group.reshape(1, n).expand(k, n)
+    return per_sample.reshape(rows)
+
+
+def shared_group(group: torch.Tensor) -> torch.Tensor:
+    """The one group of a batch (0-d), for a tensor that has no batch axis: every sample must be in it."""
+    if group.numel() > 1 and not bool((group == group.reshape(-1)[0]).all()):
+        raise InputError(
+            "an activation that has no batch axis (it does not grow with the batch, e.g. it is computed from a "
+            "single timestep or reduced over the batch) met a batch whose timesteps fall in different timestep "
+            "groups, so its group is unknown; give each call timesteps of one group, keep that module in float "
+            "(keep_float), or use timestep_groups=1")
+    return group.reshape(-1)[0]
+
+
+def select_group(qp: QParams, group: torch.Tensor, x: torch.Tensor) -> QParams:
+    """Parameters for x from per-group ones: qp.scale/zero_point have a leading group dim [G]; `group` holds one
+    group index per sample (or one for all, or one per row of the batch axis). Per-row parameters along
+    qp.batch_axis (by `rows_group`), or per tensor when the whole of x is in one group."""
+    if qp.batch_axis is None or group.numel() == 1:
+        g = shared_group(group)
+        return QParams(qp.scale[g], qp.zero_point[g], qp.bits, qp.signed, None, qp.batch_axis, qp.batch_major)
+    rows = x.shape[qp.batch_axis]
+    shape = [1] * x.dim()
+    shape[qp.batch_axis] = -1
+    scale, zp = (rows_group(p[group], rows, qp.batch_major).reshape(shape) for p in (qp.scale, qp.zero_point))
+    return QParams(scale, zp, qp.bits, qp.signed, None, qp.batch_axis, qp.batch_major)
+
+
+def group_of(t, rows: int, groups: int, num_timesteps: int, batch_major: bool = True) -> torch.Tensor:
+    """Timestep group of each of `rows` rows: `rows_group(timestep_group(t, ...), rows, batch_major)`."""
+    return rows_group(timestep_group(t, groups, num_timesteps), rows, batch_major)
 
 
 # ------------------------------------------------------------------------- exact codes of a fake-quantized tensor

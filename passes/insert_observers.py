@@ -1,10 +1,13 @@
 """insert_observers: put an observer in front of every quantized op input.
 
 Pattern: every node that select_ops marked (`node.meta["fxq"]`).
-- Each activation input named in `act_inputs` is routed through an `ActObserver` call_module node that also
-  receives the timestep placeholder (if the model has one), so observers can keep ranges per timestep group.
-  A producer feeding several selected ops at the same bit-width gets one shared observer: it is one quantized
-  tensor, as it will be in an int8 graph.
+- Each activation input named in `act_inputs` is routed through an `ActObserver` call_module node. A producer
+  feeding several selected ops at the same bit-width gets one shared observer: it is one quantized tensor, as it
+  will be in an int8 graph.
+- With `timestep_groups` > 1, one call_function node `fxq.quantizer.timestep_group(t, G, T)` right after the
+  placeholders computes each sample's group once per call, and every observer receives it as its second input;
+  each observer is built with the batch axis that find_batch_axes recorded on its producer
+  (`meta["fxq_batch"]`), which must have run.
 - conv/linear get a per-output-channel `WeightObserver` submodule along `meta["fxq"]["weight_axis"]` (1 for a
   transposed conv), named in `meta["fxq"]["weight_observer"]`.
 
@@ -20,7 +23,9 @@ from fxq.graph import free_name
 from fxq.meta import VAL_KEY
 from fxq.observers import ActObserver, WeightObserver
 from fxq.ops import weight_key
-from fxq.passes.manager import PassResult
+from fxq.passes.batch_axes import META_KEY as BATCH_KEY
+from fxq.passes.manager import PassError, PassResult
+from fxq.quantizer import timestep_group
 
 ACT_PREFIX, WEIGHT_PREFIX = "fxq_obs_", "fxq_wobs_"
 
@@ -42,8 +47,32 @@ class InsertObservers:
                 return node
         raise KeyError(f"no placeholder named {self.timestep!r}")
 
-    def __call__(self, gm: fx.GraphModule) -> PassResult:
+    def _group_node(self, gm: fx.GraphModule, before: fx.Node):
+        """The node computing each sample's timestep group: the existing one, else a new one before `before`
+        (the first observed op, so it runs after the input guards). None without groups."""
+        cfg = self.config
         t_node = self._timestep_node(gm)
+        if cfg.timestep_groups == 1 or t_node is None:
+            return None
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and node.target is timestep_group:
+                return node
+        with gm.graph.inserting_before(before):
+            return gm.graph.create_node("call_function", timestep_group,
+                                        (t_node, cfg.timestep_groups, cfg.num_timesteps), name="fxq_timestep_group")
+
+    def _rows(self, src: fx.Node, consumer: fx.Node) -> dict:
+        """Constructor arguments saying how the observed tensor's rows map to samples."""
+        if self.config.timestep_groups == 1:
+            return {}
+        found = src.meta.get(BATCH_KEY)
+        if found is None:
+            raise PassError(f"{src.name} (input of {consumer.name}) has no batch axis recorded: with "
+                            "timestep_groups > 1, run find_batch_axes before insert_observers")
+        return {"batch_axis": found["axis"], "batch_major": found["batch_major"]}
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        group = None
         shared: dict[tuple[str, int], fx.Node] = {}
         modified = False
         for node in list(gm.graph.nodes):
@@ -56,11 +85,15 @@ class InsertObservers:
                     continue
                 key = (src.name, meta["act_bits"])
                 if key not in shared:
+                    if group is None:
+                        group = self._group_node(gm, node)
                     name = free_name(gm, ACT_PREFIX + src.name)
-                    gm.add_submodule(name, ActObserver.from_config(self.config, meta["act_bits"]))
-                    # before its first consumer: after every placeholder, so t is defined
+                    label = f"input `{src.name}` of {meta['kind']} `{meta['module'] or node.name}`"
+                    gm.add_submodule(name, ActObserver.from_config(self.config, meta["act_bits"], label=label,
+                                                                   **self._rows(src, node)))
+                    # before its first consumer: after every placeholder and the group node, so both are defined
                     with gm.graph.inserting_before(node):
-                        args = (src,) if t_node is None else (src, t_node)
+                        args = (src,) if group is None else (src, group)
                         shared[key] = gm.graph.call_module(name, args)
                     if VAL_KEY in src.meta:  # an identity: same metadata as what it observes
                         shared[key].meta[VAL_KEY] = src.meta[VAL_KEY]

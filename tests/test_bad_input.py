@@ -72,6 +72,29 @@ def test_calibration_data_with_nan_or_inf(value):
         fxq.quantize(Tiny(), ex(), [(x, t)])
 
 
+class Overflowing(Tiny):
+    def forward(self, x, t):
+        return self.conv(super().forward(x, t) * 1e34)  # float32 overflows once |h| > 3e4
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_an_activation_that_overflows_during_calibration_is_named(groups):
+    x, t = ex()
+    with pytest.raises(InputError, match=r"observed input `mul` of conv `conv` holds NaN or inf"):
+        fxq.quantize(Overflowing(), ex(), [(x * 1e6, t)], fxq.QuantConfig(timestep_groups=groups))
+
+
+def test_calibration_stops_at_the_first_batch_that_overflows():
+    def items():
+        x, t = ex()
+        yield x * 1e6, t
+        yield ex()
+        raise AssertionError("calibration went on after a batch that overflowed")
+
+    with pytest.raises(InputError, match="NaN or inf"):
+        fxq.quantize(Overflowing(), ex(), items(), batch_size=2)
+
+
 @pytest.mark.parametrize("field,value", [("weight_bits", 1), ("act_bits", 17), ("weight_bits", 8.0),
                                          ("first_last_bits", 0)])
 def test_bit_widths_outside_2_16(field, value):

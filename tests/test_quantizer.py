@@ -100,15 +100,53 @@ def test_uniform_rounding_lp_matches_monte_carlo():
 
 def test_group_of_maps_timesteps_to_equal_slices_and_repeats_over_heads():
     t = torch.tensor([0, 249, 250, 999])
+    assert Q.timestep_group(t, 4, 1000).tolist() == [0, 0, 1, 3]
+    assert Q.timestep_group(torch.tensor([-5, 1000, 4000]), 4, 1000).tolist() == [0, 3, 3]  # clamped
+    assert Q.timestep_group(249.9, 4, 1000).tolist() == [0]
     assert Q.group_of(t, 4, 4, 1000).tolist() == [0, 0, 1, 3]
     assert Q.group_of(t, 8, 4, 1000).tolist() == [0, 0, 0, 0, 1, 1, 3, 3]
+    assert Q.group_of(t, 8, 4, 1000, batch_major=False).tolist() == [0, 0, 1, 3, 0, 0, 1, 3]
     assert Q.group_of(torch.tensor(600), 3, 4, 1000).tolist() == [2, 2, 2]
     with pytest.raises(InputError, match="timestep_groups=1"):
         Q.group_of(t, 6, 4, 1000)
 
 
-def test_select_group_picks_each_rows_parameters():
+def test_select_group_picks_each_rows_parameters_along_the_batch_axis():
     qp = Q.QParams(torch.tensor([0.1, 1.0]), torch.tensor([0.0, 3.0]), 8, False)
     x = torch.full((2, 3), 0.26)
     y = Q.fake_quantize(x, Q.select_group(qp, torch.tensor([0, 1]), x))
     assert torch.allclose(y[0], torch.tensor(0.3)) and torch.allclose(y[1], torch.tensor(0.0))
+    qp.batch_axis = 1  # sequence-first: [L, B]
+    y = Q.fake_quantize(x.T, Q.select_group(qp, torch.tensor([0, 1]), x.T))
+    assert torch.allclose(y[:, 0], torch.tensor(0.3)) and torch.allclose(y[:, 1], torch.tensor(0.0))
+
+
+def _codes_and_ties(bits, signed, seed):
+    """Values on, just beside and halfway between the codes (ties), beyond the range, and specials."""
+    g = torch.Generator().manual_seed(seed)
+    qmin, qmax = Q.int_range(bits, signed)
+    scale = torch.rand((), generator=g) * 0.1 + 1e-3
+    zp = torch.tensor(0.0) if signed else torch.randint(qmin, qmax + 1, (), generator=g).float()
+    k = torch.randint(qmin - 3, qmax + 4, (400,), generator=g).float() - zp
+    x = torch.cat([k * scale, (k + 0.5) * scale, (k - 0.5) * scale,
+                   torch.nextafter(k * scale, torch.tensor(float("inf"))),
+                   torch.randn(400, generator=g) * scale * 2**bits,
+                   torch.tensor([0.0, -0.0, float("inf"), float("-inf"), 3e38, -3e38, 1e-45])])
+    return x, Q.QParams(scale, zp, bits, signed)
+
+
+@SET
+@given(bits=bits_st, signed=st.booleans(), seed=st.integers(0, 2**16))
+def test_fake_quantize_is_dequantize_of_quantize_bit_for_bit(bits, signed, seed):
+    x, qp = _codes_and_ties(bits, signed, seed)
+    expected = Q.dequantize(Q.quantize(x, qp), qp)
+    assert torch.equal(Q.fake_quantize(x, qp), expected)
+    assert torch.equal(Q.fake_quantize(x.requires_grad_(), qp).detach(), expected)  # the autograd path too
+    nan = Q.fake_quantize(torch.tensor([float("nan")]), qp)
+    assert torch.isnan(nan).all()
+
+
+def test_ties_round_half_to_even():
+    qp = Q.QParams(torch.tensor(1.0), torch.tensor(0.0), 8, True)
+    x = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5])
+    assert Q.fake_quantize(x, qp).tolist() == [0.0, 2.0, 2.0, -0.0, -2.0]
