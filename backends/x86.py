@@ -7,8 +7,11 @@ Lowering (from the same `Frozen` QParams the fake backend uses, so both compute 
 - an op select_ops chose that has no int8 kernel here (see `unsupported_reason`) raises `FxqError` naming it,
   unless `QuantConfig(float_fallback=True)`: then it runs its fake-quant simulation; `fallbacks(qmodel)` lists
   those ops and why.
-- with timestep groups one `timestep_group(t)` node feeds every int8 module, which picks its group's parameters
-  at call time (a mixed batch is split by group where a kernel needs one scale).
+- with timestep groups the observers' one `timestep_group(t)` node feeds every quantizer: an int8 module reads
+  it through one `call_group` node (an int when the batch shares a group: one kernel call per op) and picks its
+  group's parameters at call time; a mixed batch maps each activation's rows to samples along the batch axis
+  that find_batch_axes recorded (sequence-first and head-folded activations included), split by group where a
+  kernel needs one scale.
 
 Then fusions that keep the function up to kernel rounding (each is a graph rewrite below):
 - `fuse_unary`: conv/linear -> SiLU/ReLU/GELU with no other user becomes a oneDNN post-op;
@@ -38,6 +41,8 @@ from fxq.calib import device_of
 from fxq.errors import ConfigError, FxqError
 from fxq.freeze import Frozen
 from fxq.graph import free_name, node_order
+from fxq.meta import rank
+from fxq.passes.batch_axes import META_KEY as BATCH_KEY
 from fxq.passes.insert_observers import is_act_observer
 
 FALLBACK_META = "fxq_float_fallback"
@@ -61,11 +66,44 @@ def check_model(model: nn.Module) -> None:
                        "model.cpu() (or use backend='fake' on the GPU)")
 
 
+def _observed_rows(gm: fx.GraphModule, node: fx.Node, pos: int):
+    """(batch axis, rank) of a selected op's grouped input, from its observer; None when it is not grouped."""
+    obs = node.args[pos]
+    if not (isinstance(obs, fx.Node) and is_act_observer(gm, obs)):
+        return None
+    module = gm.get_submodule(obs.target)
+    return (module.batch_axis, rank(obs.args[0])) if module.groups > 1 else None
+
+
+def _rows_reason(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """Why an int8 kernel could not give each sample of a mixed-timestep batch its group's parameters."""
+    kind, inputs = node.meta["fxq"]["kind"], node.meta["fxq"]["act_inputs"]
+    # the axis that must not hold the batch: a conv splits rows only along dim 0; no op can scale per sample
+    # inside the contracted dim of a product
+    banned = {"conv": None, "linear": -1}.get(kind)
+    for i, pos in enumerate(inputs):
+        found = _observed_rows(gm, node, pos)
+        if found is None or found[0] is None:
+            continue
+        axis, ndim = found
+        if kind == "conv" and axis != 0:
+            return f"its input's batch runs along axis {axis} (an int8 conv maps rows of dim 0 to timestep groups)"
+        if kind == "attn_matmul":
+            banned = -1 if i == 0 else -2
+        if ndim is not None and banned is not None and axis % ndim == banned % ndim:
+            return (f"its input's batch runs along axis {axis}, the contracted dim (no per-sample scale inside a "
+                    "dot product)")
+    return None
+
+
 def unsupported_reason(gm: fx.GraphModule, node: fx.Node) -> str | None:
     """Why a node select_ops marked has no int8 kernel here, or None."""
     meta = node.meta["fxq"]
     if meta["act_bits"] != 8 or (meta["weight_bits"] not in (None, 8)):
         return f"{meta['weight_bits']}/{meta['act_bits']}-bit (int8 kernels need 8/8)"
+    rows = _rows_reason(gm, node)
+    if rows is not None:
+        return f"timestep groups: {rows}"
     kind = meta["kind"]
     if kind == "conv":
         conv = gm.get_submodule(node.target)
@@ -102,7 +140,7 @@ def lower(gm: fx.GraphModule, frozen: Frozen, config) -> fx.GraphModule:
                        "(QuantConfig(keep_float=[...module names...]) or ops=...), or pass "
                        "QuantConfig(float_fallback=True) to run them as fake-quant")
 
-    group = _group_node(gm, frozen, config)
+    group = _group_node(gm, frozen)
     codes: dict[fx.Node, fx.Node] = {}   # observer node -> its Quantize node
     fakes: dict[fx.Node, fx.Node] = {}   # observer node -> its FakeQuantize node (fallback consumers)
     qparams: dict[fx.Node, Q.QParams] = {}  # Quantize node -> the parameters of its codes
@@ -115,7 +153,7 @@ def lower(gm: fx.GraphModule, frozen: Frozen, config) -> fx.GraphModule:
                 if lowered:
                     module, args = ops.Quantize.from_qparams(qp), (obs.args[0], group)
                 else:
-                    module, args = FakeQuantize(qp, config.num_timesteps), obs.args
+                    module, args = FakeQuantize(qp), obs.args
                 name = free_name(gm, obs.target.replace("fxq_obs_", "fxq_quant_" if lowered else "fxq_fake_"))
                 gm.add_submodule(name, module)
                 table[obs] = graph.call_module(name, args)
@@ -175,14 +213,17 @@ def fallbacks(qmodel) -> list[dict]:
     return list(getattr(gm, "meta", {}).get(FALLBACK_META, []))
 
 
-def _group_node(gm: fx.GraphModule, frozen: Frozen, config):
+def _group_node(gm: fx.GraphModule, frozen: Frozen):
+    """The node giving int8 modules the call's group: `call_group` of the observers' own group node (the group is
+    computed once per call, from t, where the fake-quant graph computes it), or None without groups."""
     if not any(qp.scale.dim() == 1 for qp in frozen.act.values()):
         return None
-    t = next((obs.args[1] for obs in gm.graph.nodes if is_act_observer(gm, obs) and len(obs.args) > 1), None)
-    if t is None:
-        raise FxqError("activation parameters are per timestep group but no observer sees the timestep input")
-    with gm.graph.inserting_after(t):
-        return gm.graph.call_function(glue.timestep_group, (t, config.timestep_groups, config.num_timesteps))
+    group = next((n for n in gm.graph.nodes if n.op == "call_function" and n.target is Q.timestep_group), None)
+    if group is None:
+        raise FxqError("activation parameters are per timestep group but the graph has no timestep_group node "
+                       "(insert_observers adds it): the calibrated graph is inconsistent")
+    with gm.graph.inserting_after(group):
+        return gm.graph.call_function(glue.call_group, (group,))
 
 
 def _replace(graph: fx.Graph, node: fx.Node, target: str, args: tuple) -> fx.Node:
@@ -292,13 +333,27 @@ def fuse_output_quant(gm: fx.GraphModule) -> None:
             producer.set_output(ops._ActParams.qparams(gm.get_submodule(q.target), "x"))
             q.replace_all_uses_with(q.args[0])
             gm.graph.erase_node(q)
-        elif chain:  # quantize before the chain: it then moves uint8 data, and upsampling multiplies nothing
+        elif chain and _rows_follow(gm, q, chain[-1].args[0]):
+            # quantize before the chain: it then moves uint8 data, and upsampling multiplies nothing
             top = chain[-1]
             with gm.graph.inserting_before(top):
                 moved = gm.graph.call_module(q.target, (top.args[0], q.args[1]))
             top.update_arg(0, moved)
             q.replace_all_uses_with(q.args[0])
             gm.graph.erase_node(q)
+
+
+def _rows_follow(gm: fx.GraphModule, q: fx.Node, src: fx.Node) -> bool:
+    """Whether the grouped Quantize `q` can take `src` instead of its input: it then maps src's rows to samples,
+    along src's batch axis (find_batch_axes recorded it on every node). Always, without groups."""
+    module = gm.get_submodule(q.target)
+    if module.groups == 1:
+        return True
+    found = src.meta.get(BATCH_KEY)
+    if found is None:
+        return False
+    module.batch_axis, module.batch_major = found["axis"], found["batch_major"]
+    return True
 
 
 _FRESH_FUNCTIONS = {operator.add, torch.add, operator.mul, torch.mul, torch.cat}

@@ -1,6 +1,6 @@
 """Support of the x86 int8 runtime: can this CPU run the kernels, which timestep group a call is in, the memory
 layouts oneDNN expects, and the checks and conversions at the lowered graph's inputs and outputs. The graph calls
-`timestep_group`, `check_input` and `dense` by their qualified names here."""
+`call_group`, `check_input` and `dense` by their qualified names here."""
 
 from __future__ import annotations
 
@@ -44,35 +44,32 @@ def check_cpu() -> None:
 
 # --- timestep groups ---------------------------------------------------------------------------------------
 
-def timestep_group(t, groups: int, num_timesteps: int):
-    """The timestep group of the call: an int when every sample shares one (the common case, one kernel call
-    per op), else a LongTensor with one group per sample."""
-    g = Q.group_of(t, torch.as_tensor(t).numel(), groups, num_timesteps)
-    first = int(g[0])
-    return first if bool((g == first).all()) else g
+def call_group(group: torch.Tensor):
+    """The timestep group of the call, from the per-sample groups that the graph's one `timestep_group` node
+    computes: an int when every sample shares one (the common case, one kernel call per op), else the tensor."""
+    first = int(group.reshape(-1)[0])
+    return first if bool((group == first).all()) else group
 
 
-def row_groups(g: torch.Tensor, rows: int) -> torch.Tensor:
-    """Per-sample groups repeated over rows that fold more than one row per sample (b * k + i, batch-major)."""
-    if rows % g.numel():
-        raise InputError(f"an activation with {rows} rows does not split into {g.numel()} samples, so its "
-                         "timestep group is unknown; call the model with one timestep for the whole batch")
-    return g.repeat_interleave(rows // g.numel())
-
-
-def per_group(fn, g, x: torch.Tensor, *others):
-    """fn(group, x, *others) over the rows (dim 0) of each group of a mixed batch, re-joined in row order."""
+def per_group(fn, g, x: torch.Tensor, *others, axis: int | None = 0, batch_major: bool = True):
+    """fn(group, x, *others) over the rows of each group of a mixed batch, re-joined in row order. Rows run along
+    x's batch `axis` (the same axis of `others` and of fn's result), ordered as `fxq.quantizer.rows_group` says;
+    axis None: x has no batch axis, so it belongs to the batch's one group (InputError for a mixed batch)."""
     if isinstance(g, int):
         return fn(g, x, *others)
-    rows = row_groups(g, x.shape[0])
+    if axis is None:
+        return fn(int(Q.shared_group(g)), x, *others)
+    rows = Q.rows_group(g, x.shape[axis], batch_major)
     out = None
     for u in torch.unique(rows).tolist():
         idx = torch.nonzero(rows == u).squeeze(1)
-        part = fn(u, x.index_select(0, idx), *(o if o is None else o.index_select(0, idx) for o in others))
+        part = fn(u, x.index_select(axis, idx), *(o if o is None else o.index_select(axis, idx) for o in others))
         if out is None:
+            shape = list(part.shape)
+            shape[axis] = x.shape[axis]
             fmt = torch.channels_last if part.dim() == 4 and channels_last(part) else torch.contiguous_format
-            out = part.new_empty((x.shape[0],) + tuple(part.shape[1:])).contiguous(memory_format=fmt)
-        out.index_copy_(0, idx, part)
+            out = part.new_empty(shape).contiguous(memory_format=fmt)
+        out.index_copy_(axis, idx, part)
     return out
 
 

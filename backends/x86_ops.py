@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxq import quantizer as Q
-from fxq.backends.x86_glue import canonical, channels_last, per_group, row_groups
+from fxq.backends.x86_glue import canonical, channels_last, per_group
 from fxq.errors import FxqError, InputError
 
 _U8_TO_S8 = 128  # uint8 code c and int8 code c - 128 share a bit pattern: (c ^ 0x80).view(int8)
@@ -43,6 +43,11 @@ class _Spec:
         if unknown:
             raise InputError(f"{cls.__name__} spec has unknown fields {sorted(unknown)}")
         return cls(**spec)
+
+
+def _rows_spec(qp: Q.QParams) -> dict:
+    """How a grouped activation's rows map to samples (see fxq.quantizer.rows_group), as constructor data."""
+    return {"batch_axis": qp.batch_axis, "batch_major": qp.batch_major}
 
 
 class _ActParams:
@@ -69,8 +74,9 @@ class _ActParams:
         return [(s, int(z)) for s, z in zip(scale, zp)]
 
     @staticmethod
-    def qparams(module: nn.Module, prefix: str) -> Q.QParams:
-        return Q.QParams(getattr(module, f"{prefix}_scale"), getattr(module, f"{prefix}_zp"), 8, False, None)
+    def qparams(module: nn.Module, prefix: str, batch_axis: int | None = 0, batch_major: bool = True) -> Q.QParams:
+        return Q.QParams(getattr(module, f"{prefix}_scale"), getattr(module, f"{prefix}_zp"), 8, False, None,
+                         batch_axis, batch_major)
 
 
 class _Lazy(nn.Module):
@@ -98,18 +104,19 @@ class _Lazy(nn.Module):
 
 
 class Quantize(_Spec, _Lazy):
-    """float32 x -> uint8 codes of `quantize(x, qp)` (qp per timestep group: pass the group, see timestep_group)."""
+    """float32 x -> uint8 codes of `quantize(x, qp)` (qp per timestep group: pass the call's group, see
+    x86_glue.call_group; a mixed batch maps x's rows along `batch_axis` to samples as fxq.quantizer.rows_group)."""
 
-    _spec_fields = ("groups",)
+    _spec_fields = ("groups", "batch_axis", "batch_major")
 
-    def __init__(self, groups: int = 1):
+    def __init__(self, groups: int = 1, batch_axis: int | None = 0, batch_major: bool = True):
         super().__init__()
-        self.groups = groups
+        self.groups, self.batch_axis, self.batch_major = groups, batch_axis, batch_major
         _ActParams.register(self, "x", groups)
 
     @classmethod
     def from_qparams(cls, qp: Q.QParams) -> "Quantize":
-        module = cls(qp.scale.numel() if qp.scale.dim() == 1 else 1)
+        module = cls(qp.scale.numel() if qp.scale.dim() == 1 else 1, **_rows_spec(qp))
         _ActParams.set(module, "x", qp)
         return module
 
@@ -123,8 +130,7 @@ class Quantize(_Spec, _Lazy):
         if self.groups > 1 and g is None:
             raise InputError("this int8 model keeps activation parameters per timestep group: call it with t")
         if isinstance(g, torch.Tensor):  # mixed groups: per-row parameters, the same arithmetic
-            rows = row_groups(g, x.shape[0])
-            qp = Q.select_group(_ActParams.qparams(self, "x"), rows, x)
+            qp = Q.select_group(_ActParams.qparams(self, "x", self.batch_axis, self.batch_major), g, x)
             return Q.codes(x, qp)
         scale, zp = self.derived()[g or 0]
         with warnings.catch_warnings():  # quantized tensor creation is deprecated; its kernel is ours to call
@@ -135,7 +141,11 @@ class Quantize(_Spec, _Lazy):
         return torch.empty(0, dtype=torch.uint8).set_(q.untyped_storage(), q.storage_offset(), q.size(), q.stride())
 
     def extra_repr(self) -> str:
-        return f"groups={self.groups}"
+        return f"groups={self.groups}{_rows_repr(self)}"
+
+
+def _rows_repr(module) -> str:
+    return "" if module.groups == 1 else f", batch_axis={module.batch_axis}, batch_major={module.batch_major}"
 
 
 UNARY_POST_OPS = ("none", "relu", "swish", "gelu", "gelu_tanh")
@@ -200,13 +210,13 @@ class QConv(_WeightedInt8):
     UNARY = ("none", "relu", "swish")  # oneDNN's int8 conv has no GELU post-op
 
     _spec_fields = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "conv_groups",
-                    "has_bias", "groups", "unary", "out_quant", "accum")
+                    "has_bias", "groups", "unary", "out_quant", "accum", "batch_major")
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride, padding, dilation,
                  conv_groups: int = 1, has_bias: bool = True, groups: int = 1, unary: str = "none",
-                 out_quant: bool = False, accum: bool = False):
+                 out_quant: bool = False, accum: bool = False, batch_major: bool = True):
         super().__init__()
-        self.has_bias = has_bias
+        self.has_bias, self.batch_major = has_bias, batch_major
         self.in_channels, self.out_channels, self.conv_groups = in_channels, out_channels, conv_groups
         self.kernel_size, self.stride = tuple(kernel_size), tuple(stride)
         self.padding, self.dilation = tuple(padding), tuple(dilation)
@@ -218,8 +228,10 @@ class QConv(_WeightedInt8):
     @classmethod
     def from_float(cls, conv: nn.modules.conv._ConvNd, wqp: Q.QParams, xqp: Q.QParams) -> "QConv":
         groups = xqp.scale.numel() if xqp.scale.dim() == 1 else 1
+        if groups > 1 and xqp.batch_axis != 0:  # x86.unsupported_reason keeps such convs off this path
+            raise FxqError(f"an int8 conv maps the rows of dim 0 to timestep groups, got batch axis {xqp.batch_axis}")
         module = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                     conv.dilation, conv.groups, conv.bias is not None, groups)
+                     conv.dilation, conv.groups, conv.bias is not None, groups, batch_major=xqp.batch_major)
         module.set_weight(conv.weight, wqp, conv.bias, xqp)
         return module
 
@@ -270,13 +282,13 @@ class QConv(_WeightedInt8):
             if y.shape == accum.shape:
                 return y
             raise FxqError(f"fused residual add got shapes {tuple(y.shape)} and {tuple(accum.shape)}")
-        y = per_group(lambda gi, xx: conv(gi, xx, None), 0 if g is None else g, x)
+        y = per_group(lambda gi, xx: conv(gi, xx, None), 0 if g is None else g, x, batch_major=self.batch_major)
         return y if accum is None else y + accum
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, groups={self.groups}, unary={self.unary}, out_quant={self.out_quant}, "
-                f"accum={self.accum}")
+                f"accum={self.accum}" + ("" if self.groups == 1 else f", batch_major={self.batch_major}"))
 
 
 class QLinear(_WeightedInt8):
@@ -285,12 +297,13 @@ class QLinear(_WeightedInt8):
 
     UNARY = UNARY_POST_OPS
 
-    _spec_fields = ("in_features", "out_features", "has_bias", "groups", "unary", "out_quant")
+    _spec_fields = ("in_features", "out_features", "has_bias", "groups", "unary", "out_quant", "batch_axis",
+                    "batch_major")
 
     def __init__(self, in_features: int, out_features: int, has_bias: bool = True, groups: int = 1,
-                 unary: str = "none", out_quant: bool = False):
+                 unary: str = "none", out_quant: bool = False, batch_axis: int | None = 0, batch_major: bool = True):
         super().__init__()
-        self.has_bias = has_bias
+        self.has_bias, self.batch_axis, self.batch_major = has_bias, batch_axis, batch_major
         self.in_features, self.out_features = in_features, out_features
         self.groups, self.unary, self.out_quant = groups, unary, out_quant
         if unary not in self.UNARY:
@@ -300,7 +313,7 @@ class QLinear(_WeightedInt8):
     @classmethod
     def from_float(cls, linear: nn.Linear, wqp: Q.QParams, xqp: Q.QParams) -> "QLinear":
         groups = xqp.scale.numel() if xqp.scale.dim() == 1 else 1
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None, groups)
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, groups, **_rows_spec(xqp))
         module.set_weight(linear.weight, wqp, linear.bias, xqp)
         return module
 
@@ -328,30 +341,43 @@ class QLinear(_WeightedInt8):
 
         fuse = (other is not None and other.dtype == torch.float32 and not self.out_quant
                 and tuple(other.shape) == tuple(x.shape[:-1]) + (self.out_features,))
-        y = per_group(linear, 0 if g is None else g, x, canonical(other) if fuse else None)
+        y = per_group(linear, 0 if g is None else g, x, canonical(other) if fuse else None,
+                      axis=self._row_axis(x), batch_major=self.batch_major)
         return y if other is None or fuse else y + other
+
+    def _row_axis(self, x: torch.Tensor) -> int | None:
+        """The batch axis of x, which must not be its features (no per-sample scale inside a dot product)."""
+        if self.batch_axis is not None and self.batch_axis % x.dim() == x.dim() - 1:
+            raise InputError(f"an int8 linear got an input of shape {tuple(x.shape)} whose batch runs along its "
+                             "features; keep this op in float (QuantConfig(keep_float=...))")
+        return self.batch_axis
 
     def extra_repr(self) -> str:
         return (f"{self.in_features}, {self.out_features}, groups={self.groups}, unary={self.unary}, "
-                f"out_quant={self.out_quant}")
+                f"out_quant={self.out_quant}{_rows_repr(self)}")
 
 
 class QMatmul(_Spec, _Lazy):
     """a @ b of two uint8-coded activations (torch.matmul semantics, both at least 2-d) on `torch._int_mm`,
     fp32 output. Zero points are applied exactly in int32 through row and column sums; each operand's parameters
-    are per timestep group, picked per row of its dim 0, so a mixed batch needs no splitting."""
+    are per timestep group, picked per row of its batch axis (`a_axis`/`b_axis`, ordered as
+    fxq.quantizer.rows_group says), so a mixed batch needs no splitting. A batch axis may be a batch dim or a's
+    rows / b's columns, never the contracted dim."""
 
-    _spec_fields = ("groups",)
+    _spec_fields = ("groups", "a_axis", "a_major", "b_axis", "b_major")
 
-    def __init__(self, groups: int = 1):
+    def __init__(self, groups: int = 1, a_axis: int | None = 0, a_major: bool = True, b_axis: int | None = 0,
+                 b_major: bool = True):
         super().__init__()
         self.groups = groups
+        self.a_axis, self.a_major, self.b_axis, self.b_major = a_axis, a_major, b_axis, b_major
         _ActParams.register(self, "a", groups)
         _ActParams.register(self, "b", groups)
 
     @classmethod
     def from_qparams(cls, aqp: Q.QParams, bqp: Q.QParams) -> "QMatmul":
-        module = cls(aqp.scale.numel() if aqp.scale.dim() == 1 else 1)
+        module = cls(aqp.scale.numel() if aqp.scale.dim() == 1 else 1, aqp.batch_axis, aqp.batch_major,
+                     bqp.batch_axis, bqp.batch_major)
         _ActParams.set(module, "a", aqp)
         _ActParams.set(module, "b", bqp)
         return module
@@ -359,18 +385,25 @@ class QMatmul(_Spec, _Lazy):
     def _build(self):
         return None
 
-    def _row_params(self, prefix: str, g, x: torch.Tensor, batch: torch.Size):
-        """(scale, zp) broadcast to the flattened batch [N, 1, 1] of the matmul."""
+    def _row_params(self, prefix: str, g, x: torch.Tensor, full: tuple, contracted: int):
+        """(scale, zp) of operand x broadcast to `full` (the flattened batch, then x's two matrix dims, the
+        contracted one of size 1), reshaped to [N, rows, cols]; 0-d when one group serves all of x."""
         scale, zp = getattr(self, f"{prefix}_scale"), getattr(self, f"{prefix}_zp")
         if self.groups > 1:
             if g is None:
                 raise InputError("this int8 model keeps activation parameters per timestep group: call it with t")
-            idx = torch.full((x.shape[0],), g) if isinstance(g, int) else row_groups(g, x.shape[0])
-            shape = (x.shape[0],) + (1,) * (x.dim() - 1)
-            scale, zp = scale[idx].reshape(shape), zp[idx].reshape(shape)
-        full = tuple(batch) + (1, 1)
-        return (scale.expand(full).reshape(-1, 1, 1) if scale.dim() else scale,
-                zp.expand(full).reshape(-1, 1, 1) if zp.dim() else zp)
+            if isinstance(g, int):
+                return scale[g], zp[g]
+            axis, major = (self.a_axis, self.a_major) if prefix == "a" else (self.b_axis, self.b_major)
+            qp = Q.select_group(_ActParams.qparams(self, prefix, axis, major), g, x)
+            scale, zp = qp.scale, qp.zero_point
+            if scale.dim() == 0:
+                return scale, zp
+            if scale.shape[contracted] != 1:
+                raise InputError(f"an int8 attention matmul got an operand of shape {tuple(x.shape)} whose batch "
+                                 "runs along the contracted dim; keep this op in float (QuantConfig(keep_float=...))")
+            return (scale.expand(full).reshape(-1, *full[-2:]), zp.expand(full).reshape(-1, *full[-2:]))
+        return scale, zp
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, g=None) -> torch.Tensor:
         if a.dtype != torch.uint8 or b.dtype != torch.uint8:
@@ -381,8 +414,8 @@ class QMatmul(_Spec, _Lazy):
                              f"and {tuple(b.shape)}; keep this op in float (QuantConfig(keep_float=...))")
         batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
         m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
-        sa, za = self._row_params("a", g, a, batch)
-        sb, zb = self._row_params("b", g, b, batch)
+        sa, za = self._row_params("a", g, a, tuple(batch) + (m, 1), -1)
+        sb, zb = self._row_params("b", g, b, tuple(batch) + (1, n), -2)
         a8 = a.expand(tuple(batch) + (m, k)).reshape(-1, m, k).bitwise_xor(_U8_TO_S8).view(torch.int8)
         b8 = b.expand(tuple(batch) + (k, n)).reshape(-1, k, n).bitwise_xor(_U8_TO_S8).view(torch.int8)
         acc = torch.stack([torch._int_mm(a8[i], b8[i]) for i in range(a8.shape[0])])
@@ -395,4 +428,6 @@ class QMatmul(_Spec, _Lazy):
         return (acc.float() * (sa * sb)).reshape(tuple(batch) + (m, n))
 
     def extra_repr(self) -> str:
-        return f"groups={self.groups}"
+        rows = "" if self.groups == 1 else (f", a_axis={self.a_axis}, a_major={self.a_major}, b_axis={self.b_axis}, "
+                                            f"b_major={self.b_major}")
+        return f"groups={self.groups}{rows}"
