@@ -218,10 +218,10 @@ def _group_node(gm: fx.GraphModule, frozen: Frozen):
     computed once per call, from t, where the fake-quant graph computes it), or None without groups."""
     if not any(qp.scale.dim() == 1 for qp in frozen.act.values()):
         return None
-    group = next((n for n in gm.graph.nodes if n.op == "call_function" and n.target is Q.timestep_group), None)
+    group = next((obs.args[1] for obs in gm.graph.nodes if is_act_observer(gm, obs) and len(obs.args) > 1), None)
     if group is None:
-        raise FxqError("activation parameters are per timestep group but the graph has no timestep_group node "
-                       "(insert_observers adds it): the calibrated graph is inconsistent")
+        raise FxqError("activation parameters are per timestep group but no observer reads the timestep group "
+                       "(insert_observers feeds it): the calibrated graph is inconsistent")
     with gm.graph.inserting_after(group):
         return gm.graph.call_function(glue.call_group, (group,))
 

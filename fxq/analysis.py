@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 
 import torch
@@ -21,7 +22,9 @@ import torch.fx as fx
 from torch import nn
 
 from fxq import calib
+from fxq import quantizer as Q
 from fxq.inputs import as_args_kwargs
+from fxq.passes.batch_axes import META_KEY as BATCH_KEY
 from fxq.report import _eps, sqnr_db
 
 
@@ -219,21 +222,31 @@ def activation_ranges(model: nn.Module, example_inputs, calib_data, config,
     from fxq.api import prepare
     from fxq.observers import ActObserver
 
-    gm, t_name = prepare(model, example_inputs, config)
+    gm, t_name = prepare(model, example_inputs, config, batch_axes=True)
     if t_name is None:
         raise ValueError("activation_ranges needs the model's timestep input: set QuantConfig(timestep_arg=...)")
     ranges: dict[str, dict[int, list[float]]] = {}
     labels: dict[str, str] = {}
+    call: dict[str, torch.Tensor] = {}
+    signature = inspect.signature(gm.forward)
 
-    def hook(name):
+    def keep_t(module, args, kwargs):
+        call["t"] = torch.as_tensor(signature.bind(*args, **kwargs).arguments[t_name]).reshape(-1)
+
+    def hook(name, rows_of):
         def record(module, inputs):
-            x, t = inputs[0], inputs[1]
-            rows = x.shape[0]
-            t = torch.as_tensor(t).reshape(-1)
+            x, t = inputs[0], call["t"]
+            axis, major = rows_of.get("axis"), rows_of.get("batch_major", True)
+            if axis is None:  # no axis follows the samples: a record only when they share one timestep
+                if bool((t != t[0]).any()):
+                    return
+                axis, t = 0, t[:1]
+                x = x[None]
+            rows = x.shape[axis]
             if t.numel() != 1 and rows % t.numel():
                 return  # rows that do not map to samples: no per-timestep record
-            t = t.expand(rows) if t.numel() == 1 else t.repeat_interleave(rows // t.numel())
-            flat = x.detach().reshape(rows, -1)
+            t = Q.rows_group(t, rows, major)
+            flat = x.detach().movedim(axis, 0).reshape(rows, -1)
             lo, hi = flat.amin(1), flat.amax(1)
             per = ranges.setdefault(name, {})
             for tv in torch.unique(t).tolist():
@@ -243,10 +256,11 @@ def activation_ranges(model: nn.Module, example_inputs, calib_data, config,
                 cur[1] = max(cur[1], float(hi[m].max()))
         return record
 
-    handles = []
+    handles = [gm.register_forward_pre_hook(keep_t, with_kwargs=True)]
     for node in gm.graph.nodes:
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), ActObserver):
-            handles.append(gm.get_submodule(node.target).register_forward_pre_hook(hook(node.target)))
+            rows_of = node.args[0].meta.get(BATCH_KEY) or {} if isinstance(node.args[0], fx.Node) else {}
+            handles.append(gm.get_submodule(node.target).register_forward_pre_hook(hook(node.target, rows_of)))
             users = [u.meta.get("fxq", {}).get("module") or u.target for u in node.users]
             labels[node.target] = ", ".join(map(str, users))
     try:

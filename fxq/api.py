@@ -44,8 +44,11 @@ def _check_model_and_config(model, config) -> None:
         raise ConfigError(f"config must be a fxq.QuantConfig, got {type(config).__name__}")
 
 
-def prepare(model: nn.Module, example_inputs, config: QuantConfig) -> tuple[fx.GraphModule, str | None]:
-    """Traced, rewritten and observed copy of `model`, ready for calibration."""
+def prepare(model: nn.Module, example_inputs, config: QuantConfig, *,
+            batch_axes: bool = False) -> tuple[fx.GraphModule, str | None]:
+    """Traced, rewritten and observed copy of `model`, ready for calibration. batch_axes: record every node's
+    batch axis (`meta["fxq_batch"]`) even where the config needs none (rows that cannot be mapped are then no
+    error)."""
     _check_model_and_config(model, config)
     # trace() works on its own deep copy, taken here in eval mode; the user's flags are restored right after.
     with calib.eval_mode(model):
@@ -61,7 +64,7 @@ def prepare(model: nn.Module, example_inputs, config: QuantConfig) -> tuple[fx.G
                           "QuantConfig(timestep_arg=...) or bias_correction_groups=1")
     passes = [fold_constants, normalize_args, fold_bn, decompose_attention, SelectOps(config)]
     passes += [split_shortcut] if config.split_shortcut else []
-    if config.timestep_groups > 1 or bias_groups > 1:  # only per-group work needs each tensor's batch axis
+    if config.timestep_groups > 1 or bias_groups > 1 or batch_axes:  # per-group work needs each batch axis
         passes.append(FindBatchAxes(as_args_kwargs(example_inputs), t_name, act_inputs=config.timestep_groups > 1,
                                     outputs=bias_groups > 1))
     passes.append(InsertObservers(config, t_name))

@@ -15,7 +15,10 @@ are corrected for what remains after the earlier ones (the sequential, layer-by-
 After correction the mean output error of every corrected op is zero on the calibration samples (each group).
 
 The corrections enter the graph in the backend-neutral form: folded into the module's bias when one correction
-serves all timesteps, else a `BiasCorrection` node after the op that picks the group's correction by t.
+serves all timesteps, else a `BiasCorrection` node after the op that picks each sample's correction by its
+timestep group: it reads the graph's `timestep_group` node (one per group count, computed once per call) and maps
+the output's rows to samples along the batch axis that find_batch_axes recorded on the op (`meta["fxq_batch"]`),
+as the activation quantizers do.
 """
 
 from __future__ import annotations
@@ -30,18 +33,22 @@ from torch.utils._pytree import tree_map
 from fxq import quantizer as Q
 from fxq.errors import ConfigError, InputError
 from fxq.graph import free_name
+from fxq.passes.batch_axes import META_KEY as BATCH_KEY
 
 MAX_SAMPLES = 512  # calibration rows used at most (every activation of them is held in memory, twice)
 PREFIX = "fxq_bias_"
 
 
 class BiasCorrection(nn.Module):
-    """y * scale[group of t] + shift[group of t] along the channel axis: a per-timestep-group, per-channel affine
-    correction (scale is None for a pure bias correction)."""
+    """y * scale[group] + shift[group] along the channel axis: a per-timestep-group, per-channel affine correction
+    (scale is None for a pure bias correction). forward takes the samples' groups (`fxq.quantizer.timestep_group`)
+    and maps y's rows along `batch_axis` to samples as `fxq.quantizer.rows_group` does (`batch_major`); batch_axis
+    None: y has no batch axis, so all of it is in the batch's one group."""
 
-    def __init__(self, shift: torch.Tensor, axis: int, num_timesteps: int = 1000, scale: torch.Tensor | None = None):
+    def __init__(self, shift: torch.Tensor, axis: int, scale: torch.Tensor | None = None,
+                 batch_axis: int | None = 0, batch_major: bool = True):
         super().__init__()
-        self.axis, self.num_timesteps = axis, num_timesteps
+        self.axis, self.batch_axis, self.batch_major = axis, batch_axis, batch_major
         self.register_buffer("shift", shift.detach().clone().float())  # [G, C]
         self.register_buffer("scale", None if scale is None else scale.detach().clone().float())
 
@@ -49,31 +56,38 @@ class BiasCorrection(nn.Module):
     def groups(self) -> int:
         return self.shift.shape[0]
 
-    def forward(self, y: torch.Tensor, t=None) -> torch.Tensor:
+    def forward(self, y: torch.Tensor, group: torch.Tensor | None = None) -> torch.Tensor:
         if self.scale is not None:
-            y = y * _along(self.scale, y, self.axis, t, self.num_timesteps).to(y.dtype)
-        return y + _along(self.shift, y, self.axis, t, self.num_timesteps).to(y.dtype)
+            y = y * _along(self.scale, y, self.axis, group, self.batch_axis, self.batch_major).to(y.dtype)
+        return y + _along(self.shift, y, self.axis, group, self.batch_axis, self.batch_major).to(y.dtype)
 
     def extra_repr(self) -> str:
+        rows = "" if self.groups == 1 else f", batch_axis={self.batch_axis}, batch_major={self.batch_major}"
         return (f"channels={self.shift.shape[1]}, axis={self.axis}, groups={self.groups}, "
-                f"gain={self.scale is not None}")
+                f"gain={self.scale is not None}{rows}")
 
 
-def _along(c: torch.Tensor, y: torch.Tensor, axis: int, t, num_timesteps: int) -> torch.Tensor:
-    """Per-group, per-channel values c [G, C] shaped to broadcast over y (rows mapped to groups by t)."""
+def _along(c: torch.Tensor, y: torch.Tensor, axis: int, group, batch_axis: int | None, batch_major: bool):
+    """Per-group, per-channel values c [G, C] shaped to broadcast over y (rows along batch_axis mapped to their
+    samples' groups)."""
     axis = axis % y.dim()
     shape = [1] * y.dim()
     shape[axis] = c.shape[1]
     if c.shape[0] == 1:
         return c[0].reshape(shape)
-    if t is None:
-        raise InputError("this model keeps a bias correction per timestep group: call it with t")
-    if axis == 0:
-        raise InputError(f"an output of shape {tuple(y.shape)} has its channels on dim 0, so its rows cannot be "
-                         "mapped to timestep groups; use bias_correction_groups=1")
-    g = Q.group_of(t, y.shape[0], c.shape[0], num_timesteps).to(c.device)
-    shape[0] = y.shape[0]
-    return c[g].reshape(shape)
+    if group is None:
+        raise InputError("this model keeps a bias correction per timestep group: it needs the timestep group input")
+    group = group.to(c.device)
+    if batch_axis is None or group.numel() == 1:
+        return c[Q.shared_group(group)].reshape(shape)
+    if batch_axis % y.dim() == axis:
+        raise InputError(f"an output of shape {tuple(y.shape)} has its batch on its channel axis {axis}, so its "
+                         "rows cannot be mapped to timestep groups; use bias_correction_groups=1")
+    rows = Q.rows_group(group, y.shape[batch_axis], batch_major)
+    shape[batch_axis] = y.shape[batch_axis]
+    dims = sorted([batch_axis % y.dim(), axis])  # c[rows] is [rows, C]: lay its two dims out in y's order
+    per_row = c[rows] if dims[0] == batch_axis % y.dim() else c[rows].T
+    return per_row.reshape(shape)
 
 
 def channel_axis(module: nn.Module) -> int | None:
@@ -103,11 +117,10 @@ def _subsample(items: list, max_samples: int) -> list:
     return [items[i] for i in idx]
 
 
-def _fake_quant_act(x: torch.Tensor, qp: Q.QParams, t, num_timesteps: int) -> torch.Tensor:
+def _fake_quant_act(x: torch.Tensor, qp: Q.QParams, group) -> torch.Tensor:
     """What the fake backend's FakeQuantize does to x (per-tensor parameters, by timestep group if grouped)."""
     if qp.scale.dim() == 1:
-        g = Q.group_of(t, x.shape[0], qp.scale.numel(), num_timesteps).to(x.device)
-        qp = Q.select_group(qp, g, x)
+        qp = Q.select_group(qp, group.to(x.device), x)
     return Q.fake_quantize(x.float(), qp).to(x.dtype)
 
 
@@ -157,7 +170,7 @@ class _Lockstep:
                 fp[node] = q[node] = fp_vals
             else:
                 fp[node] = fp_vals
-                q[node] = self._eval(node, q, range(len(chunks)), quantized=True, t_values=t_values)
+                q[node] = self._eval(node, q, range(len(chunks)), quantized=True)
                 if node.op == "call_module" and node.target in self.frozen.weight:
                     self._correct(node, fp[node], q[node], t_values)
             for inp in node.all_input_nodes:
@@ -165,16 +178,15 @@ class _Lockstep:
                     fp.pop(inp, None)
                     q.pop(inp, None)
 
-    def _eval(self, node, env, chunk_ids, quantized=False, t_values=None):
+    def _eval(self, node, env, chunk_ids, quantized=False):
         out = []
         for k in chunk_ids:
             args = fx.node.map_arg(node.args, lambda n: env[n][k])
             kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n][k])
             if node.op == "call_module" and node.target in self.frozen.act:
                 x = args[0]
-                if quantized:
-                    t = t_values[k] if t_values is not None else None
-                    x = _fake_quant_act(x, self.frozen.act[node.target], t, self.T)
+                if quantized:  # the observer's second input, if any, is the samples' timestep groups
+                    x = _fake_quant_act(x, self.frozen.act[node.target], args[1] if len(args) > 1 else None)
                 out.append(x)
             elif quantized and node.op == "call_module" and node.target in self.frozen.weight:
                 module = self.gm.get_submodule(node.target)
@@ -184,22 +196,44 @@ class _Lockstep:
                 out.append(self._call(node, args, kwargs))
         return out
 
+    def _rows(self, node, y: torch.Tensor, axis: int) -> tuple[int | None, bool]:
+        """(batch axis, batch_major) of the op's output y, as find_batch_axes recorded it (groups > 1 only)."""
+        found = node.meta.get(BATCH_KEY)
+        if found is None:
+            raise ConfigError(f"bias correction per timestep group needs the batch axis of `{node.name}`'s output: "
+                              "run find_batch_axes (fxq.quantize does) before correct_bias")
+        batch_axis = found["axis"]
+        if batch_axis is not None and batch_axis % y.dim() == axis % y.dim():
+            raise ConfigError(f"the output of `{node.name}` has its batch on its channel axis: use "
+                              "bias_correction_groups=1")
+        return batch_axis, found["batch_major"]
+
     def _correct(self, node, fp_vals, q_vals, t_values):
         axis = channel_axis(self.gm.get_submodule(node.target))
         if axis is None or not all(torch.is_tensor(v) and v.dim() >= 1 for v in fp_vals):
             return
         channels = fp_vals[0].shape[axis]
         device = fp_vals[0].device
+        batch_axis, major = self._rows(node, fp_vals[0], axis) if self.groups > 1 else (None, True)
         # per group and channel: count, sum fp, sum q, sum fp^2, sum fp*q
         stats = torch.zeros(5, self.groups, channels, dtype=torch.float64, device=device)
+        groups = [Q.timestep_group(t, self.groups, self.T).to(device) for t in t_values] if self.groups > 1 else None
         for k, (a, b) in enumerate(zip(fp_vals, q_vals)):
-            a, b = a.double().movedim(axis, -1), b.double().movedim(axis, -1)
-            rows = a.shape[0] if a.dim() > 1 else 1
+            # rows: the batch axis (one row for all of it without groups or without a batch axis), then the rest
+            if batch_axis is None:
+                a, b = a.double().movedim(axis, -1)[None], b.double().movedim(axis, -1)[None]
+            else:
+                a, b = (v.double().movedim((batch_axis % v.dim(), axis % v.dim()), (0, -1)) for v in (a, b))
+            rows = a.shape[0]
             a, b = a.reshape(rows, -1, channels), b.reshape(rows, -1, channels)
             per_row = torch.stack([torch.full((rows, channels), float(a.shape[1]), dtype=a.dtype, device=device),
                                    a.sum(1), b.sum(1), (a * a).sum(1), (a * b).sum(1)])
-            g = (Q.group_of(t_values[k], rows, self.groups, self.T).to(device) if self.groups > 1
-                 else torch.zeros(rows, dtype=torch.long, device=device))
+            if groups is None:
+                g = torch.zeros(rows, dtype=torch.long, device=device)
+            elif batch_axis is None:
+                g = Q.shared_group(groups[k]).reshape(1)
+            else:
+                g = Q.rows_group(groups[k], rows, major)
             stats.index_add_(1, g, per_row)
         # a group that calibration never reached gets the statistics over all timesteps
         reached = stats[0] > 0
@@ -219,11 +253,11 @@ class _Lockstep:
             shift = mu_fp - mu_q
         shift = shift.float()
         for k, b in enumerate(q_vals):
-            t = t_values[k] if self.groups > 1 else None
+            g = groups[k] if groups is not None else None
             if scale is not None:
-                b = b * _along(scale, b, axis, t, self.T).to(b.dtype)
-            q_vals[k] = b + _along(shift, b, axis, t, self.T).to(b.dtype)
-        self.corrections[node] = (shift, scale, axis)
+                b = b * _along(scale, b, axis, g, batch_axis, major).to(b.dtype)
+            q_vals[k] = b + _along(shift, b, axis, g, batch_axis, major).to(b.dtype)
+        self.corrections[node] = (shift, scale, axis, batch_axis, major)
 
 
 @torch.no_grad()
@@ -253,13 +287,25 @@ def correct_bias(gm: fx.GraphModule, frozen, calib_data, example, t_name: str | 
     lockstep = _Lockstep(gm, frozen, t_name, groups, num_timesteps, gain)
     with calib.eval_mode(gm):
         lockstep.run(chunks)
-    _insert(gm, lockstep.corrections, lockstep.t_node, num_timesteps)
+    _insert(gm, lockstep.corrections, lockstep.t_node, groups, num_timesteps)
     return len(lockstep.corrections)
 
 
-def _insert(gm, corrections, t_node, num_timesteps) -> None:
+def _group_node(gm: fx.GraphModule, t_node: fx.Node, groups: int, num_timesteps: int) -> fx.Node:
+    """The graph's node computing the samples' timestep groups for `groups` groups (the observers' one when the
+    counts agree), else a new one right after t: one per group count, computed once per call."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is Q.timestep_group and node.args[1:] == (groups,
+                                                                                               num_timesteps):
+            return node
+    with gm.graph.inserting_after(t_node):
+        return gm.graph.call_function(Q.timestep_group, (t_node, groups, num_timesteps))
+
+
+def _insert(gm, corrections, t_node, groups, num_timesteps) -> None:
     uses = collections.Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
-    for node, (shift, scale, axis) in corrections.items():
+    group = None
+    for node, (shift, scale, axis, batch_axis, major) in corrections.items():
         module = gm.get_submodule(node.target)
         if shift.shape[0] == 1 and scale is None and uses[node.target] == 1:
             old = module.bias if module.bias is not None else torch.zeros_like(shift[0])
@@ -268,9 +314,11 @@ def _insert(gm, corrections, t_node, num_timesteps) -> None:
                                        requires_grad=False)
             continue
         name = free_name(gm, PREFIX + node.target.replace(".", "_"))
-        gm.add_submodule(name, BiasCorrection(shift, axis, num_timesteps, scale).to(shift.device))
+        gm.add_submodule(name, BiasCorrection(shift, axis, scale, batch_axis, major).to(shift.device))
+        if shift.shape[0] > 1 and group is None:
+            group = _group_node(gm, t_node, groups, num_timesteps)
         with gm.graph.inserting_after(node):
-            args = (node,) if t_node is None or shift.shape[0] == 1 else (node, t_node)
+            args = (node,) if shift.shape[0] == 1 else (node, group)
             new = gm.graph.call_module(name, args)
         node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
     gm.graph.lint()

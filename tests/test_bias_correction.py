@@ -148,7 +148,7 @@ def test_per_group_corrections_follow_t_also_in_mixed_batches():
         other = q(x, torch.tensor([990, 990, 990]))
     assert torch.allclose(mixed, alone, atol=1e-6)
     assert not torch.allclose(mixed[0], other[0])  # t picks the group's correction
-    with pytest.raises(InputError, match="call it with t"):
+    with pytest.raises(InputError, match="timestep group input"):
         mods[0](torch.zeros(1, 8, 2, 2))
 
 
