@@ -29,9 +29,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fxq import quantizer as Q
+from fxq.calib import _rows as calib_rows
 from fxq.calib import batches, device_of
 from fxq.freeze import Frozen
 from fxq.graph import stack_entry_path
+from fxq.passes.batch_axes import META_KEY as BATCH_KEY
 from fxq.passes.insert_observers import is_act_observer
 
 ZETA, GAMMA = 1.1, -0.1
@@ -152,12 +154,45 @@ class _InputRecorder(fx.Interpreter):
         return super().run_node(n)
 
 
+class _Samples:
+    """One region input over the calibration set, held sample-major ([N, k, ...]: k rows per sample along its
+    batch axis, as find_batch_axes recorded it), so that batches join and a subset of samples is taken whatever
+    the layout (sequence-first, heads folded into the batch either way)."""
+
+    def __init__(self, axis: int, major: bool):
+        self.axis, self.major, self.parts = axis, major, []
+
+    def add(self, v: torch.Tensor, samples: int) -> bool:
+        """Append one batch's value; False when its rows do not split into `samples` samples."""
+        rows = v.shape[self.axis]
+        if rows % samples:
+            return False
+        k = rows // samples
+        v = v.movedim(self.axis, 0)
+        v = v.reshape(samples, k, *v.shape[1:]) if self.major else v.reshape(k, samples, *v.shape[1:]).transpose(0, 1)
+        self.parts.append(v)
+        return True
+
+    def join(self) -> None:
+        self.parts = [torch.cat(self.parts)]
+
+    @property
+    def samples(self) -> int:
+        return self.parts[0].shape[0]
+
+    def take(self, idx: torch.Tensor | None) -> torch.Tensor:
+        v = self.parts[0] if idx is None else self.parts[0][idx]
+        v = v.reshape(-1, *v.shape[2:]) if self.major else v.transpose(0, 1).reshape(-1, *v.shape[2:])
+        return v.movedim(0, self.axis)
+
+
 @torch.no_grad()
 def _region_inputs(gm, region, calib_data, example, batch_size) -> list:
-    """Each region input's values over the calibration set (tensors joined along the batch; other values as
-    the first batch had them)."""
+    """Each region input's values over the calibration set: tensors that follow the samples joined along their
+    batch axis (`_Samples`; dim 0 where no axis was recorded), other values as the first batch had them."""
     device = device_of(gm)
     recorded = []
+    samples = []
     for args, kwargs in batches(calib_data, example, batch_size):
         args, kwargs = torch.utils._pytree.tree_map(
             lambda v: v.to(device) if torch.is_tensor(v) else v, (args, kwargs))
@@ -167,8 +202,19 @@ def _region_inputs(gm, region, calib_data, example, batch_size) -> list:
         except _Stop:
             pass
         recorded.append(rec.values)
-    return [torch.cat(col, 0) if torch.is_tensor(col[0]) and col[0].dim() > 0 else col[0]
-            for col in zip(*recorded)]
+        samples.append(calib_rows(args, kwargs))
+    out = []
+    for node, col in zip(region.inputs, zip(*recorded)):
+        found = node.meta.get(BATCH_KEY, {"axis": 0, "batch_major": True})
+        if torch.is_tensor(col[0]) and col[0].dim() > 0 and found["axis"] is not None:
+            held = _Samples(found["axis"] % col[0].dim(), found["batch_major"])
+            if all(held.add(v, n) for v, n in zip(col, samples)):
+                held.join()
+                out.append(held)
+                continue
+        out.append(torch.cat(col) if torch.is_tensor(col[0]) and col[0].dim() > 0 and found["axis"] is not None
+                   else col[0])
+    return out
 
 
 def _positional(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
@@ -193,14 +239,13 @@ def _init_v(residual: torch.Tensor) -> torch.Tensor:
 
 
 def _rows(values: list) -> int:
-    return max((v.shape[0] for v in values if torch.is_tensor(v) and v.dim() > 0), default=1)
+    """The number of calibration samples the region inputs hold."""
+    return max((v.samples for v in values if isinstance(v, _Samples)), default=1)
 
 
 def _take(values: list, idx: torch.Tensor | None, rows: int) -> tuple:
-    """The region inputs of calibration rows idx (tensors that carry the batch), the rest as they are."""
-    if idx is None:
-        return tuple(values)
-    return tuple(v[idx] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == rows else v for v in values)
+    """The region inputs of calibration samples idx (inputs that follow the samples), the rest as they are."""
+    return tuple(v.take(idx) if isinstance(v, _Samples) else v for v in values)
 
 
 def _flat_outputs(out) -> list[torch.Tensor]:

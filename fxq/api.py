@@ -64,7 +64,8 @@ def prepare(model: nn.Module, example_inputs, config: QuantConfig, *,
                           "QuantConfig(timestep_arg=...) or bias_correction_groups=1")
     passes = [fold_constants, normalize_args, fold_bn, decompose_attention, SelectOps(config)]
     passes += [split_shortcut] if config.split_shortcut else []
-    if config.timestep_groups > 1 or bias_groups > 1 or batch_axes:  # per-group work needs each batch axis
+    # per-group ranges and corrections need each tensor's batch axis, and weight rounding samples along it
+    if config.timestep_groups > 1 or bias_groups > 1 or config.weight_rounding != "nearest" or batch_axes:
         passes.append(FindBatchAxes(as_args_kwargs(example_inputs), t_name, act_inputs=config.timestep_groups > 1,
                                     outputs=bias_groups > 1))
     passes.append(InsertObservers(config, t_name))
