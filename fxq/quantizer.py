@@ -119,8 +119,9 @@ def fake_quantize(x: torch.Tensor, qp: QParams) -> torch.Tensor:
 
     For float32/float64 x, computed as clamp(round(x * (1 / scale)), qmin - zp, qmax - zp) * scale with the same
     reciprocal as `quantize` (so ties round as in the int8 kernels): the codes are integers below 2**24, so
-    shifting the clamp bounds by zp instead of adding and subtracting zp is exact, and it saves two of six passes
-    over x; the rest run in place.
+    shifting the clamp bounds by zp instead of adding and subtracting zp is exact, and it saves a pass over x
+    (adding 0.0 does the other thing the zero point's addition did: a rounded -0.0 becomes +0.0); the rest run in
+    place.
     """
     if x.dtype not in (torch.float32, torch.float64):  # codes rounded to a narrow dtype: quantize's own steps
         return dequantize(quantize(x, qp), qp)
@@ -130,8 +131,8 @@ def fake_quantize(x: torch.Tensor, qp: QParams) -> torch.Tensor:
     lo, hi = qp.qmin - zp, qp.qmax - zp
     y = x * inv
     if y.requires_grad:  # autograd cannot take the in-place ops below
-        return torch.clamp(torch.round(y), lo, hi) * scale
-    y.round_()
+        return (torch.clamp(torch.round(y), lo, hi) + 0.0) * scale
+    y.round_().add_(0.0)  # -0.0 (the round of a small negative) -> +0.0, as adding the zero point gives
     if lo.numel() == 1 and lo.device.type == "cpu":
         y.clamp_(float(lo), float(hi))  # torch's fast path wants Python bounds; a CPU scalar is free to read
     else:

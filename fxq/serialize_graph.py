@@ -5,8 +5,8 @@ and single-key objects mark the rest ({"$list": [...]}, {"$node": "name"}, {"$dt
 
 Loading must not run code the file chooses. So a call_function target resolves only from an allow-list: public
 functions of torch, torch.nn.functional, torch.linalg/fft/special, Tensor methods, registered torch.ops, math, a
-fixed subset of operator and builtins, einops' functions, fxq's own graph functions (registered, or defined under
-fxq.backends), and dataclass outputs of diffusers/transformers (a model's return type). Names that reach files,
+fixed subset of operator and builtins, einops' functions, fxq's own graph functions (registered: the guards and
+the timestep-group node; or defined under fxq.backends), and dataclass outputs of diffusers/transformers (a model's return type). Names that reach files,
 storages, hooks, compilation or global state are refused everywhere, and so are underscore names in call_method
 and getattr (no way to `__class__`, `__globals__`). Generated code is exec'd by torch.fx, so every string the
 file puts into it as code (targets, placeholders) must be a plain identifier path.
@@ -504,8 +504,9 @@ def decode_graph(desc, where: str) -> fx.Graph:
 
 def _register_fxq_functions() -> None:
     from fxq import _guards
-    # stable names, so files keep loading wherever the guards' module moves
-    for fn in _guards.GUARD_FUNCTIONS:
+    from fxq.quantizer import timestep_group
+    # stable names, so files keep loading wherever the guards' (and the quantizer's) module moves
+    for fn in (*_guards.GUARD_FUNCTIONS, timestep_group):
         register_function(fn, f"fxq:{fn.__name__}")
 
 

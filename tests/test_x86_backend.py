@@ -69,6 +69,7 @@ def test_simulation_rounds_ties_like_the_int8_kernel(scale):
     kernel = x86_ops.Quantize.from_qparams(qp)(x)
     assert torch.equal(Q.quantize(x, qp).to(torch.uint8), kernel)
     assert torch.equal(Q.codes(x, qp), kernel)
+    assert torch.equal(Q.fake_quantize(x, qp), Q.dequantize(kernel.float(), qp))  # the fused simulation too
 
 
 # --- single ops: identical codes, only accumulation rounding --------------------------------------------------
