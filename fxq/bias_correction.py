@@ -61,6 +61,20 @@ class BiasCorrection(nn.Module):
             y = y * _along(self.scale, y, self.axis, group, self.batch_axis, self.batch_major).to(y.dtype)
         return y + _along(self.shift, y, self.axis, group, self.batch_axis, self.batch_major).to(y.dtype)
 
+    def fxq_spec(self) -> dict:
+        """Constructor data for fxq.save; shift and scale travel in the state dict."""
+        return {"axis": self.axis, "groups": self.groups, "channels": self.shift.shape[1],
+                "gain": self.scale is not None, "batch_axis": self.batch_axis, "batch_major": self.batch_major}
+
+    @classmethod
+    def from_fxq_spec(cls, spec: dict) -> "BiasCorrection":
+        """A BiasCorrection of the saved shape whose buffers fxq.load then fills by load_state_dict."""
+        if set(spec) != {"axis", "groups", "channels", "gain", "batch_axis", "batch_major"}:
+            raise InputError(f"BiasCorrection spec has fields {sorted(spec)}")
+        shape = (int(spec["groups"]), int(spec["channels"]))
+        return cls(torch.zeros(shape), int(spec["axis"]), torch.ones(shape) if spec["gain"] else None,
+                   spec["batch_axis"], bool(spec["batch_major"]))
+
     def extra_repr(self) -> str:
         rows = "" if self.groups == 1 else f", batch_axis={self.batch_axis}, batch_major={self.batch_major}"
         return (f"channels={self.shift.shape[1]}, axis={self.axis}, groups={self.groups}, "

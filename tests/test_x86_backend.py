@@ -315,6 +315,59 @@ def test_mixed_timestep_batch_uses_each_samples_group():
     assert torch.allclose(int8(x, torch.tensor(600)), fake(x, torch.tensor(600)), rtol=1e-4, atol=1e-4)
 
 
+class _SamplesAlongH(nn.Module):
+    """The batch laid side by side along H ([1, C, B*H, W]); a 1x1 conv keeps the samples apart, but an int8 conv
+    takes one scale per call for all of its rows but dim 0's."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 4, 1)
+        self.l = nn.Linear(4, 3)
+
+    def forward(self, x, t):
+        b, c, h, w = x.shape
+        side = (x * (1 + t.float().reshape(-1, 1, 1, 1) / 50)).permute(1, 0, 2, 3).reshape(1, c, b * h, w)
+        return self.l(self.c(side).permute(0, 2, 3, 1))
+
+
+@pytest.mark.parametrize("layout", ["batch_first", "seq_first", "head_major"])
+def test_mixed_timestep_batch_maps_rows_along_each_activations_batch_axis(layout):
+    from tests.test_batch_axes import Attention, _calibration, _example
+
+    torch.manual_seed(0)
+    cfg = dict(timestep_groups=4, timestep_arg="t")
+    fake, int8 = _pair(Attention(layout).eval(), _example(), _calibration(), **cfg)
+    tokens = [m for m in _modules(int8, x86_ops.QLinear) if m.in_features == 8]  # q, k, v, out
+    assert len(tokens) == 4 and {m.batch_axis for m in tokens} == ({1} if layout == "seq_first" else {0})
+    assert {(m.a_major, m.b_major) for m in _modules(int8, x86_ops.QMatmul)} == {(layout != "head_major",) * 2}
+    x, t = _example(4)
+    x = x * (1 + 4 * (t // 250)).float()[:, None, None, None]  # each group's own range
+    y8 = int8(x, t)
+    for i in range(4):  # alone, a sample is one group and one kernel call: the mixed batch must agree
+        assert torch.allclose(int8(x[i:i + 1], t[i:i + 1]), y8[i:i + 1], rtol=1e-5, atol=1e-5), (layout, i)
+    assert sqnr_db(fake(x, t), y8) >= 40
+
+
+def test_rows_no_int8_kernel_can_map_are_named_or_fall_back():
+    torch.manual_seed(0)
+    calib = [(torch.randn(2, 3, 5, 5), torch.tensor([t, 999 - t])) for t in (10, 300, 600, 900)]
+    cfg = dict(timestep_groups=4, timestep_arg="t")
+    with pytest.raises(FxqError, match=r"(?s)node c\b.*timestep groups.*axis 2"):
+        fxq.quantize(_SamplesAlongH().eval(), calib[0], calib, fxq.QuantConfig(**{**X86, **cfg}))
+    fake, int8 = _pair(_SamplesAlongH().eval(), calib[0], calib, float_fallback=True, **cfg)
+    assert [r["module"] for r in x86.fallbacks(int8)] == ["c"]
+    x, t = torch.randn(2, 3, 5, 5), torch.tensor([900, 10])
+    assert sqnr_db(fake(x, t), int8(x, t)) >= 40
+
+
+def test_rows_that_cannot_be_mapped_to_samples_are_refused_for_int8_too():
+    from tests.test_batch_axes import Pooled, _calibration, _example
+
+    with pytest.raises(ConfigError, match=r"(?s)`mix`.*keep_float=\['mix'\].*timestep_groups=1"):
+        fxq.quantize(Pooled(), _example(), _calibration(4), fxq.QuantConfig(**{**X86, "timestep_groups": 4,
+                                                                                "timestep_arg": "t"}))
+
+
 # --- serialization contract ----------------------------------------------------------------------------------------
 
 def test_modules_rebuild_from_json_spec_and_state_dict():
