@@ -18,6 +18,9 @@ from torch import nn
 import fxq
 from fxq import quantizer as Q
 from fxq import report, serialize
+from fxq.backends import x86_glue
+from fxq.backends.fake import FakeQuantize
+from fxq.bias_correction import BiasCorrection
 from fxq.errors import ModelFileError, SaveError, SpecializationError
 from fxq.models.pretrained import save_pretrained
 from fxq.serialize_graph import decode_value, encode_value
@@ -615,6 +618,38 @@ def test_x86_int8_model_comes_back_bit_for_bit_and_small(tmp_path):
     with safe_open(tmp_path / "int8.safetensors", "pt") as f:
         stored = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
     assert stored <= 0.27 * sum(v.numel() * 4 for v in unet.state_dict().values())
+
+
+@pytest.mark.parametrize("backend", ["fake", "x86"])
+@pytest.mark.parametrize("layout", ["seq_first", "head_major"])
+def test_timestep_groups_on_any_batch_axis_come_back_bit_for_bit(tmp_path, backend, layout):
+    # the group node, each quantizer's batch axis and fold order, and per-group bias corrections travel in the file
+    from tests.test_batch_axes import Attention, _calibration, _example
+
+    if backend == "x86" and x86_glue.cpu_int8_support() is not None:
+        pytest.skip("no int8 x86 kernels here")
+    torch.manual_seed(0)
+    config = fxq.QuantConfig(backend=backend, timestep_groups=4, timestep_arg="t", bias_correction=True,
+                             bias_correction_groups=2)
+    q = fxq.quantize(Attention(layout).eval(), _example(), _calibration(), config, batch_size=4)
+    assert any(isinstance(m, BiasCorrection) and m.groups == 2 for m in q.modules())
+    fxq.save(q, tmp_path / "q.safetensors")
+    loaded = fxq.load(tmp_path / "q.safetensors")
+    x, t = _example(4)
+    with torch.no_grad():
+        assert torch.equal(q(x, t), loaded(x, t))  # four samples, four groups
+        assert torch.equal(q(x[:2], 600), loaded(x[:2], 600))
+    axes = {(n, getattr(m, "batch_axis", None), getattr(m, "batch_major", None), getattr(m, "b_major", None))
+            for n, m in q.graph_module.named_modules()}
+    assert axes == {(n, getattr(m, "batch_axis", None), getattr(m, "batch_major", None), getattr(m, "b_major", None))
+                    for n, m in loaded.graph_module.named_modules()}
+
+
+def test_a_grouped_quantizer_of_an_older_file_is_refused_not_misread():
+    shape = {"bits": 8, "signed": False, "num_timesteps": 1000}
+    assert FakeQuantize.from_fxq_spec({**shape, "shape": []}).groups == 1  # no groups: t never mattered
+    with pytest.raises(fxq.FxqError, match="quantize the model again"):
+        FakeQuantize.from_fxq_spec({**shape, "shape": [4]})  # its graph feeds it t, not the group
 
 
 # ------------------------------------------------------------------------------------------------------ the CLI
