@@ -205,7 +205,7 @@ def _region_inputs(gm, region, calib_data, example, batch_size) -> list:
         samples.append(calib_rows(args, kwargs))
     out = []
     for node, col in zip(region.inputs, zip(*recorded)):
-        found = node.meta.get(BATCH_KEY, {"axis": 0, "batch_major": True})
+        found = _skip_observers(gm, node).meta.get(BATCH_KEY, {"axis": 0, "batch_major": True})
         if torch.is_tensor(col[0]) and col[0].dim() > 0 and found["axis"] is not None:
             held = _Samples(found["axis"] % col[0].dim(), found["batch_major"])
             if all(held.add(v, n) for v, n in zip(col, samples)):
@@ -239,13 +239,19 @@ def _init_v(residual: torch.Tensor) -> torch.Tensor:
 
 
 def _rows(values: list) -> int:
-    """The number of calibration samples the region inputs hold."""
-    return max((v.samples for v in values if isinstance(v, _Samples)), default=1)
+    """The number of calibration samples the region inputs hold (plain tensors, as a caller may pass them: dim 0)."""
+    held = [v.samples for v in values if isinstance(v, _Samples)]
+    if held:
+        return max(held)
+    return max((v.shape[0] for v in values if torch.is_tensor(v) and v.dim() > 0), default=1)
 
 
 def _take(values: list, idx: torch.Tensor | None, rows: int) -> tuple:
     """The region inputs of calibration samples idx (inputs that follow the samples), the rest as they are."""
-    return tuple(v.take(idx) if isinstance(v, _Samples) else v for v in values)
+    plain = not any(isinstance(v, _Samples) for v in values)
+    return tuple(v.take(idx) if isinstance(v, _Samples) else
+                 v[idx] if plain and idx is not None and torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == rows
+                 else v for v in values)
 
 
 def _flat_outputs(out) -> list[torch.Tensor]:

@@ -172,3 +172,26 @@ def test_brecq_never_worse_per_block_on_its_calibration_data_and_lowered_on_the_
 def test_bad_settings(bad):
     with pytest.raises(ConfigError):
         fxq.QuantConfig(**bad)
+
+
+class SeqFirstTokens(nn.Module):
+    """Linears over sequence-first tokens [N, B, C], as nn.MultiheadAttention keeps them."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 12), nn.Linear(12, 5)
+
+    def forward(self, x):
+        return self.b(torch.nn.functional.gelu(self.a(x.transpose(0, 1)))).transpose(0, 1)
+
+
+def test_region_inputs_follow_the_samples_of_sequence_first_activations_over_uneven_batches():
+    torch.manual_seed(0)
+    model = SeqFirstTokens().eval()
+    gen = torch.Generator().manual_seed(1)
+    items = [(torch.randn(1, 7, 6, generator=gen),) for _ in range(10)]  # batches of 4, 4, 2 samples
+    config = fxq.QuantConfig(weight_bits=3, act_bits=8, first_last_bits=None, timestep_arg=None,
+                             weight_rounding="adaround", adaround_iters=20)
+    q = fxq.quantize(model, items[0], items, config, batch_size=4)
+    x = torch.cat([x for x, in items])
+    assert torch.isfinite(q(x)).all() and len(q.graph_module.meta["fxq_adaround"]) == 2
