@@ -152,6 +152,25 @@ def test_per_group_corrections_follow_t_also_in_mixed_batches():
         mods[0](torch.zeros(1, 8, 2, 2))
 
 
+class SeqFirstTokenNet(TokenNet):
+    """TokenNet on sequence-first tokens [N, B, C]: the rows of each output's axis 1 are the samples."""
+
+    def forward(self, x, t):
+        h = x.transpose(0, 1) * (1 + t.float() / 500)[None, :, None]
+        return self.b(torch.nn.functional.gelu(self.a(h))).transpose(0, 1)
+
+
+def test_per_group_corrections_of_sequence_first_outputs_follow_each_samples_group():
+    torch.manual_seed(1)
+    model = SeqFirstTokenNet().eval()
+    items = calib_set(shape=(16, 6), n=16)  # as many tokens as samples: rows taken along the wrong axis fit too
+    q = fxq.quantize(model, joined(items[:2]), items, config(bias_correction=True, bias_correction_groups=2))
+    assert {m.batch_axis for m in q.modules() if isinstance(m, BiasCorrection)} == {1}
+    y, yq, g, _ = output_error(model, q, items, 2)
+    for k in range(2):
+        assert (yq[g == k] - y[g == k]).mean((0, 1)).abs().max() < 1e-5 * y.abs().max()
+
+
 def test_bad_bias_correction_configs():
     with pytest.raises(ConfigError, match="bias_correction_groups"):
         fxq.QuantConfig(bias_correction=True, bias_correction_groups=0)
