@@ -13,12 +13,12 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxq import quantizer as Q
+from fxq.quant import quantizer as Q
 from fxq.calib import device_of
 from fxq.errors import InputError
-from fxq.freeze import Frozen
-from fxq.graph import free_name, reads_values
-from fxq.ops import attr_of, weight_chain, weight_key
+from fxq.quant.freeze import Frozen
+from fxq.tracing.graph import free_name, reads_values
+from fxq.quant.ops import attr_of, weight_chain, weight_key
 
 
 class FakeQuantize(nn.Module):

@@ -30,14 +30,14 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from fxq import quantizer as Q
+from fxq.quant import quantizer as Q
 from fxq.backends import x86_glue as glue
 from fxq.backends import x86_ops as ops
 from fxq.backends.fake import FakeQuantize
 from fxq.calib import device_of
 from fxq.errors import ConfigError, FxqError
-from fxq.freeze import Frozen
-from fxq.graph import free_name, node_order
+from fxq.quant.freeze import Frozen
+from fxq.tracing.graph import free_name, node_order
 from fxq.passes.insert_observers import is_act_observer
 
 FALLBACK_META = "fxq_float_fallback"

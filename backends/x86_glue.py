@@ -8,7 +8,7 @@ import functools
 
 import torch
 
-from fxq import quantizer as Q
+from fxq.quant import quantizer as Q
 from fxq.errors import FxqError, InputError
 
 

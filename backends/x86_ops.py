@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxq import quantizer as Q
+from fxq.quant import quantizer as Q
 from fxq.backends.x86_glue import canonical, channels_last, per_group, row_groups
 from fxq.errors import FxqError, InputError
 

@@ -18,7 +18,7 @@ import torch
 import fxq
 from fxq import calib, report
 from fxq.diffusion import DDIM
-from fxq.images import psnr, sample_images, save_grid
+from fxq.eval.images import psnr, sample_images, save_grid
 from fxq.config import ACT_ESTIMATORS, BACKENDS
 from fxq.models.pretrained import KNOWN, load_model
 

@@ -10,12 +10,12 @@ import torch.fx as fx
 from torch import nn
 
 from fxq import calib
-from fxq.callspec import RETURN_DICT, TIMESTEP_NAMES, CallSpec, timestep_input  # noqa: F401  (TIMESTEP_NAMES: API)
-from fxq.adaround import adaround
+from fxq.tracing.callspec import RETURN_DICT, TIMESTEP_NAMES, CallSpec, timestep_input  # noqa: F401  (TIMESTEP_NAMES: API)
+from fxq.quant.adaround import adaround
 from fxq.config import QuantConfig
 from fxq.errors import ConfigError, InputError
-from fxq.freeze import freeze
-from fxq.graph import cuda_devices
+from fxq.quant.freeze import freeze
+from fxq.tracing.graph import cuda_devices
 from fxq.passes.decompose_attention import decompose_attention
 from fxq.passes.fold_bn import fold_bn
 from fxq.passes.fold_constants import fold_constants
@@ -25,12 +25,12 @@ from fxq.passes.normalize_args import normalize_args
 from fxq.passes.select_ops import SelectOps
 from fxq.qmodel import QuantizedModel
 from fxq.passes.split_shortcut import split_shortcut
-from fxq.tracer import trace
+from fxq.tracing.tracer import trace
 
 
 def timestep_placeholder(gm: fx.GraphModule, timestep_arg, timestep_groups: int = 1) -> str | None:
     """Name of the placeholder that carries the diffusion timestep (see QuantConfig.timestep_arg and
-    fxq.callspec.timestep_input: a guess by position warns, and is refused with timestep_groups > 1)."""
+    fxq.tracing.callspec.timestep_input: a guess by position warns, and is refused with timestep_groups > 1)."""
     names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     return timestep_input(names, timestep_arg, timestep_groups, warn_stacklevel=4)
 
@@ -67,7 +67,7 @@ def quantize(model: nn.Module, example_inputs, calib_data: Iterable, config: Qua
              batch_size: int = 32, progress: bool = False) -> QuantizedModel:
     """Quantized copy of `model` (a `fxq.QuantizedModel`), callable like it: same parameters and defaults, same
     output type, the original's `.config` and plain attributes; the timestep may come as a number or a tensor of
-    shape [], [1] or [B] (see fxq.callspec).
+    shape [], [1] or [B] (see fxq.tracing.callspec).
 
     example_inputs: a tuple of positional inputs, or an (args_tuple, kwargs_dict) pair.
     calib_data: any iterable of items of the same form (any batch size), e.g. `fxq.calib.trajectory(...)` or
@@ -99,7 +99,7 @@ def quantize(model: nn.Module, example_inputs, calib_data: Iterable, config: Qua
                 gm, frozen, items, example, granularity="block" if config.weight_rounding == "brecq" else "layer",
                 iters=config.adaround_iters, batch_size=batch_size, seed=config.seed, progress=progress)]
     if config.bias_correction:  # after the rounding: it corrects the error of the final weights
-        from fxq.bias_correction import correct_bias
+        from fxq.quant.bias_correction import correct_bias
         correct_bias(gm, frozen, items, example, t_name, config.bias_groups, config.num_timesteps, batch_size,
                      gain=config.gain_correction)
     lowered = _lower(gm, frozen, config)

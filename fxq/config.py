@@ -67,7 +67,7 @@ class QuantConfig:
     split_shortcut: give each operand of a channel concat feeding a quantized conv its own activation quantizer
       and weight scales, by splitting the conv over its input channels (Q-Diffusion's split shortcut).
     bias_correction: after calibration, remove the mean output error of every quantized conv/linear per output
-      channel, measured on (up to 512 items of) the calibration set (fxq.bias_correction; Nagel et al. 2019).
+      channel, measured on (up to 512 items of) the calibration set (fxq.quant.bias_correction; Nagel et al. 2019).
     bias_correction_groups: timestep groups that get their own correction (None: timestep_groups).
     gain_correction: with bias_correction, also divide out the part of each op's error that is proportional to
       its float output, per channel and group (PTQD's correlated-noise correction, applied per layer).

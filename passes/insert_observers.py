@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from fxq.graph import free_name
-from fxq.meta import VAL_KEY
-from fxq.observers import ActObserver, WeightObserver
-from fxq.ops import weight_key
+from fxq.tracing.graph import free_name
+from fxq.tracing.meta import VAL_KEY
+from fxq.quant.observers import ActObserver, WeightObserver
+from fxq.quant.ops import weight_key
 from fxq.passes.manager import PassResult
 
 ACT_PREFIX, WEIGHT_PREFIX = "fxq_obs_", "fxq_wobs_"

@@ -1,7 +1,7 @@
 """select_ops: decide which ops get quantized, record the decision in node metadata, and say why the others
 stay in float.
 
-Pattern (what is a candidate; fxq/ops.py is the catalogue):
+Pattern (what is a candidate; fxq/quant/ops.py is the catalogue):
   "conv"         call_module to nn.Conv1d/2d/3d or nn.ConvTranspose1d/2d/3d; F.conv* / F.conv_transpose* whose
                  weight is a constant (a parameter, a buffer, or a parameter function that fold_constants folded;
                  read directly or through dtype/device casts)
@@ -9,7 +9,7 @@ Pattern (what is a candidate; fxq/ops.py is the catalogue):
                  mm / einsum with two operands / the product of baddbmm, addmm, addbmm) of an activation and a
                  constant of rank >= 2 (an einsum needs exactly one output-channel letter in the constant)
   "attn_matmul"  such a matmul whose two operands both depend on the inputs' VALUES (not only on their shapes,
-                 dtype or device: fxq.graph.value_dependent_nodes) and have rank >= 3 by the shape metadata
+                 dtype or device: fxq.tracing.graph.value_dependent_nodes) and have rank >= 3 by the shape metadata
                  (batched products such as QK^T and softmax.V; a rank-2 product of two activations mixes the
                  samples of a batch and is no attention). Unknown rank (no metadata) is not selected.
 A module counts only if it computes its class's own math (no own forward, hooks or parametrization). A product
@@ -46,13 +46,13 @@ from fnmatch import fnmatchcase
 import torch
 import torch.fx
 
-from fxq import ops
+from fxq.quant import ops
 from fxq.config import OP_KINDS, QuantConfig
 from fxq.errors import UnsupportedOpError
-from fxq.graph import (
+from fxq.tracing.graph import (
     activation_nodes, hops_from, owning_module, stack_entry_path, value_dependent_nodes, warn_unmatched,
 )
-from fxq.meta import TensorMeta, rank, tensor_meta
+from fxq.tracing.meta import TensorMeta, rank, tensor_meta
 from fxq.passes.manager import PassResult
 
 META_KEY = "fxq"

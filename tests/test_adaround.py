@@ -9,11 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fxq
-from fxq import quantizer as Q
-from fxq.adaround import regions, round_region
+from fxq.quant import quantizer as Q
+from fxq.quant.adaround import regions, round_region
 from fxq.errors import ConfigError
-from fxq.freeze import Frozen
-from fxq.observers import WeightObserver
+from fxq.quant.freeze import Frozen
+from fxq.quant.observers import WeightObserver
 
 
 def round_layer(layer, qp, x, **kw):

@@ -1,4 +1,4 @@
-"""fxq.fidelity: the fxq-classifier plugs into torch-fidelity; FID/KID/ISC behave; bad inputs fail clearly.
+"""fxq.eval.fidelity: the fxq-classifier plugs into torch-fidelity; FID/KID/ISC behave; bad inputs fail clearly.
 
 Uses a small randomly initialised classifier written to a temp file: nothing depends on trained weights.
 """
@@ -13,10 +13,10 @@ import torch
 import torch_fidelity
 from safetensors.torch import save_file
 
-from fxq import fidelity
-from fxq.data import CLASSES, make_dataset
+from fxq.eval import fidelity
+from fxq.eval.data import CLASSES, make_dataset
 from fxq.errors import InputError, ModelFileError
-from fxq.fidelity import FxqClassifier, FxqClassifierFeatureExtractor, compute_metrics, load_classifier, save_classifier
+from fxq.eval.fidelity import FxqClassifier, FxqClassifierFeatureExtractor, compute_metrics, load_classifier, save_classifier
 
 DIM = 32  # feature_dim of the test classifier: FID then needs only N > 32
 

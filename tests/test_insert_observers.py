@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from fxq.config import QuantConfig
-from fxq.observers import ActObserver, WeightObserver
+from fxq.quant.observers import ActObserver, WeightObserver
 from fxq.passes.insert_observers import InsertObservers
 from fxq.passes.select_ops import SelectOps
 from tests.graph_structure import shaped_trace

@@ -4,8 +4,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fxq import quantizer as Q
-from fxq.observers import ActObserver, RangeHistogram, WeightObserver, histogram_lp_error
+from fxq.quant import quantizer as Q
+from fxq.quant.observers import ActObserver, RangeHistogram, WeightObserver, histogram_lp_error
 
 SET = settings(max_examples=25, deadline=None)
 

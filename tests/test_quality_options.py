@@ -6,7 +6,7 @@ import types
 import pytest
 import torch
 
-pytest.importorskip("fxq.fidelity")
+pytest.importorskip("fxq.eval.fidelity")
 
 from benchmarks import ablation, quality  # noqa: E402
 from fxq.diffusion import DDIM  # noqa: E402

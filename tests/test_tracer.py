@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fxq import _guards
+from fxq.tracing import _guards
 from fxq.errors import FxqWarning, InputError, SpecializationError, TraceError
-from fxq.tracer import trace
+from fxq.tracing.tracer import trace
 
 diffusers = pytest.importorskip("diffusers")
 UNet2DModel = diffusers.UNet2DModel

@@ -1,7 +1,7 @@
 """x86 int8 backend: int8 computes what fake-quant simulates, weights are stored as int8, timestep groups are
 picked per sample, fusions keep the function, modules rebuild from spec + state, bad input gets an FxqError.
 
-The bound int8 vs fake: both quantize the same float inputs with the same arithmetic (fxq.quantizer), so one op
+The bound int8 vs fake: both quantize the same float inputs with the same arithmetic (fxq.quant.quantizer), so one op
 on graph inputs sees identical codes and differs only by fake's float32 accumulation (~1e-6 relative). Deeper in
 a graph, a value that lands within that rounding of a grid midpoint can flip to the neighbouring code: one step
 of that quantizer, for a vanishing fraction of elements, far below the quantization noise itself. Hence: single
@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxq
-from fxq import quantizer as Q
+from fxq.quant import quantizer as Q
 from fxq.backends import x86, x86_glue, x86_ops
 from fxq.errors import ConfigError, FxqError, InputError
 from fxq.report import sqnr_db

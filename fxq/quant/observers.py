@@ -1,5 +1,5 @@
 """Observers: identity modules that record what flows through them during calibration, and range estimators
-that turn the record into quantization parameters (through fxq.quantizer, the one place of the arithmetic).
+that turn the record into quantization parameters (through fxq.quant.quantizer, the one place of the arithmetic).
 
 Activations are recorded as a histogram whose range grows by doubling (old bins merge exactly, so nothing is
 re-binned approximately), one per timestep group plus one over all timesteps. Its memory is fixed however many
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fxq import quantizer as Q
+from fxq.quant import quantizer as Q
 from fxq.errors import InputError
 
 BINS = 2048

@@ -22,7 +22,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from fxq.graph import custom_behaviour, stock_type
+from fxq.tracing.graph import custom_behaviour, stock_type
 
 # module type -> (kind, output-channel axis of its weight)
 MODULES = {

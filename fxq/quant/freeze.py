@@ -2,7 +2,7 @@
 
 The one hand-off between calibration and the backends: `Frozen.act` maps each activation observer's submodule
 name to its QParams, `Frozen.weight` maps each quantized weight to its QParams: by module name for a module call,
-by node name for a functional op with a constant weight (fxq.ops.weight_key). Backends lower
+by node name for a functional op with a constant weight (fxq.quant.ops.weight_key). Backends lower
 from this, so fake-quant and int8 use the very same numbers.
 """
 
@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
-from fxq.ops import weight_key, weight_tensor
+from fxq.quant.ops import weight_key, weight_tensor
 from fxq.passes.insert_observers import is_act_observer
-from fxq.quantizer import QParams
+from fxq.quant.quantizer import QParams
 
 
 @dataclass

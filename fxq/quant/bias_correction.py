@@ -8,7 +8,7 @@ float and the quantized model side by side, layer after layer, and subtract it f
 
 `correct_bias` does exactly that in one pass over the calibration set: it runs the observed graph twice in
 lockstep, node by node, once in float and once with the frozen quantization parameters (simulated with
-fxq.quantizer, the arithmetic every backend matches), all calibration samples at each node before the next
+fxq.quant.quantizer, the arithmetic every backend matches), all calibration samples at each node before the next
 node. At each quantized conv/linear the mean of (float output - quantized output) per output channel, per
 timestep group, is the correction; it is added to the quantized output before the next node runs, so later layers
 are corrected for what remains after the earlier ones (the sequential, layer-by-layer order of the paper).
@@ -27,9 +27,9 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from fxq import quantizer as Q
+from fxq.quant import quantizer as Q
 from fxq.errors import ConfigError, InputError
-from fxq.graph import free_name
+from fxq.tracing.graph import free_name
 
 MAX_SAMPLES = 512  # calibration rows used at most (every activation of them is held in memory, twice)
 PREFIX = "fxq_bias_"

@@ -19,7 +19,7 @@ import torch
 import torch.fx
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from fxq import _guards
+from fxq.tracing import _guards
 
 VAL_KEY = "fxq_val"
 

@@ -21,7 +21,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxq import calib
-from fxq.inputs import as_args_kwargs
+from fxq.tracing.inputs import as_args_kwargs
 from fxq.report import _eps, sqnr_db
 
 
@@ -217,7 +217,7 @@ def activation_ranges(model: nn.Module, example_inputs, calib_data, config,
     The model must have a timestep input (config.timestep_arg).
     """
     from fxq.api import prepare
-    from fxq.observers import ActObserver
+    from fxq.quant.observers import ActObserver
 
     gm, t_name = prepare(model, example_inputs, config)
     if t_name is None:

@@ -23,7 +23,7 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from fxq.errors import ConfigError, FxqError, FxqWarning, InputError
-from fxq.inputs import as_args_kwargs
+from fxq.tracing.inputs import as_args_kwargs
 
 TIMESTEP_NAMES = ("t", "timestep", "timesteps", "time")
 RETURN_DICT = "return_dict"
@@ -303,7 +303,7 @@ class CallSpec:
         return args, kwargs, return_dict
 
     def canonical_item(self, item, where: str) -> tuple[tuple, dict]:
-        """One input item (any form `fxq.inputs.as_args_kwargs` takes) as a canonical (args, kwargs) pair."""
+        """One input item (any form `fxq.tracing.inputs.as_args_kwargs` takes) as a canonical (args, kwargs) pair."""
         args, kwargs, _ = self.canonical(*as_args_kwargs(item), where)
         return args, kwargs
 

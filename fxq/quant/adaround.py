@@ -28,10 +28,10 @@ import torch.fx as fx
 from torch import nn
 from tqdm.auto import tqdm
 
-from fxq import quantizer as Q
+from fxq.quant import quantizer as Q
 from fxq.calib import batches, device_of
-from fxq.freeze import Frozen
-from fxq.graph import stack_entry_path
+from fxq.quant.freeze import Frozen
+from fxq.tracing.graph import stack_entry_path
 from fxq.passes.insert_observers import is_act_observer
 
 ZETA, GAMMA = 1.1, -0.1

@@ -1,7 +1,7 @@
 """FID / KID / Inception Score offline: a small classifier trained on fxq's own dataset, plugged into torch-fidelity.
 
 Nothing is downloaded. The default feature extractor, "fxq-classifier", is a 6-conv CNN trained on
-`fxq.data` by benchmarks/train_classifier.py; its weights ship as fxq/weights/fxq_classifier.safetensors.
+`fxq.eval.data` by benchmarks/train_classifier.py; its weights ship as fxq/weights/fxq_classifier.safetensors.
 Users who hold the Inception-v3 weights file can pass feature_extractor="inception-v3-compat" with its path.
 
     metrics = compute_metrics(samples_u8, reference_u8)   # uint8 [N, 3, 32, 32] tensors or PNG directories
@@ -18,9 +18,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fxq.data import CLASSES, IMAGE_SIZE, NUM_DECORATIONS, NUM_FONTS, NUM_PHOTOS, to_model_range
+from fxq.eval.data import CLASSES, IMAGE_SIZE, NUM_DECORATIONS, NUM_FONTS, NUM_PHOTOS, to_model_range
 from fxq.errors import ConfigError, InputError, ModelFileError
-from fxq.images import check_images
+from fxq.eval.images import check_images
 from fxq.models.pretrained import read_safetensors
 
 try:
@@ -43,7 +43,7 @@ _LAYERS = {"inception-v3-compat": ("2048", "logits_unbiased", 2048)}
 FEATURE_EXTRACTORS = (EXTRACTOR_NAME, *_LAYERS)
 
 
-# Auxiliary heads: the dataset's drawing parameters (fxq.data.ATTRIBUTES). A 10-class task alone is solved by
+# Auxiliary heads: the dataset's drawing parameters (fxq.eval.data.ATTRIBUTES). A 10-class task alone is solved by
 # features that see only the letter; predicting font, photo, decoration, angle, size and crop scale as well keeps
 # stroke, texture and colour detail in the features, so FID/KID also react to noise, blur and colour shifts.
 AUX_HEADS = {"font": NUM_FONTS, "photo": NUM_PHOTOS, "decoration": NUM_DECORATIONS, "regress": 3}

@@ -24,14 +24,14 @@ import torch.fx
 from torch.fx._symbolic_trace import _maybe_revert_all_patches
 from torch.fx.node import map_aggregate
 
-from fxq import _guards
-from fxq._proxy import (
+from fxq.tracing import _guards
+from fxq.tracing._proxy import (
     META_FUNCTIONS, META_METHODS, ReplayTracer, ValueProxy, concrete, factories_unpatched, has_numbers,
 )
 from fxq.errors import FxqError, FxqWarning, InputError, TraceError
-from fxq.graph import cuda_devices, innermost_module, warn_unmatched
-from fxq.inputs import as_args_kwargs
-from fxq.meta import record as record_meta
+from fxq.tracing.graph import cuda_devices, innermost_module, warn_unmatched
+from fxq.tracing.inputs import as_args_kwargs
+from fxq.tracing.meta import record as record_meta
 
 __all__ = ["trace"]
 
@@ -383,7 +383,7 @@ def _leaf_patterns(leaf_modules, model) -> tuple[str, ...]:
 def trace(model: torch.nn.Module, example_inputs, leaf_modules=()) -> torch.fx.GraphModule:
     """Trace `model` into a GraphModule with the model's call signature and output type.
 
-    example_inputs: one input item (see fxq.inputs.as_args_kwargs): `x`, `(x, t)` or `((x, t), {"k": v})`.
+    example_inputs: one input item (see fxq.tracing.inputs.as_args_kwargs): `x`, `(x, t)` or `((x, t), {"k": v})`.
     leaf_modules: fnmatch patterns of module names kept opaque (one call_module node each; they stay in float).
     The model itself is not modified: a deep copy is traced.
     """

@@ -51,7 +51,7 @@ def sample_images(model, sampler, n: int, batch_size: int, seed: int, device=Non
     rank returns all n images. Batch b draws its noise from (seed, sample index) and seed * 1_000_003 + b
     whichever rank runs it, so the images equal a one-process run's with the same arguments.
     """
-    from fxq.data import from_model_range  # the dataset's pixel convention
+    from fxq.eval.data import from_model_range  # the dataset's pixel convention
 
     check_count("n", n)
     check_count("batch_size", batch_size)
@@ -94,7 +94,7 @@ def check_images(x, what: str = "samples") -> torch.Tensor:
         raise InputError(f"{what} must be a torch tensor, got {type(x).__name__}")
     if x.dtype != torch.uint8:
         raise InputError(f"{what} must be uint8 images in [0, 255], got {x.dtype}; model outputs in [-1, 1] "
-                         "convert with fxq.data.from_model_range")
+                         "convert with fxq.eval.data.from_model_range")
     if x.dim() != 4 or x.shape[1] != 3:
         raise InputError(f"{what} must have shape [N, 3, H, W], got {list(x.shape)}")
     return x

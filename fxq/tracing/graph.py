@@ -16,10 +16,10 @@ from torch import nn
 from torch.fx import Node
 from torch.nn.utils.parametrize import is_parametrized
 
-from fxq._guards import is_guard
-from fxq._proxy import META_FUNCTIONS, META_METHODS
+from fxq.tracing._guards import is_guard
+from fxq.tracing._proxy import META_FUNCTIONS, META_METHODS
 from fxq.errors import FxqWarning
-from fxq.meta import rank, tensor_meta  # noqa: F401  (shape metadata readers: recorded, read and filled in fxq.meta)
+from fxq.tracing.meta import rank, tensor_meta  # noqa: F401  (shape metadata readers: recorded, read and filled in fxq.tracing.meta)
 
 
 def to_networkx(graph: torch.fx.Graph) -> nx.DiGraph:

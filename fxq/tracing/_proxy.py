@@ -1,7 +1,7 @@
 """Proxies that carry example values, and the patches that let torch factories take them.
 
 A `ValueProxy` is a torch.fx Proxy plus the value the example inputs give its node, so model code that asks Python
-questions about it (`len(x.shape)`, `torch.is_tensor(t)`, `if x.ndim == 4`) gets answers; `fxq.tracer` decides
+questions about it (`len(x.shape)`, `torch.is_tensor(t)`, `if x.ndim == 4`) gets answers; `fxq.tracing.tracer` decides
 which answers become guards and which are refused.
 """
 
@@ -18,7 +18,7 @@ import torch
 import torch.fx
 from torch.fx.node import map_aggregate
 
-from fxq import _guards
+from fxq.tracing import _guards
 
 # Tensor methods and functions that read metadata, not values: a Python number they return is a shape. (Every
 # tensor *attribute* is metadata; values are reachable only through calls such as item() and tolist().)

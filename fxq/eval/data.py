@@ -62,13 +62,13 @@ def _package_file(package, relpath):
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(
-            f"fxq.data draws its images from files bundled with {pip_name}, which is not installed; "
+            f"fxq.eval.data draws its images from files bundled with {pip_name}, which is not installed; "
             f"install it (pip install {pip_name})"
         )
     path = os.path.join(spec.submodule_search_locations[0], relpath)
     if not os.path.isfile(path):
         raise ConfigError(
-            f"fxq.data needs {relpath} from {pip_name}, but {path} does not exist; "
+            f"fxq.eval.data needs {relpath} from {pip_name}, but {path} does not exist; "
             f"reinstall {pip_name} from its wheel (the file ships in it)"
         )
     return path

@@ -469,7 +469,7 @@ def _decode_codegen(graph: fx.Graph, spec) -> None:
 
 def decode_graph(desc, where: str) -> fx.Graph:
     """Rebuild the fx.Graph of encode_graph's output. Nothing here runs: fx generates the code afterwards."""
-    from fxq._proxy import ReplayTracer
+    from fxq.tracing._proxy import ReplayTracer
 
     if not isinstance(desc, dict) or not isinstance(desc.get("nodes"), list):
         raise ModelFileError(f"{where}: the graph description has no node list")
@@ -503,7 +503,7 @@ def decode_graph(desc, where: str) -> fx.Graph:
 
 
 def _register_fxq_functions() -> None:
-    from fxq import _guards
+    from fxq.tracing import _guards
     # stable names, so files keep loading wherever the guards' module moves
     for fn in _guards.GUARD_FUNCTIONS:
         register_function(fn, f"fxq:{fn.__name__}")
