@@ -57,7 +57,7 @@ class _Fn(nn.Module):
 
 @st.composite
 def _conv_t(draw):
-    dims = draw(st.sampled_from([1, 2]))
+    dims = draw(st.sampled_from([1, 2, 3]))
     groups = draw(st.sampled_from([1, 2]))
     k, stride, dilation = draw(st.integers(1, 4)), draw(st.integers(1, 3)), draw(st.integers(1, 2))
     padding = draw(st.integers(0, dilation * (k - 1) + 1))  # beyond dilation * (k - 1): the spread is cropped
@@ -79,12 +79,12 @@ def _conv_t(draw):
 def test_transposed_conv_equals_fake_quant_up_to_accumulation(case, seed):
     torch.manual_seed(seed)
     c = case
-    conv = [nn.ConvTranspose1d, nn.ConvTranspose2d][c["dims"] - 1](
+    conv = [nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d][c["dims"] - 1](
         c["cin"], c["cout"], c["k"], c["stride"], c["padding"], c["output_padding"], c["groups"], c["bias"],
         c["dilation"])
     args = (c["stride"], c["padding"], c["output_padding"], c["groups"], c["dilation"])
     if c["functional"]:  # the weight is a parameter of the model, not of a module in the graph
-        fn = [F.conv_transpose1d, F.conv_transpose2d][c["dims"] - 1]
+        fn = [F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d][c["dims"] - 1]
         model = _Fn(lambda s, x: fn(x, s.w, s.b, *args), w=conv.weight, b=conv.bias)
     else:
         model = _Fn(lambda s, x: s.conv(x), conv=conv)
