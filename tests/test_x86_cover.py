@@ -95,17 +95,21 @@ def test_transposed_conv_equals_fake_quant_up_to_accumulation(case, seed):
     _close(int8(x), fake(x))
 
 
-def test_transposed_conv_weights_are_the_fake_quant_weights_as_int8():
+@pytest.mark.parametrize("dilation, mode", [(1, "subpixel"), (2, "spread")])
+def test_transposed_conv_weights_are_the_fake_quant_weights_as_int8(dilation, mode):
     torch.manual_seed(0)
-    conv = nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2)
+    conv = nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2, dilation=dilation)
     fake, int8 = _pair(_Fn(lambda s, x: s.conv(x), conv=conv).eval(), (torch.randn(1, 4, 3, 3),),
                        [(torch.randn(1, 4, 3, 3),)])
     q = _modules(int8, x86_forms.QConvTranspose)[0]
-    assert q.weight.dtype == torch.int8
+    assert q.weight.dtype == torch.int8 and q.mode == mode
     wf = fake.graph_module.get_submodule("conv").weight  # [in, out / groups, kh, kw], fake-quantized
-    dequant = (q.weight.float() * q.w_scale.reshape(-1, 1, 1, 1)).flip(-1, -2)  # [out, in / groups, kh, kw]
-    back = dequant.reshape(2, 3, 2, 3, 3).transpose(1, 2).reshape(4, 3, 3, 3)
-    assert torch.equal(back, wf)
+    per_out = wf.reshape(2, 2, 3, 9).permute(0, 2, 1, 3).reshape(6, 18)  # output channel (group, j): its taps
+    phases = q.out_channels // 6  # subpixel: channel c * phases + r holds phase r's taps of output channel c
+    dequant = (q.weight.float() * q.w_scale.reshape(-1, 1, 1, 1)).reshape(q.out_channels, -1)
+    for c in range(6):
+        taps = dequant[c * phases:(c + 1) * phases].reshape(-1) if phases > 1 else dequant[c]
+        assert torch.equal(taps[taps != 0].sort().values, per_out[c][per_out[c] != 0].sort().values)
 
 
 class _UpBlock(nn.Module):
