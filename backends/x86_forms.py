@@ -167,9 +167,10 @@ def linear_reason(gm: fx.GraphModule, node: fx.Node) -> str | None:
 def _linear_operands(gm, node):
     """(weight [out, in], bias or None) of a functional linear / a matmul with a constant."""
     meta = node.meta["fxq"]
-    if node.op == "call_function" and node.target is torch.einsum:
-        raise _Refuse("an einsum with a constant has no int8 kernel here (write it as F.linear or x @ W)")
     weight = catalogue.weight_tensor(gm, node)
+    if node.op == "call_function" and node.target is torch.einsum:
+        plan = EinsumLinearPlan(node.args[0], meta["act_inputs"][0] == 2)
+        return plan.weight_matrix(weight), None
     act = node.args[meta["act_inputs"][0]]
     if (_operand_rank(act) or 0) < 2:
         raise _Refuse("its activation is a vector (rank < 2)")
@@ -421,6 +422,70 @@ class QEinsum(QMatmul):
         return f"{self.equation!r}, groups={self.groups}"
 
 
+class EinsumLinearPlan:
+    """How a two-operand einsum of an activation and a constant is a linear layer: the constant's letters are the
+    contracted ones plus one output letter; the activation's other letters pass through."""
+
+    def __init__(self, equation: str, weight_first: bool = False):
+        parsed = catalogue.parse_einsum(equation) if isinstance(equation, str) else None
+        if parsed is None:
+            raise _Refuse(f"einsum {equation!r}: only two operands with lettered axes (no ellipsis) have an int8 "
+                          "form here")
+        (a, w), out = parsed
+        if weight_first:
+            a, w = w, a
+        self.a, self.w, self.out, self.weight_first = a, w, out, weight_first
+        self.k = [c for c in a if c in w and c not in out]
+        self.free = [c for c in a if c in out]
+        outs = [c for c in w if c in out and c not in a]
+        if (len(set(a)) != len(a) or len(set(w)) != len(w) or len(set(out)) != len(out) or len(outs) != 1
+                or set(w) != set(self.k) | set(outs) or set(a) != set(self.k) | set(self.free)
+                or set(out) != set(self.free) | set(outs)):
+            raise _Refuse(f"einsum {equation!r} is not a linear layer of the activation (the constant must hold the "
+                          "contracted letters and one output letter, and nothing else)")
+        self.o = outs[0]
+
+    def weight_matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        """The constant as a [out, contracted] matrix (contracted letters in the activation's order)."""
+        perm = [self.w.index(self.o)] + [self.w.index(c) for c in self.k]
+        w = weight.permute(perm)
+        return w.reshape(w.shape[0], -1)
+
+
+class QEinsumLinear(QLinear):
+    """torch.einsum(equation, x, W) (or W first) with a constant W, as QLinear over x's codes with the contracted
+    letters moved last; the output permuted to the equation's order. Per-sample timestep groups need the
+    activation's dim 0 to stay the output's first pass-through letter."""
+
+    _spec_fields = QLinear._spec_fields + ("equation", "weight_first")
+
+    def __init__(self, *args, equation: str = "", weight_first: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.equation, self.weight_first = equation, weight_first
+        try:
+            self.plan = EinsumLinearPlan(equation, weight_first)
+        except _Refuse as why:
+            raise InputError(str(why)) from None
+
+    def forward(self, x: torch.Tensor, g=None, other: torch.Tensor | None = None) -> torch.Tensor:
+        p = self.plan
+        if x.dim() != len(p.a):
+            raise InputError(f"einsum {self.equation!r} got an activation of shape {tuple(x.shape)}")
+        if isinstance(g, torch.Tensor) and not (p.free and p.free[0] == p.a[0]):
+            raise InputError(f"einsum {self.equation!r}: its rows do not map to samples, so a batch of mixed "
+                             "timestep groups cannot be served; call the model with one timestep for the batch")
+        xs = x.permute([p.a.index(c) for c in p.free + p.k])
+        lead = list(xs.shape[:len(p.free)])
+        y = super().forward(xs.reshape(lead + [-1]) if lead else xs.reshape(1, -1), g)  # [*free, out]
+        y = y.reshape(lead + [y.shape[-1]])
+        order = p.free + [p.o]
+        y = y.permute([order.index(c) for c in p.out])
+        return y if other is None else y + other
+
+    def extra_repr(self) -> str:
+        return f"{self.equation!r}, " + super().extra_repr()
+
+
 # --- graph rewrites --------------------------------------------------------------------------------------------
 
 def product_epilogue(graph: fx.Graph, node: fx.Node, product: fx.Node) -> fx.Node:
@@ -458,6 +523,10 @@ def lower_weighted(gm: fx.GraphModule, node: fx.Node, wqp: Q.QParams, xqp: Q.QPa
         return module
     weight, bias = _linear_operands(gm, node)
     groups = xqp.scale.numel() if xqp.scale.dim() == 1 else 1
-    module = QLinear(weight.shape[1], weight.shape[0], bias is not None, groups)
+    if node.target is torch.einsum:
+        module = QEinsumLinear(weight.shape[1], weight.shape[0], False, groups, equation=node.args[0],
+                               weight_first=meta["act_inputs"][0] == 2)
+    else:
+        module = QLinear(weight.shape[1], weight.shape[0], bias is not None, groups)
     module.set_weight(weight, Q.QParams(wqp.scale, wqp.zero_point, wqp.bits, wqp.signed, 0), bias, xqp)
     return module

@@ -155,6 +155,12 @@ _WEIGHTED = {
                     b=nn.Parameter(torch.randn(5))),
         (2, 3, 4), x86_ops.QLinear),
     "x @ W": (lambda: _Fn(lambda s, x: x @ s.w, w=nn.Parameter(torch.randn(4, 5))), (2, 3, 4), x86_ops.QLinear),
+    "einsum bhwc,cd->bhwd": (
+        lambda: _Fn(lambda s, x: torch.einsum("bhwc,cd->bhwd", x, s.w), w=nn.Parameter(torch.randn(4, 5))),
+        (2, 3, 3, 4), x86_forms.QEinsumLinear),
+    "einsum, constant first, two contracted letters, permuted output": (
+        lambda: _Fn(lambda s, x: torch.einsum("dce,bcne->bdn", s.w, x), w=nn.Parameter(torch.randn(5, 3, 2))),
+        (2, 3, 4, 2), x86_forms.QEinsumLinear),
     "torch.addmm(b, x, W, beta, alpha)": (
         lambda: _Fn(lambda s, x: torch.addmm(s.b, x, s.w, beta=0.5, alpha=2.0), w=nn.Parameter(torch.randn(4, 5)),
                     b=nn.Parameter(torch.randn(5))),
@@ -181,6 +187,21 @@ def test_a_constant_on_the_left_is_named_or_falls_back_as_fake_quant():
     fake, int8 = _pair(model, (x,), [(x,)], float_fallback=True)
     assert [r["kind"] for r in x86.fallbacks(int8)] == ["linear"]
     assert torch.equal(int8(x), fake(x))  # the fallback is the fake-quant op itself, weight included
+
+
+def test_einsum_linear_serves_mixed_timestep_groups_and_refuses_a_per_sample_constant():
+    torch.manual_seed(0)
+    model = _Fn(lambda s, x, t: torch.einsum("bnc,cd->bnd", x * (1 + t.float().reshape(-1, 1, 1) / 50), s.w),
+                w=nn.Parameter(torch.randn(4, 5))).eval()
+    calib = [(torch.randn(2, 3, 4), torch.full((2,), t)) for t in (10, 900)]
+    fake, int8 = _pair(model, calib[0], calib, timestep_groups=2, timestep_arg=1)
+    assert len(_modules(int8, x86_forms.QEinsumLinear)) == 1
+    x, t = torch.randn(2, 3, 4), torch.tensor([950, 5])
+    _close(int8(x, t), fake(x, t))
+    batched = _Fn(lambda s, x: torch.einsum("bij,bjk->bik", x, s.w), w=nn.Parameter(torch.randn(2, 4, 5))).eval()
+    x = torch.randn(2, 3, 4)
+    with pytest.raises(FxqError, match=r"node einsum.*not a linear layer"):
+        fxq.quantize(batched, (x,), [(x,)], fxq.QuantConfig(**X86))
 
 
 # --- attention matmuls ----------------------------------------------------------------------------------------
