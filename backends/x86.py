@@ -3,7 +3,9 @@
 Lowering (from the same `Frozen` QParams the fake backend uses, so both compute one function):
 - each activation observer feeding an int8 op becomes a `Quantize` node (float -> uint8 codes); conv/linear
   become `QConv`/`QLinear` (int8 weights per output channel, fp32 bias, fp32 output with the dequantization
-  fused); attention matmuls (`torch.matmul`/`bmm`, `@`) become `QMatmul`.
+  fused); attention matmuls (`torch.matmul`/`bmm`, `@`) become `QMatmul`. The other forms (transposed and
+  functional convs, functional linears, matmuls/einsums with a constant, baddbmm/addbmm/addmm, einsum attention)
+  map onto the same kernels through x86_forms.py.
 - an op select_ops chose that has no int8 kernel here (see `unsupported_reason`) raises `FxqError` naming it,
   unless `QuantConfig(float_fallback=True)`: then it runs its fake-quant simulation; `fallbacks(qmodel)` lists
   those ops and why.

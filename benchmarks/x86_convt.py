@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxq import quantizer as Q
-from fxq.backends.x86_forms import ConvSpec, QConvTranspose
+from fxq.backends.x86_convtranspose import QConvTranspose
+from fxq.backends.x86_forms import ConvSpec
 from fxq.backends.x86_ops import Quantize
 
 # (channels, size, kernel, stride, padding, output_padding): 2x upsampling as UNets write it

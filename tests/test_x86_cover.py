@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxq
-from fxq.backends import x86, x86_forms, x86_glue, x86_ops
+from fxq.backends import x86, x86_convtranspose, x86_forms, x86_glue, x86_ops
 from fxq.errors import FxqError, InputError
 from fxq.report import quantized_ops, sqnr_db
 
@@ -90,7 +90,7 @@ def test_transposed_conv_equals_fake_quant_up_to_accumulation(case, seed):
         model = _Fn(lambda s, x: s.conv(x), conv=conv)
     shape = (2, c["cin"]) + (c["size"],) * c["dims"]
     fake, int8 = _pair(model.eval(), (torch.randn(shape),), [(torch.randn(shape) * 2 + 0.5,)])
-    assert len(_modules(int8, x86_forms.QConvTranspose)) == 1 and not x86.fallbacks(int8)
+    assert len(_modules(int8, x86_convtranspose.QConvTranspose)) == 1 and not x86.fallbacks(int8)
     x = torch.randn(shape) * 2
     _close(int8(x), fake(x))
 
@@ -101,7 +101,7 @@ def test_transposed_conv_weights_are_the_fake_quant_weights_as_int8(dilation, mo
     conv = nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2, dilation=dilation)
     fake, int8 = _pair(_Fn(lambda s, x: s.conv(x), conv=conv).eval(), (torch.randn(1, 4, 3, 3),),
                        [(torch.randn(1, 4, 3, 3),)])
-    q = _modules(int8, x86_forms.QConvTranspose)[0]
+    q = _modules(int8, x86_convtranspose.QConvTranspose)[0]
     assert q.weight.dtype == torch.int8 and q.mode == mode
     wf = fake.graph_module.get_submodule("conv").weight  # [in, out / groups, kh, kw], fake-quantized
     per_out = wf.reshape(2, 2, 3, 9).permute(0, 2, 1, 3).reshape(6, 18)  # output channel (group, j): its taps
@@ -131,7 +131,7 @@ def test_transposed_conv_takes_the_fusions_and_a_mixed_timestep_batch():
     model = _Fn(lambda s, x, t: s.block(x * (1 + t.float().reshape(-1, 1, 1, 1) / 100)), block=_UpBlock(4)).eval()
     calib = [(torch.randn(2, 4, 4, 4), torch.full((2,), t)) for t in (10, 300, 600, 900)]
     fake, int8 = _pair(model, calib[0], calib, timestep_groups=4, timestep_arg=1)
-    up = _modules(int8, x86_forms.QConvTranspose)[0]
+    up = _modules(int8, x86_convtranspose.QConvTranspose)[0]
     assert up.unary == "swish" and up.out_quant  # SiLU fused, the next conv's codes written by the kernel
     x, t = torch.randn(4, 4, 4, 4), torch.tensor([900, 10, 600, 300])
     y8 = int8(x, t)
@@ -310,7 +310,7 @@ def test_covered_ops_save_and_load_bit_identical(tmp_path):
     x = torch.randn(2, 4, 3, 3)
     int8 = fxq.quantize(_Covered().eval(), (x,), [(x,), (x * 2,)], fxq.QuantConfig(**X86))
     assert quantized_ops(int8) == {"conv": 1, "linear": 1, "attn_matmul": 2}
-    assert _modules(int8, x86_forms.QConvTranspose) and len(_modules(int8, x86_forms.QEinsum)) == 2
+    assert _modules(int8, x86_convtranspose.QConvTranspose) and len(_modules(int8, x86_forms.QEinsum)) == 2
     path = tmp_path / "covered.fxq.safetensors"
     fxq.save(int8, path)
     loaded = fxq.load(path)
