@@ -291,26 +291,28 @@ def test_qeinsum_refuses_what_it_cannot_compute():
 # --- saving ------------------------------------------------------------------------------------------------------
 
 class _Covered(nn.Module):
-    """A transposed conv, a functional linear and an einsum attention in one model."""
+    """A transposed conv, a functional linear, an einsum linear and einsum attention in one model."""
 
     def __init__(self):
         super().__init__()
         self.up = nn.ConvTranspose2d(4, 4, 2, stride=2)
         self.w = nn.Parameter(torch.randn(8, 4) * 0.3)
+        self.v = nn.Parameter(torch.randn(4, 6) * 0.3)
 
     def forward(self, x):
         h = self.up(x).flatten(2).transpose(1, 2)                        # [b, hw, c]
         q = F.linear(h, self.w)                                           # [b, hw, 8]
         attn = torch.einsum("bic,bjc->bij", q, q).softmax(-1)
-        return torch.einsum("bij,bjc->bic", attn, h)
+        return torch.einsum("bij,bjc->bic", attn, torch.einsum("bjc,cd->bjd", h, self.v))
 
 
 def test_covered_ops_save_and_load_bit_identical(tmp_path):
     torch.manual_seed(0)
     x = torch.randn(2, 4, 3, 3)
     int8 = fxq.quantize(_Covered().eval(), (x,), [(x,), (x * 2,)], fxq.QuantConfig(**X86))
-    assert quantized_ops(int8) == {"conv": 1, "linear": 1, "attn_matmul": 2}
+    assert quantized_ops(int8) == {"conv": 1, "linear": 2, "attn_matmul": 2}
     assert _modules(int8, x86_convtranspose.QConvTranspose) and len(_modules(int8, x86_forms.QEinsum)) == 2
+    assert _modules(int8, x86_forms.QEinsumLinear)
     path = tmp_path / "covered.fxq.safetensors"
     fxq.save(int8, path)
     loaded = fxq.load(path)
