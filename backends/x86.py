@@ -146,7 +146,7 @@ def lower(gm: fx.GraphModule, frozen: Frozen, config) -> fx.GraphModule:
         elif not _plain_module(gm, node):  # functional / transposed conv, functional linear, x @ W
             xqp = qparams[node.args[meta["act_inputs"][0]]]
             name = free_name(gm, f"fxq_q{meta['kind']}_{node.name}")
-            gm.add_submodule(name, forms.lower_weighted(gm, node, frozen.weight[weight_key(node)], xqp, name))
+            gm.add_submodule(name, forms.lower_weighted(gm, node, frozen.weight[weight_key(node)], xqp))
             _replace(graph, node, name, (node.args[meta["act_inputs"][0]], group), epilogue=True)
         else:
             xqp = qparams[node.args[0]]

@@ -358,7 +358,7 @@ def product_epilogue(graph: fx.Graph, node: fx.Node, product: fx.Node) -> fx.Nod
     return out
 
 
-def lower_weighted(gm: fx.GraphModule, node: fx.Node, wqp: Q.QParams, xqp: Q.QParams, name: str) -> nn.Module:
+def lower_weighted(gm: fx.GraphModule, node: fx.Node, wqp: Q.QParams, xqp: Q.QParams) -> nn.Module:
     """The int8 module computing a conv/linear node that QConv.from_float / QLinear.from_float do not cover
     (a transposed conv, a functional conv/linear, a matmul with a constant); the graph is rewired by the caller."""
     meta = node.meta["fxq"]
