@@ -7,6 +7,8 @@ The bound is test_x86_backend's: one op on graph inputs sees the codes fake-quan
 float32 accumulation order only: within 1e-4 of the output's magnitude.
 """
 
+import operator
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -138,6 +140,20 @@ def test_transposed_conv_takes_the_fusions_and_a_mixed_timestep_batch():
     assert sqnr_db(fake(x, t), y8) >= 40
     for i in range(4):  # mixed groups: each row spread with its own group's zero point
         assert torch.allclose(int8(x[i:i + 1], t[i:i + 1]), y8[i:i + 1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dilation", [1, 2])  # the subpixel and the spread form
+def test_transposed_conv_takes_a_fused_residual_add(dilation):
+    torch.manual_seed(0)
+    up = nn.ConvTranspose2d(3, 3, 3, stride=2, padding=dilation, output_padding=1, dilation=dilation)
+    model = _Fn(lambda s, x: s.up(x) + F.interpolate(x, scale_factor=2.0) * 2, up=up).eval()
+    x = torch.randn(2, 3, 4, 4)
+    fake, int8 = _pair(model, (x,), [(x * 1.5,)])
+    q = _modules(int8, x86_convtranspose.QConvTranspose)[0]
+    assert q.accum and q.mode == ("subpixel" if dilation == 1 else "spread")
+    assert operator.add not in [n.target for n in int8.graph.nodes]
+    x = torch.randn(2, 3, 4, 4)
+    _close(int8(x), fake(x))
 
 
 # --- functional convs / linears, matmuls with a constant --------------------------------------------------------
