@@ -3,7 +3,9 @@
 Lowering (from the same `Frozen` QParams the fake backend uses, so both compute one function):
 - each activation observer feeding an int8 op becomes a `Quantize` node (float -> uint8 codes); conv/linear
   become `QConv`/`QLinear` (int8 weights per output channel, fp32 bias, fp32 output with the dequantization
-  fused); attention matmuls (`torch.matmul`/`bmm`, `@`) become `QMatmul`.
+  fused); attention matmuls (`torch.matmul`/`bmm`, `@`) become `QMatmul`. The other forms (transposed and
+  functional convs, functional linears, matmuls/einsums with a constant, baddbmm/addbmm/addmm, einsum attention)
+  map onto the same kernels through x86_forms.py.
 - an op select_ops chose that has no int8 kernel here (see `unsupported_reason`) raises `FxqError` naming it,
   unless `QuantConfig(float_fallback=True)`: then it runs its fake-quant simulation; `fallbacks(qmodel)` lists
   those ops and why.
@@ -31,17 +33,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxq.quant import quantizer as Q
+from fxq.backends import x86_forms as forms
 from fxq.backends import x86_glue as glue
 from fxq.backends import x86_ops as ops
 from fxq.backends.fake import FakeQuantize
+from fxq.backends.fake import _replace_constant_weight as fake_constant_weight
 from fxq.calib import device_of
 from fxq.errors import ConfigError, FxqError
 from fxq.quant.freeze import Frozen
 from fxq.tracing.graph import free_name, node_order
+from fxq.quant.ops import weight_key
 from fxq.passes.insert_observers import is_act_observer
 
 FALLBACK_META = "fxq_float_fallback"
-_MATMULS = {torch.matmul, torch.bmm, operator.matmul, "matmul", "bmm"}
 
 
 # --- checks ----------------------------------------------------------------------------------------------------
@@ -67,19 +71,13 @@ def unsupported_reason(gm: fx.GraphModule, node: fx.Node) -> str | None:
     if meta["act_bits"] != 8 or (meta["weight_bits"] not in (None, 8)):
         return f"{meta['weight_bits']}/{meta['act_bits']}-bit (int8 kernels need 8/8)"
     kind = meta["kind"]
-    if kind == "conv":
-        conv = gm.get_submodule(node.target)
-        if not isinstance(conv, nn.modules.conv._ConvNd) or conv.transposed:
-            return f"{type(conv).__name__} has no int8 kernel here"
-        if conv.padding_mode != "zeros":
-            return f"padding_mode={conv.padding_mode!r} (the int8 conv pads with zeros only)"
-        if isinstance(conv.padding, str):
-            return f"padding={conv.padding!r} (give explicit padding)"
-        return None
+    if kind == "conv":  # modules and functional convs, transposed or not
+        spec = forms.conv_spec(gm, node)
+        return spec if isinstance(spec, str) else None
     if kind == "linear":
-        return None
+        return None if _module(gm, node, nn.Linear) is not None else forms.linear_reason(gm, node)
     if kind == "attn_matmul":
-        return None if node.target in _MATMULS else f"{node.target} (matmul/bmm/@ have an int8 kernel here)"
+        return forms.matmul_reason(node)
     return f"op kind {kind!r}"
 
 
@@ -140,8 +138,16 @@ def lower(gm: fx.GraphModule, frozen: Frozen, config) -> fx.GraphModule:
             a, b = (node.args[i] for i in meta["act_inputs"])
             aqp, bqp = qparams[a], qparams[b]
             name = free_name(gm, f"fxq_qmatmul_{node.name}")
-            gm.add_submodule(name, ops.QMatmul.from_qparams(aqp, bqp))
-            _replace(graph, node, name, (a, b, group))
+            if node.target is torch.einsum:
+                gm.add_submodule(name, forms.QEinsum.from_qparams(aqp, bqp, node.args[0]))
+            else:
+                gm.add_submodule(name, ops.QMatmul.from_qparams(aqp, bqp))
+            _replace(graph, node, name, (a, b, group), epilogue=True)
+        elif not _plain_module(gm, node):  # functional / transposed conv, functional linear, x @ W
+            xqp = qparams[node.args[meta["act_inputs"][0]]]
+            name = free_name(gm, f"fxq_q{meta['kind']}_{node.name}")
+            gm.add_submodule(name, forms.lower_weighted(gm, node, frozen.weight[weight_key(node)], xqp))
+            _replace(graph, node, name, (node.args[meta["act_inputs"][0]], group), epilogue=True)
         else:
             xqp = qparams[node.args[0]]
             cls = ops.QConv if meta["kind"] == "conv" else ops.QLinear
@@ -185,18 +191,30 @@ def _group_node(gm: fx.GraphModule, frozen: Frozen, config):
         return gm.graph.call_function(glue.timestep_group, (t, config.timestep_groups, config.num_timesteps))
 
 
-def _replace(graph: fx.Graph, node: fx.Node, target: str, args: tuple) -> fx.Node:
+def _replace(graph: fx.Graph, node: fx.Node, target: str, args: tuple, epilogue: bool = False) -> fx.Node:
+    """node ==> call of module `target`; with `epilogue`, followed by the float rest of an add-form product
+    (baddbmm, addmm, addbmm: see x86_forms.product_epilogue)."""
     with graph.inserting_before(node):
         new = graph.call_module(target, args)
     new.meta = node.meta
-    node.replace_all_uses_with(new)
+    last = forms.product_epilogue(graph, node, new) if epilogue else new
+    node.replace_all_uses_with(last)
     graph.erase_node(node)
     return new
 
 
+def _plain_module(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A call of an nn.Linear or a (not transposed) conv module: QLinear/QConv.from_float take it as it is."""
+    conv = _module(gm, node, nn.modules.conv._ConvNd)
+    return _module(gm, node, nn.Linear) is not None or (conv is not None and not conv.transposed
+                                                         and not isinstance(conv.padding, str))
+
+
 def _fake_weight(gm: fx.GraphModule, node: fx.Node, frozen: Frozen) -> None:
-    qp = frozen.weight.get(node.target) if node.op == "call_module" else None
-    if qp is not None:
+    qp = frozen.weight.get(weight_key(node))
+    if qp is not None and node.op != "call_module":  # a functional op's constant weight, as the fake backend does
+        fake_constant_weight(gm, node, node.meta["fxq"]["weight_input"], qp)
+    elif qp is not None:
         module = gm.get_submodule(node.target)
         module.weight = nn.Parameter(Q.fake_quantize(module.weight.detach().float(), qp).to(module.weight.dtype),
                                      requires_grad=False)
