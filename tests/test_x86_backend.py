@@ -116,6 +116,21 @@ def test_attention_matmul_equals_fake_quant_up_to_accumulation(seed, m, k, n, ba
     assert (y8 - yf).abs().max() <= 1e-4 * (yf.abs().max() + 1)
 
 
+def test_conv_serves_any_input_shape_from_one_weight_packed_per_spatial_shape():
+    # the weight is packed for the input's shape (oneDNN's layout choice), batch aside, at most _PACKS of them
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    fake, int8 = _pair(_Single(conv).eval(), (torch.randn(2, 8, 6, 6),), [(torch.randn(2, 8, 6, 6) * 2,)])
+    qconv = _modules(int8.graph_module, x86_ops.QConv)[0]
+    for shape in [(1, 8, 6, 6), (3, 8, 6, 6), (2, 8, 4, 5), (1, 8, 7, 7), (2, 8, 6, 6)]:
+        x = torch.randn(shape) * 2
+        yf, y8 = fake(x), int8(x)
+        assert (y8 - yf).abs().max() <= 1e-4 * (yf.abs().max() + 1)
+        packs = qconv.derived()["packs"]
+        assert tuple(shape[1:]) in packs and len(packs) <= x86_ops._PACKS
+    assert list(qconv.derived()["packs"]) == [(8, 7, 7), (8, 6, 6)][-x86_ops._PACKS:]
+
+
 # --- small random graphs -----------------------------------------------------------------------------------------
 
 class _ConvNet(nn.Module):
