@@ -131,6 +131,29 @@ def test_conv_serves_any_input_shape_from_one_weight_packed_per_spatial_shape():
     assert list(qconv.derived()["packs"]) == [(8, 7, 7), (8, 6, 6)][-x86_ops._PACKS:]
 
 
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000), m=st.integers(1, 9), k=st.integers(1, 12), n=st.integers(1, 9),
+       batch=st.integers(1, 3), a_cols=st.booleans(), b_cols=st.booleans())
+def test_attention_matmul_is_exact_in_any_operand_layout_and_keeps_a_column_major_layout(seed, m, k, n, batch,
+                                                                                        a_cols, b_cols):
+    # the integer product is exact whatever the operands' strides; a column-major `a` (a channels-last activation
+    # seen as [C, HW]) gives a column-major result, so that reshaping it back to 4-d needs no copy
+    g = torch.Generator().manual_seed(seed)
+    aqp = Q.QParams(torch.tensor(0.03), torch.tensor(101.0), 8, False)
+    bqp = Q.QParams(torch.tensor(0.05), torch.tensor(7.0), 8, False)
+    mm = x86_ops.QMatmul.from_qparams(aqp, bqp)
+    a = torch.randint(0, 256, (batch, m, k), dtype=torch.uint8, generator=g)
+    b = torch.randint(0, 256, (batch, k, n), dtype=torch.uint8, generator=g)
+    exact = ((a.double() - 101) @ (b.double() - 7)) * (0.03 * 0.05)
+    a_in = a.mT.contiguous().mT if a_cols else a
+    b_in = b.mT.contiguous().mT if b_cols else b
+    y = mm(a_in, b_in)
+    assert torch.equal(y, mm(a, b))
+    assert (y.double() - exact).abs().max() <= 1e-6 * (exact.abs().max() + 1)
+    if a_cols and m > 1 and n > 1:
+        assert y.stride(-2) == 1
+
+
 # --- small random graphs -----------------------------------------------------------------------------------------
 
 class _ConvNet(nn.Module):
