@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxq import quantizer as Q
-from fxq.backends.x86_glue import canonical, channels_last, per_group, row_groups
+from fxq.backends.x86_glue import canonical, channels_last, dense_order, per_group, row_groups
 from fxq.errors import FxqError, InputError
 
 _PACKS = 2  # packed weights kept per conv, one per input shape (batch aside): a UNet's conv sees one
@@ -128,12 +128,18 @@ class Quantize(_Spec, _Lazy):
             qp = Q.select_group(_ActParams.qparams(self, "x"), rows, x)
             return Q.codes(x, qp)
         scale, zp = self.derived()[g or 0]
+        # codes laid out like x: the kernel writes a contiguous result (channels-last aside), so a permuted x
+        # (attention's [C, HW] view of a channels-last activation) is quantized through its contiguous order
+        order = dense_order(x)
+        if order is not None:
+            x = x.permute(order)
         with warnings.catch_warnings():  # quantized tensor creation is deprecated; its kernel is ours to call
             warnings.simplefilter("ignore", UserWarning)
             q = torch.quantize_per_tensor(x, scale, zp, torch.quint8)
         # the same bytes as a plain uint8 tensor sharing q's storage (int_repr() would copy them, 4x the cost of
         # quantizing); the storage lives as long as the returned tensor
-        return torch.empty(0, dtype=torch.uint8).set_(q.untyped_storage(), q.storage_offset(), q.size(), q.stride())
+        codes = torch.empty(0, dtype=torch.uint8).set_(q.untyped_storage(), q.storage_offset(), q.size(), q.stride())
+        return codes if order is None else codes.permute(sorted(range(len(order)), key=order.__getitem__))
 
     def extra_repr(self) -> str:
         return f"groups={self.groups}"

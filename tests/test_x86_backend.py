@@ -61,6 +61,19 @@ def test_quantize_codes_are_the_arithmetic_bit_for_bit(seed, lo, span, groups):
             assert torch.equal(y[row], Q.quantize(x[row], qps[int(per_sample[row])]).to(torch.uint8))
 
 
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), shape=st.lists(st.integers(1, 5), min_size=2, max_size=4), data=st.data())
+def test_quantize_keeps_the_layout_of_a_permuted_input(seed, shape, data):
+    # attention's [C, HW] view of a channels-last activation stays a view of codes laid out the same way
+    perm = data.draw(st.permutations(range(len(shape))))
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).permute(perm)
+    qp = Q.affine_qparams(torch.tensor(-2.0), torch.tensor(3.0), 8)
+    codes = x86_ops.Quantize.from_qparams(qp)(x)
+    assert torch.equal(codes, Q.quantize(x, qp).to(torch.uint8))
+    big = [d for d in range(x.dim()) if x.shape[d] > 1]  # a size-1 dim's stride means nothing
+    assert [codes.stride(d) for d in big] == [x.stride(d) for d in big]
+
+
 @pytest.mark.parametrize("scale", [0.02, 0.0371, 0.1, 0.007])
 def test_simulation_rounds_ties_like_the_int8_kernel(scale):
     # values on grid midpoints: x / s and x * (1 / s) round apart on some of them; the kernel multiplies
