@@ -80,6 +80,15 @@ def channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
+def dense_order(x: torch.Tensor) -> list[int] | None:
+    """The dims of x from outermost to innermost in memory when x is a permutation of a contiguous tensor other
+    than the identity, else None (contiguous, or not dense)."""
+    if x.dim() < 2 or x.is_contiguous():
+        return None
+    order = sorted(range(x.dim()), key=lambda d: (-x.stride(d), d))
+    return order if x.permute(order).is_contiguous() else None
+
+
 def _dense_strides(shape, channels_last: bool) -> tuple[int, ...]:
     order = [0, 2, 3, 1] if channels_last else list(range(len(shape)))  # outermost to innermost
     strides, step = [0] * len(shape), 1

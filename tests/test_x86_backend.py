@@ -61,6 +61,19 @@ def test_quantize_codes_are_the_arithmetic_bit_for_bit(seed, lo, span, groups):
             assert torch.equal(y[row], Q.quantize(x[row], qps[int(per_sample[row])]).to(torch.uint8))
 
 
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), shape=st.lists(st.integers(1, 5), min_size=2, max_size=4), data=st.data())
+def test_quantize_keeps_the_layout_of_a_permuted_input(seed, shape, data):
+    # attention's [C, HW] view of a channels-last activation stays a view of codes laid out the same way
+    perm = data.draw(st.permutations(range(len(shape))))
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).permute(perm)
+    qp = Q.affine_qparams(torch.tensor(-2.0), torch.tensor(3.0), 8)
+    codes = x86_ops.Quantize.from_qparams(qp)(x)
+    assert torch.equal(codes, Q.quantize(x, qp).to(torch.uint8))
+    big = [d for d in range(x.dim()) if x.shape[d] > 1]  # a size-1 dim's stride means nothing
+    assert [codes.stride(d) for d in big] == [x.stride(d) for d in big]
+
+
 @pytest.mark.parametrize("scale", [0.02, 0.0371, 0.1, 0.007])
 def test_simulation_rounds_ties_like_the_int8_kernel(scale):
     # values on grid midpoints: x / s and x * (1 / s) round apart on some of them; the kernel multiplies
@@ -114,6 +127,44 @@ def test_attention_matmul_equals_fake_quant_up_to_accumulation(seed, m, k, n, ba
     assert _modules(int8, x86_ops.QMatmul)
     yf, y8 = fake(a, b), int8(a, b)
     assert (y8 - yf).abs().max() <= 1e-4 * (yf.abs().max() + 1)
+
+
+def test_conv_serves_any_input_shape_from_one_weight_packed_per_spatial_shape():
+    # the weight is packed for the input's shape (oneDNN's layout choice), batch aside, at most _PACKS of them
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    fake, int8 = _pair(_Single(conv).eval(), (torch.randn(2, 8, 6, 6),), [(torch.randn(2, 8, 6, 6) * 2,)])
+    qconv = _modules(int8.graph_module, x86_ops.QConv)[0]
+    for shape in [(1, 8, 6, 6), (3, 8, 6, 6), (2, 8, 4, 5), (1, 8, 7, 7), (2, 8, 6, 6)]:
+        x = torch.randn(shape) * 2
+        yf, y8 = fake(x), int8(x)
+        assert (y8 - yf).abs().max() <= 1e-4 * (yf.abs().max() + 1)
+        packs = qconv.derived()["packs"]
+        assert tuple(shape[1:]) in packs and len(packs) <= x86_ops._PACKS
+    assert list(qconv.derived()["packs"]) == [(8, 7, 7), (8, 6, 6)][-x86_ops._PACKS:]
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000), m=st.integers(1, 9), k=st.integers(1, 12), n=st.integers(1, 9),
+       batch=st.integers(1, 3), a_cols=st.booleans(), b_cols=st.booleans())
+def test_attention_matmul_is_exact_in_any_operand_layout_and_keeps_a_column_major_layout(seed, m, k, n, batch,
+                                                                                        a_cols, b_cols):
+    # the integer product is exact whatever the operands' strides; a column-major `a` (a channels-last activation
+    # seen as [C, HW]) gives a column-major result, so that reshaping it back to 4-d needs no copy
+    g = torch.Generator().manual_seed(seed)
+    aqp = Q.QParams(torch.tensor(0.03), torch.tensor(101.0), 8, False)
+    bqp = Q.QParams(torch.tensor(0.05), torch.tensor(7.0), 8, False)
+    mm = x86_ops.QMatmul.from_qparams(aqp, bqp)
+    a = torch.randint(0, 256, (batch, m, k), dtype=torch.uint8, generator=g)
+    b = torch.randint(0, 256, (batch, k, n), dtype=torch.uint8, generator=g)
+    exact = ((a.double() - 101) @ (b.double() - 7)) * (0.03 * 0.05)
+    a_in = a.mT.contiguous().mT if a_cols else a
+    b_in = b.mT.contiguous().mT if b_cols else b
+    y = mm(a_in, b_in)
+    assert torch.equal(y, mm(a, b))
+    assert (y.double() - exact).abs().max() <= 1e-6 * (exact.abs().max() + 1)
+    if a_cols and m > 1 and n > 1:
+        assert y.stride(-2) == 1
 
 
 # --- small random graphs -----------------------------------------------------------------------------------------

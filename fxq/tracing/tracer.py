@@ -16,6 +16,9 @@ import contextlib
 import copy
 import fnmatch
 import inspect
+import os
+import sys
+import traceback
 import warnings
 from dataclasses import dataclass, fields, is_dataclass
 
@@ -32,6 +35,8 @@ from fxq.errors import FxqError, FxqWarning, InputError, TraceError
 from fxq.tracing.graph import cuda_devices, innermost_module, warn_unmatched
 from fxq.tracing.inputs import as_args_kwargs
 from fxq.tracing.meta import record as record_meta
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 
 __all__ = ["trace"]
 
@@ -67,7 +72,9 @@ class _ValueTracer(ReplayTracer):
     def __init__(self, leaf_patterns: tuple[str, ...]):
         super().__init__()
         self.leaf_patterns = leaf_patterns
-        self.record_stack_traces = True
+        # Stack traces are recorded here (create_node), not by fx: fx symbolizes and filters them with helpers
+        # whose first use imports torch._dynamo, inductor and sympy: ~175 MB of resident memory, for good.
+        self.record_stack_traces = False
         self._pending: list[_Pending] = []
         self._tensor_nodes: set = set()  # shown by name, not expanded, in guard messages
         self._caches: dict = {}  # id -> cache-wrapped function a traced value was passed to
@@ -93,6 +100,12 @@ class _ValueTracer(ReplayTracer):
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        if not node.stack_trace:  # the frames outside torch itself, oldest first
+            frames = [f for f in traceback.StackSummary.extract(traceback.walk_stack(sys._getframe(1)),
+                                                                lookup_lines=False)
+                      if not f.filename.startswith(_TORCH_DIR)]
+            if frames:
+                node.stack_trace = "".join(traceback.StackSummary.from_list(frames[::-1]).format()).strip()
         node.meta.setdefault("nn_module_stack", collections.OrderedDict(self.module_stack))
         if kind == "get_attr":  # also the constants fx makes of tensors passed straight to an op
             with self._unpatched():
