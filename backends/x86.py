@@ -235,10 +235,13 @@ _UNARY_MODULES = {nn.SiLU: "swish", nn.ReLU: "relu"}
 
 def _unary_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
     """The oneDNN post-op computing `node` from its only tensor input, or None."""
-    if node.op == "call_function" and node.target in _UNARY and len(node.args) == 1:
-        return None if node.kwargs.get("inplace") else _UNARY[node.target]
-    if node.op == "call_function" and node.target is F.gelu and len(node.args) == 1:
-        return {"none": "gelu", "tanh": "gelu_tanh"}.get(node.kwargs.get("approximate", "none"))
+    # F.silu(x, False) and F.gelu(x, "tanh"): the second argument may come positionally (normalize_args)
+    second = node.args[1] if len(node.args) == 2 else None
+    if node.op == "call_function" and node.target in _UNARY and len(node.args) in (1, 2):
+        return None if (second or node.kwargs.get("inplace")) else _UNARY[node.target]
+    if node.op == "call_function" and node.target is F.gelu and len(node.args) in (1, 2):
+        approximate = second if second is not None else node.kwargs.get("approximate", "none")
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(approximate)
     if node.op == "call_method" and node.target in ("relu",) and len(node.args) == 1 and not node.kwargs:
         return "relu"
     if node.op == "call_module":

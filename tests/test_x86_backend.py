@@ -264,6 +264,27 @@ def test_fusions_are_in_the_lowered_graph():
     assert isinstance(int8.graph_module.get_submodule(interp.args[0].target), x86_ops.Quantize)
 
 
+class _FunctionalAct(nn.Module):
+    def __init__(self, call):
+        super().__init__()
+        self.c1, self.c2, self.call = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1), call
+
+    def forward(self, x):
+        return self.c2(self.call(self.c1(x)))
+
+
+@pytest.mark.parametrize("call,kind", [
+    (lambda h: F.silu(h), "swish"), (lambda h: F.silu(h, False), "swish"), (lambda h: F.silu(h, inplace=False), "swish"),
+    (lambda h: F.relu(h, False), "relu"), (lambda h: torch.relu(h), "relu"), (lambda h: F.silu(h, True), "none")])
+def test_functional_activations_fuse_in_every_call_form(call, kind):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    fake, int8 = _pair(_FunctionalAct(call).eval(), (x,), [(torch.randn(2, 3, 8, 8),)])
+    assert int8.graph_module.get_submodule("c1").unary == kind  # an in-place activation is left alone
+    yf, y8 = fake(x), int8(x)
+    assert ((y8 - yf).abs() <= 1e-4 * (yf.abs().max() + 1)).float().mean() >= 0.95
+
+
 @pytest.mark.parametrize("act", [None, nn.SiLU(), nn.ReLU(), nn.GELU()])
 def test_requantizing_kernel_output_gives_the_next_ops_codes(act):
     # conv -> [act] -> conv: the first kernel writes uint8 codes at the second's input parameters; apart from
