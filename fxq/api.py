@@ -104,7 +104,8 @@ def quantize(model: nn.Module, example_inputs, calib_data: Iterable, config: Qua
         if config.weight_rounding != "nearest":
             gm.meta["fxq_adaround"] = [dataclasses.asdict(r) for r in adaround(
                 gm, frozen, items, example, granularity="block" if config.weight_rounding == "brecq" else "layer",
-                iters=config.adaround_iters, batch_size=batch_size, seed=config.seed, progress=progress)]
+                iters=config.adaround_iters, batch_size=batch_size, seed=config.seed, t_name=t_name,
+                num_timesteps=config.num_timesteps, progress=progress)]
     if config.bias_correction:  # after the rounding: it corrects the error of the final weights
         from fxq.bias_correction import correct_bias
         correct_bias(gm, frozen, items, example, t_name, config.bias_groups, config.num_timesteps, batch_size,
