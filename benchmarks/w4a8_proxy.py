@@ -75,6 +75,14 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((10 * torch.log10(4.0 / mse.clamp_min(1e-12))).mean())
 
 
+def _write(doc: dict, args) -> str:
+    os.makedirs(args.out_dir, exist_ok=True)
+    path = os.path.join(args.out_dir, f"proxy{args.tag}.json")
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+    return path
+
+
 def run(args) -> dict:
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
@@ -92,7 +100,8 @@ def run(args) -> dict:
     example = (torch.randn(2, *shape, device=device), torch.tensor([999, 0], device=device))
     out = {"model": name, "setting": args.setting.upper(), "sampler": f"DDIM-{args.steps}", "calib": len(data),
            "ref_batch": args.ref_batch, "samples": args.samples, "seed": args.seed,
-           "float_s": time.perf_counter() - t0, "rows": {}}
+           "float_s": time.perf_counter() - t0, "rows": {},
+           "command": " ".join(["python", "benchmarks/w4a8_proxy.py", *sys.argv[1:]])}
     for row in args.rows.split(","):
         fields = dict(ROWS[row])
         if "mixed_precision" in fields and args.mp_budget is not None:
@@ -126,6 +135,7 @@ def run(args) -> dict:
               f"[{', '.join(f'{v:+.1f}' for v in r['sample_channel_shift_px'])}] px; mean err max "
               f"{r['channel_mean_error_max']:.4f}; W bits {r['bits']['weight_bits_quantized']:.2f}; "
               f"calibration {calib_s:.0f} s", flush=True)
+        _write(out, args)  # after every row: a long run keeps what it measured
     return out
 
 
@@ -137,12 +147,7 @@ def _mean(values):
 def main(argv=None):
     args = parse_args(argv)
     doc = run(args)
-    doc["command"] = " ".join(["python", "benchmarks/w4a8_proxy.py", *(argv or sys.argv[1:])])
-    os.makedirs(args.out_dir, exist_ok=True)
-    path = os.path.join(args.out_dir, f"proxy{args.tag}.json")
-    with open(path, "w") as f:
-        json.dump(doc, f, indent=1)
-    print(f"wrote {path}")
+    print(f"wrote {_write(doc, args)}")
     return doc
 
 
