@@ -150,6 +150,8 @@ def test_mixed_precision_beats_the_same_size_spent_nowhere_and_is_repeatable(tmp
         loaded = fxq.load(path)
         assert torch.equal(loaded(x, t), q1(x, t))
     assert average_bits(loaded) == average_bits(q1)
+    assert loaded.quant_config == q1.quant_config and loaded.quant_config.weight_bits_map  # the chosen map
+    assert loaded.graph_module.meta["fxq_mixed_precision"] == q1.graph_module.meta["fxq_mixed_precision"]
 
 
 def test_weight_bits_map_sets_bits_by_pattern_and_first_last_still_raises():
