@@ -126,9 +126,14 @@ def run(args) -> dict:
              "channel_mean_error_rms": float(cme["mean"].pow(2).mean().sqrt()),
              "sample_psnr_db": _psnr(q_images, fp_images), "sample_channel_shift_px": shift.tolist(),
              "bits": analysis.average_bits(qmodel), "total_s": time.perf_counter() - t1}
+        if "fxq_mixed_precision" in qmodel.graph_module.meta:  # which layers got the bits
+            mp = qmodel.graph_module.meta["fxq_mixed_precision"]
+            r["mixed_precision_bits"] = mp["bits"]
+            r["mixed_precision_sensitivity"] = mp["sensitivity"]
         if "fxq_adaround" in qmodel.graph_module.meta:
             res = qmodel.graph_module.meta["fxq_adaround"]
             r["adaround_kept"] = sum(x["kept"] for x in res) / max(1, len(res))
+            r["adaround_regions"] = res
         out["rows"][row] = r
         print(f"{row}: SQNR {r['sqnr_db_mean']:.2f} dB (t>=200 {r['sqnr_db_t_ge_200']:.2f}, t<200 "
               f"{r['sqnr_db_t_lt_200']:.2f}); sample PSNR {r['sample_psnr_db']:.2f} dB; channel shift "
