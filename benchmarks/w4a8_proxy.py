@@ -40,6 +40,7 @@ ROWS = {
     "mp-bcg10": {"mixed_precision": 4.5, **BCG10},
     "mp": {"mixed_precision": 4.5},
     "mse-mp-bcg10": {"weight_estimator": "mse", "mixed_precision": 4.5, **BCG10},
+    "mp-ada-bcg10": {"mixed_precision": 4.5, "weight_rounding": "adaround", **BCG10},
     "ada-bcg10": {"weight_rounding": "adaround", **BCG10},
     "ada": {"weight_rounding": "adaround"},
     "brecq-bcg10": {"weight_rounding": "brecq", **BCG10},
