@@ -65,6 +65,8 @@ ROWS = {
                        ["--mixed-precision", "4.5", *BCG10]),
     "fxq-mse-mp45-bcg10": ("fxq, Lp weight scales + mixed precision (4.5 bits) + bias & gain corr. per 10 groups",
                            ["--weight-estimator", "mse", "--mixed-precision", "4.5", *BCG10]),
+    "fxq-mp45-ada-bcg10": ("fxq, mixed precision (4.5 bits) + AdaRound + bias & gain corr. per 10 groups",
+                           ["--mixed-precision", "4.5", "--weight-rounding", "adaround", *BCG10]),
     "fxq-mse-ada-bcg10": ("fxq, Lp weight scales + AdaRound + bias & gain corr. per 10 groups",
                           ["--weight-estimator", "mse", "--weight-rounding", "adaround", *BCG10]),
     "qdiffusion": ("Q-Diffusion recipe (uniform, split shortcuts, BRECQ, attention quantized)",
