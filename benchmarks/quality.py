@@ -415,6 +415,8 @@ def main(argv=None) -> dict:
         times["quantize_s"] = time.perf_counter() - t0
         from fxq.analysis import average_bits
         bits_info = average_bits(qmodel)
+        # the layers mixed precision raised (the map the model was quantized with)
+        bits_info["weight_bits_map"] = [list(e) for e in qmodel.graph_module.meta["fxq_config"].weight_bits_map]
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     result = evaluate(model if qconfig is None else qmodel, sampler, args.n, reference,
                       fp_model=None if qconfig is None else model, fp_metrics=args.with_fp,
