@@ -217,7 +217,7 @@ def quantize_model(fp_model, sampler, bits, args, shape, device):
                          bias_correction_groups=args.bias_groups, gain_correction=args.gain_correction,
                          keep_float=tuple(p for p in args.keep_float.split(",") if p), seed=args.seed,
                          split_shortcut=args.split_shortcut, weight_rounding=args.weight_rounding,
-                         adaround_iters=args.adaround_iters)
+                         adaround_iters=args.adaround_iters, mixed_precision=args.mixed_precision)
     data = calibration_set(fp_model, sampler, args, shape, device)
     g = torch.Generator().manual_seed(args.calib_seed)
     example = (torch.randn(2, *shape, generator=g).to(device), torch.tensor([999, 0], device=device))
@@ -317,6 +317,9 @@ def parse_args(argv=None):
                    help="split convs that read a channel concat, one quantizer per operand (Q-Diffusion)")
     p.add_argument("--weight-rounding", default="nearest", choices=("nearest", "adaround", "brecq"))
     p.add_argument("--adaround-iters", type=int, default=1000, help="optimizer steps per layer / block")
+    p.add_argument("--mixed-precision", type=float, default=None, metavar="BITS",
+                   help="average weight bits allowed: the layers whose low-bit weights cost the output most per "
+                   "parameter go to 8 bits (QuantConfig.mixed_precision)")
     p.add_argument("--bias-groups", type=int, default=None, help="timestep groups of the bias correction "
                    "(default: --timestep-groups)")
     p.add_argument("--calib-seed", type=int, default=None,
@@ -412,6 +415,8 @@ def main(argv=None) -> dict:
         times["quantize_s"] = time.perf_counter() - t0
         from fxq.eval.analysis import average_bits
         bits_info = average_bits(qmodel)
+        # the layers mixed precision raised (the map the model was quantized with)
+        bits_info["weight_bits_map"] = [list(e) for e in qmodel.graph_module.meta["fxq_config"].weight_bits_map]
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     result = evaluate(model if qconfig is None else qmodel, sampler, args.n, reference,
                       fp_model=None if qconfig is None else model, fp_metrics=args.with_fp,

@@ -59,3 +59,6 @@ s#\bfxq/serialize_graph\.py\b#fxq/io/serialize_graph.py#g
 s/\bfrom fxq import serialize_modules( as [A-Za-z_]+)?( *(#.*)?)$/from fxq.io import serialize_modules\1\2/
 s/\bfxq\.serialize_modules\b/fxq.io.serialize_modules/g
 s#\bfxq/serialize_modules\.py\b#fxq/io/serialize_modules.py#g
+s/\bfxq\.mixed_precision\b/fxq.quant.mixed_precision/g
+s/\bfrom fxq import mixed_precision\b/from fxq.quant import mixed_precision/g
+s#fxq/mixed_precision\.py#fxq/quant/mixed_precision.py#g

@@ -79,16 +79,23 @@ def quantize(model: nn.Module, example_inputs, calib_data: Iterable, config: Qua
         from fxq.backends import x86
         x86.check_model(model)
     call, example = CallSpec.from_example(model, example_inputs, config.timestep_arg)
-    gm, t_name = prepare(model, example, config)
-    if call.takes_return_dict:
-        call.tuple_len = _tuple_len(model, call, example)
     try:
         items = iter(calib_data)
     except TypeError:
         raise InputError(f"calib_data must be an iterable of input items, got {type(calib_data).__name__}") from None
     items = (call.canonical_item(item, f"calibration item {i}") for i, item in enumerate(items))
-    if config.weight_rounding != "nearest" or config.bias_correction:
-        items = list(items)  # read again after calibration: rounding, bias correction
+    if config.weight_rounding != "nearest" or config.bias_correction or config.mixed_precision is not None:
+        items = list(items)  # read again: mixed precision, rounding, bias correction
+    allocation = None
+    if config.mixed_precision is not None:  # the chosen map is the model's config from here on (saved with it)
+        from fxq.quant.mixed_precision import propose_weight_bits
+        with torch.random.fork_rng(devices=cuda_devices(model, example)):
+            torch.manual_seed(config.seed)
+            allocation = propose_weight_bits(model, example, items, config, batch_size=batch_size, progress=progress)
+        config = dataclasses.replace(config, mixed_precision=None, weight_bits_map=allocation.weight_bits_map())
+    gm, t_name = prepare(model, example, config)
+    if call.takes_return_dict:
+        call.tuple_len = _tuple_len(model, call, example)
     # Seeded for stochastic layers; the caller's RNGs are restored after.
     with torch.random.fork_rng(devices=cuda_devices(gm)):
         torch.manual_seed(config.seed)
@@ -97,13 +104,16 @@ def quantize(model: nn.Module, example_inputs, calib_data: Iterable, config: Qua
         if config.weight_rounding != "nearest":
             gm.meta["fxq_adaround"] = [dataclasses.asdict(r) for r in adaround(
                 gm, frozen, items, example, granularity="block" if config.weight_rounding == "brecq" else "layer",
-                iters=config.adaround_iters, batch_size=batch_size, seed=config.seed, progress=progress)]
+                iters=config.adaround_iters, batch_size=batch_size, seed=config.seed, t_name=t_name,
+                num_timesteps=config.num_timesteps, progress=progress)]
     if config.bias_correction:  # after the rounding: it corrects the error of the final weights
         from fxq.quant.bias_correction import correct_bias
         correct_bias(gm, frozen, items, example, t_name, config.bias_groups, config.num_timesteps, batch_size,
                      gain=config.gain_correction)
     lowered = _lower(gm, frozen, config)
     lowered.meta["fxq_config"] = config
+    if allocation is not None:
+        lowered.meta["fxq_mixed_precision"] = allocation.to_dict()
     return QuantizedModel.around(model, lowered, call, config)
 
 

@@ -28,6 +28,7 @@ Every product fxq sees but does not select gets `node.meta["fxq_float"]`: a list
 exactly the ones its decision implies.
 
 Config honored: `ops` (kinds switched off stay float), `keep_float` (fnmatch patterns over "module"),
+`weight_bits_map` (per-module weight bits, QuantConfig.weight_bits_for),
 `require` (patterns whose ops must all be selected, else UnsupportedOpError naming node, module and reason);
 a keep_float / require pattern that matches no module warns with FxqWarning. `first_last_bits`: the first and
 last selected op (first = nearest the first input) get at least that weight and activation width: it only ever
@@ -275,10 +276,11 @@ class SelectOps:
         UnsupportedOpError when an op under a `require` pattern stays float."""
         cfg = self.config
         names = None
-        for field in ("keep_float", "require"):
-            if getattr(cfg, field):
+        for field, patterns in (("keep_float", cfg.keep_float), ("require", cfg.require),
+                                ("weight_bits_map", [p for p, _ in cfg.weight_bits_map])):
+            if patterns:
                 names = names if names is not None else _module_names(gm)
-                warn_unmatched(getattr(cfg, field), names, field,
+                warn_unmatched(patterns, names, field,
                                "the model; check the name against the module names of model.named_modules()",
                                stacklevel=3)
         facts = _Facts(gm)
@@ -293,7 +295,7 @@ class SelectOps:
                     c.reason, c.detail = "keep_float", f"module matches keep_float pattern {pattern!r}"
                 if c.reason is None:
                     plan[node] = {"kind": c.kind, "module": c.module,
-                                  "weight_bits": None if c.kind == "attn_matmul" else cfg.weight_bits,
+                                  "weight_bits": None if c.kind == "attn_matmul" else cfg.weight_bits_for(c.module),
                                   "act_bits": cfg.act_bits, "act_inputs": c.act_inputs,
                                   "weight_input": c.weight_input, "weight_axis": c.weight_axis}
                 else:

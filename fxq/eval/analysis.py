@@ -9,6 +9,7 @@
 - `activation_ranges`: per quantizer and timestep, the min and max of what it sees (Q-DM's oscillation).
 - `step_error_gain`: how much of an error in the noise prediction at each DDIM step reaches x (why a low SQNR at
   t -> 0 costs little).
+- `propose_weight_bits`: which layers to keep at 8 bits under a budget of average weight bits (fxq.quant.mixed_precision).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch import nn
 
 from fxq import calib
 from fxq.tracing.inputs import as_args_kwargs
+from fxq.quant.mixed_precision import propose_weight_bits  # noqa: F401  (re-exported: a diagnosis users look for here)
 from fxq.report import _eps, sqnr_db
 
 
