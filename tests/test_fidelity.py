@@ -209,3 +209,8 @@ def test_train_classifier_smoke(tmp_path):
         "fxq-classifier", ["penultimate"], feature_extractor_weights_path=str(out)
     )
     assert fe(x)[0].shape == (4, 256) and np.isfinite(fe(x)[0].numpy()).all()
+
+
+def test_the_packaged_classifier_weights_are_found():
+    # the default path follows the package layout: a moved module must still find fxq/weights/
+    assert os.path.isfile(fidelity.DEFAULT_WEIGHTS)

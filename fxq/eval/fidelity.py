@@ -32,7 +32,7 @@ except ImportError:  # training and loading the classifier need only torch; the 
     FeatureExtractorBase = nn.Module  # keeps the class below definable; it is registered only with torch-fidelity
 
 EXTRACTOR_NAME = "fxq-classifier"
-DEFAULT_WEIGHTS = os.path.join(os.path.dirname(__file__), "weights", "fxq_classifier.safetensors")
+DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "weights", "fxq_classifier.safetensors")
 WEIGHTS_FORMAT = "fxq-classifier/1"
 _TRAIN_HINT = (
     "train one with `python benchmarks/train_classifier.py --out fxq/weights/fxq_classifier.safetensors`, "
