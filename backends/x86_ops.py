@@ -392,7 +392,7 @@ class QMatmul(_Spec, _Lazy):
         acc -= zb8 * a8.sum(-1, keepdim=True, dtype=torch.int32)
         acc -= za8 * b8.sum(-2, keepdim=True, dtype=torch.int32)
         acc += k * za8 * zb8
-        return (acc.float() * (sa * sb)).reshape(tuple(batch) + (m, n))
+        return Q.scale_accumulator(acc, sa, sb).reshape(tuple(batch) + (m, n))
 
     def extra_repr(self) -> str:
         return f"groups={self.groups}"
