@@ -129,17 +129,23 @@ def _exact_module(gm: fx.GraphModule, node: fx.Node, frozen: Frozen, num_timeste
     module, wqp = gm.get_submodule(node.target), frozen.weight[weight_key(node)]
     if wqp.axis != 0 or not wqp.signed:
         return None
-    if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed and module.padding_mode == "zeros":
-        return fake_ops.ExactConv.from_float(module, wqp, quantizers[0].qparams(), num_timesteps)
-    if isinstance(module, nn.Linear):
-        return fake_ops.ExactLinear.from_float(module, wqp, quantizers[0].qparams(), num_timesteps)
+    xqp = quantizers[0].qparams()
+    if type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and module.padding_mode == "zeros":
+        return fake_ops._ExactConv.from_float(module, _fake_quantized(module.weight, wqp), wqp, xqp, num_timesteps)
+    if type(module) is nn.Linear:
+        return fake_ops.ExactLinear.from_float(module, _fake_quantized(module.weight, wqp), wqp, xqp,
+                                               num_timesteps)
     return None
 
 
 def _exact_ops(gm: fx.GraphModule, frozen: Frozen, num_timesteps: int) -> set:
     """Replace every quantized op that has an int8 kernel by its fake_ops module; returns the weight keys of the
-    modules no node calls any more (their weights need no fake-quantized copy)."""
+    modules done (their weights need no fake-quantized copy)."""
     graph = gm.graph
+    calls = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
     replaced = set()
     for node in list(graph.nodes):
         if "fxq" not in node.meta:
@@ -150,19 +156,29 @@ def _exact_ops(gm: fx.GraphModule, frozen: Frozen, num_timesteps: int) -> set:
         meta = node.meta["fxq"]
         inputs = [node.args[i] for i in meta["act_inputs"]]
         t = inputs[0].args[1] if len(inputs[0].args) > 1 else None
-        name = free_name(gm, "fxq_exact_" + node.name)
-        gm.add_submodule(name, exact)
-        if node.op == "call_module":
-            replaced.add(node.target)
+        if node.op == "call_module" and calls[node.target] == 1:  # the module's own name holds its exact form
+            name = node.target
+            gm.set_submodule(name, exact)
+        else:  # a matmul, or a module called at several places: each call has its own input parameters
+            name = free_name(gm, f"fxq_exact_{node.name}")
+            gm.add_submodule(name, exact)
+            if node.op == "call_module":
+                replaced.add(node.target)
         with graph.inserting_before(node):
             new = graph.call_module(name, (*inputs, t))
         new.meta = node.meta
         node.replace_all_uses_with(new)
         graph.erase_node(node)
+    if any(isinstance(m, fake_ops.ExactConv2d) for m in gm.modules()):  # CPU outputs are channels-last
+        from fxq.backends.x86_glue import dense
+        out = next(n for n in graph.nodes if n.op == "output")
+        with graph.inserting_before(out):
+            out.args = fx.node.map_arg(out.args, lambda n: graph.call_function(dense, (n,)))
     unused = replaced - {n.target for n in graph.nodes if n.op == "call_module"}
     for target in unused:
         gm.delete_submodule(target)
-    return unused  # a module's weight key is its name
+    # a module's weight key is its name; a module replaced in place is an Exact* module now
+    return unused | {t for t, n in calls.items() if n == 1 and isinstance(gm.get_submodule(t), fake_ops._ExactBase)}
 
 
 def lower(gm: fx.GraphModule, frozen: Frozen, num_timesteps: int = 1000) -> fx.GraphModule:
