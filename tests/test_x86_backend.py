@@ -423,3 +423,55 @@ def test_a_diffusers_cross_attention_unet_runs_on_int8_kernels():
     (x, t), kw = item(1)
     out, ref = int8(x, t, **kw), fake(x, t, **kw)
     assert type(out) is type(ref) and sqnr_db(ref.sample, out.sample) >= 30
+
+
+# --- the simulation's exact sums -----------------------------------------------------------------------------------
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 10_000), cin=st.integers(1, 40), k=st.integers(1, 3), batch=st.sampled_from([1, 3, 16]))
+def test_fake_conv_float32_sums_equal_float64_sums(seed, cin, k, batch):
+    # the float32 path is taken only where every partial sum stays an integer below 2^24: it must equal float64's
+    from fxq.backends import fake_ops
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(cin, 5, k, padding=k // 2)
+    x = torch.randn(batch, cin, 6, 6) * 3 + 1
+    xqp = Q.affine_qparams(x.min(), x.max(), 8)
+    wqp = Q.symmetric_qparams(conv.weight.detach().abs().flatten(1).amax(1), 8, 0)
+    module = fake_ops._ExactConv.from_float(conv, nn.Parameter(Q.fake_quantize(conv.weight.detach(), wqp)), wqp, xqp)
+    x_hat = Q.fake_quantize(x, xqp)
+    assert module._weight_codes()[1] == torch.float32  # small sums: the fast path
+    fast = module(x_hat)
+    module._codes_of = module._codes_of[:4] + (torch.float64,)
+    assert torch.equal(fast, module(x_hat))
+    # and the integer sum is the one the kernel scales: equal to the int8 conv
+    assert torch.equal(fast.contiguous(), x86_ops.QConv.from_float(conv, wqp, xqp)(Q.codes(x, xqp)))
+
+
+def test_accumulation_dtype_is_float64_where_float32_could_round():
+    assert Q.exact_accumulation_dtype(2 ** 24 - 1, "cpu") == torch.float32
+    assert Q.exact_accumulation_dtype(2 ** 24, "cpu") == torch.float64
+    assert Q.exact_accumulation_dtype(10, "cuda") == torch.float64  # cuDNN may pick Winograd for float32
+
+
+def test_a_quantizer_switched_off_gives_the_float_op():
+    # fxq.analysis switches activation quantizers off: off the grid, the simulated conv is the float conv again
+    from fxq.backends import fake_ops
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    x = torch.randn(2, 3, 5, 5)
+    xqp = Q.affine_qparams(x.min(), x.max(), 8)
+    wqp = Q.symmetric_qparams(conv.weight.detach().abs().flatten(1).amax(1), 8, 0)
+    w_hat = nn.Parameter(Q.fake_quantize(conv.weight.detach(), wqp))
+    module = fake_ops._ExactConv.from_float(conv, w_hat, wqp, xqp)
+    assert torch.equal(module(x), F.conv2d(x, w_hat, conv.bias, padding=1))
+
+
+def test_float_ops_after_a_conv_see_the_int8_layout():
+    # GroupNorm rounds differently on channels-last and contiguous tensors; the int8 conv leaves channels-last,
+    # so the simulated conv must too, else every later code can flip
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.GroupNorm(4, 32)).eval()
+    calib = [(torch.randn(2, 8, 12, 12),) for _ in range(2)]
+    fake, int8 = _pair(_Single(model), calib[0], calib)
+    x = torch.randn(2, 8, 12, 12)
+    assert torch.equal(fake(x), int8(x))
