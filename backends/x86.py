@@ -12,11 +12,13 @@ Lowering (from the same `Frozen` QParams the fake backend uses, so both compute 
 - with timestep groups one `timestep_group(t)` node feeds every int8 module, which picks its group's parameters
   at call time (a mixed batch is split by group where a kernel needs one scale).
 
-Then fusions that keep the function up to kernel rounding (each is a graph rewrite below):
-- `fuse_unary`: conv/linear -> SiLU/ReLU/GELU with no other user becomes a oneDNN post-op;
-- `fuse_output_quant`: conv/linear -> (reshape/permute/view ...) -> Quantize: the kernel writes uint8 codes
-  itself (requantization fused) and the view ops run on codes; otherwise Quantize moves above nearest-upsample,
-  max-pool and view ops (fewer elements to quantize, integer data to move);
+Then fusions that keep the function bit for bit (each is a graph rewrite below; the fake backend computes the
+kernels' integer sums and float32 epilogue exactly, so int8 and fake-quant give the same codes):
+- `fuse_unary`: conv/linear -> ReLU with no other user becomes a oneDNN post-op (SiLU/GELU do not: oneDNN's
+  differ from torch's by an ulp, see EXACT_POST_OPS);
+- `fuse_output_quant`: conv/linear -> (reshape/permute/view ...) -> Quantize with zero point 0: the kernel writes
+  uint8 codes itself (requantization fused) and the view ops run on codes; otherwise Quantize moves above
+  nearest-upsample, max-pool and view ops (fewer elements to quantize, integer data to move);
 - `fuse_residual_add`: conv2d/linear -> add(other): the add runs inside the kernel (conv: in place on `other`,
   only where `other` is a fresh tensor no later op reads).
 Everything else (GroupNorm, SiLU not after a conv, softmax, adds, the time embedding's sin/cos) stays in float32,
@@ -262,15 +264,21 @@ def _fusable_producer(gm: fx.GraphModule, node: fx.Node, allow_unary: bool = Fal
     return module if allow_unary or module.unary == "none" else None
 
 
+# Post-ops whose oneDNN result equals torch's bit for bit. oneDNN's swish and GELU use their own exp/erf and
+# differ by an ulp on about half the elements; an ulp can flip a later code, and one flipped code moves a diffusion
+# UNet's output at small t by ~-26 dB (benchmarks/x86_numerics.py): they run as torch ops after the kernel.
+EXACT_POST_OPS = ("relu",)
+
+
 def fuse_unary(gm: fx.GraphModule) -> None:
-    """conv/linear -> unary (its only user) ==> conv/linear with the unary as oneDNN post-op."""
+    """conv/linear -> unary (its only user) ==> conv/linear with the unary as oneDNN post-op (EXACT_POST_OPS)."""
     for node in list(gm.graph.nodes):
         module = _fusable_producer(gm, node)
         if module is None:
             continue
         user = next(iter(node.users))
         kind = _unary_kind(gm, user)
-        if kind in type(module).UNARY:
+        if kind in type(module).UNARY and kind in EXACT_POST_OPS:
             module.unary = kind
             user.replace_all_uses_with(node)
             gm.graph.erase_node(user)
@@ -296,10 +304,17 @@ def _view_like(gm: fx.GraphModule, node: fx.Node) -> bool:
     return False
 
 
+def _zero_point_free(quantize: ops.Quantize) -> bool:
+    """oneDNN requantizes as round(y * (1/s) + zp), quantize() as round(y * (1/s)) + zp: the float add rounds
+    away low bits, so near a tie the two give neighbouring codes, unless zp = 0 (adding 0.0 is exact)."""
+    return bool((quantize.x_zp == 0).all())
+
+
 def fuse_output_quant(gm: fx.GraphModule) -> None:
     """Quantize(view-like ops(y)) ==> view-like ops(Quantize(y)), and where y is a plain int8 conv/linear with
-    no other user, the kernel writes y's uint8 codes itself. max-pool, nearest upsample and pure moves of data
-    commute with rounding to a grid, so the codes are the ones the float graph would quantize."""
+    no other user and the codes' zero point is 0, the kernel writes y's uint8 codes itself. max-pool, nearest
+    upsample and pure moves of data commute with rounding to a grid, so the codes are the ones the float graph
+    would quantize."""
     for q in list(gm.graph.nodes):
         if _module(gm, q, ops.Quantize) is None:
             continue
@@ -309,7 +324,7 @@ def fuse_output_quant(gm: fx.GraphModule) -> None:
             chain.append(src)
             src = src.args[0]
         producer = _fusable_producer(gm, src, allow_unary=True) if isinstance(src, fx.Node) else None
-        if producer is not None and src.args[1] is q.args[1]:
+        if producer is not None and src.args[1] is q.args[1] and _zero_point_free(gm.get_submodule(q.target)):
             producer.set_output(ops._ActParams.qparams(gm.get_submodule(q.target), "x"))
             q.replace_all_uses_with(q.args[0])
             gm.graph.erase_node(q)

@@ -420,8 +420,7 @@ class QMatmul(_Spec, _Lazy):
         zb8 = (zb - _U8_TO_S8).to(torch.int32)
         acc -= zb8 * a8.sum(-1, keepdim=True, dtype=torch.int32) - k * za8 * zb8
         acc -= za8 * b8.sum(-2, keepdim=True, dtype=torch.int32)
-        # int32 * float32 promotes per element to float32: the same values as acc.float() * scale, in one pass
-        return (acc * (sa * sb)).reshape(tuple(batch) + (m, n))
+        return Q.scale_accumulator(acc, sa, sb).reshape(tuple(batch) + (m, n))
 
     def extra_repr(self) -> str:
         return f"groups={self.groups}"

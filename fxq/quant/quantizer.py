@@ -114,6 +114,43 @@ def fake_quantize(x: torch.Tensor, qp: QParams) -> torch.Tensor:
     return dequantize(quantize(x, qp), qp)
 
 
+# ----------------------------------------------------------------- integer products, as the int8 kernels compute them
+# An int8 conv/linear/matmul sums products of integer codes exactly (int32) and then scales the sum in float32 in
+# one fixed order: y = (float(acc) * x_scale) * w_scale + bias (oneDNN's, measured bit for bit; QMatmul uses the
+# same). The simulation does the same, so that it rounds like the kernel: one ulp apart is enough to flip a code
+# of the next quantizer, and on a diffusion UNet at small t one flipped code moves the output as much as every
+# accumulation-order difference together (benchmarks/x86_numerics.py).
+
+# float32 holds every integer below 2^24 exactly: a sum of integer products whose absolute terms add up to less
+# stays exact whatever the order of summation.
+_EXACT_F32 = 2 ** 24
+
+
+def centered_codes(x_hat: torch.Tensor, qp: QParams) -> torch.Tensor:
+    """q - zero_point of a fake-quantized x_hat = (q - zero_point) * scale, as float (exact integers): x_hat
+    times the reciprocal is within 2^-22 relative of an integer of at most 16 bits, so rounding recovers it."""
+    dtype = torch.promote_types(x_hat.dtype, torch.float32)
+    return torch.round(x_hat.to(dtype) * torch.reciprocal(_along(qp.scale.to(dtype), x_hat, qp.axis)))
+
+
+def max_abs_centered_code(qp: QParams) -> int:
+    """The largest |q - zero_point| over every group of qp."""
+    zp = qp.zero_point.reshape(-1)
+    return int(torch.maximum(zp - qp.qmin, qp.qmax - zp).max()) if zp.numel() else 0
+
+
+def exact_accumulation_dtype(bound: float, device) -> torch.dtype:
+    """float32 when every partial sum of the integer products is below 2^24 in magnitude (`bound`: the sum of
+    the absolute products' largest possible value) and the device sums in plain order (CPU: oneDNN's direct
+    convolution, BLAS); float64 otherwise (exact below 2^53; cuDNN may pick Winograd/FFT for float32)."""
+    return torch.float32 if bound < _EXACT_F32 and torch.device(device).type == "cpu" else torch.float64
+
+
+def scale_accumulator(acc: torch.Tensor, x_scale, w_scale) -> torch.Tensor:
+    """float32 (float(acc) * x_scale) * w_scale: the int8 kernels' dequantization of an exact integer sum."""
+    return (acc.float() * x_scale) * w_scale
+
+
 def floor_residual(x: torch.Tensor, qp: QParams) -> tuple[torch.Tensor, torch.Tensor]:
     """(floor(x / scale), the fractional part in [0, 1)): the two halves of a rounding decision."""
     v = x / _along(qp.scale, x, qp.axis)
