@@ -4,27 +4,34 @@ Lowering replaces each activation observer by a `FakeQuantize` module (same node
 timestep groups, the per-sample group that one graph node computes from t, so t still picks the parameters of its
 group) and each quantized conv/linear weight by its fake-quantized value, once, here, rather than at every call: a
 module gets a new weight Parameter, a functional op (F.conv2d, F.linear, a matmul with a constant) reads a new
-constant in its weight slot. Biases stay in float (as int8 kernels keep them in int32 at the product's scale, which
-float simulates well). The arithmetic is fxq.quantizer's `fake_quantize` (bit for bit `dequantize(quantize(x))`).
+constant in its weight slot. Biases stay in float, as the int8
+kernels add them (in float32, after scaling the integer sum).
+
+Conv / linear modules (zero padding) and matmul / bmm / @ attention matmuls become `fake_ops.Exact*` modules: the
+integer sum and its scaling exactly as the int8 kernels compute them (see fake_ops), so that the x86 backend's
+int8 model and this simulation give the same codes, not codes one rounding apart.
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from fxq import quantizer as Q
+from fxq.quant import quantizer as Q
 from fxq.calib import device_of
 from fxq.errors import InputError
-from fxq.freeze import Frozen
-from fxq.graph import free_name, reads_values
-from fxq.ops import attr_of, weight_chain, weight_key
+from fxq.quant.freeze import Frozen
+from fxq.backends import fake_ops
+from fxq.tracing.graph import free_name, reads_values
+from fxq.quant.ops import attr_of, weight_chain, weight_key
 
 
 class FakeQuantize(nn.Module):
     """x -> dequantize(quantize(x)) with per-tensor parameters. With a group dimension [G] the parameters are
-    chosen per row of x's batch axis by the per-sample timestep group (`fxq.quantizer.select_group`).
+    chosen per row of x's batch axis by the per-sample timestep group (`fxq.quant.quantizer.select_group`).
 
     Constructor state is plain data (bits, signed, batch_axis, batch_major) plus the scale/zero_point buffers.
     """
@@ -112,13 +119,90 @@ def _replace_constant_weight(gm: fx.GraphModule, node: fx.Node, pos: int, qp: Q.
     node.update_arg(pos, remap[chain[-1]])
 
 
+_MATMULS = {torch.matmul, torch.bmm, operator.matmul, "matmul", "bmm"}
+
+
+def _fake_quantized_input(gm: fx.GraphModule, node) -> FakeQuantize | None:
+    if isinstance(node, fx.Node) and node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        return module if isinstance(module, FakeQuantize) else None
+    return None
+
+
+def _exact_module(gm: fx.GraphModule, node: fx.Node, frozen: Frozen):
+    """The fake_ops module computing `node` as its int8 kernel would, or None where there is no such kernel."""
+    meta = node.meta["fxq"]
+    inputs = [node.args[i] if i < len(node.args) else None for i in meta["act_inputs"]]
+    quantizers = [_fake_quantized_input(gm, n) for n in inputs]
+    if not quantizers or any(q is None for q in quantizers) or any(q.signed for q in quantizers):
+        return None
+    if meta["kind"] == "attn_matmul":
+        if node.target not in _MATMULS or len(quantizers) != 2:
+            return None
+        return fake_ops.ExactMatmul.from_qparams(quantizers[0].qparams(), quantizers[1].qparams())
+    if node.op != "call_module" or weight_key(node) not in frozen.weight or len(node.args) != 1 or node.kwargs:
+        return None
+    module, wqp = gm.get_submodule(node.target), frozen.weight[weight_key(node)]
+    if wqp.axis != 0 or not wqp.signed:
+        return None
+    xqp = quantizers[0].qparams()
+    if type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and module.padding_mode == "zeros":
+        return fake_ops._ExactConv.from_float(module, _fake_quantized(module.weight, wqp), wqp, xqp)
+    if type(module) is nn.Linear:
+        return fake_ops.ExactLinear.from_float(module, _fake_quantized(module.weight, wqp), wqp, xqp)
+    return None
+
+
+def _exact_ops(gm: fx.GraphModule, frozen: Frozen) -> set:
+    """Replace every quantized op that has an int8 kernel by its fake_ops module; returns the weight keys of the
+    modules done (their weights need no fake-quantized copy)."""
+    graph = gm.graph
+    calls = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    replaced = set()
+    for node in list(graph.nodes):
+        if "fxq" not in node.meta:
+            continue
+        exact = _exact_module(gm, node, frozen)
+        if exact is None:
+            continue
+        meta = node.meta["fxq"]
+        inputs = [node.args[i] for i in meta["act_inputs"]]
+        group = inputs[0].args[1] if len(inputs[0].args) > 1 else None  # the timestep-group node, as its quantizers
+        if node.op == "call_module" and calls[node.target] == 1:  # the module's own name holds its exact form
+            name = node.target
+            gm.set_submodule(name, exact)
+        else:  # a matmul, or a module called at several places: each call has its own input parameters
+            name = free_name(gm, f"fxq_exact_{node.name}")
+            gm.add_submodule(name, exact)
+            if node.op == "call_module":
+                replaced.add(node.target)
+        with graph.inserting_before(node):
+            new = graph.call_module(name, (*inputs, group))
+        new.meta = node.meta
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+    if any(isinstance(m, fake_ops.ExactConv2d) for m in gm.modules()):  # CPU outputs are channels-last
+        from fxq.backends.x86_glue import dense
+        out = next(n for n in graph.nodes if n.op == "output")
+        with graph.inserting_before(out):
+            out.args = fx.node.map_arg(out.args, lambda n: graph.call_function(dense, (n,)))
+    unused = replaced - {n.target for n in graph.nodes if n.op == "call_module"}
+    for target in unused:
+        gm.delete_submodule(target)
+    # a module's weight key is its name; a module replaced in place is an Exact* module now
+    return unused | {t for t, n in calls.items() if n == 1 and isinstance(gm.get_submodule(t), fake_ops._ExactBase)}
+
+
 def lower(gm: fx.GraphModule, frozen: Frozen) -> fx.GraphModule:
     """Rewrite a calibrated graph in place into its fake-quant form; returns it. The graph's modules must be its
     own (fxq.quantize works on a copy of the user's model)."""
     device = device_of(gm)
     for target, qp in frozen.act.items():
         gm.set_submodule(target, FakeQuantize(qp).to(device))
-    done = set()
+    done = _exact_ops(gm, frozen)
     for node in list(gm.graph.nodes):
         meta = node.meta.get("fxq")
         if not meta or weight_key(node) not in frozen.weight or weight_key(node) in done:

@@ -3,7 +3,9 @@
 Lowering (from the same `Frozen` QParams the fake backend uses, so both compute one function):
 - each activation observer feeding an int8 op becomes a `Quantize` node (float -> uint8 codes); conv/linear
   become `QConv`/`QLinear` (int8 weights per output channel, fp32 bias, fp32 output with the dequantization
-  fused); attention matmuls (`torch.matmul`/`bmm`, `@`) become `QMatmul`.
+  fused); attention matmuls (`torch.matmul`/`bmm`, `@`) become `QMatmul`. The other forms (transposed and
+  functional convs, functional linears, matmuls/einsums with a constant, baddbmm/addbmm/addmm, einsum attention)
+  map onto the same kernels through x86_forms.py.
 - an op select_ops chose that has no int8 kernel here (see `unsupported_reason`) raises `FxqError` naming it,
   unless `QuantConfig(float_fallback=True)`: then it runs its fake-quant simulation; `fallbacks(qmodel)` lists
   those ops and why.
@@ -13,11 +15,13 @@ Lowering (from the same `Frozen` QParams the fake backend uses, so both compute 
   that find_batch_axes recorded (sequence-first and head-folded activations included), split by group where a
   kernel needs one scale.
 
-Then fusions that keep the function up to kernel rounding (each is a graph rewrite below):
-- `fuse_unary`: conv/linear -> SiLU/ReLU/GELU with no other user becomes a oneDNN post-op;
-- `fuse_output_quant`: conv/linear -> (reshape/permute/view ...) -> Quantize: the kernel writes uint8 codes
-  itself (requantization fused) and the view ops run on codes; otherwise Quantize moves above nearest-upsample,
-  max-pool and view ops (fewer elements to quantize, integer data to move);
+Then fusions that keep the function bit for bit (each is a graph rewrite below; the fake backend computes the
+kernels' integer sums and float32 epilogue exactly, so int8 and fake-quant give the same codes):
+- `fuse_unary`: conv/linear -> ReLU with no other user becomes a oneDNN post-op (SiLU/GELU do not: oneDNN's
+  differ from torch's by an ulp, see EXACT_POST_OPS);
+- `fuse_output_quant`: conv/linear -> (reshape/permute/view ...) -> Quantize with zero point 0: the kernel writes
+  uint8 codes itself (requantization fused) and the view ops run on codes; otherwise Quantize moves above
+  nearest-upsample, max-pool and view ops (fewer elements to quantize, integer data to move);
 - `fuse_residual_add`: conv2d/linear -> add(other): the add runs inside the kernel (conv: in place on `other`,
   only where `other` is a fresh tensor no later op reads).
 Everything else (GroupNorm, SiLU not after a conv, softmax, adds, the time embedding's sin/cos) stays in float32,
@@ -33,20 +37,22 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from fxq import quantizer as Q
+from fxq.quant import quantizer as Q
+from fxq.backends import x86_forms as forms
 from fxq.backends import x86_glue as glue
 from fxq.backends import x86_ops as ops
 from fxq.backends.fake import FakeQuantize
+from fxq.backends.fake import _replace_constant_weight as fake_constant_weight
 from fxq.calib import device_of
 from fxq.errors import ConfigError, FxqError
-from fxq.freeze import Frozen
-from fxq.graph import free_name, node_order
-from fxq.meta import rank
+from fxq.quant.freeze import Frozen
+from fxq.tracing.graph import free_name, node_order
+from fxq.tracing.meta import rank
 from fxq.passes.batch_axes import META_KEY as BATCH_KEY
+from fxq.quant.ops import weight_key
 from fxq.passes.insert_observers import is_act_observer
 
 FALLBACK_META = "fxq_float_fallback"
-_MATMULS = {torch.matmul, torch.bmm, operator.matmul, "matmul", "bmm"}
 
 
 # --- checks ----------------------------------------------------------------------------------------------------
@@ -105,19 +111,13 @@ def unsupported_reason(gm: fx.GraphModule, node: fx.Node) -> str | None:
     if rows is not None:
         return f"timestep groups: {rows}"
     kind = meta["kind"]
-    if kind == "conv":
-        conv = gm.get_submodule(node.target)
-        if not isinstance(conv, nn.modules.conv._ConvNd) or conv.transposed:
-            return f"{type(conv).__name__} has no int8 kernel here"
-        if conv.padding_mode != "zeros":
-            return f"padding_mode={conv.padding_mode!r} (the int8 conv pads with zeros only)"
-        if isinstance(conv.padding, str):
-            return f"padding={conv.padding!r} (give explicit padding)"
-        return None
+    if kind == "conv":  # modules and functional convs, transposed or not
+        spec = forms.conv_spec(gm, node)
+        return spec if isinstance(spec, str) else None
     if kind == "linear":
-        return None
+        return None if _module(gm, node, nn.Linear) is not None else forms.linear_reason(gm, node)
     if kind == "attn_matmul":
-        return None if node.target in _MATMULS else f"{node.target} (matmul/bmm/@ have an int8 kernel here)"
+        return forms.matmul_reason(node)
     return f"op kind {kind!r}"
 
 
@@ -178,8 +178,16 @@ def lower(gm: fx.GraphModule, frozen: Frozen, config) -> fx.GraphModule:
             a, b = (node.args[i] for i in meta["act_inputs"])
             aqp, bqp = qparams[a], qparams[b]
             name = free_name(gm, f"fxq_qmatmul_{node.name}")
-            gm.add_submodule(name, ops.QMatmul.from_qparams(aqp, bqp))
-            _replace(graph, node, name, (a, b, group))
+            if node.target is torch.einsum:
+                gm.add_submodule(name, forms.QEinsum.from_qparams(aqp, bqp, node.args[0]))
+            else:
+                gm.add_submodule(name, ops.QMatmul.from_qparams(aqp, bqp))
+            _replace(graph, node, name, (a, b, group), epilogue=True)
+        elif not _plain_module(gm, node):  # functional / transposed conv, functional linear, x @ W
+            xqp = qparams[node.args[meta["act_inputs"][0]]]
+            name = free_name(gm, f"fxq_q{meta['kind']}_{node.name}")
+            gm.add_submodule(name, forms.lower_weighted(gm, node, frozen.weight[weight_key(node)], xqp))
+            _replace(graph, node, name, (node.args[meta["act_inputs"][0]], group), epilogue=True)
         else:
             xqp = qparams[node.args[0]]
             cls = ops.QConv if meta["kind"] == "conv" else ops.QLinear
@@ -226,18 +234,30 @@ def _group_node(gm: fx.GraphModule, frozen: Frozen):
         return gm.graph.call_function(glue.call_group, (group,))
 
 
-def _replace(graph: fx.Graph, node: fx.Node, target: str, args: tuple) -> fx.Node:
+def _replace(graph: fx.Graph, node: fx.Node, target: str, args: tuple, epilogue: bool = False) -> fx.Node:
+    """node ==> call of module `target`; with `epilogue`, followed by the float rest of an add-form product
+    (baddbmm, addmm, addbmm: see x86_forms.product_epilogue)."""
     with graph.inserting_before(node):
         new = graph.call_module(target, args)
     new.meta = node.meta
-    node.replace_all_uses_with(new)
+    last = forms.product_epilogue(graph, node, new) if epilogue else new
+    node.replace_all_uses_with(last)
     graph.erase_node(node)
     return new
 
 
+def _plain_module(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A call of an nn.Linear or a (not transposed) conv module: QLinear/QConv.from_float take it as it is."""
+    conv = _module(gm, node, nn.modules.conv._ConvNd)
+    return _module(gm, node, nn.Linear) is not None or (conv is not None and not conv.transposed
+                                                         and not isinstance(conv.padding, str))
+
+
 def _fake_weight(gm: fx.GraphModule, node: fx.Node, frozen: Frozen) -> None:
-    qp = frozen.weight.get(node.target) if node.op == "call_module" else None
-    if qp is not None:
+    qp = frozen.weight.get(weight_key(node))
+    if qp is not None and node.op != "call_module":  # a functional op's constant weight, as the fake backend does
+        fake_constant_weight(gm, node, node.meta["fxq"]["weight_input"], qp)
+    elif qp is not None:
         module = gm.get_submodule(node.target)
         module.weight = nn.Parameter(Q.fake_quantize(module.weight.detach().float(), qp).to(module.weight.dtype),
                                      requires_grad=False)
@@ -258,10 +278,13 @@ _UNARY_MODULES = {nn.SiLU: "swish", nn.ReLU: "relu"}
 
 def _unary_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
     """The oneDNN post-op computing `node` from its only tensor input, or None."""
-    if node.op == "call_function" and node.target in _UNARY and len(node.args) == 1:
-        return None if node.kwargs.get("inplace") else _UNARY[node.target]
-    if node.op == "call_function" and node.target is F.gelu and len(node.args) == 1:
-        return {"none": "gelu", "tanh": "gelu_tanh"}.get(node.kwargs.get("approximate", "none"))
+    # F.silu(x, False) and F.gelu(x, "tanh"): the second argument may come positionally (normalize_args)
+    second = node.args[1] if len(node.args) == 2 else None
+    if node.op == "call_function" and node.target in _UNARY and len(node.args) in (1, 2):
+        return None if (second or node.kwargs.get("inplace")) else _UNARY[node.target]
+    if node.op == "call_function" and node.target is F.gelu and len(node.args) in (1, 2):
+        approximate = second if second is not None else node.kwargs.get("approximate", "none")
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(approximate)
     if node.op == "call_method" and node.target in ("relu",) and len(node.args) == 1 and not node.kwargs:
         return "relu"
     if node.op == "call_module":
@@ -282,15 +305,21 @@ def _fusable_producer(gm: fx.GraphModule, node: fx.Node, allow_unary: bool = Fal
     return module if allow_unary or module.unary == "none" else None
 
 
+# Post-ops whose oneDNN result equals torch's bit for bit. oneDNN's swish and GELU use their own exp/erf and
+# differ by an ulp on about half the elements; an ulp can flip a later code, and one flipped code moves a diffusion
+# UNet's output at small t by ~-26 dB (benchmarks/x86_numerics.py): they run as torch ops after the kernel.
+EXACT_POST_OPS = ("relu",)
+
+
 def fuse_unary(gm: fx.GraphModule) -> None:
-    """conv/linear -> unary (its only user) ==> conv/linear with the unary as oneDNN post-op."""
+    """conv/linear -> unary (its only user) ==> conv/linear with the unary as oneDNN post-op (EXACT_POST_OPS)."""
     for node in list(gm.graph.nodes):
         module = _fusable_producer(gm, node)
         if module is None:
             continue
         user = next(iter(node.users))
         kind = _unary_kind(gm, user)
-        if kind in type(module).UNARY:
+        if kind in type(module).UNARY and kind in EXACT_POST_OPS:
             module.unary = kind
             user.replace_all_uses_with(node)
             gm.graph.erase_node(user)
@@ -316,10 +345,17 @@ def _view_like(gm: fx.GraphModule, node: fx.Node) -> bool:
     return False
 
 
+def _zero_point_free(quantize: ops.Quantize) -> bool:
+    """oneDNN requantizes as round(y * (1/s) + zp), quantize() as round(y * (1/s)) + zp: the float add rounds
+    away low bits, so near a tie the two give neighbouring codes, unless zp = 0 (adding 0.0 is exact)."""
+    return bool((quantize.x_zp == 0).all())
+
+
 def fuse_output_quant(gm: fx.GraphModule) -> None:
     """Quantize(view-like ops(y)) ==> view-like ops(Quantize(y)), and where y is a plain int8 conv/linear with
-    no other user, the kernel writes y's uint8 codes itself. max-pool, nearest upsample and pure moves of data
-    commute with rounding to a grid, so the codes are the ones the float graph would quantize."""
+    no other user and the codes' zero point is 0, the kernel writes y's uint8 codes itself. max-pool, nearest
+    upsample and pure moves of data commute with rounding to a grid, so the codes are the ones the float graph
+    would quantize."""
     for q in list(gm.graph.nodes):
         if _module(gm, q, ops.Quantize) is None:
             continue
@@ -329,18 +365,31 @@ def fuse_output_quant(gm: fx.GraphModule) -> None:
             chain.append(src)
             src = src.args[0]
         producer = _fusable_producer(gm, src, allow_unary=True) if isinstance(src, fx.Node) else None
-        if producer is not None and src.args[1] is q.args[1]:
+        if producer is not None and src.args[1] is q.args[1] and _zero_point_free(gm.get_submodule(q.target)):
             producer.set_output(ops._ActParams.qparams(gm.get_submodule(q.target), "x"))
             q.replace_all_uses_with(q.args[0])
             gm.graph.erase_node(q)
         elif chain and _rows_follow(gm, q, chain[-1].args[0]):
             # quantize before the chain: it then moves uint8 data, and upsampling multiplies nothing
-            top = chain[-1]
+            top, group = chain[-1], q.args[1]
+            if isinstance(group, fx.Node) and _after(gm.graph, group, top):
+                for n in reversed(chain):  # the chain reads only its own nodes: it can follow the group node
+                    q.prepend(n)
             with gm.graph.inserting_before(top):
                 moved = gm.graph.call_module(q.target, (top.args[0], q.args[1]))
             top.update_arg(0, moved)
             q.replace_all_uses_with(q.args[0])
             gm.graph.erase_node(q)
+
+
+def _after(graph: fx.Graph, a: fx.Node, b: fx.Node) -> bool:
+    """Whether node a comes after node b in the graph."""
+    for n in graph.nodes:
+        if n is a:
+            return False
+        if n is b:
+            return True
+    return False
 
 
 def _rows_follow(gm: fx.GraphModule, q: fx.Node, src: fx.Node) -> bool:

@@ -8,7 +8,7 @@ import functools
 
 import torch
 
-from fxq import quantizer as Q
+from fxq.quant import quantizer as Q
 from fxq.errors import FxqError, InputError
 
 
@@ -53,7 +53,7 @@ def call_group(group: torch.Tensor):
 
 def per_group(fn, g, x: torch.Tensor, *others, axis: int | None = 0, batch_major: bool = True):
     """fn(group, x, *others) over the rows of each group of a mixed batch, re-joined in row order. Rows run along
-    x's batch `axis` (the same axis of `others` and of fn's result), ordered as `fxq.quantizer.rows_group` says;
+    x's batch `axis` (the same axis of `others` and of fn's result), ordered as `fxq.quant.quantizer.rows_group` says;
     axis None: x has no batch axis, so it belongs to the batch's one group (InputError for a mixed batch)."""
     if isinstance(g, int):
         return fn(g, x, *others)
@@ -75,6 +75,15 @@ def per_group(fn, g, x: torch.Tensor, *others, axis: int | None = 0, batch_major
 
 def channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def dense_order(x: torch.Tensor) -> list[int] | None:
+    """The dims of x from outermost to innermost in memory when x is a permutation of a contiguous tensor other
+    than the identity, else None (contiguous, or not dense)."""
+    if x.dim() < 2 or x.is_contiguous():
+        return None
+    order = sorted(range(x.dim()), key=lambda d: (-x.stride(d), d))
+    return order if x.permute(order).is_contiguous() else None
 
 
 def _dense_strides(shape, channels_last: bool) -> tuple[int, ...]:

@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxq import quantizer as Q
-from fxq.backends.x86_glue import canonical, channels_last, per_group
+from fxq.quant import quantizer as Q
+from fxq.backends.x86_glue import canonical, channels_last, dense_order, per_group
 from fxq.errors import FxqError, InputError
 
+_PACKS = 2  # packed weights kept per conv, one per input shape (batch aside): a UNet's conv sees one
 _U8_TO_S8 = 128  # uint8 code c and int8 code c - 128 share a bit pattern: (c ^ 0x80).view(int8)
 
 
@@ -46,7 +47,7 @@ class _Spec:
 
 
 def _rows_spec(qp: Q.QParams) -> dict:
-    """How a grouped activation's rows map to samples (see fxq.quantizer.rows_group), as constructor data."""
+    """How a grouped activation's rows map to samples (see fxq.quant.quantizer.rows_group), as constructor data."""
     return {"batch_axis": qp.batch_axis, "batch_major": qp.batch_major}
 
 
@@ -105,7 +106,7 @@ class _Lazy(nn.Module):
 
 class Quantize(_Spec, _Lazy):
     """float32 x -> uint8 codes of `quantize(x, qp)` (qp per timestep group: pass the call's group, see
-    x86_glue.call_group; a mixed batch maps x's rows along `batch_axis` to samples as fxq.quantizer.rows_group)."""
+    x86_glue.call_group; a mixed batch maps x's rows along `batch_axis` to samples as fxq.quant.quantizer.rows_group)."""
 
     _spec_fields = ("groups", "batch_axis", "batch_major")
 
@@ -133,12 +134,18 @@ class Quantize(_Spec, _Lazy):
             qp = Q.select_group(_ActParams.qparams(self, "x", self.batch_axis, self.batch_major), g, x)
             return Q.codes(x, qp)
         scale, zp = self.derived()[g or 0]
+        # codes laid out like x: the kernel writes a contiguous result (channels-last aside), so a permuted x
+        # (attention's [C, HW] view of a channels-last activation) is quantized through its contiguous order
+        order = dense_order(x)
+        if order is not None:
+            x = x.permute(order)
         with warnings.catch_warnings():  # quantized tensor creation is deprecated; its kernel is ours to call
             warnings.simplefilter("ignore", UserWarning)
             q = torch.quantize_per_tensor(x, scale, zp, torch.quint8)
         # the same bytes as a plain uint8 tensor sharing q's storage (int_repr() would copy them, 4x the cost of
         # quantizing); the storage lives as long as the returned tensor
-        return torch.empty(0, dtype=torch.uint8).set_(q.untyped_storage(), q.storage_offset(), q.size(), q.stride())
+        codes = torch.empty(0, dtype=torch.uint8).set_(q.untyped_storage(), q.storage_offset(), q.size(), q.stride())
+        return codes if order is None else codes.permute(sorted(range(len(order)), key=order.__getitem__))
 
     def extra_repr(self) -> str:
         return f"groups={self.groups}{_rows_repr(self)}"
@@ -245,12 +252,24 @@ class QConv(_WeightedInt8):
         return [0] * len(self.padding) if self._pad_codes else list(self.padding)
 
     def _build(self):
-        xs, xz = _ActParams.floats(self, "x")[0]
-        packed = torch.ops.onednn.qconv_prepack(self.weight, self.w_scale, xs, xz, list(self.stride),
-                                                self._kernel_padding(), list(self.dilation), self.conv_groups, None)
-        return {"packed": packed, "w_zp": torch.zeros(self.out_channels, dtype=torch.int64),
+        return {"packs": {}, "w_zp": torch.zeros(self.out_channels, dtype=torch.int64),
                 "x": _ActParams.floats(self, "x"),
                 "out": _ActParams.floats(self, "out") if self.out_quant else None}
+
+    def _packed(self, d: dict, x: torch.Tensor):
+        """The weight packed for inputs shaped like x (batch aside). oneDNN picks the weight's blocked layout by
+        input shape; packed for another (the default when none is given), the kernel reorders the weight on every
+        call: 3x slower for a 512-channel 8x8 input (1.6x at batch 4). At most `_PACKS` shapes are kept."""
+        key = tuple(x.shape[1:])
+        packs = d["packs"]
+        if key not in packs:
+            if len(packs) >= _PACKS:
+                packs.pop(next(iter(packs)))  # the oldest shape
+            xs, xz = d["x"][0]
+            packs[key] = torch.ops.onednn.qconv_prepack(self.weight, self.w_scale, xs, xz, list(self.stride),
+                                                        self._kernel_padding(), list(self.dilation),
+                                                        self.conv_groups, [1, *key])
+        return packs[key]
 
     def forward(self, x: torch.Tensor, g=None, accum: torch.Tensor | None = None) -> torch.Tensor:
         self._check_call(x, g)
@@ -272,9 +291,9 @@ class QConv(_WeightedInt8):
                       odt)
             if acc is not None:
                 return torch.ops.onednn.qconv2d_pointwise.binary(
-                    x, xs, xz, d["packed"], self.w_scale, d["w_zp"], acc, self.bias, *common, 1.0, 0, "sum", 1.0,
+                    x, xs, xz, self._packed(d, x), self.w_scale, d["w_zp"], acc, self.bias, *common, 1.0, 0, "sum", 1.0,
                     attr, scalars, algo)
-            return torch.ops.onednn.qconv_pointwise(x, xs, xz, d["packed"], self.w_scale, d["w_zp"], self.bias,
+            return torch.ops.onednn.qconv_pointwise(x, xs, xz, self._packed(d, x), self.w_scale, d["w_zp"], self.bias,
                                                     *common, attr, scalars, algo)
 
         if fused:
@@ -361,7 +380,7 @@ class QMatmul(_Spec, _Lazy):
     """a @ b of two uint8-coded activations (torch.matmul semantics, both at least 2-d) on `torch._int_mm`,
     fp32 output. Zero points are applied exactly in int32 through row and column sums; each operand's parameters
     are per timestep group, picked per row of its batch axis (`a_axis`/`b_axis`, ordered as
-    fxq.quantizer.rows_group says), so a mixed batch needs no splitting. A batch axis may be a batch dim or a's
+    fxq.quant.quantizer.rows_group says), so a mixed batch needs no splitting. A batch axis may be a batch dim or a's
     rows / b's columns, never the contracted dim."""
 
     _spec_fields = ("groups", "a_axis", "a_major", "b_axis", "b_major")
@@ -385,6 +404,10 @@ class QMatmul(_Spec, _Lazy):
     def _build(self):
         return None
 
+    def _axes(self, prefix: str) -> tuple[int | None, bool]:
+        """(batch axis, batch_major) of operand `prefix` as forward receives it."""
+        return (self.a_axis, self.a_major) if prefix == "a" else (self.b_axis, self.b_major)
+
     def _row_params(self, prefix: str, g, x: torch.Tensor, full: tuple, contracted: int):
         """(scale, zp) of operand x broadcast to `full` (the flattened batch, then x's two matrix dims, the
         contracted one of size 1), reshaped to [N, rows, cols]; 0-d when one group serves all of x."""
@@ -394,7 +417,7 @@ class QMatmul(_Spec, _Lazy):
                 raise InputError("this int8 model keeps activation parameters per timestep group: call it with t")
             if isinstance(g, int):
                 return scale[g], zp[g]
-            axis, major = (self.a_axis, self.a_major) if prefix == "a" else (self.b_axis, self.b_major)
+            axis, major = self._axes(prefix)
             qp = Q.select_group(_ActParams.qparams(self, prefix, axis, major), g, x)
             scale, zp = qp.scale, qp.zero_point
             if scale.dim() == 0:
@@ -418,14 +441,23 @@ class QMatmul(_Spec, _Lazy):
         sb, zb = self._row_params("b", g, b, tuple(batch) + (1, n), -2)
         a8 = a.expand(tuple(batch) + (m, k)).reshape(-1, m, k).bitwise_xor(_U8_TO_S8).view(torch.int8)
         b8 = b.expand(tuple(batch) + (k, n)).reshape(-1, k, n).bitwise_xor(_U8_TO_S8).view(torch.int8)
-        acc = torch.stack([torch._int_mm(a8[i], b8[i]) for i in range(a8.shape[0])])
-        # sum_k (a - za)(b - zb) with a, za shifted by 128 alike: the shift cancels in each difference
+        if a8.stride(-2) == 1 and m > 1:
+            # a is column-major (a channels-last activation seen as [C, HW]): compute (b^T a^T)^T so that the
+            # result is column-major too and its reshape back to 4-d stays a channels-last view (no copy)
+            acc = torch.empty((a8.shape[0], n, m), dtype=torch.int32).mT
+            for i in range(a8.shape[0]):
+                torch._int_mm(b8[i].mT, a8[i].mT, out=acc[i].mT)
+        else:
+            acc = torch.empty((a8.shape[0], m, n), dtype=torch.int32)
+            for i in range(a8.shape[0]):
+                torch._int_mm(a8[i], b8[i], out=acc[i])
+        # sum_k (a - za)(b - zb) with a, za shifted by 128 alike: the shift cancels in each difference; exact in
+        # int32, the row term (with the constant) and the column term subtracted in one pass each
         za8 = (za - _U8_TO_S8).to(torch.int32)
         zb8 = (zb - _U8_TO_S8).to(torch.int32)
-        acc -= zb8 * a8.sum(-1, keepdim=True, dtype=torch.int32)
+        acc -= zb8 * a8.sum(-1, keepdim=True, dtype=torch.int32) - k * za8 * zb8
         acc -= za8 * b8.sum(-2, keepdim=True, dtype=torch.int32)
-        acc += k * za8 * zb8
-        return (acc.float() * (sa * sb)).reshape(tuple(batch) + (m, n))
+        return Q.scale_accumulator(acc, sa, sb).reshape(tuple(batch) + (m, n))
 
     def extra_repr(self) -> str:
         rows = "" if self.groups == 1 else (f", a_axis={self.a_axis}, a_major={self.a_major}, b_axis={self.b_axis}, "

@@ -10,7 +10,8 @@ Rows (per bit setting): traditional PTQ (random t, pure-noise inputs, min/max ra
 normal timesteps, 1024 samples, Lp-search ranges, attention matmuls left in float); fxq variants, attention
 quantized: the uniform set before its fix (t >= 40 only), uniform, timestep groups 4 and 10, bias correction (one
 group and 10 groups), a representative subset, with and without split shortcuts (on by default), AdaRound and
-BRECQ-style block reconstruction; the Q-Diffusion recipe (uniform, split shortcuts, BRECQ; without its
+BRECQ-style block reconstruction, Lp-searched weight scales, mixed-precision weights at 4.25 / 4.5 average bits
+(run for settings below 8 weight bits only: nothing to mix at 8); the Q-Diffusion recipe (uniform, split shortcuts, BRECQ; without its
 activation-range reconstruction).
 """
 
@@ -52,9 +53,27 @@ ROWS = {
     "fxq-nosplit": ("fxq, uniform, without split shortcuts", ["--no-split-shortcut"]),
     "fxq-bcg10-nosplit": ("fxq, bias & gain corr. per 10 groups, without split shortcuts",
                           [*BCG10, "--no-split-shortcut"]),
-    "fxq-ada-bcg10": ("fxq, AdaRound + bias & gain corr. per 10 groups", ["--weight-rounding", "adaround", *BCG10]),
-    "fxq-brecq-bcg10": ("fxq, BRECQ blocks + bias & gain corr. per 10 groups",
+    "fxq-ada-bcg10": ("fxq, AdaRound (quantized inputs, float targets) + bias & gain corr. per 10 groups",
+                      ["--weight-rounding", "adaround", *BCG10]),
+    "fxq-brecq-bcg10": ("fxq, BRECQ blocks (quantized inputs, float targets) + bias & gain corr. per 10 groups",
                         ["--weight-rounding", "brecq", *BCG10]),
+    "fxq-mse-bcg10": ("fxq, Lp-searched weight scales + bias & gain corr. per 10 groups",
+                      ["--weight-estimator", "mse", *BCG10]),
+    "fxq-mp425-bcg10": ("fxq, mixed precision (4.25 avg weight bits) + bias & gain corr. per 10 groups",
+                        ["--mixed-precision", "4.25", *BCG10]),
+    "fxq-mp45-bcg10": ("fxq, mixed precision (4.5 avg weight bits) + bias & gain corr. per 10 groups",
+                       ["--mixed-precision", "4.5", *BCG10]),
+    "fxq-mse-mp45-bcg10": ("fxq, Lp weight scales + mixed precision (4.5 bits) + bias & gain corr. per 10 groups",
+                           ["--weight-estimator", "mse", "--mixed-precision", "4.5", *BCG10]),
+    "fxq-mse-mp425-bcg10": ("fxq, Lp weight scales + mixed precision (4.25 bits) + bias & gain corr. per 10 groups",
+                            ["--weight-estimator", "mse", "--mixed-precision", "4.25", *BCG10]),
+    "fxq-mse-mp45-ada-bcg10": ("fxq, Lp weight scales + mixed precision (4.5 bits) + AdaRound + bias & gain corr.",
+                               ["--weight-estimator", "mse", "--mixed-precision", "4.5", "--weight-rounding",
+                                "adaround", *BCG10]),
+    "fxq-mp45-ada-bcg10": ("fxq, mixed precision (4.5 bits) + AdaRound + bias & gain corr. per 10 groups",
+                           ["--mixed-precision", "4.5", "--weight-rounding", "adaround", *BCG10]),
+    "fxq-mse-ada-bcg10": ("fxq, Lp weight scales + AdaRound + bias & gain corr. per 10 groups",
+                          ["--weight-estimator", "mse", "--weight-rounding", "adaround", *BCG10]),
     "qdiffusion": ("Q-Diffusion recipe (uniform, split shortcuts, BRECQ, attention quantized)",
                    ["--weight-rounding", "brecq"]),
 }
@@ -150,6 +169,8 @@ def _plan(args) -> list[tuple[str, str]]:
     for setting in args.settings.split(","):
         for entry in args.rows.split(","):
             only, _, row = entry.rpartition(":")
+            if "--mixed-precision" in ROWS[row][1] and int(setting.upper().lstrip("W").split("A")[0]) >= 8:
+                continue  # mixed precision raises layers to 8 bits: nothing to mix at 8
             if not only or only.upper() == setting.upper():
                 plan.append((setting, row))
     return plan

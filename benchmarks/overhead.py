@@ -72,7 +72,7 @@ def measure_rounds(args, rounds: int) -> list[dict]:
 
     import fxq
     from fxq import api, calib
-    from fxq.freeze import freeze
+    from fxq.quant.freeze import freeze
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

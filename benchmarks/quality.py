@@ -1,7 +1,7 @@
 """Image quality of a DDPM's samples, float or quantized by fxq: FID, KID and IS against the dataset's `ref` split
-(through fxq.fidelity), and for a quantized model the PSNR of its samples to the float model's samples drawn from
+(through fxq.eval.fidelity), and for a quantized model the PSNR of its samples to the float model's samples drawn from
 the same noise. Writes metrics.json and grid.png into --out-dir. Not a test: it asserts nothing. The reference
-images are generated on the first run (fxq.data, all CPU cores) and cached under --ref-cache.
+images are generated on the first run (fxq.eval.data, all CPU cores) and cached under --ref-cache.
 
     python benchmarks/quality.py --model ddpm32 --sampler ddim --steps 100 --n 10000 --device cuda
     python benchmarks/quality.py --model ddpm32 --quantize W8A8 --estimator mse --calib 256 --device cuda
@@ -44,7 +44,7 @@ if __package__ in (None, ""):  # run as a script from a source checkout: use the
 
 from fxq.errors import InputError  # noqa: E402
 from fxq.models.pretrained import load_spec  # noqa: E402
-from fxq.images import (check_images, psnr_summary,  # noqa: E402
+from fxq.eval.images import (check_images, psnr_summary,  # noqa: E402
                         sample_images, save_grid)
 
 # --- sampling ------------------------------------------------------------------------------------------------
@@ -53,7 +53,7 @@ from fxq.images import (check_images, psnr_summary,  # noqa: E402
 
 def feature_dim(feature_extractor: str, weights_path=None) -> int:
     """Width of the FID/KID features of an extractor (fails here, not after sampling, on missing weights)."""
-    from fxq import fidelity
+    from fxq.eval import fidelity
 
     if feature_extractor == fidelity.EXTRACTOR_NAME:  # built, not just read, so a broken file fails before sampling
         return int(fidelity.load_classifier(weights_path).config["feature_dim"])
@@ -70,7 +70,7 @@ def check_fid_size(n: int, n_ref: int, dim: int, feature_extractor: str) -> None
 def image_metrics(samples, reference, feature_extractor="fxq-classifier", weights_path=None, device=None,
                   batch_size=256) -> dict:
     """FID, KID (mean, std) and IS (mean, std) of uint8 samples against uint8 reference images."""
-    from fxq.fidelity import compute_metrics
+    from fxq.eval.fidelity import compute_metrics
 
     # compute_metrics would also take arrays and PNG folders: this one takes tensors only
     check_images(samples, "samples")
@@ -188,7 +188,7 @@ def calibration_set(fp_model, sampler, args, shape, device) -> list:
     if args.timesteps in ("traditional", "traditional-data"):
         data = None
         if args.timesteps == "traditional-data":
-            from fxq.data import make_dataset, to_model_range
+            from fxq.eval.data import make_dataset, to_model_range
             data = to_model_range(make_dataset("train", n=n)[0])
         return calib.traditional(n, shape, T=sampler.T, data=data, seed=seed)
     kept = [t for t in sampler.timesteps if t >= args.calib_min_t]
@@ -217,7 +217,7 @@ def quantize_model(fp_model, sampler, bits, args, shape, device):
                          bias_correction_groups=args.bias_groups, gain_correction=args.gain_correction,
                          keep_float=tuple(p for p in args.keep_float.split(",") if p), seed=args.seed,
                          split_shortcut=args.split_shortcut, weight_rounding=args.weight_rounding,
-                         adaround_iters=args.adaround_iters)
+                         adaround_iters=args.adaround_iters, mixed_precision=args.mixed_precision)
     data = calibration_set(fp_model, sampler, args, shape, device)
     g = torch.Generator().manual_seed(args.calib_seed)
     example = (torch.randn(2, *shape, generator=g).to(device), torch.tensor([999, 0], device=device))
@@ -290,8 +290,8 @@ def broadcast_model(model) -> None:
 
 def parse_args(argv=None):
     from fxq.config import ACT_ESTIMATORS, WEIGHT_ESTIMATORS
-    from fxq.data import DEFAULT_CACHE_DIR
-    from fxq.fidelity import FEATURE_EXTRACTORS
+    from fxq.eval.data import DEFAULT_CACHE_DIR
+    from fxq.eval.fidelity import FEATURE_EXTRACTORS
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -309,7 +309,7 @@ def parse_args(argv=None):
                    help="keep only calibration steps with t >= this (40 reproduces the uniform set before it "
                    "included the last steps)")
     p.add_argument("--ops", default="conv,linear,attn_matmul", help="op kinds to quantize (comma-separated)")
-    p.add_argument("--bias-correction", action="store_true", help="empirical bias correction (fxq.bias_correction)")
+    p.add_argument("--bias-correction", action="store_true", help="empirical bias correction (fxq.quant.bias_correction)")
     p.add_argument("--gain-correction", action="store_true",
                    help="with --bias-correction, also correct each channel's gain (PTQD's correlated error)")
     p.add_argument("--keep-float", default="", help="comma-separated module patterns kept in float")
@@ -317,6 +317,9 @@ def parse_args(argv=None):
                    help="split convs that read a channel concat, one quantizer per operand (Q-Diffusion)")
     p.add_argument("--weight-rounding", default="nearest", choices=("nearest", "adaround", "brecq"))
     p.add_argument("--adaround-iters", type=int, default=1000, help="optimizer steps per layer / block")
+    p.add_argument("--mixed-precision", type=float, default=None, metavar="BITS",
+                   help="average weight bits allowed: the layers whose low-bit weights cost the output most per "
+                   "parameter go to 8 bits (QuantConfig.mixed_precision)")
     p.add_argument("--bias-groups", type=int, default=None, help="timestep groups of the bias correction "
                    "(default: --timestep-groups)")
     p.add_argument("--calib-seed", type=int, default=None,
@@ -368,8 +371,8 @@ def _git_commit():
 
 def main(argv=None) -> dict:
     """Run the benchmark; returns the JSON document it wrote."""
-    from fxq import fidelity
-    from fxq.data import SPLITS, load_or_make
+    from fxq.eval import fidelity
+    from fxq.eval.data import SPLITS, load_or_make
     from fxq.models.pretrained import model_config
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -410,8 +413,10 @@ def main(argv=None) -> dict:
         qmodel, qconfig, times["calibration_s"] = quantize_model(model, sampler, args.bits, args, shape, device)
         broadcast_model(qmodel)
         times["quantize_s"] = time.perf_counter() - t0
-        from fxq.analysis import average_bits
+        from fxq.eval.analysis import average_bits
         bits_info = average_bits(qmodel)
+        # the layers mixed precision raised (the map the model was quantized with)
+        bits_info["weight_bits_map"] = [list(e) for e in qmodel.graph_module.meta["fxq_config"].weight_bits_map]
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     result = evaluate(model if qconfig is None else qmodel, sampler, args.n, reference,
                       fp_model=None if qconfig is None else model, fp_metrics=args.with_fp,

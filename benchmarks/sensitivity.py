@@ -1,4 +1,4 @@
-"""Diagnosis of a quantized DDPM (fxq.analysis): per-quantizer sensitivity per timestep, the per-channel mean
+"""Diagnosis of a quantized DDPM (fxq.eval.analysis): per-quantizer sensitivity per timestep, the per-channel mean
 error of the noise prediction (the colour cast) with and without bias correction, the activation ranges of every
 quantizer per timestep, and where along the trajectory an error in the noise prediction matters. Writes
 diagnosis.json and PNG plots into --out-dir. Not a test: it asserts nothing.
@@ -20,9 +20,10 @@ if __package__ in (None, ""):  # run as a script from a source checkout: use the
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fxq  # noqa: E402
-from fxq import analysis, calib, report  # noqa: E402
+from fxq import calib, report  # noqa: E402
+from fxq.eval import analysis  # noqa: E402
 from fxq.diffusion import DDIM  # noqa: E402
-from fxq.images import initial_noise  # noqa: E402
+from fxq.eval.images import initial_noise  # noqa: E402
 from fxq.models.pretrained import load_model  # noqa: E402
 
 

@@ -218,9 +218,9 @@ def summary(ms: list[float]) -> dict:
 def sample_race(rows: dict, names, batch: int, steps: int, seed: int) -> list[dict]:
     """Wall time of one DDIM sample at `batch` with each named backend (same noise), and PSNR of its images
     to the first one's (fp32)."""
-    from fxq.data import from_model_range
+    from fxq.eval.data import from_model_range
     from fxq.diffusion import DDIM
-    from fxq.images import psnr
+    from fxq.eval.images import psnr
 
     out, ref = [], None
     for n in names:

@@ -24,7 +24,7 @@ import time
 import torch
 from safetensors.torch import load_file, save_file
 
-from fxq.data import load_or_make, to_model_range
+from fxq.eval.data import load_or_make, to_model_range
 from fxq.diffusion import DDIM, Schedule
 from fxq.models import DDPMUNet
 from fxq.models.pretrained import read_pretrained, save_pretrained
@@ -189,7 +189,7 @@ def main(argv=None):
     torch.save(opt.state_dict(), os.path.join(args.ckpt, "optim.pt"))
     if args.export:
         os.makedirs(os.path.dirname(args.export) or ".", exist_ok=True)
-        save_pretrained(ema, args.export, train_steps=step, dataset="fxq.data train (50k)")
+        save_pretrained(ema, args.export, train_steps=step, dataset="fxq.eval.data train (50k)")
     if args.grid or args.eval_n:
         evaluate_ema(ema, args, state, device)
     with open(os.path.join(args.ckpt, "state.json"), "w") as f:
@@ -198,13 +198,13 @@ def main(argv=None):
 
 @torch.no_grad()
 def evaluate_ema(ema, args, state, device):
-    from fxq.images import sample_images, save_grid
+    from fxq.eval.images import sample_images, save_grid
     samples = sample_images(ema, DDIM(steps=50), max(args.eval_n, 64), batch_size=500, seed=10_000,
                             device=device)
     if args.grid:
         save_grid(args.grid, [(f"EMA, step {state['step']}", samples)])
     if args.eval_n:
-        from fxq.fidelity import compute_metrics
+        from fxq.eval.fidelity import compute_metrics
         ref, _ = load_or_make("ref", args.data_cache)
         metrics = compute_metrics(samples[:args.eval_n], ref, device=device)
         state["evals"].append({"step": state["step"], "n": args.eval_n, "sampler": "DDIM-50", **metrics})

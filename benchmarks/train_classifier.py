@@ -1,4 +1,4 @@
-"""Train the fxq-classifier feature extractor (fxq/fidelity.py) on fxq's offline dataset (fxq/data.py).
+"""Train the fxq-classifier feature extractor (fxq/eval/fidelity.py) on fxq's offline dataset (fxq/eval/data.py).
 
     python benchmarks/train_classifier.py --out fxq/weights/fxq_classifier.safetensors            # GPU if present
     python benchmarks/train_classifier.py --out /tmp/c.safetensors --limit 512 --epochs 1 --device cpu  # smoke
@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a source checkout
 
-from fxq.data import CLASSES, DEFAULT_CACHE_DIR, SPLITS, fingerprint, load_or_make, to_model_range  # noqa: E402
-from fxq.fidelity import FxqClassifier, save_classifier  # noqa: E402
+from fxq.eval.data import CLASSES, DEFAULT_CACHE_DIR, SPLITS, fingerprint, load_or_make, to_model_range  # noqa: E402
+from fxq.eval.fidelity import FxqClassifier, save_classifier  # noqa: E402
 
 # Regression targets, standardised to about [-1, 1]: (attribute, centre, half-range).
 REGRESS = (("angle", 0.0, 25.0), ("glyph_size", 21.0, 6.0), ("crop_log2", 7.5, 3.0))
@@ -91,7 +91,7 @@ def set_feature_scale(model, images, device, batch_size=1024):
 
 def sensitivity(weights, train_x, ref_x, n, device):
     """FID/KID of n train images (clean and degraded) against n ref images."""
-    from fxq.fidelity import compute_metrics
+    from fxq.eval.fidelity import compute_metrics
 
     g = torch.Generator().manual_seed(0)
     x = train_x[:n].float()

@@ -18,7 +18,7 @@ import torch
 import fxq
 from fxq import calib, report
 from fxq.diffusion import DDIM
-from fxq.images import psnr, sample_images, save_grid
+from fxq.eval.images import psnr, sample_images, save_grid
 from fxq.config import ACT_ESTIMATORS, BACKENDS
 from fxq.models.pretrained import KNOWN, load_model
 
@@ -84,6 +84,8 @@ def _x86_report(args, unet, qunet, data, example, config, reference) -> dict:
         twin_ref = [(t, x_t, twin(x_t, torch.full((x_t.shape[0],), t))) for t, x_t, _ in reference]
     per_t = report.sqnr_against(twin_ref, qunet)
     _print_sqnr("int8 vs its fake-quant twin, SQNR", per_t)
+    identical = sum(v == float("inf") for v in per_t.values())
+    print(f"  identical outputs (inf dB) at {identical} of {len(per_t)} timesteps")
     for op in fallbacks(qunet):
         print(f"  float fallback: {op['kind']} {op['module']!r}: {op['reason']}")
     x = torch.randn(args.speed_batch, 3, 32, 32, generator=torch.Generator().manual_seed(args.seed))
@@ -93,7 +95,8 @@ def _x86_report(args, unet, qunet, data, example, config, reference) -> dict:
     print(f"speed at batch {args.speed_batch}, {torch.get_num_threads()} threads, {args.speed_rounds} interleaved "
           f"rounds (median): float32 eager {timing['float']['median_ms']:.1f} ms, int8 "
           f"{timing['int8']['median_ms']:.1f} ms: {speedup:.2f}x")
-    return {"sqnr_int8_vs_fake_db_per_t": {str(k): v for k, v in per_t.items()}, "timing_ms": timing,
+    return {"sqnr_int8_vs_fake_db_per_t": {str(k): v for k, v in per_t.items()},
+            "int8_identical_to_fake_timesteps": identical, "timing_ms": timing,
             "speedup": speedup, "threads": torch.get_num_threads(), "speed_batch": args.speed_batch}
 
 

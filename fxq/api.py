@@ -10,13 +10,13 @@ import torch.fx as fx
 from torch import nn
 
 from fxq import calib
-from fxq.callspec import RETURN_DICT, TIMESTEP_NAMES, CallSpec, timestep_input  # noqa: F401  (TIMESTEP_NAMES: API)
-from fxq.adaround import adaround
+from fxq.tracing.callspec import RETURN_DICT, TIMESTEP_NAMES, CallSpec, timestep_input  # noqa: F401  (TIMESTEP_NAMES: API)
+from fxq.quant.adaround import adaround
 from fxq.config import QuantConfig
 from fxq.errors import ConfigError, InputError
-from fxq.freeze import freeze
-from fxq.graph import cuda_devices
-from fxq.inputs import as_args_kwargs
+from fxq.quant.freeze import freeze
+from fxq.tracing.graph import cuda_devices
+from fxq.tracing.inputs import as_args_kwargs
 from fxq.passes.batch_axes import FindBatchAxes
 from fxq.passes.decompose_attention import decompose_attention
 from fxq.passes.fold_bn import fold_bn
@@ -27,12 +27,12 @@ from fxq.passes.normalize_args import normalize_args
 from fxq.passes.select_ops import SelectOps
 from fxq.qmodel import QuantizedModel
 from fxq.passes.split_shortcut import split_shortcut
-from fxq.tracer import trace
+from fxq.tracing.tracer import trace
 
 
 def timestep_placeholder(gm: fx.GraphModule, timestep_arg, timestep_groups: int = 1) -> str | None:
     """Name of the placeholder that carries the diffusion timestep (see QuantConfig.timestep_arg and
-    fxq.callspec.timestep_input: a guess by position warns, and is refused with timestep_groups > 1)."""
+    fxq.tracing.callspec.timestep_input: a guess by position warns, and is refused with timestep_groups > 1)."""
     names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     return timestep_input(names, timestep_arg, timestep_groups, warn_stacklevel=4)
 
@@ -77,7 +77,7 @@ def quantize(model: nn.Module, example_inputs, calib_data: Iterable, config: Qua
              batch_size: int = 32, progress: bool = False) -> QuantizedModel:
     """Quantized copy of `model` (a `fxq.QuantizedModel`), callable like it: same parameters and defaults, same
     output type, the original's `.config` and plain attributes; the timestep may come as a number or a tensor of
-    shape [], [1] or [B] (see fxq.callspec).
+    shape [], [1] or [B] (see fxq.tracing.callspec).
 
     example_inputs: a tuple of positional inputs, or an (args_tuple, kwargs_dict) pair.
     calib_data: any iterable of items of the same form (any batch size), e.g. `fxq.calib.trajectory(...)` or
@@ -89,16 +89,23 @@ def quantize(model: nn.Module, example_inputs, calib_data: Iterable, config: Qua
         from fxq.backends import x86
         x86.check_model(model)
     call, example = CallSpec.from_example(model, example_inputs, config.timestep_arg)
-    gm, t_name = prepare(model, example, config)
-    if call.takes_return_dict:
-        call.tuple_len = _tuple_len(model, call, example)
     try:
         items = iter(calib_data)
     except TypeError:
         raise InputError(f"calib_data must be an iterable of input items, got {type(calib_data).__name__}") from None
     items = (call.canonical_item(item, f"calibration item {i}") for i, item in enumerate(items))
-    if config.weight_rounding != "nearest" or config.bias_correction:
-        items = list(items)  # read again after calibration: rounding, bias correction
+    if config.weight_rounding != "nearest" or config.bias_correction or config.mixed_precision is not None:
+        items = list(items)  # read again: mixed precision, rounding, bias correction
+    allocation = None
+    if config.mixed_precision is not None:  # the chosen map is the model's config from here on (saved with it)
+        from fxq.quant.mixed_precision import propose_weight_bits
+        with torch.random.fork_rng(devices=cuda_devices(model, example)):
+            torch.manual_seed(config.seed)
+            allocation = propose_weight_bits(model, example, items, config, batch_size=batch_size, progress=progress)
+        config = dataclasses.replace(config, mixed_precision=None, weight_bits_map=allocation.weight_bits_map())
+    gm, t_name = prepare(model, example, config)
+    if call.takes_return_dict:
+        call.tuple_len = _tuple_len(model, call, example)
     # Seeded for stochastic layers; the caller's RNGs are restored after.
     with torch.random.fork_rng(devices=cuda_devices(gm)):
         torch.manual_seed(config.seed)
@@ -109,11 +116,13 @@ def quantize(model: nn.Module, example_inputs, calib_data: Iterable, config: Qua
                 gm, frozen, items, example, granularity="block" if config.weight_rounding == "brecq" else "layer",
                 iters=config.adaround_iters, batch_size=batch_size, seed=config.seed, progress=progress)]
     if config.bias_correction:  # after the rounding: it corrects the error of the final weights
-        from fxq.bias_correction import correct_bias
+        from fxq.quant.bias_correction import correct_bias
         correct_bias(gm, frozen, items, example, t_name, config.bias_groups, config.num_timesteps, batch_size,
                      gain=config.gain_correction)
     lowered = _lower(gm, frozen, config)
     lowered.meta["fxq_config"] = config
+    if allocation is not None:
+        lowered.meta["fxq_mixed_precision"] = allocation.to_dict()
     return QuantizedModel.around(model, lowered, call, config)
 
 

@@ -27,11 +27,11 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from tqdm.auto import tqdm
 
-from fxq.callspec import timestep_input
+from fxq.tracing.callspec import timestep_input
 from fxq.errors import InputError
-from fxq.images import check_count
-from fxq.inputs import as_args_kwargs
-from fxq.observers import ActObserver, check_finite, reused_buffers
+from fxq.eval.images import check_count
+from fxq.tracing.inputs import as_args_kwargs
+from fxq.quant.observers import ActObserver, check_finite, reused_buffers
 
 PTQ4DM_MEAN, PTQ4DM_STD = 0.4, 0.4  # the PTQ4DM repo's scripts (argparse defaults are 0.5 / 0.35)
 TIMESTEP_MODES = ("uniform", "normal")

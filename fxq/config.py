@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
+from fnmatch import fnmatchcase
 
 from fxq.errors import ConfigError
 
@@ -22,6 +24,21 @@ def _check_bits(name: str, value) -> None:
 def _check_choice(name: str, value, allowed) -> None:
     if value not in allowed:
         raise ConfigError(f"{name}={value!r} is not known; choose one of {', '.join(map(repr, allowed))}")
+
+
+def _bits_map(value) -> tuple:
+    """weight_bits_map as a tuple of (fnmatch pattern, bits) pairs, in the order given (first match wins)."""
+    pairs = value.items() if isinstance(value, dict) else value
+    try:
+        pairs = tuple(tuple(p) for p in pairs)
+    except TypeError:
+        raise ConfigError(f"weight_bits_map must map module-name patterns to bit-widths (a dict, or (pattern, bits) "
+                          f"pairs), got {value!r:.80}") from None
+    for pair in pairs:
+        if len(pair) != 2 or not isinstance(pair[0], str):
+            raise ConfigError(f"weight_bits_map entry {pair!r:.80} must be a (module-name pattern, bits) pair")
+        _check_bits(f"weight_bits_map[{pair[0]!r}]", pair[1])
+    return pairs
 
 
 def _as_tuple(name: str, value) -> tuple:
@@ -67,10 +84,19 @@ class QuantConfig:
     split_shortcut: give each operand of a channel concat feeding a quantized conv its own activation quantizer
       and weight scales, by splitting the conv over its input channels (Q-Diffusion's split shortcut).
     bias_correction: after calibration, remove the mean output error of every quantized conv/linear per output
-      channel, measured on (up to 512 items of) the calibration set (fxq.bias_correction; Nagel et al. 2019).
+      channel, measured on (up to 512 items of) the calibration set (fxq.quant.bias_correction; Nagel et al. 2019).
     bias_correction_groups: timestep groups that get their own correction (None: timestep_groups).
     gain_correction: with bias_correction, also divide out the part of each op's error that is proportional to
       its float output, per channel and group (PTQD's correlated-noise correction, applied per layer).
+    weight_bits_map: per-layer weight bit-widths, {fnmatch pattern of the op's module name: bits} (or (pattern,
+      bits) pairs; the first matching pattern wins; a split conv's parts follow the conv's name). Ops no pattern
+      matches get weight_bits; first_last_bits still raises the first and last layer.
+    mixed_precision: a budget of average weight bits (over the quantized weights' elements, as
+      fxq.eval.analysis.average_bits counts them): fxq.quantize measures on (up to 32 items of) the calibration set how
+      much each layer's weight_bits weights alone cost the output (fxq.quant.mixed_precision.weight_sensitivity), and
+      raises the layers that cost most per parameter to mixed_precision_bits while the average stays within the
+      budget. The chosen map becomes the quantized model's weight_bits_map. None: every layer at weight_bits.
+    mixed_precision_bits: the bit-width of the layers mixed_precision raises.
     float_fallback: with backend="x86", an op selected for quantization that has no int8 kernel runs as its
       fake-quant simulation (listed by `fxq.backends.x86.fallbacks(qmodel)`) instead of raising an error.
     """
@@ -98,6 +124,9 @@ class QuantConfig:
     bias_correction_groups: int | None = None
     gain_correction: bool = False
     float_fallback: bool = False
+    weight_bits_map: tuple = ()
+    mixed_precision: float | None = None
+    mixed_precision_bits: int = 8
 
     def __post_init__(self):
         _check_bits("weight_bits", self.weight_bits)
@@ -145,13 +174,43 @@ class QuantConfig:
             raise ConfigError(f"seed={self.seed!r} must be an integer")
         if not isinstance(self.float_fallback, bool):
             raise ConfigError(f"float_fallback={self.float_fallback!r} must be True or False")
+        object.__setattr__(self, "weight_bits_map", _bits_map(self.weight_bits_map))
         if self.backend == "x86":
+            odd = [(p, b) for p, b in self.weight_bits_map if b != 8]
+            if odd or self.mixed_precision is not None:
+                raise ConfigError(
+                    f"backend='x86' runs int8 kernels only: "
+                    + (f"weight_bits_map entries {odd} must be 8" if odd else "mixed_precision has no bit-widths to "
+                       "mix") + " (or use backend='fake' to simulate other bit-widths)")
             for name in ("weight_bits", "act_bits", "first_last_bits"):
                 value = getattr(self, name)
                 if value is not None and value != 8:
                     raise ConfigError(
                         f"backend='x86' runs int8 kernels only: {name}={value} must be 8 (or use backend='fake' "
                         "to simulate other bit-widths)")
+        self._check_mixed_precision()
+
+    def _check_mixed_precision(self) -> None:
+        _check_bits("mixed_precision_bits", self.mixed_precision_bits)
+        budget = self.mixed_precision
+        if budget is None:
+            return
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget):
+            raise ConfigError(f"mixed_precision={budget!r} must be None or a number of bits (the average weight "
+                              "bit-width allowed)")
+        if self.mixed_precision_bits <= self.weight_bits:
+            raise ConfigError(f"mixed_precision raises layers from weight_bits={self.weight_bits} to "
+                              f"mixed_precision_bits={self.mixed_precision_bits}: make mixed_precision_bits larger")
+        if not self.weight_bits <= budget <= self.mixed_precision_bits:
+            raise ConfigError(f"mixed_precision={budget!r} must lie between weight_bits={self.weight_bits} and "
+                              f"mixed_precision_bits={self.mixed_precision_bits}")
+        if self.weight_bits_map:
+            raise ConfigError("mixed_precision chooses the weight_bits_map itself: give one of them, not both")
+
+    def weight_bits_for(self, module: str) -> int:
+        """Weight bit-width of an op in `module` (by weight_bits_map, else weight_bits; before first_last_bits)."""
+        return next((bits for pattern, bits in self.weight_bits_map if fnmatchcase(module, pattern)),
+                    self.weight_bits)
 
     @property
     def bias_groups(self) -> int:

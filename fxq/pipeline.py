@@ -19,8 +19,8 @@ from fxq.api import quantize
 from fxq.calib import device_of, record
 from fxq.config import QuantConfig
 from fxq.errors import ConfigError, FxqWarning, InputError
-from fxq.graph import cuda_devices
-from fxq.images import check_count
+from fxq.tracing.graph import cuda_devices
+from fxq.eval.images import check_count
 from fxq.qmodel import QuantizedModel
 
 _SET_HERE = ("prompt", "batch_size", "generator")

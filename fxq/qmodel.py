@@ -1,7 +1,7 @@
 """`fxq.QuantizedModel`, what `fxq.quantize` returns: the lowered graph, dressed as the original model so that it
 drops in wherever the original was used (a diffusers pipeline's `pipe.unet` included).
 
-- Called like the original (fxq.callspec): every parameter of its `forward`, positional or keyword, with its
+- Called like the original (fxq.tracing.callspec): every parameter of its `forward`, positional or keyword, with its
   default when omitted; the timestep as a number or a tensor of shape [], [1] or [B]; `return_dict` either way.
   A call the graph cannot serve raises an `FxqError` that says why.
 - Read like the original: `.config` (the original's own object), `.dtype`, `.device`, the original's plain
@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxq.callspec import CallSpec
+from fxq.tracing.callspec import CallSpec
 from fxq.config import QuantConfig
 from fxq.errors import FxqError, FxqWarning, InputError, ModelFileError, ReadOnlyError
 

@@ -13,7 +13,7 @@ import time
 
 from fxq.diffusion import _model_device_dtype
 from fxq.errors import InputError
-from fxq.ops import op_name
+from fxq.quant.ops import op_name
 from fxq.passes.select_ops import FLOAT_KEY, META_KEY, REASONS, float_nodes, summary
 from fxq.qmodel import QuantizedModel
 

@@ -13,7 +13,7 @@ One file rather than a JSON sidecar: it cannot be separated from its tensors, an
 Tensors: state_dict tensors under their own names; integer tensors (int8 weights) as they are; torch quantized
 tensors as their integer representation plus scales; a fake-quantized float weight (a node with
 `meta["fxq"]["weight_bits"]`) as its integer codes plus per-channel scales when that reproduces it bit for bit
-(fxq.quantizer.exact_codes), so fake-quant files are as small as int8 ones.
+(fxq.quant.quantizer.exact_codes), so fake-quant files are as small as int8 ones.
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxq import quantizer as Q
+from fxq.quant import quantizer as Q
 from fxq.errors import FxqError, FxqWarning, InputError, ModelFileError, SaveError
-from fxq.serialize_graph import (
+from fxq.io.serialize_graph import (
     Unencodable, decode_graph, decode_value, encode_graph, encode_value, register_function,
 )
-from fxq.serialize_modules import (
+from fxq.io.serialize_modules import (
     build_protocol, build_stock, check_stock, kind_of, register_module, resolve_class, stock_spec,
 )
 
@@ -314,7 +314,7 @@ def load(path, device="cpu") -> nn.Module:
     """The model that fxq.save wrote to `path`, on `device`, with the same outputs bit for bit.
 
     Nothing in the file is executed or unpickled: modules are built from fxq's registry, graph calls resolve only
-    from its allow-list (see fxq.serialize_graph). Raises ModelFileError for a file that is not an fxq model, was
+    from its allow-list (see fxq.io.serialize_graph). Raises ModelFileError for a file that is not an fxq model, was
     written by a newer fxq, or was damaged."""
     from safetensors import SafetensorError
     from safetensors.torch import load as load_bytes
@@ -478,7 +478,7 @@ class _Reader:
             class_name = e["class_name"]
             if not (isinstance(class_name, str) and class_name.isidentifier()):
                 raise ModelFileError(f"{self.path}: graph `{path}` has class name {class_name!r}")
-            from fxq._proxy import ReplayTracer  # GraphModule keeps its graph's tracer class only when built with it
+            from fxq.tracing._proxy import ReplayTracer  # GraphModule keeps its graph's tracer class only when built with it
             return fx.GraphModule(nn.Module(), fx.Graph(tracer_cls=ReplayTracer), class_name=class_name)
         if kind not in ("container", "stock", "protocol"):
             raise ModelFileError(f"{self.path}: module `{path}` is of unknown kind {kind!r}")

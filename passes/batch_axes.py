@@ -38,7 +38,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from fxq.errors import ConfigError
-from fxq.graph import cuda_devices
+from fxq.tracing.graph import cuda_devices
 from fxq.passes.manager import PassResult
 
 META_KEY = "fxq_batch"

@@ -16,7 +16,7 @@ train-mode BN, BN without running stats and layers whose output has other users 
 BN normalizes dim 1, so a pair folds only when the layer's output has the rank where dim 1 is its channel axis:
 2-D for Linear (on [N, L, C] a BatchNorm1d normalizes L, not the Linear's features), 3-D for Conv1d (an unbatched
 [C, L] input would put L there), 4-D / 5-D for Conv2d / Conv3d. The rank comes from the shape metadata
-(fxq.meta: recorded by fxq.trace, or ShapeProp's); a pair whose rank is unknown is not folded.
+(fxq.tracing.meta: recorded by fxq.trace, or ShapeProp's); a pair whose rank is unknown is not folded.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from fxq.graph import free_name, stock_type
-from fxq.meta import rank as output_rank
+from fxq.tracing.graph import free_name, stock_type
+from fxq.tracing.meta import rank as output_rank
 from fxq.passes.manager import PassResult
 
 # layer type -> (BN type, rank of the layer output that BN normalizes along dim 1)

@@ -37,10 +37,10 @@ from torch.nn.utils import parametrize, remove_spectral_norm, remove_weight_norm
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
-from fxq import ops
-from fxq._guards import check_specialized
-from fxq.graph import cuda_devices, free_name
-from fxq.meta import record as record_meta
+from fxq.quant import ops
+from fxq.tracing._guards import check_specialized
+from fxq.tracing.graph import cuda_devices, free_name
+from fxq.tracing.meta import record as record_meta
 from fxq.passes.manager import PassError, PassResult
 
 FOLDED_PREFIX = "fxq_folded_"

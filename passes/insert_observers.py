@@ -4,7 +4,7 @@ Pattern: every node that select_ops marked (`node.meta["fxq"]`).
 - Each activation input named in `act_inputs` is routed through an `ActObserver` call_module node. A producer
   feeding several selected ops at the same bit-width gets one shared observer: it is one quantized tensor, as it
   will be in an int8 graph.
-- With `timestep_groups` > 1, one call_function node `fxq.quantizer.timestep_group(t, G, T)` right after the
+- With `timestep_groups` > 1, one call_function node `fxq.quant.quantizer.timestep_group(t, G, T)` right after the
   placeholders computes each sample's group once per call, and every observer receives it as its second input;
   each observer is built with the batch axis that find_batch_axes recorded on its producer
   (`meta["fxq_batch"]`), which must have run.
@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from fxq.graph import free_name
-from fxq.meta import VAL_KEY
-from fxq.observers import ActObserver, WeightObserver
-from fxq.ops import weight_key
+from fxq.tracing.graph import free_name
+from fxq.tracing.meta import VAL_KEY
+from fxq.quant.observers import ActObserver, WeightObserver
+from fxq.quant.ops import weight_key
 from fxq.passes.batch_axes import META_KEY as BATCH_KEY
 from fxq.passes.manager import PassError, PassResult
-from fxq.quantizer import timestep_group
+from fxq.quant.quantizer import timestep_group
 
 ACT_PREFIX, WEIGHT_PREFIX = "fxq_obs_", "fxq_wobs_"
 

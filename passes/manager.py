@@ -10,7 +10,7 @@ as well; the manager's recompile makes any pass safe.
 
 A pass that leaves dead nodes behind and wants them swept sets the attribute `dce = True` on itself; the manager
 then runs `graph.eliminate_dead_code()` after it. A pass that inserts nodes need not compute their shape metadata:
-the manager fills it after each pass (fxq.meta.fill_meta; a pass run on its own leaves new nodes without it).
+the manager fills it after each pass (fxq.tracing.meta.fill_meta; a pass run on its own leaves new nodes without it).
 Nothing else is implicit.
 """
 
@@ -21,7 +21,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch.fx
 
 from fxq.errors import FxqError, PassError  # noqa: F401  (PassError: re-exported for passes)
-from fxq.meta import fill_meta
+from fxq.tracing.meta import fill_meta
 
 
 class PassResult(NamedTuple):

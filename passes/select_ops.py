@@ -1,7 +1,7 @@
 """select_ops: decide which ops get quantized, record the decision in node metadata, and say why the others
 stay in float.
 
-Pattern (what is a candidate; fxq/ops.py is the catalogue):
+Pattern (what is a candidate; fxq/quant/ops.py is the catalogue):
   "conv"         call_module to nn.Conv1d/2d/3d or nn.ConvTranspose1d/2d/3d; F.conv* / F.conv_transpose* whose
                  weight is a constant (a parameter, a buffer, or a parameter function that fold_constants folded;
                  read directly or through dtype/device casts)
@@ -9,7 +9,7 @@ Pattern (what is a candidate; fxq/ops.py is the catalogue):
                  mm / einsum with two operands / the product of baddbmm, addmm, addbmm) of an activation and a
                  constant of rank >= 2 (an einsum needs exactly one output-channel letter in the constant)
   "attn_matmul"  such a matmul whose two operands both depend on the inputs' VALUES (not only on their shapes,
-                 dtype or device: fxq.graph.value_dependent_nodes) and have rank >= 3 by the shape metadata
+                 dtype or device: fxq.tracing.graph.value_dependent_nodes) and have rank >= 3 by the shape metadata
                  (batched products such as QK^T and softmax.V; a rank-2 product of two activations mixes the
                  samples of a batch and is no attention). Unknown rank (no metadata) is not selected.
 A module counts only if it computes its class's own math (no own forward, hooks or parametrization). A product
@@ -28,6 +28,7 @@ Every product fxq sees but does not select gets `node.meta["fxq_float"]`: a list
 exactly the ones its decision implies.
 
 Config honored: `ops` (kinds switched off stay float), `keep_float` (fnmatch patterns over "module"),
+`weight_bits_map` (per-module weight bits, QuantConfig.weight_bits_for),
 `require` (patterns whose ops must all be selected, else UnsupportedOpError naming node, module and reason);
 a keep_float / require pattern that matches no module warns with FxqWarning. `first_last_bits`: the first and
 last selected op (first = nearest the first input) get at least that weight and activation width: it only ever
@@ -46,13 +47,13 @@ from fnmatch import fnmatchcase
 import torch
 import torch.fx
 
-from fxq import ops
+from fxq.quant import ops
 from fxq.config import OP_KINDS, QuantConfig
 from fxq.errors import UnsupportedOpError
-from fxq.graph import (
+from fxq.tracing.graph import (
     activation_nodes, hops_from, owning_module, stack_entry_path, value_dependent_nodes, warn_unmatched,
 )
-from fxq.meta import TensorMeta, rank, tensor_meta
+from fxq.tracing.meta import TensorMeta, rank, tensor_meta
 from fxq.passes.manager import PassResult
 
 META_KEY = "fxq"
@@ -275,10 +276,11 @@ class SelectOps:
         UnsupportedOpError when an op under a `require` pattern stays float."""
         cfg = self.config
         names = None
-        for field in ("keep_float", "require"):
-            if getattr(cfg, field):
+        for field, patterns in (("keep_float", cfg.keep_float), ("require", cfg.require),
+                                ("weight_bits_map", [p for p, _ in cfg.weight_bits_map])):
+            if patterns:
                 names = names if names is not None else _module_names(gm)
-                warn_unmatched(getattr(cfg, field), names, field,
+                warn_unmatched(patterns, names, field,
                                "the model; check the name against the module names of model.named_modules()",
                                stacklevel=3)
         facts = _Facts(gm)
@@ -293,7 +295,7 @@ class SelectOps:
                     c.reason, c.detail = "keep_float", f"module matches keep_float pattern {pattern!r}"
                 if c.reason is None:
                     plan[node] = {"kind": c.kind, "module": c.module,
-                                  "weight_bits": None if c.kind == "attn_matmul" else cfg.weight_bits,
+                                  "weight_bits": None if c.kind == "attn_matmul" else cfg.weight_bits_for(c.module),
                                   "act_bits": cfg.act_bits, "act_inputs": c.act_inputs,
                                   "weight_input": c.weight_input, "weight_axis": c.weight_axis}
                 else:

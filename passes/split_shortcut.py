@@ -11,7 +11,7 @@ quantizer (insert_observers) and whose weight slice gets its own per-channel sca
 
 Pattern: a `call_module` to a stock nn.Conv1d/2d/3d with groups == 1 that select_ops marked (`meta["fxq"]`),
 whose input is a `torch.cat` (or `torch.concat`/`torch.concatenate`) of two or more nodes along the channel dim
-(dim 1, or -rank + 1). The channel count of every operand must be known from shape metadata (fxq.meta: the
+(dim 1, or -rank + 1). The channel count of every operand must be known from shape metadata (fxq.tracing.meta: the
 tracer's, or ShapeProp's); a concat without it is left as it is.
 
 Rewrite: the conv node becomes one call per operand to a fresh conv module holding that operand's weight slice
@@ -39,8 +39,8 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from fxq.graph import stock_type, to_networkx
-from fxq.meta import TensorMeta, tensor_meta
+from fxq.tracing.graph import stock_type, to_networkx
+from fxq.tracing.meta import TensorMeta, tensor_meta
 from fxq.passes.manager import PassResult
 
 META_KEY = "fxq"

@@ -9,11 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fxq
-from fxq import quantizer as Q
-from fxq.adaround import regions, round_region
+from fxq.quant import quantizer as Q
+from fxq.quant.adaround import regions, round_region
 from fxq.errors import ConfigError
-from fxq.freeze import Frozen
-from fxq.observers import WeightObserver
+from fxq.quant.freeze import Frozen
+from fxq.quant.observers import WeightObserver
 
 
 def round_layer(layer, qp, x, **kw):
@@ -195,3 +195,68 @@ def test_region_inputs_follow_the_samples_of_sequence_first_activations_over_une
     q = fxq.quantize(model, items[0], items, config, batch_size=4)
     x = torch.cat([x for x, in items])
     assert torch.isfinite(q(x)).all() and len(q.graph_module.meta["fxq_adaround"]) == 2
+
+
+def _calibrated(model, calib, **cfg):
+    """fxq's calibrated, frozen graph of `model` (what adaround starts from)."""
+    from fxq import calib as C
+    from fxq.api import prepare
+    from fxq.quant.freeze import freeze
+    from fxq.tracing.inputs import as_args_kwargs
+
+    config = fxq.QuantConfig(first_last_bits=None, **cfg)
+    gm, t_name = prepare(model, calib[0], config)
+    C.run(gm, calib, as_args_kwargs(calib[0]))
+    return gm, freeze(gm), t_name
+
+
+def test_a_region_reads_the_quantized_model_and_learns_the_float_models_outputs():
+    from fxq.quant.adaround import _record, _rows, _take
+    from fxq.quant.bias_correction import _fake_quant_act
+
+    torch.manual_seed(0)
+    model = Net()
+    gen = torch.Generator().manual_seed(2)
+    calib = [(torch.randn(4, 3, 8, 8, generator=gen), torch.randint(0, 1000, (4,), generator=gen))
+             for _ in range(3)]
+    gm, frozen, _ = _calibrated(model, calib, weight_bits=4, act_bits=4, timestep_groups=2)
+    obs = {n.args[0].name if n.args[0].op != "placeholder" else "x": n.target for n in gm.graph.nodes
+           if n.op == "call_module" and n.target in frozen.act}
+    layers = ["a", "b"]
+    region_b = regions(gm, layers, "layer", frozen.act)[1]
+    float_weights = {t: gm.get_submodule(t).weight for t in layers}
+    gm.get_submodule("a").weight = nn.Parameter(Q.fake_quantize(model.a.weight.detach(), frozen.weight["a"]))
+    from fxq.tracing.inputs import as_args_kwargs
+    inputs, targets = _record(gm, region_b, calib, as_args_kwargs(calib[0]), 32, float_weights, frozen.act)
+    inputs, targets = _take(inputs, None, _rows(inputs)), _take(targets, None, _rows(targets))
+    x, t = (torch.cat(c) for c in zip(*calib))
+    group = Q.timestep_group(t, 2, 1000)
+    assert torch.equal(inputs[1], group)  # the group node's per-sample values feed the region's quantizers
+    xq = _fake_quant_act(x, frozen.act[obs["x"]], group)
+    h_q = torch.relu(torch.nn.functional.conv2d(xq, gm.get_submodule("a").weight, model.a.bias, padding=1))
+    torch.testing.assert_close(inputs[0], h_q)  # what b reads in the model quantized so far, before its quantizer
+    with torch.no_grad():
+        torch.testing.assert_close(targets[0], model.b(torch.relu(model.a(x))))  # the float model's output of b
+        out = region_b.module(*inputs)[0]
+        torch.testing.assert_close(out, model.b(_fake_quant_act(h_q, frozen.act[obs["relu"]], group)))
+    plain = regions(gm, layers, "layer")[1]  # act=None: the region runs in float
+    with torch.no_grad():
+        torch.testing.assert_close(plain.module(inputs[0])[0], model.b(h_q))
+
+
+def test_quantized_input_reconstruction_beats_nearest_on_the_whole_models_output():
+    torch.manual_seed(0)
+    model = TwoBlocks()
+    gen = torch.Generator().manual_seed(1)
+    calib = [(torch.randn(8, 3, 6, 6, generator=gen), torch.randint(0, 1000, (8,), generator=gen))
+             for _ in range(4)]
+    x, t = (torch.cat(c) for c in zip(*calib))
+    errs = {}
+    for rounding in ("nearest", "adaround", "brecq"):
+        # stem and head (3-4 weights per output: nothing to learn) at 8 bits: the blocks' error is what is measured
+        config = fxq.QuantConfig(weight_bits=3, act_bits=8, first_last_bits=None, weight_rounding=rounding,
+                                 adaround_iters=200, weight_bits_map={"stem": 8, "head": 8})
+        q = fxq.quantize(model, example_inputs=calib[0], calib_data=calib, config=config)
+        with torch.no_grad():
+            errs[rounding] = float((q(x, t) - model(x, t)).pow(2).mean())
+    assert errs["adaround"] < 0.8 * errs["nearest"] and errs["brecq"] < 0.6 * errs["nearest"]

@@ -1,4 +1,4 @@
-"""fxq.analysis: the switchable twin (all off = float, all on = the quantized model), sensitivity rows, the
+"""fxq.eval.analysis: the switchable twin (all off = float, all on = the quantized model), sensitivity rows, the
 per-channel mean error, the DDIM error gain, activation ranges per timestep and average bits."""
 
 import math
@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 import fxq
-from fxq import analysis, report
+from fxq import report
+from fxq.eval import analysis
 from fxq.diffusion import DDIM
 
 

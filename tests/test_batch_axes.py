@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import fxq
-from fxq import quantizer as Q
+from fxq.quant import quantizer as Q
 from fxq.backends.fake import FakeQuantize
 from fxq.errors import ConfigError, InputError
 from fxq.passes.batch_axes import FindBatchAxes

@@ -1,4 +1,4 @@
-"""Empirical bias correction (fxq.bias_correction): after correction the mean output error of each quantized
+"""Empirical bias correction (fxq.quant.bias_correction): after correction the mean output error of each quantized
 conv/linear on its calibration batch is zero (per channel, per timestep group), the gain correction removes the
 error's correlation with the float output, corrections fold into the bias or sit in a node that t drives, and the
 user's model is untouched."""
@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxq
-from fxq.bias_correction import BiasCorrection
+from fxq.quant.bias_correction import BiasCorrection
 from fxq.errors import ConfigError, InputError
-from fxq.quantizer import group_of
+from fxq.quant.quantizer import group_of
 
 
 class ConvNet(nn.Module):

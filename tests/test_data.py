@@ -1,4 +1,4 @@
-"""fxq.data: the offline benchmark dataset is deterministic, well-formed, split-disjoint, and fails clearly."""
+"""fxq.eval.data: the offline benchmark dataset is deterministic, well-formed, split-disjoint, and fails clearly."""
 
 import hashlib
 import warnings
@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fxq import data
-from fxq.data import (
+from fxq.eval import data
+from fxq.eval.data import (
     ATTRIBUTES, CLASSES, NUM_DECORATIONS, NUM_FONTS, NUM_PHOTOS, from_model_range, load_or_make, make_dataset,
     to_model_range,
 )

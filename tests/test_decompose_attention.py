@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fxq.graph import owning_module
+from fxq.tracing.graph import owning_module
 from fxq.passes.decompose_attention import SDPA_TARGETS, add_attn_mask, decompose_attention
 from fxq.passes.manager import PassError, PassManager
 from tests.graph_structure import assert_same_structure

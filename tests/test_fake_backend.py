@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fxq
-from fxq import quantizer as Q
+from fxq.quant import quantizer as Q
 from fxq.backends.fake import FakeQuantize
-from fxq.observers import WeightObserver
+from fxq.quant.observers import WeightObserver
 
 
 @settings(max_examples=40, deadline=None)

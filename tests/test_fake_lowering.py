@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fxq
-from fxq import quantizer as Q
+from fxq.quant import quantizer as Q
 
 
 def graph_of(qmodel) -> torch.fx.GraphModule:

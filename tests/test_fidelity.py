@@ -1,4 +1,4 @@
-"""fxq.fidelity: the fxq-classifier plugs into torch-fidelity; FID/KID/ISC behave; bad inputs fail clearly.
+"""fxq.eval.fidelity: the fxq-classifier plugs into torch-fidelity; FID/KID/ISC behave; bad inputs fail clearly.
 
 Uses a small randomly initialised classifier written to a temp file: nothing depends on trained weights.
 """
@@ -13,10 +13,10 @@ import torch
 import torch_fidelity
 from safetensors.torch import save_file
 
-from fxq import fidelity
-from fxq.data import CLASSES, make_dataset
+from fxq.eval import fidelity
+from fxq.eval.data import CLASSES, make_dataset
 from fxq.errors import InputError, ModelFileError
-from fxq.fidelity import FxqClassifier, FxqClassifierFeatureExtractor, compute_metrics, load_classifier, save_classifier
+from fxq.eval.fidelity import FxqClassifier, FxqClassifierFeatureExtractor, compute_metrics, load_classifier, save_classifier
 
 DIM = 32  # feature_dim of the test classifier: FID then needs only N > 32
 
@@ -209,3 +209,8 @@ def test_train_classifier_smoke(tmp_path):
         "fxq-classifier", ["penultimate"], feature_extractor_weights_path=str(out)
     )
     assert fe(x)[0].shape == (4, 256) and np.isfinite(fe(x)[0].numpy()).all()
+
+
+def test_the_packaged_classifier_weights_are_found():
+    # the default path follows the package layout: a moved module must still find fxq/weights/
+    assert os.path.isfile(fidelity.DEFAULT_WEIGHTS)

@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fxq
-from fxq._guards import check_specialized
+from fxq.tracing._guards import check_specialized
 from fxq.errors import FxqWarning
-from fxq.graph import activation_nodes
+from fxq.tracing.graph import activation_nodes
 from fxq.passes.fold_constants import fold_constants
 from fxq.passes.manager import PassManager
 
@@ -59,7 +59,7 @@ def structure_without_guards(gm):
     """(op, target) per node, guards dropped and get_attr targets replaced by the attribute's shape."""
     rows = []
     for n in gm.graph.nodes:
-        if n.op == "call_function" and n.target.__module__ == "fxq._guards":
+        if n.op == "call_function" and n.target.__module__ == "fxq.tracing._guards":
             continue
         target = tuple(getattr(gm, n.target).shape) if n.op == "get_attr" else n.target
         rows.append((n.op, target))

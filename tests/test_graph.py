@@ -7,7 +7,7 @@ import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fxq.graph import (
+from fxq.tracing.graph import (
     activation_nodes, is_reachable, node_order, owning_module, to_networkx, users_in_order, value_dependent_nodes,
 )
 

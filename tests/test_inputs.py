@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fxq.errors import InputError
-from fxq.inputs import as_args_kwargs
+from fxq.tracing.inputs import as_args_kwargs
 
 x = torch.zeros(2, 3)
 t = torch.tensor([1, 2])

@@ -9,11 +9,11 @@ from torch import nn
 
 from fxq.config import QuantConfig
 from fxq.errors import PassError
-from fxq.observers import ActObserver, WeightObserver
+from fxq.quant.observers import ActObserver, WeightObserver
 from fxq.passes.batch_axes import FindBatchAxes
 from fxq.passes.insert_observers import InsertObservers
 from fxq.passes.select_ops import SelectOps
-from fxq.quantizer import timestep_group
+from fxq.quant.quantizer import timestep_group
 from tests.graph_structure import shaped_trace
 
 

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 import fxq
-from fxq._guards import is_guard
-from fxq.meta import VAL_KEY, TensorMeta, rank, tensor_meta
+from fxq.tracing._guards import is_guard
+from fxq.tracing.meta import VAL_KEY, TensorMeta, rank, tensor_meta
 from fxq.passes.decompose_attention import decompose_attention
 from fxq.passes.manager import PassManager
 

@@ -5,9 +5,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fxq import quantizer as Q
+from fxq.quant import quantizer as Q
 from fxq.errors import InputError
-from fxq.observers import ActObserver, RangeHistogram, WeightObserver, check_finite, histogram_lp_error
+from fxq.quant.observers import ActObserver, RangeHistogram, WeightObserver, check_finite, histogram_lp_error
 
 SET = settings(max_examples=25, deadline=None)
 
@@ -160,7 +160,7 @@ def test_weight_mse_is_no_worse_per_channel_than_minmax(seed, bits):
 def test_the_device_path_counts_like_the_host_path(seed, groups):
     """On accelerators the grid is recomputed every call, branch-free, and counted with index_add_; on the CPU
     it is recomputed only when the range grows, and counted with bincount. Both give the same histogram."""
-    import fxq.observers as observers
+    import fxq.quant.observers as observers
 
     gen = torch.Generator().manual_seed(seed)
     chunks = _chunks(seed)

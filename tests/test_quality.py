@@ -8,15 +8,15 @@ import os
 import pytest
 import torch
 
-pytest.importorskip("fxq.fidelity")  # fxq.data / fxq.fidelity arrive with the data branch
+pytest.importorskip("fxq.eval.fidelity")  # fxq.eval.data / fxq.eval.fidelity arrive with the data branch
 pytest.importorskip("fxq.api")  # fxq.quantize needs the tracer branch
 
 from benchmarks import quality  # noqa: E402
-from fxq import images  # noqa: E402
-from fxq.data import make_dataset, to_model_range  # noqa: E402
+from fxq.eval import images  # noqa: E402
+from fxq.eval.data import make_dataset, to_model_range  # noqa: E402
 from fxq.diffusion import DDIM, DDPM  # noqa: E402
 from fxq.errors import InputError, ModelFileError  # noqa: E402
-from fxq.fidelity import FxqClassifier, save_classifier  # noqa: E402
+from fxq.eval.fidelity import FxqClassifier, save_classifier  # noqa: E402
 from fxq.models import DDPMUNet  # noqa: E402
 from fxq.models.ddpm_unet import reinit_zero_layers  # noqa: E402
 from fxq.models.pretrained import save_pretrained  # noqa: E402

@@ -6,7 +6,7 @@ import types
 import pytest
 import torch
 
-pytest.importorskip("fxq.fidelity")
+pytest.importorskip("fxq.eval.fidelity")
 
 from benchmarks import ablation, quality  # noqa: E402
 from fxq.diffusion import DDIM  # noqa: E402
@@ -61,3 +61,9 @@ def test_ablation_plan_and_table():
     rows = [{"label": "float", "fid": 10.0, "delta_fid_pct": 0.0, "kid": 0.05, "kid_std": 0.01, "is": 8.0,
              "psnr_db": None, "calibration_s": None, "weight_bits": 32, "weight_bits_all_params": 32, "act_bits": 32}]
     assert "| float | 10.00 | +0.0 % |" in ablation.markdown(rows)
+
+
+def test_mixed_precision_rows_run_below_8_weight_bits_only():
+    args = ablation.parse_args(["--settings", "W8A8,W4A8", "--rows", "fxq-mp45-bcg10,fxq-bcg10"])
+    assert ablation._plan(args) == [("W8A8", "fxq-bcg10"), ("W4A8", "fxq-mp45-bcg10"), ("W4A8", "fxq-bcg10")]
+    assert quality.parse_args(["--quantize", "W4A8", "--mixed-precision", "4.5"]).mixed_precision == 4.5

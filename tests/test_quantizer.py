@@ -1,11 +1,11 @@
-"""Laws of the quantization arithmetic (fxq/quantizer.py)."""
+"""Laws of the quantization arithmetic (fxq/quant/quantizer.py)."""
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fxq import quantizer as Q
+from fxq.quant import quantizer as Q
 from fxq.errors import ConfigError, InputError
 
 bits_st = st.integers(2, 16)

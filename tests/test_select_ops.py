@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import fxq
 from fxq.config import OP_KINDS, QuantConfig
 from fxq.errors import FxqWarning
-from fxq.graph import to_networkx
+from fxq.tracing.graph import to_networkx
 from fxq.passes.fold_constants import fold_constants
 from fxq.passes.manager import PassManager
 from fxq.passes.normalize_args import normalize_args

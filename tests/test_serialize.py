@@ -16,15 +16,15 @@ from safetensors.torch import save_file
 from torch import nn
 
 import fxq
-from fxq import quantizer as Q
+from fxq.quant import quantizer as Q
 from fxq import report, serialize
 from fxq.backends import x86_glue
 from fxq.backends.fake import FakeQuantize
-from fxq.bias_correction import BiasCorrection
+from fxq.quant.bias_correction import BiasCorrection
 from fxq.errors import ModelFileError, SaveError, SpecializationError
 from fxq.models.pretrained import save_pretrained
-from fxq.serialize_graph import decode_value, encode_value
-from fxq.serialize_modules import STOCK
+from fxq.io.serialize_graph import decode_value, encode_value
+from fxq.io.serialize_modules import STOCK
 
 
 def _small_unet(seed=0):
@@ -590,7 +590,7 @@ def test_a_function_outside_the_allow_list_is_refused_at_save_until_registered(t
 
 
 def test_a_stock_layer_whose_arguments_were_misread_is_refused(tmp_path, monkeypatch):
-    from fxq import serialize_modules
+    from fxq.io import serialize_modules
     monkeypatch.setitem(serialize_modules._READERS, nn.Conv2d, {"groups": lambda m: 1})  # a reader that misses
     with pytest.raises(SaveError, match="build a different layer"):
         fxq.save(nn.Conv2d(4, 4, 3, groups=2), tmp_path / "c.safetensors")

@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fxq.diffusion import DDIM, DDPM
-from fxq.images import sample_images
+from fxq.eval.images import sample_images
 from fxq.models import DDPMUNet
 from fxq.models.ddpm_unet import reinit_zero_layers
 

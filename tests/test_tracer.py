@@ -3,6 +3,8 @@
 import copy
 import os
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,9 +13,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fxq import _guards
+from fxq.tracing import _guards
 from fxq.errors import FxqWarning, InputError, SpecializationError, TraceError
-from fxq.tracer import trace
+from fxq.tracing.tracer import trace
 
 diffusers = pytest.importorskip("diffusers")
 UNet2DModel = diffusers.UNet2DModel
@@ -228,6 +230,18 @@ def test_stack_traces_point_at_the_model_code(tiny):
     bmm = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.bmm]
     assert len(bmm) == 2
     assert HERE in bmm[0].stack_trace and f"line {line_of('weights = torch.bmm(')}" in bmm[0].stack_trace
+
+
+def test_tracing_imports_no_compiler_stack():
+    # fx's own stack-trace recording imports torch._dynamo, inductor and sympy (~175 MB resident, for good)
+    code = ("import sys, torch, fxq\n"
+            "fxq.trace(fxq.models.DDPMUNet(ch=32, ch_mult=(1, 2), attn_resolutions=(8,), resolution=16).eval(),"
+            " (torch.randn(1, 3, 16, 16), torch.tensor([3])))\n"
+            "print(sorted(m for m in ('torch._dynamo', 'torch._inductor', 'sympy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_ddpm_unet_guards_are_batch_free(ddpm):

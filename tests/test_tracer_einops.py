@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import fxq
 from fxq import report
-from fxq.tracer import trace
+from fxq.tracing.tracer import trace
 
 einops = pytest.importorskip("einops")
 from einops import rearrange, reduce, repeat  # noqa: E402

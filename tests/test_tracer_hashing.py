@@ -13,10 +13,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fxq import _guards
-from fxq._proxy import ValueProxy
+from fxq.tracing import _guards
+from fxq.tracing._proxy import ValueProxy
 from fxq.errors import SpecializationError, TraceError
-from fxq.tracer import trace
+from fxq.tracing.tracer import trace
 
 HERE = os.path.basename(__file__)
 

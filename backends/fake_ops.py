@@ -1,0 +1,252 @@
+"""Fake-quant conv / linear / attention matmul that compute what the int8 kernels compute, bit for bit.
+
+A quantized op's inputs are fake-quantized values (q - zp) * s; these modules read the integer codes back
+(`quantizer.centered_codes`), sum the integer products exactly (float32 where the sum provably stays below 2^24,
+float64 otherwise) and scale the sum the way the kernels do (`quantizer.scale_accumulator`). A float32 product of
+the dequantized values would round every partial sum: one ulp off the kernel's value flips a code of the next
+quantizer now and then, and on a diffusion UNet at small t a single flipped code moves the output by -26 dB. 4-d
+conv outputs on the CPU are channels-last, as the int8 kernels leave them, because GroupNorm rounds differently
+on the two layouts. Any bit-width (2-16), CPU or CUDA; parameters per timestep group like FakeQuantize's (picked
+by the graph's timestep-group node, along each input's batch axis). An
+input or weight that is not on its grid (a float32 model whose quantizer was switched off, a bf16 model) takes
+the float op instead, as the simulation did before.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fxq.quant import quantizer as Q
+from fxq.errors import InputError
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+class _ExactBase(nn.Module):
+    """Activation parameters (per tensor, [] or [groups]) of the inputs named in `_acts`, picked per row of each
+    input's batch axis (`batch_axes`: [axis or None, batch_major] per input, as its FakeQuantize's) by the group."""
+
+    _acts: tuple[str, ...] = ()
+    _spec_fields: tuple[str, ...] = ()
+
+    def _init_acts(self, timestep_groups: int, act_bits: int, batch_axes=None):
+        self.timestep_groups, self.act_bits = timestep_groups, act_bits
+        self.batch_axes = [list(b) for b in batch_axes] if batch_axes is not None else [[0, True] for _ in self._acts]
+        if len(self.batch_axes) != len(self._acts) or any(
+                len(b) != 2 or not (b[0] is None or (isinstance(b[0], int) and not isinstance(b[0], bool)))
+                or not isinstance(b[1], bool) for b in self.batch_axes):
+            raise InputError(f"{type(self).__name__}: batch_axes must hold [axis (int or None), batch_major (bool)] "
+                             f"for each of {self._acts}, got {batch_axes!r}")
+        shape = (timestep_groups,) if timestep_groups > 1 else ()
+        for name in self._acts:
+            self.register_buffer(f"{name}_scale", torch.ones(shape))
+            self.register_buffer(f"{name}_zp", torch.zeros(shape))
+
+    def _set_act(self, name: str, qp: Q.QParams) -> None:
+        self.batch_axes[self._acts.index(name)] = [qp.batch_axis, bool(qp.batch_major)]
+        getattr(self, f"{name}_scale").copy_(qp.scale.reshape(getattr(self, f"{name}_scale").shape))
+        getattr(self, f"{name}_zp").copy_(qp.zero_point.reshape(getattr(self, f"{name}_zp").shape))
+
+    def _qparams(self, name: str) -> Q.QParams:
+        axis, major = self.batch_axes[self._acts.index(name)]
+        return Q.QParams(getattr(self, f"{name}_scale"), getattr(self, f"{name}_zp"), self.act_bits, False, None,
+                         axis, major)
+
+    def _act(self, name: str, x: torch.Tensor, group) -> Q.QParams:
+        qp = self._qparams(name)
+        if self.timestep_groups > 1:
+            if group is None:
+                raise InputError("this quantized op keeps parameters per timestep group: it needs the group input")
+            qp = Q.select_group(qp, group.to(x.device), x)
+        return qp
+
+    def _on_grid(self, x: torch.Tensor, qp: Q.QParams) -> torch.Tensor | None:
+        """x's centered codes if x holds exactly values (q - zp) * scale of qp (its quantizer ran), else None."""
+        if x.dtype != torch.float32:
+            return None
+        codes = Q.centered_codes(x, qp)
+        return codes if torch.equal(codes * qp.scale, x) else None
+
+    def fxq_spec(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in
+                ((k, getattr(self, k)) for k in self._spec_fields)}
+
+    @classmethod
+    def from_fxq_spec(cls, spec: dict):
+        spec = dict(spec)
+        if "num_timesteps" in spec:  # an fxq before batch axes: its graph feeds this op t, not the timestep group
+            if spec.get("timestep_groups", 1) > 1:
+                raise InputError("this file's quantized ops take the timestep (an fxq before batch axes wrote it): "
+                                 "quantize the model again and save it with this fxq")
+            del spec["num_timesteps"]
+        unknown = set(spec) - set(cls._spec_fields)
+        if unknown:
+            raise InputError(f"{cls.__name__} spec has unknown fields {sorted(unknown)}")
+        return cls(**spec)
+
+
+class _ExactWeighted(_ExactBase):
+    """A conv / linear whose weight is fake-quantized per output channel (axis 0, symmetric), with a float bias,
+    and one activation input. It stays a Conv*d / Linear with its float Parameter (what fxq.eval.analysis swaps and
+    fxq.save stores as codes); the exact path runs when the weight and the input are both on their grids,
+    otherwise (a quantizer switched off) the plain float op."""
+
+    _acts = ("x",)
+
+    def _init_exact(self, weight_bits: int, act_bits: int, timestep_groups: int, batch_axes=None):
+        Q.int_range(weight_bits, True)  # refuses a width outside 2-16
+        self.weight_bits = weight_bits
+        self._init_acts(timestep_groups, act_bits, batch_axes)
+        self.register_buffer("w_scale", torch.ones(self.weight.shape[0]))
+        self._codes_of = None  # (weight tensor, its version, its codes, float32 or float64 for the sums)
+
+    def _set_exact(self, float_module, weight: torch.Tensor, wqp: Q.QParams, xqp: Q.QParams):
+        if not wqp.signed or wqp.axis != 0 or wqp.bits != self.weight_bits:
+            raise InputError(f"weights are signed {self.weight_bits}-bit per output channel here, got "
+                             f"bits={wqp.bits} signed={wqp.signed} axis={wqp.axis}")
+        self.weight = weight
+        self.bias = float_module.bias
+        self.w_scale.copy_(wqp.scale.reshape(-1))
+        self._set_act("x", xqp)
+        return self
+
+    def _weight_codes(self):
+        """(integer codes of the weight, accumulation dtype), or None when the weight is not on its grid."""
+        w = self.weight
+        key = (w, w._version, w.device)
+        if self._codes_of is None or self._codes_of[0] is not w or self._codes_of[1:3] != key[1:]:
+            shape = (-1,) + (1,) * (w.dim() - 1)
+            scale = self.w_scale.reshape(shape)
+            codes = torch.round(w.detach().float() * torch.reciprocal(scale))
+            ok = w.dtype == torch.float32 and torch.equal(codes * scale, w.detach())
+            bound = float(codes.abs().flatten(1).sum(1).max()) * Q.max_abs_centered_code(self._qparams("x"))
+            self._codes_of = (w, w._version, w.device, codes if ok else None,
+                              Q.exact_accumulation_dtype(bound, w.device))
+        _, _, _, codes, dtype = self._codes_of
+        return None if codes is None else (codes, dtype)
+
+    def _scaled(self, acc: torch.Tensor, qp: Q.QParams, channel_dim: int) -> torch.Tensor:
+        shape = [1] * acc.dim()
+        shape[channel_dim] = -1
+        y = Q.scale_accumulator(acc, qp.scale, self.w_scale.reshape(shape))
+        return y if self.bias is None else y + self.bias.detach().float().reshape(shape)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._codes_of = None
+        return super()._apply(fn, *args, **kwargs)
+
+
+class _ExactConv(_ExactWeighted):
+    """Zero-padded conv of fake-quantized input, as the int8 conv computes it (see the module docstring)."""
+
+    _spec_fields = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                    "has_bias", "weight_bits", "act_bits", "timestep_groups", "batch_axes")
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride, padding, dilation, groups: int = 1,
+                 has_bias: bool = True, weight_bits: int = 8, act_bits: int = 8, timestep_groups: int = 1,
+                 batch_axes=None):
+        padding = padding if isinstance(padding, str) else tuple(padding)
+        super().__init__(in_channels, out_channels, tuple(kernel_size), tuple(stride), padding, tuple(dilation),
+                         groups, has_bias)
+        self.has_bias = has_bias
+        self._init_exact(weight_bits, act_bits, timestep_groups, batch_axes)
+
+    @classmethod
+    def from_float(cls, conv: nn.modules.conv._ConvNd, weight: nn.Parameter, wqp: Q.QParams, xqp: Q.QParams):
+        """The exact form of `conv` with `weight`, its fake-quantized weight (parameters wqp)."""
+        exact = {1: ExactConv1d, 2: ExactConv2d, 3: ExactConv3d}[len(conv.kernel_size)]
+        groups = xqp.scale.numel() if xqp.scale.dim() == 1 else 1
+        module = exact(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                       conv.dilation, conv.groups, conv.bias is not None, wqp.bits, xqp.bits, groups)
+        return module.to(weight.device)._set_exact(conv, weight, wqp, xqp)
+
+    def forward(self, x: torch.Tensor, group=None) -> torch.Tensor:
+        qp = self._act("x", x, group)
+        weight = self._weight_codes()
+        codes = None if weight is None else self._on_grid(x, qp)
+        if codes is None:
+            return super().forward(x)
+        cpu_2d = codes.device.type == "cpu" and codes.dim() == 4
+        if cpu_2d:  # the int8 conv's output layout, which later float ops (GroupNorm) round by
+            codes = codes.contiguous(memory_format=torch.channels_last)
+        wcodes, dtype = weight
+        padding = self.padding if isinstance(self.padding, str) else list(self.padding)
+        acc = _CONV[len(self.kernel_size)](codes.to(dtype), wcodes.to(dtype), None, list(self.stride), padding,
+                                          list(self.dilation), self.groups)
+        y = self._scaled(acc, qp, 1)
+        return y.contiguous(memory_format=torch.channels_last) if cpu_2d else y
+
+
+class ExactConv1d(_ExactConv, nn.Conv1d):
+    pass
+
+
+class ExactConv2d(_ExactConv, nn.Conv2d):
+    pass
+
+
+class ExactConv3d(_ExactConv, nn.Conv3d):
+    pass
+
+
+class ExactLinear(_ExactWeighted, nn.Linear):
+    """Linear of fake-quantized input over any leading dims, as the int8 linear computes it."""
+
+    _spec_fields = ("in_features", "out_features", "has_bias", "weight_bits", "act_bits", "timestep_groups",
+                    "batch_axes")
+
+    def __init__(self, in_features: int, out_features: int, has_bias: bool = True, weight_bits: int = 8,
+                 act_bits: int = 8, timestep_groups: int = 1, batch_axes=None):
+        super().__init__(in_features, out_features, has_bias)
+        self.has_bias = has_bias
+        self._init_exact(weight_bits, act_bits, timestep_groups, batch_axes)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, weight: nn.Parameter, wqp: Q.QParams, xqp: Q.QParams) -> "ExactLinear":
+        groups = xqp.scale.numel() if xqp.scale.dim() == 1 else 1
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, wqp.bits, xqp.bits, groups)
+        return module.to(weight.device)._set_exact(linear, weight, wqp, xqp)
+
+    def forward(self, x: torch.Tensor, group=None) -> torch.Tensor:
+        qp = self._act("x", x, group)
+        weight = self._weight_codes()
+        codes = None if weight is None else self._on_grid(x, qp)
+        if codes is None:
+            return super().forward(x)
+        wcodes, dtype = weight
+        return self._scaled(F.linear(codes.to(dtype), wcodes.to(dtype)), qp, -1)
+
+
+class ExactMatmul(_ExactBase):
+    """a @ b of two fake-quantized activations (torch.matmul semantics), as the int8 attention matmul computes it."""
+
+    _acts = ("a", "b")
+    _spec_fields = ("act_bits", "timestep_groups", "batch_axes")
+
+    def __init__(self, act_bits: int = 8, timestep_groups: int = 1, batch_axes=None):
+        super().__init__()
+        self._init_acts(timestep_groups, act_bits, batch_axes)
+
+    @classmethod
+    def from_qparams(cls, aqp: Q.QParams, bqp: Q.QParams) -> "ExactMatmul":
+        module = cls(aqp.bits, aqp.scale.numel() if aqp.scale.dim() == 1 else 1)
+        module = module.to(aqp.scale.device)
+        module._set_act("a", aqp)
+        module._set_act("b", bqp)
+        return module
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, group=None) -> torch.Tensor:
+        qa, qb = self._act("a", a, group), self._act("b", b, group)
+        ca, cb = self._on_grid(a, qa), self._on_grid(b, qb)
+        if ca is None or cb is None:  # a quantizer switched off (fxq.eval.analysis): the float product
+            return torch.matmul(a, b)
+        bound = a.shape[-1] * Q.max_abs_centered_code(self._qparams("a")) * Q.max_abs_centered_code(
+            self._qparams("b"))
+        dtype = Q.exact_accumulation_dtype(bound, a.device)
+        acc = torch.matmul(ca.to(dtype), cb.to(dtype))
+        return Q.scale_accumulator(acc, qa.scale, qb.scale)
+
+    def extra_repr(self) -> str:
+        return f"A{self.act_bits}, timestep_groups={self.timestep_groups}"
