@@ -74,8 +74,8 @@ class QConvTranspose(QConv):
             raise FxqError(f"an int8 transposed conv maps the rows of dim 0 to timestep groups, got batch axis "
                            f"{xqp.batch_axis}")
         module = cls(cin, conv_out, conv_kernel, (1,) * dims, (0,) * dims, spec.dilation, g, bias is not None,
-                     groups, batch_major=xqp.batch_major, t_stride=spec.stride, t_padding=spec.padding, output_padding=spec.output_padding,
-                     t_kernel=kernel, mode=mode)
+                     groups, batch_major=xqp.batch_major, t_stride=spec.stride, t_padding=spec.padding,
+                     output_padding=spec.output_padding, t_kernel=kernel, mode=mode)
         module.weight.copy_(codes)
         module.w_scale.copy_(w_scale)
         if bias is not None:

@@ -7,6 +7,7 @@ from torch import nn
 
 import fxq
 from fxq.quant import quantizer as Q
+from fxq.backends import fake_ops
 from fxq.backends.fake import FakeQuantize
 from fxq.errors import ConfigError, InputError
 from fxq.passes.batch_axes import FindBatchAxes
@@ -141,6 +142,27 @@ def test_a_mixed_timestep_batch_gives_each_sample_its_own_groups_result(layout):
     for i in range(4):
         alone = q(x[i:i + 1], t[i:i + 1])
         assert torch.allclose(together[i:i + 1], alone, atol=1e-5), (layout, i)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_exact_ops_give_each_row_its_groups_parameters(layout, monkeypatch):
+    # fake_ops reads integer codes back from its fake-quantized inputs; a row given another group's parameters is
+    # off that grid and silently takes the float op (not what int8 computes), so check every call found its codes
+    torch.manual_seed(0)
+    model = Attention(layout).eval()
+    q = fxq.quantize(model, _example(), _calibration(), fxq.QuantConfig(timestep_groups=4), batch_size=4)
+    assert {type(m) for m in q.modules() if isinstance(m, fake_ops._ExactBase)} >= {fake_ops.ExactLinear,
+                                                                                     fake_ops.ExactMatmul}
+    on_grid, missed = fake_ops._ExactBase._on_grid, []
+
+    def spy(self, x, qp):
+        codes = on_grid(self, x, qp)
+        missed.extend([type(self).__name__] if codes is None else [])
+        return codes
+
+    monkeypatch.setattr(fake_ops._ExactBase, "_on_grid", spy)
+    q(*_example(4))  # four samples in four groups
+    assert not missed
 
 
 class Pooled(nn.Module):

@@ -285,10 +285,10 @@ class _Samples:
 
 @torch.no_grad()
 def _record(gm, region, calib_data, example, batch_size, float_weights: dict, act=None) -> tuple[list, list]:
-    """(inputs, targets) of a region over the calibration set, each as `_join` holds them. Targets: the region's outputs in the float model
-    (float weights everywhere, no quantizer). Inputs: what the region reads in the model quantized so far (the
-    weights already rounded, as the graph holds them, and activations fake-quantized by `act`), or with act=None
-    what it reads in the float model."""
+    """(inputs, targets) of a region over the calibration set, each as `_join` holds them. Targets: the region's
+    outputs in the float model (float weights everywhere, no quantizer). Inputs: what the region reads in the model
+    quantized so far (the weights already rounded, as the graph holds them, and activations fake-quantized by
+    `act`), or with act=None what it reads in the float model."""
     device = device_of(gm)
     mods = {t: gm.get_submodule(t) for t in float_weights}
     ins, outs, samples = [], [], []
