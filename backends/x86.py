@@ -96,6 +96,10 @@ def _rows_reason(gm: fx.GraphModule, node: fx.Node) -> str | None:
             return f"its input's batch runs along axis {axis} (an int8 conv maps rows of dim 0 to timestep groups)"
         if kind == "attn_matmul":
             banned = -1 if i == 0 else -2
+        if node.target is torch.einsum and ndim is not None:  # the equation says which dims are contracted
+            contracted = forms.einsum_contracted(node, i)
+            if contracted is not None:
+                banned = next((d for d in contracted if d == axis % ndim), None)
         if ndim is not None and banned is not None and axis % ndim == banned % ndim:
             return (f"its input's batch runs along axis {axis}, the contracted dim (no per-sample scale inside a "
                     "dot product)")

@@ -202,6 +202,22 @@ def matmul_reason(node: fx.Node) -> str | None:
     return f"{catalogue.op_name(node)} (matmul/bmm/@/baddbmm/einsum have an int8 form here)"
 
 
+def einsum_contracted(node: fx.Node, i: int) -> list[int] | None:
+    """The dims of an einsum node's i-th activation input (select_ops' act_inputs order) that the equation sums
+    over, or None where the einsum has no int8 form (its reason is given elsewhere)."""
+    meta = node.meta["fxq"]
+    try:
+        if meta["kind"] == "attn_matmul":
+            plan = EinsumPlan(node.args[0])
+            letters = plan.a if i == 0 else plan.b
+        else:
+            plan = EinsumLinearPlan(node.args[0], weight_first=meta["act_inputs"][0] == 2)
+            letters = plan.a
+    except _Refuse:
+        return None
+    return [d for d, c in enumerate(letters) if c in plan.k]
+
+
 # --- runtime modules -----------------------------------------------------------------------------------------
 
 class EinsumPlan:

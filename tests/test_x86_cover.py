@@ -282,6 +282,31 @@ def test_attention_forms_serve_a_batch_of_mixed_timestep_groups(name):
         assert torch.allclose(int8(a[i:i + 1], b[i:i + 1], t[i:i + 1]), y8[i:i + 1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("form", ["attention", "linear"])
+def test_sequence_first_einsums_serve_a_batch_of_mixed_timestep_groups(form):
+    # batch-first inputs made sequence-first ([L, B, d], as nn.MultiheadAttention keeps them): the operands' batch
+    # runs along their letter b (dim 1), and each row takes its own sample's group
+    torch.manual_seed(0)
+    seq = lambda a, t: (a * (1 + t.float().reshape(-1, 1, 1) / 50)).transpose(0, 1)  # noqa: E731
+    if form == "attention":
+        model = _Fn(lambda s, a, b, t: torch.einsum("ibd,jbd->bij", seq(a, t), b.transpose(0, 1)))
+        cls = x86_forms.QEinsum
+    else:
+        model = _Fn(lambda s, a, b, t: torch.einsum("ibc,oc->ibo", seq(a, t), s.w).transpose(0, 1) + b[:, :5, :4],
+                    w=nn.Parameter(torch.randn(4, 8)))
+        cls = x86_forms.QEinsumLinear
+    model = model.eval()
+    calib = [(torch.randn(2, 5, 8), torch.rand(2, 6, 8), torch.full((2,), t)) for t in (10, 900)]
+    fake, int8 = _pair(model, calib[0], calib, timestep_groups=2, timestep_arg=2)
+    assert len(_modules(int8, cls)) == 1 and not x86.fallbacks(int8)
+    a, b, t = torch.randn(2, 5, 8), torch.rand(2, 6, 8), torch.tensor([950, 5])
+    y8 = int8(a, b, t)
+    _close(y8, fake(a, b, t))
+    for i in range(2):
+        alone = int8(a[i:i + 1], b[i:i + 1], t[i:i + 1])
+        assert torch.allclose(alone, y8[i:i + 1], rtol=1e-5, atol=1e-5)
+
+
 def test_an_einsum_without_int8_form_is_named_or_falls_back():
     torch.manual_seed(0)
     model = _Fn(lambda s, a, b: torch.einsum("...id,...jd->...ij", a, b)).eval()  # ellipsis: roles unknown
