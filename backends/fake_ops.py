@@ -19,15 +19,15 @@ from torch import nn
 
 from fxq.quant import quantizer as Q
 from fxq.errors import InputError
+from fxq.io.spec_fields import SpecFields
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
-class _ExactBase(nn.Module):
+class _ExactBase(SpecFields, nn.Module):
     """Activation parameters (per tensor, [] or [groups]) of the inputs named in `_acts`, picked per row by t."""
 
     _acts: tuple[str, ...] = ()
-    _spec_fields: tuple[str, ...] = ()
 
     def _init_acts(self, timestep_groups: int, act_bits: int, num_timesteps: int):
         self.timestep_groups, self.act_bits, self.num_timesteps = timestep_groups, act_bits, num_timesteps
@@ -58,17 +58,6 @@ class _ExactBase(nn.Module):
             return None
         codes = Q.centered_codes(x, qp)
         return codes if torch.equal(codes * qp.scale, x) else None
-
-    def fxq_spec(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in
-                ((k, getattr(self, k)) for k in self._spec_fields)}
-
-    @classmethod
-    def from_fxq_spec(cls, spec: dict):
-        unknown = set(spec) - set(cls._spec_fields)
-        if unknown:
-            raise InputError(f"{cls.__name__} spec has unknown fields {sorted(unknown)}")
-        return cls(**spec)
 
 
 class _ExactWeighted(_ExactBase):
