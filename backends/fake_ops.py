@@ -20,16 +20,16 @@ from torch import nn
 
 from fxq.quant import quantizer as Q
 from fxq.errors import InputError
+from fxq.io.spec_fields import SpecFields
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
-class _ExactBase(nn.Module):
+class _ExactBase(SpecFields, nn.Module):
     """Activation parameters (per tensor, [] or [groups]) of the inputs named in `_acts`, picked per row of each
     input's batch axis (`batch_axes`: [axis or None, batch_major] per input, as its FakeQuantize's) by the group."""
 
     _acts: tuple[str, ...] = ()
-    _spec_fields: tuple[str, ...] = ()
 
     def _init_acts(self, timestep_groups: int, act_bits: int, batch_axes=None):
         self.timestep_groups, self.act_bits = timestep_groups, act_bits
@@ -69,10 +69,6 @@ class _ExactBase(nn.Module):
         codes = Q.centered_codes(x, qp)
         return codes if torch.equal(codes * qp.scale, x) else None
 
-    def fxq_spec(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in
-                ((k, getattr(self, k)) for k in self._spec_fields)}
-
     @classmethod
     def from_fxq_spec(cls, spec: dict):
         spec = dict(spec)
@@ -81,10 +77,7 @@ class _ExactBase(nn.Module):
                 raise InputError("this file's quantized ops take the timestep (an fxq before batch axes wrote it): "
                                  "quantize the model again and save it with this fxq")
             del spec["num_timesteps"]
-        unknown = set(spec) - set(cls._spec_fields)
-        if unknown:
-            raise InputError(f"{cls.__name__} spec has unknown fields {sorted(unknown)}")
-        return cls(**spec)
+        return super().from_fxq_spec(spec)
 
 
 class _ExactWeighted(_ExactBase):

@@ -22,29 +22,13 @@ from torch import nn
 from fxq.quant import quantizer as Q
 from fxq.backends.x86_glue import canonical, channels_last, dense_order, per_group
 from fxq.errors import FxqError, InputError
+from fxq.io.spec_fields import SpecFields
 
 _PACKS = 2  # packed weights kept per conv, one per input shape (batch aside): a UNet's conv sees one
 _U8_TO_S8 = 128  # uint8 code c and int8 code c - 128 share a bit pattern: (c ^ 0x80).view(int8)
 
 
 # --- modules -------------------------------------------------------------------------------------------------
-
-class _Spec:
-    """fxq_spec/from_fxq_spec over the constructor arguments each subclass lists in `_spec_fields`."""
-
-    _spec_fields: tuple[str, ...] = ()
-
-    def fxq_spec(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in
-                ((k, getattr(self, k)) for k in self._spec_fields)}
-
-    @classmethod
-    def from_fxq_spec(cls, spec: dict):
-        unknown = set(spec) - set(cls._spec_fields)
-        if unknown:
-            raise InputError(f"{cls.__name__} spec has unknown fields {sorted(unknown)}")
-        return cls(**spec)
-
 
 def _rows_spec(qp: Q.QParams) -> dict:
     """How a grouped activation's rows map to samples (see fxq.quant.quantizer.rows_group), as constructor data."""
@@ -104,7 +88,7 @@ class _Lazy(nn.Module):
         raise NotImplementedError
 
 
-class Quantize(_Spec, _Lazy):
+class Quantize(SpecFields, _Lazy):
     """float32 x -> uint8 codes of `quantize(x, qp)` (qp per timestep group: pass the call's group, see
     x86_glue.call_group; a mixed batch maps x's rows along `batch_axis` to samples as fxq.quant.quantizer.rows_group)."""
 
@@ -165,7 +149,7 @@ def _unary_args(unary: str) -> tuple[str, list, str]:
     return unary, [], ""
 
 
-class _WeightedInt8(_Spec, _Lazy):
+class _WeightedInt8(SpecFields, _Lazy):
     """Shared state of QConv and QLinear: int8 weight [out, in/groups, *kernel], fp32 per-out-channel weight
     scales, fp32 bias, input activation parameters, and optionally output activation parameters (the kernel then
     requantizes its result to uint8 codes) and a fused unary post-op."""
@@ -376,7 +360,7 @@ class QLinear(_WeightedInt8):
                 f"out_quant={self.out_quant}{_rows_repr(self)}")
 
 
-class QMatmul(_Spec, _Lazy):
+class QMatmul(SpecFields, _Lazy):
     """a @ b of two uint8-coded activations (torch.matmul semantics, both at least 2-d) on `torch._int_mm`,
     fp32 output. Zero points are applied exactly in int32 through row and column sums; each operand's parameters
     are per timestep group, picked per row of its batch axis (`a_axis`/`b_axis`, ordered as

@@ -227,3 +227,15 @@ def test_rows_group_orders():
     g = torch.tensor([0, 2, 1])
     assert Q.rows_group(g, 6, batch_major=True).tolist() == [0, 0, 2, 2, 1, 1]
     assert Q.rows_group(g, 6, batch_major=False).tolist() == [0, 2, 1, 0, 2, 1]
+
+
+def test_an_older_files_grouped_exact_op_is_refused_and_an_ungrouped_one_loads():
+    # before batch axes the exact ops read t (num_timesteps in their spec); now they read the timestep-group node
+    old = {"act_bits": 8, "timestep_groups": 2, "num_timesteps": 1000}
+    with pytest.raises(InputError, match="quantize the model again"):
+        fake_ops.ExactMatmul.from_fxq_spec(old)
+    assert fake_ops.ExactMatmul.from_fxq_spec({**old, "timestep_groups": 1}).batch_axes == [[0, True], [0, True]]
+    spec = fake_ops.ExactMatmul(8, 2, [[1, True], [None, False]]).fxq_spec()
+    assert fake_ops.ExactMatmul.from_fxq_spec(spec).batch_axes == [[1, True], [None, False]]
+    with pytest.raises(InputError, match="batch_axes"):
+        fake_ops.ExactMatmul(8, 2, [[1.5, True]])

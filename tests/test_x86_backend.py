@@ -21,6 +21,7 @@ from torch import nn
 import fxq
 from fxq.quant import quantizer as Q
 from fxq.backends import x86, x86_glue, x86_ops
+from fxq.io.spec_fields import SpecFields
 from fxq.errors import ConfigError, FxqError, InputError
 from fxq.report import sqnr_db
 
@@ -453,7 +454,7 @@ def test_modules_rebuild_from_json_spec_and_state_dict():
     x, t = torch.randn(2, 3, 5, 5), torch.tensor([5, 950])
     before = int8(x, t)
     for name, module in list(int8.named_modules()):
-        if isinstance(module, x86_ops._Spec):
+        if isinstance(module, SpecFields):
             spec = json.loads(json.dumps(module.fxq_spec()))
             fresh = type(module).from_fxq_spec(spec)
             fresh.load_state_dict(module.state_dict())
