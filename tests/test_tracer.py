@@ -6,6 +6,8 @@ import pickle
 import subprocess
 import sys
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -642,3 +644,14 @@ def test_traced_diffusers_unet_runs_on_cuda():
     with torch.no_grad():
         out = gm(x.cuda(), t.cuda()).sample.cpu()
         assert (out - model(x, t).sample).abs().max().item() <= 1e-3  # TF32 / cuDNN differ from CPU
+
+
+class _NaNOutput(nn.Module):
+    def forward(self, x):
+        return x / torch.zeros(()) * 0  # NaN everywhere, the same in the graph and in eager
+
+
+def test_a_nan_output_neither_crashes_nor_warns():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FxqWarning)
+        trace(_NaNOutput(), (torch.randn(2, 3),))

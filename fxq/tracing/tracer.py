@@ -435,8 +435,9 @@ def _warn_if_different(expected: list, traced: list) -> None:
     # did something the graph does not record (e.g. Python state changed during forward).
     if len(expected) != len(traced) or any(
         e.shape != t.shape
-        or (e.numel() > 0 and not torch.allclose(
-            e.float(), t.float(), rtol=1e-4, atol=1e-5 * (1 + e.float().abs().max().item())))
+        or (e.numel() > 0 and not torch.allclose(  # magnitude of the finite values: NaN/inf must not poison atol
+            e.float(), t.float(), rtol=1e-4, equal_nan=True,
+            atol=1e-5 * (1 + e.float().nan_to_num(0.0, 0.0, 0.0).abs().max().item())))
         for e, t in zip(expected, traced)
     ):
         warnings.warn(
