@@ -120,6 +120,14 @@ class _ExactWeighted(_ExactBase):
         _, _, _, codes, dtype = self._codes_of
         return None if codes is None else (codes, dtype)
 
+    def _exact_inputs(self, x: torch.Tensor, group):
+        """(input parameters, input codes, weight codes, accumulation dtype), or None when the weight or the input
+        is off its grid (the plain float op runs then)."""
+        qp = self._act("x", x, group)
+        weight = self._weight_codes()
+        codes = None if weight is None else self._on_grid(x, qp)
+        return None if codes is None else (qp, codes, *weight)
+
     def _scaled(self, acc: torch.Tensor, qp: Q.QParams, channel_dim: int) -> torch.Tensor:
         shape = [1] * acc.dim()
         shape[channel_dim] = -1
@@ -156,15 +164,13 @@ class _ExactConv(_ExactWeighted):
         return module.to(weight.device)._set_exact(conv, weight, wqp, xqp)
 
     def forward(self, x: torch.Tensor, group=None) -> torch.Tensor:
-        qp = self._act("x", x, group)
-        weight = self._weight_codes()
-        codes = None if weight is None else self._on_grid(x, qp)
-        if codes is None:
+        exact = self._exact_inputs(x, group)
+        if exact is None:
             return super().forward(x)
+        qp, codes, wcodes, dtype = exact
         cpu_2d = codes.device.type == "cpu" and codes.dim() == 4
         if cpu_2d:  # the int8 conv's output layout, which later float ops (GroupNorm) round by
             codes = codes.contiguous(memory_format=torch.channels_last)
-        wcodes, dtype = weight
         padding = self.padding if isinstance(self.padding, str) else list(self.padding)
         acc = _CONV[len(self.kernel_size)](codes.to(dtype), wcodes.to(dtype), None, list(self.stride), padding,
                                           list(self.dilation), self.groups)
@@ -203,12 +209,10 @@ class ExactLinear(_ExactWeighted, nn.Linear):
         return module.to(weight.device)._set_exact(linear, weight, wqp, xqp)
 
     def forward(self, x: torch.Tensor, group=None) -> torch.Tensor:
-        qp = self._act("x", x, group)
-        weight = self._weight_codes()
-        codes = None if weight is None else self._on_grid(x, qp)
-        if codes is None:
+        exact = self._exact_inputs(x, group)
+        if exact is None:
             return super().forward(x)
-        wcodes, dtype = weight
+        qp, codes, wcodes, dtype = exact
         return self._scaled(F.linear(codes.to(dtype), wcodes.to(dtype)), qp, -1)
 
 

@@ -37,17 +37,27 @@ def test_unet2dmodel_with_attention_quantizes_and_keeps_its_output_type():
     assert not any("scaled_dot_product" in str(n.target) for n in q.graph.nodes)
 
 
-def test_cross_attention_unet_takes_keyword_inputs():
-    torch.manual_seed(0)
-    unet = _perturb(UNet2DConditionModel(
+def tiny_cross_attention_unet():
+    """A two-level UNet2DConditionModel (8x8 latents of 4 channels) attending to 5 tokens of width 16."""
+    return _perturb(UNet2DConditionModel(
         sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=16,
         attention_head_dim=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")))
+
+
+def cross_attention_inputs(g: torch.Generator, b: int):
+    """((sample, timestep), {"encoder_hidden_states": ...}) of batch b for tiny_cross_attention_unet."""
+    return ((torch.randn(b, 4, 8, 8, generator=g), torch.randint(0, 1000, (b,), generator=g)),
+            {"encoder_hidden_states": torch.randn(b, 5, 16, generator=g)})
+
+
+def test_cross_attention_unet_takes_keyword_inputs():
+    torch.manual_seed(0)
+    unet = tiny_cross_attention_unet()
     g = torch.Generator().manual_seed(2)
 
     def item(b):
-        return ((torch.randn(b, 4, 8, 8, generator=g), torch.randint(0, 1000, (b,), generator=g)),
-                {"encoder_hidden_states": torch.randn(b, 5, 16, generator=g)})
+        return cross_attention_inputs(g, b)
 
     calib = [item(2) for _ in range(3)]
     q = fxq.quantize(unet, calib[0], calib)

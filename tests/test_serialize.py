@@ -184,14 +184,8 @@ def test_loaded_model_saves_again_to_the_same_file(saved, tmp_path):
 
 
 diffusers = pytest.importorskip("diffusers")
-
-
-def _perturbed(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn(p.shape, generator=g))
-    return model.eval()
+from tests.test_quantize_diffusers import _perturb as _perturbed  # noqa: E402
+from tests.test_quantize_diffusers import cross_attention_inputs, tiny_cross_attention_unet  # noqa: E402
 
 
 def test_diffusers_unet2d_comes_back_with_its_output_type(tmp_path):
@@ -211,15 +205,11 @@ def test_diffusers_unet2d_comes_back_with_its_output_type(tmp_path):
 
 def test_cross_attention_unet_with_keyword_inputs_comes_back(tmp_path):
     torch.manual_seed(0)
-    unet = _perturbed(diffusers.UNet2DConditionModel(
-        sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=16,
-        attention_head_dim=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")))
+    unet = tiny_cross_attention_unet()
     g = torch.Generator().manual_seed(2)
 
     def item(b):
-        return ((torch.randn(b, 4, 8, 8, generator=g), torch.randint(0, 1000, (b,), generator=g)),
-                {"encoder_hidden_states": torch.randn(b, 5, 16, generator=g)})
+        return cross_attention_inputs(g, b)
 
     calib = [item(2) for _ in range(2)]
     q = fxq.quantize(unet, calib[0], calib)

@@ -20,18 +20,9 @@ import fxq
 from fxq.backends import x86, x86_convtranspose, x86_forms, x86_glue, x86_ops
 from fxq.errors import FxqError, InputError
 from fxq.report import quantized_ops, sqnr_db
+from tests.test_x86_backend import X86, _pair
 
 pytestmark = pytest.mark.skipif(x86_glue.cpu_int8_support() is not None, reason="no int8 x86 kernels here")
-
-X86 = dict(backend="x86", timestep_arg=None)
-
-
-def _pair(model, example, calib, **cfg):
-    """(fake, int8) quantized copies of model from the same calibration."""
-    fake = fxq.quantize(model, example, calib, fxq.QuantConfig(**{**X86, **cfg, "backend": "fake"}))
-    int8 = fxq.quantize(model, example, calib, fxq.QuantConfig(**{**X86, **cfg}))
-    return fake, int8
-
 
 def _modules(qmodel, cls):
     return [m for m in qmodel.graph_module.modules() if isinstance(m, cls)]
