@@ -74,6 +74,9 @@ ROWS = {
                            ["--mixed-precision", "4.5", "--weight-rounding", "adaround", *BCG10]),
     "fxq-mse-ada-bcg10": ("fxq, Lp weight scales + AdaRound + bias & gain corr. per 10 groups",
                           ["--weight-estimator", "mse", "--weight-rounding", "adaround", *BCG10]),
+    "fxq-mse": ("fxq, Lp-searched weight scales, no bias correction", ["--weight-estimator", "mse"]),
+    "fxq-mse-bcg10-c1024": ("fxq, Lp weight scales + bias & gain corr. per 10 groups, 1024 calibration inputs",
+                            ["--weight-estimator", "mse", "--calib", "1024", *BCG10]),
     "qdiffusion": ("Q-Diffusion recipe (uniform, split shortcuts, BRECQ, attention quantized)",
                    ["--weight-rounding", "brecq"]),
 }

@@ -5,6 +5,10 @@ quality harness. Not a test: it asserts nothing.
 
     nice python benchmarks/x86_fidelity.py --n 256 --calib 256 --out benchmarks/results/x86_fidelity.json
     python benchmarks/x86_fidelity.py --n 2000 --fid --float --fake-device cuda   # 16-core machine + GPU
+    torchrun --standalone --nproc-per-node 4 -- benchmarks/x86_fidelity.py --n 256 --threads 12   # a many-core host
+
+Under torchrun every process quantizes the same models (same seed: the same bits, checked) and samples every
+world-th batch, with --threads each (default: the cores divided among the processes); rank 0 writes the results.
 
 The int8 model runs on the CPU with --threads (default: every core). The twin runs on --fake-device: on CUDA its
 convolutions are cuDNN's, so the PSNR then also holds the CPU/GPU float differences. Sample k starts from noise
@@ -68,9 +72,35 @@ def quantize_both(unet, data, args) -> dict:
     return {"int8": int8, "fake": fake.to(args.fake_device)}
 
 
+def join_group() -> tuple[int, int]:
+    """(rank, world size): joins torchrun's gloo group when started by torchrun (the images travel on the CPU)."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def check_same_models(models: dict, world: int) -> None:
+    """Every rank must sample the same models: compare a checksum of each state_dict across ranks."""
+    import torch.distributed as dist
+
+    if world == 1:
+        return
+    for label, model in models.items():
+        sums = torch.tensor([float(v.double().sum())
+                             for v in model.state_dict().values()], dtype=torch.float64)
+        gathered = [torch.zeros_like(sums) for _ in range(world)]
+        dist.all_gather(gathered, sums)
+        if any(not torch.equal(g, gathered[0]) for g in gathered):
+            raise SystemExit(f"the {label} model differs between ranks: quantization is not deterministic here")
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads or os.cpu_count())
+    rank, world = join_group()
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
     grid_path = args.grid or os.path.splitext(args.out)[0] + ".png"
     unet, name = load_model(args.model, seed=args.seed)
     unet = unet.eval()
@@ -80,6 +110,7 @@ def main(argv=None) -> dict:
     data = calib.trajectory(unet, sampler, n=args.calib, timesteps=args.calib_timesteps, seed=args.seed)
     models = quantize_both(unet, data, args)
     times["calibrate_and_quantize_s"] = time.perf_counter() - t0
+    check_same_models(models, world)
     if args.float:
         models["float"] = unet
     devices = {"int8": "cpu", "fake": args.fake_device, "float": "cpu"}
@@ -87,15 +118,18 @@ def main(argv=None) -> dict:
     for label, model in models.items():
         t0 = time.perf_counter()
         images[label] = sample_images(model, sampler, args.n, args.batch_size, args.seed, device=devices[label],
-                                      progress=True, desc=f"sampling ({label})")
+                                      progress=rank == 0, desc=f"sampling ({label})")
         times[f"sampling_{label}_s"] = time.perf_counter() - t0
-        print(f"{label}: {args.n} samples in {times[f'sampling_{label}_s']:.1f} s", flush=True)
+        if rank == 0:
+            print(f"{label}: {args.n} samples in {times[f'sampling_{label}_s']:.1f} s", flush=True)
+    if rank != 0:
+        return {}
 
     per_sample = psnr(images["fake"], images["int8"])
     out = {"model": name, "sampler": f"DDIM-{args.steps}", "n": args.n, "seed": args.seed,
            "calib": {"n": len(data), "timesteps": args.calib_timesteps, "estimator": args.estimator,
                      "timestep_groups": args.timestep_groups},
-           "fake_device": args.fake_device, "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "fake_device": args.fake_device, "threads": torch.get_num_threads(), "processes": world, "torch": torch.__version__,
            "machine": platform.processor() or platform.machine(), "command": " ".join(sys.argv),
            "psnr_int8_vs_fake_db": psnr_summary(images["fake"], images["int8"]),
            "psnr_int8_vs_fake_db_per_sample": [round(float(v), 3) for v in per_sample],
