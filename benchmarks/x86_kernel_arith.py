@@ -1,0 +1,115 @@
+"""Which float arithmetic this CPU's oneDNN int8 kernels use to turn an exact int32 sum into a float32 output.
+
+The fake backend simulates the int8 conv/linear as `(float(acc) * s_x) * s_w + bias` (`quantizer.scale_accumulator`),
+measured bit for bit on AVX512-VNNI (AMD Zen 4). oneDNN picks other kernels on other CPUs (AMX brgemm on Intel
+Xeons): this script runs fxq's int8 conv and linear modules (`backends/x86_ops.py`) on random codes and compares
+each output with candidate formulas evaluated on the exact integer sum, per shape: the fraction of outputs each one
+reproduces bit for bit. Not a test: it asserts nothing.
+
+    python benchmarks/x86_kernel_arith.py --out benchmarks/results/x86_kernel_arith.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from fxq.quant import quantizer as Q  # noqa: E402
+from fxq.backends import x86_ops  # noqa: E402
+
+# (name, in channels, out channels, kernel, spatial size) at batch 4
+CONVS = [("conv3x3 64->64 32x32", 64, 64, 3, 32), ("conv3x3 128->128 16x16", 128, 128, 3, 16),
+         ("conv3x3 256->256 8x8", 256, 256, 3, 8), ("conv1x1 128->256 16x16", 128, 256, 1, 16),
+         ("conv3x3 3->64 32x32", 3, 64, 3, 32)]
+SIMULATION = "(acc*sx)*sw + b (fxq's simulation)"
+LINEARS = [("linear 128->128 x1024", 128, 128, 1024), ("linear 256->1024 x4", 256, 1024, 4)]
+
+
+def candidates(acc: torch.Tensor, sx: float, sw: torch.Tensor, bias: torch.Tensor) -> dict:
+    """float32 outputs of the int32 sum `acc` (float64, exact) under each candidate order of operations."""
+    a = acc.float()
+    sx32 = torch.tensor(sx, dtype=torch.float32)
+    return {
+        SIMULATION: (a * sx32) * sw + bias,
+        "acc*(sx*sw) + b": a * (sx32 * sw) + bias,
+        "(acc*sw)*sx + b": (a * sw) * sx32 + bias,
+        "fma(acc, sx*sw, b)": (acc * (sx32 * sw).double() + bias.double()).float(),
+        "fma(acc*sx, sw, b)": ((a * sx32).double() * sw.double() + bias.double()).float(),
+        "exact acc*sx*sw + b, rounded once": (acc * sx * sw.double() + bias.double()).float(),
+    }
+
+
+def probe(module: nn.Module, codes: torch.Tensor, acc: torch.Tensor, sx: float, channel_dim: int) -> dict:
+    y = module(codes)
+    shape = [1] * acc.dim()
+    shape[channel_dim] = -1
+    sw = module.w_scale.reshape(shape)
+    bias = module.bias.reshape(shape)
+    return {name: float((c == y).float().mean()) for name, c in candidates(acc, sx, sw, bias).items()}
+
+
+def make_qparams(weight: torch.Tensor, sx: float, zx: int):
+    wmax = weight.abs().flatten(1).amax(1).clamp_min(1e-8)
+    wqp = Q.QParams((wmax / 127).float(), torch.zeros_like(wmax), 8, True, 0)
+    xqp = Q.QParams(torch.tensor(sx), torch.tensor(float(zx)), 8, False, None)
+    return wqp, xqp
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    model = next((ln.split(":", 1)[1].strip() for ln in flags.splitlines() if ln.startswith("model name")), "?")
+    out = {"cpu": model, "amx_int8": " amx_int8" in flags, "avx512_vnni": " avx512_vnni" in flags,
+           "torch": torch.__version__, "machine": platform.machine(), "shapes": {}}
+    print(f"{model}: amx_int8={out['amx_int8']} avx512_vnni={out['avx512_vnni']} torch {torch.__version__}")
+    sx, zx = 0.0213, 121
+    for name, cin, cout, k, size in CONVS:
+        conv = nn.Conv2d(cin, cout, k, padding=k // 2)
+        wqp, xqp = make_qparams(conv.weight, sx, zx)
+        module = x86_ops.QConv.from_float(conv, wqp, xqp)
+        codes = torch.randint(0, 256, (4, cin, size, size), dtype=torch.uint8)
+        centered = (codes.double() - zx).contiguous(memory_format=torch.channels_last)
+        acc = F.conv2d(centered, module.weight.double(), None, 1, k // 2)
+        out["shapes"][name] = probe(module, codes.contiguous(memory_format=torch.channels_last), acc, sx, 1)
+    for name, cin, cout, rows in LINEARS:
+        linear = nn.Linear(cin, cout)
+        wqp, xqp = make_qparams(linear.weight, sx, zx)
+        module = x86_ops.QLinear.from_float(linear, wqp, xqp)
+        codes = torch.randint(0, 256, (rows, cin), dtype=torch.uint8)
+        acc = (codes.double() - zx) @ module.weight.double().t()
+        out["shapes"][name] = probe(module, codes, acc, sx, 1)
+    # the activation quantizer: torch's quantize_per_tensor (the int8 path) against quantizer.codes (the simulation)
+    x = torch.randn(4, 128, 32, 32) * 3
+    qp = Q.QParams(torch.tensor(sx), torch.tensor(float(zx)), 8, False, None)
+    q = x86_ops.Quantize.from_qparams(qp)(x)
+    out["quantize_match"] = float((q.to(torch.float32) == Q.codes(x, qp).to(torch.float32)).float().mean())
+    print(f"quantize: {out['quantize_match']:.6f} of the codes equal")
+    for name, fractions in out["shapes"].items():
+        best = max(fractions, key=fractions.get)
+        print(f"{name:28s} simulation {fractions[SIMULATION]:.4f}   "
+              f"best: {best} {fractions[best]:.4f}")
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
+    return out
+
+
+if __name__ == "__main__":
+    main()
