@@ -30,6 +30,8 @@ QUALITY = os.path.join(HERE, "quality.py")
 
 # name -> (label, quality.py arguments); every quantized row uses 256 calibration inputs unless it says otherwise
 BCG10 = ["--bias-correction", "--gain-correction", "--bias-groups", "10"]
+TGA10 = ["--timestep-groups", "10", "--group-boundaries", "auto"]  # groups at boundaries from the statistics
+TGO10 = ["--timestep-groups", "10", "--group-quantizers", "oscillating"]  # per-group ranges where they move only
 ROWS = {
     "traditional": ("traditional PTQ (random t, noise, min/max)",
                     ["--timesteps", "traditional", "--estimator", "minmax"]),
@@ -74,6 +76,28 @@ ROWS = {
                            ["--mixed-precision", "4.5", "--weight-rounding", "adaround", *BCG10]),
     "fxq-mse-ada-bcg10": ("fxq, Lp weight scales + AdaRound + bias & gain corr. per 10 groups",
                           ["--weight-estimator", "mse", "--weight-rounding", "adaround", *BCG10]),
+    "fxq-mse-tg10-bcg10": ("fxq, Lp weight scales, 10 uniform timestep groups + bias & gain corr. per 10 groups",
+                           ["--weight-estimator", "mse", "--timestep-groups", "10", *BCG10]),
+    "fxq-mse-tga10-bcg10": ("fxq, Lp weight scales, 10 timestep groups at auto boundaries + bias & gain corr. per "
+                            "the same 10 groups", ["--weight-estimator", "mse", *TGA10, *BCG10]),
+    "fxq-mse-tgo10-bcg10": ("fxq, Lp weight scales, 10 uniform groups for the oscillating quantizers only + bias & "
+                            "gain corr. per 10 groups", ["--weight-estimator", "mse", *TGO10, *BCG10]),
+    "fxq-mse-tgao10-bcg10": ("fxq, Lp weight scales, 10 auto groups for the oscillating quantizers only + bias & "
+                             "gain corr. per the same 10 groups", ["--weight-estimator", "mse", *TGA10,
+                                                                   "--group-quantizers", "oscillating", *BCG10]),
+    "fxq-mse-tga4-bcg10": ("fxq, Lp weight scales, 4 timestep groups at auto boundaries + bias & gain corr. per 10 "
+                           "uniform groups", ["--weight-estimator", "mse", "--timestep-groups", "4",
+                                              "--group-boundaries", "auto", *BCG10]),
+    "fxq-mse-mp45-tga10-bcg10": ("fxq, Lp weight scales + mixed precision (4.5 bits), 10 auto timestep groups + bias "
+                                 "& gain corr. per the same 10 groups",
+                                 ["--weight-estimator", "mse", "--mixed-precision", "4.5", *TGA10, *BCG10]),
+    "fxq-mse-mp45-tgo10-bcg10": ("fxq, Lp weight scales + mixed precision (4.5 bits), 10 uniform groups for the "
+                                 "oscillating quantizers only + bias & gain corr. per 10 groups",
+                                 ["--weight-estimator", "mse", "--mixed-precision", "4.5", *TGO10, *BCG10]),
+    "fxq-mse-mp45-tgao10-bcg10": ("fxq, Lp weight scales + mixed precision (4.5 bits), 10 auto groups for the "
+                                  "oscillating quantizers only + bias & gain corr. per the same 10 groups",
+                                  ["--weight-estimator", "mse", "--mixed-precision", "4.5", *TGA10,
+                                   "--group-quantizers", "oscillating", *BCG10]),
     "qdiffusion": ("Q-Diffusion recipe (uniform, split shortcuts, BRECQ, attention quantized)",
                    ["--weight-rounding", "brecq"]),
 }
