@@ -94,10 +94,14 @@ def fine_edges(timesteps: torch.Tensor, max_bins: int = MAX_FINE_BINS) -> tuple[
     return tuple((u[s - 1] + u[s] + 1) // 2 for s in starts)
 
 
-def fine_bins(gm: fx.GraphModule, items: list, example, t_name: str, config, batch_size: int = 32) -> tuple:
+def fine_bins(gm: fx.GraphModule, items: list, example, t_name: str, config, batch_size: int = 32) -> tuple | None:
     """Make gm's observers record per fine bin of the calibration timesteps (see the module doc); returns the bins'
-    interior edges. ConfigError when the calibration data holds fewer distinct timesteps than groups."""
+    interior edges (None when no observer keeps groups: nothing to choose). ConfigError when the calibration data
+    holds fewer distinct timesteps than groups."""
     G, T = config.timestep_groups, config.num_timesteps
+    node = group_node(gm)
+    if node is None:
+        return None
     timesteps = calibration_timesteps(gm, items, example, t_name, T, batch_size)
     if timesteps.numel() < G:
         shown = timesteps.tolist()[:20]
@@ -107,10 +111,6 @@ def fine_bins(gm: fx.GraphModule, items: list, example, t_name: str, config, bat
             f": calibrate on more timesteps, use timestep_groups={max(timesteps.numel(), 1)} or fewer, or give the "
             "edges explicitly (timestep_group_boundaries=[...])")
     edges = fine_edges(timesteps)
-    node = group_node(gm)
-    if node is None:
-        raise InputError("timestep_group_boundaries='auto' needs the graph's timestep-group node: prepare the model "
-                         "with timestep_groups > 1 (fxq.api.prepare)")
     node.args = (node.args[0], *Q.timestep_group_args(len(edges) + 1, T, edges))
     gm.recompile()
     for obs in grouped_observers(gm).values():
