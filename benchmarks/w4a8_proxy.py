@@ -58,6 +58,8 @@ for _g in (4, 10):
                                   "timestep_group_quantizers": "oscillating", **BCG10}
     ROWS[f"mse-tgao{_g}-bcg10"] = {"weight_estimator": "mse", "timestep_groups": _g, "timestep_group_boundaries": "auto",
                                    "timestep_group_quantizers": "oscillating", **BCG10}
+    ROWS[f"mse-tgo{_g}r15-bcg10"] = {"weight_estimator": "mse", "timestep_groups": _g,
+                                     "timestep_group_quantizers": "oscillating", "oscillation_ratio": 1.5, **BCG10}
 
 
 def parse_args(argv=None):
