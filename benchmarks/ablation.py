@@ -13,8 +13,8 @@ group and 10 groups), a representative subset, with and without split shortcuts 
 BRECQ-style block reconstruction, Lp-searched weight scales, mixed-precision weights at 4.25 / 4.5 average bits
 (run for settings below 8 weight bits only: nothing to mix at 8); timestep groups on top of the best recipes: 10
 uniform groups (tg10), 10 groups at boundaries chosen from the calibration statistics (tga10), per-group ranges for
-the oscillating quantizers only (tgo10: uniform boundaries; tgao10: auto); the Q-Diffusion recipe (uniform, split shortcuts, BRECQ; without its
-activation-range reconstruction).
+the oscillating quantizers only (tgo10: uniform boundaries; tgao10: auto); the Q-Diffusion recipe (uniform, split
+shortcuts, BRECQ; without its activation-range reconstruction).
 """
 
 from __future__ import annotations

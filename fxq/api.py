@@ -121,7 +121,7 @@ def quantize(model: nn.Module, example_inputs, calib_data: Iterable, config: Qua
         if plan_groups:
             from fxq.quant.timestep_groups import plan_groups as plan
             group_plan = plan(gm, config, fine)
-            if auto_groups and group_plan.edges is not None:  # the chosen edges are the model's config from here on (saved with it)
+            if auto_groups and group_plan.edges is not None:  # the chosen edges are the model's config from here on
                 config = dataclasses.replace(config, timestep_group_boundaries=group_plan.edges)
         frozen = freeze(gm)
         if config.weight_rounding != "nearest":

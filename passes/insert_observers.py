@@ -4,8 +4,9 @@ Pattern: every node that select_ops marked (`node.meta["fxq"]`).
 - Each activation input named in `act_inputs` is routed through an `ActObserver` call_module node. A producer
   feeding several selected ops at the same bit-width gets one shared observer: it is one quantized tensor, as it
   will be in an int8 graph.
-- With `timestep_groups` > 1, one call_function node `fxq.quant.quantizer.timestep_group(t, G, T[, edges])` right after the
-  placeholders computes each sample's group once per call, and every observer receives it as its second input;
+- With `timestep_groups` > 1, one call_function node `fxq.quant.quantizer.timestep_group(t, G, T[, edges])` right
+  after the placeholders computes each sample's group once per call, and every observer receives it as its second
+  input;
   each observer is built with the batch axis that find_batch_axes recorded on its producer
   (`meta["fxq_batch"]`), which must have run.
 - conv/linear get a per-output-channel `WeightObserver` submodule along `meta["fxq"]["weight_axis"]` (1 for a

@@ -304,7 +304,8 @@ def test_a_file_from_before_the_group_options_loads(tmp_path):
 # ------------------------------------------------------------------------------------------------ bad input
 
 def test_auto_with_more_groups_than_calibration_timesteps_says_what_to_do():
-    with pytest.raises(ConfigError, match=r"timestep_groups=5 .* distinct timesteps, and it holds 4 .*timestep_groups=4 or fewer"):
+    with pytest.raises(ConfigError,
+                       match=r"timestep_groups=5 .* distinct timesteps, and it holds 4 .*timestep_groups=4 or fewer"):
         _quantize(fxq.QuantConfig(timestep_groups=5, timestep_group_boundaries="auto"), _calib(step=250))
 
 

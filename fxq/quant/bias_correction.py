@@ -232,7 +232,8 @@ class _Lockstep:
         batch_axis, major = self._rows(node, fp_vals[0], axis) if self.groups > 1 else (None, True)
         # per group and channel: count, sum fp, sum q, sum fp^2, sum fp*q
         stats = torch.zeros(5, self.groups, channels, dtype=torch.float64, device=device)
-        groups = [Q.timestep_group(t, self.groups, self.T, self.edges).to(device) for t in t_values] if self.groups > 1 else None
+        groups = [Q.timestep_group(t, self.groups, self.T, self.edges).to(device) for t in t_values] \
+            if self.groups > 1 else None
         for k, (a, b) in enumerate(zip(fp_vals, q_vals)):
             # rows: the batch axis (one row for all of it without groups or without a batch axis), then the rest
             if batch_axis is None:
