@@ -97,7 +97,8 @@ class QuantConfig:
       and weight scales, by splitting the conv over its input channels (Q-Diffusion's split shortcut).
     bias_correction: after calibration, remove the mean output error of every quantized conv/linear per output
       channel, measured on (up to 512 items of) the calibration set (fxq.quant.bias_correction; Nagel et al. 2019).
-    bias_correction_groups: timestep groups that get their own correction (None: timestep_groups).
+    bias_correction_groups: timestep groups that get their own correction (None: timestep_groups); at the
+      activation groups' edges when the counts agree, else uniform.
     gain_correction: with bias_correction, also divide out the part of each op's error that is proportional to
       its float output, per channel and group (PTQD's correlated-noise correction, applied per layer).
     weight_bits_map: per-layer weight bit-widths, {fnmatch pattern of the op's module name: bits} (or (pattern,
