@@ -158,6 +158,20 @@ def test_auto_groups_equal_calibrating_with_their_edges_from_the_start():
     assert len(_group_nodes(auto)) == 1
 
 
+def test_auto_with_more_timesteps_than_fine_bins_cuts_between_runs_of_them():
+    # 150 distinct timesteps, one sample each, given as Python ints: 100 fine bins of 1-2 neighbours
+    g = torch.Generator().manual_seed(3)
+    ts = sorted(torch.randperm(1000, generator=g)[:150].tolist())
+    calib = [(torch.randn(1, 3, 6, 6, generator=g), t) for t in ts]
+    q = fxq.quantize(_model(), (calib[0][0], torch.tensor([0])), calib,
+                     fxq.QuantConfig(timestep_groups=4, timestep_group_boundaries="auto"))
+    edges = q.quant_config.timestep_group_boundaries
+    assert len(edges) == 3 and set(edges) <= set(TG.fine_edges(torch.tensor(ts), TG.MAX_FINE_BINS))
+    # one cut separates the two regimes but for at most the one fine bin that may hold timesteps of both
+    wrong_side = min(sum((t < e) != (t < CHANGE) for t in ts) for e in edges)
+    assert wrong_side <= 1
+
+
 def test_one_group_is_the_plain_path_whatever_the_options():
     plain = _quantize(fxq.QuantConfig())
     x, t = _inputs([0, 500, 999])
