@@ -172,6 +172,24 @@ def test_auto_with_more_timesteps_than_fine_bins_cuts_between_runs_of_them():
     assert wrong_side <= 1
 
 
+class KeywordStep(StepModel):
+    def forward(self, sample, *, timestep, scale=1.0):
+        return super().forward(sample * scale, timestep.reshape(-1).expand(sample.shape[0]))
+
+
+def test_auto_reads_the_timestep_from_keyword_inputs_as_the_graph_binds_them():
+    # items as (args, kwargs) with a 0-d timestep keyword, one timestep per item: the edges still follow the change
+    calib = [((x,), {"timestep": t[0]}) for x, t in _calib()]
+    q = fxq.quantize(_keyword_model(), calib[0], calib,
+                     fxq.QuantConfig(timestep_groups=2, timestep_group_boundaries="auto", timestep_arg="timestep"))
+    assert q.quant_config.timestep_group_boundaries == (275,)
+
+
+def _keyword_model():
+    torch.manual_seed(0)
+    return KeywordStep().eval()
+
+
 def test_one_group_is_the_plain_path_whatever_the_options():
     plain = _quantize(fxq.QuantConfig())
     x, t = _inputs([0, 500, 999])
