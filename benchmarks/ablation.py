@@ -11,8 +11,10 @@ normal timesteps, 1024 samples, Lp-search ranges, attention matmuls left in floa
 quantized: the uniform set before its fix (t >= 40 only), uniform, timestep groups 4 and 10, bias correction (one
 group and 10 groups), a representative subset, with and without split shortcuts (on by default), AdaRound and
 BRECQ-style block reconstruction, Lp-searched weight scales, mixed-precision weights at 4.25 / 4.5 average bits
-(run for settings below 8 weight bits only: nothing to mix at 8); the Q-Diffusion recipe (uniform, split shortcuts, BRECQ; without its
-activation-range reconstruction).
+(run for settings below 8 weight bits only: nothing to mix at 8); timestep groups on top of the best recipes: 10
+uniform groups (tg10), 10 groups at boundaries chosen from the calibration statistics (tga10), per-group ranges for
+the oscillating quantizers only (tgo10: uniform boundaries; tgao10: auto); the Q-Diffusion recipe (uniform, split
+shortcuts, BRECQ; without its activation-range reconstruction).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ QUALITY = os.path.join(HERE, "quality.py")
 
 # name -> (label, quality.py arguments); every quantized row uses 256 calibration inputs unless it says otherwise
 BCG10 = ["--bias-correction", "--gain-correction", "--bias-groups", "10"]
+TGA10 = ["--timestep-groups", "10", "--group-boundaries", "auto"]  # groups at boundaries from the statistics
+TGO10 = ["--timestep-groups", "10", "--group-quantizers", "oscillating"]  # per-group ranges where they move only
 ROWS = {
     "traditional": ("traditional PTQ (random t, noise, min/max)",
                     ["--timesteps", "traditional", "--estimator", "minmax"]),
@@ -77,6 +81,32 @@ ROWS = {
     "fxq-mse": ("fxq, Lp-searched weight scales, no bias correction", ["--weight-estimator", "mse"]),
     "fxq-mse-bcg10-c1024": ("fxq, Lp weight scales + bias & gain corr. per 10 groups, 1024 calibration inputs",
                             ["--weight-estimator", "mse", "--calib", "1024", *BCG10]),
+    "fxq-mse-tg10-bcg10": ("fxq, Lp weight scales, 10 uniform timestep groups + bias & gain corr. per 10 groups",
+                           ["--weight-estimator", "mse", "--timestep-groups", "10", *BCG10]),
+    "fxq-mse-tga10-bcg10": ("fxq, Lp weight scales, 10 timestep groups at auto boundaries + bias & gain corr. per "
+                            "the same 10 groups", ["--weight-estimator", "mse", *TGA10, *BCG10]),
+    "fxq-mse-tgo10-bcg10": ("fxq, Lp weight scales, 10 uniform groups for the oscillating quantizers only + bias & "
+                            "gain corr. per 10 groups", ["--weight-estimator", "mse", *TGO10, *BCG10]),
+    "fxq-mse-tgao10-bcg10": ("fxq, Lp weight scales, 10 auto groups for the oscillating quantizers only + bias & "
+                             "gain corr. per the same 10 groups", ["--weight-estimator", "mse", *TGA10,
+                                                                   "--group-quantizers", "oscillating", *BCG10]),
+    "fxq-mse-tga4-bcg10": ("fxq, Lp weight scales, 4 timestep groups at auto boundaries + bias & gain corr. per 10 "
+                           "uniform groups", ["--weight-estimator", "mse", "--timestep-groups", "4",
+                                              "--group-boundaries", "auto", *BCG10]),
+    "fxq-mse-mp45-tga10-bcg10": ("fxq, Lp weight scales + mixed precision (4.5 bits), 10 auto timestep groups + bias "
+                                 "& gain corr. per the same 10 groups",
+                                 ["--weight-estimator", "mse", "--mixed-precision", "4.5", *TGA10, *BCG10]),
+    "fxq-mse-mp45-tgo10-bcg10": ("fxq, Lp weight scales + mixed precision (4.5 bits), 10 uniform groups for the "
+                                 "oscillating quantizers only + bias & gain corr. per 10 groups",
+                                 ["--weight-estimator", "mse", "--mixed-precision", "4.5", *TGO10, *BCG10]),
+    "fxq-mse-mp45-tgao10-bcg10": ("fxq, Lp weight scales + mixed precision (4.5 bits), 10 auto groups for the "
+                                  "oscillating quantizers only + bias & gain corr. per the same 10 groups",
+                                  ["--weight-estimator", "mse", "--mixed-precision", "4.5", *TGA10,
+                                   "--group-quantizers", "oscillating", *BCG10]),
+    "fxq-mse-tgao10-bcg10-c1024": ("fxq, Lp weight scales, 10 auto groups for the oscillating quantizers only + bias "
+                                   "& gain corr. per the same 10 groups, 1024 calibration inputs",
+                                   ["--weight-estimator", "mse", *TGA10, "--group-quantizers", "oscillating",
+                                    "--calib", "1024", *BCG10]),
     "qdiffusion": ("Q-Diffusion recipe (uniform, split shortcuts, BRECQ, attention quantized)",
                    ["--weight-rounding", "brecq"]),
 }

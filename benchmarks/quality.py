@@ -206,6 +206,11 @@ def calibration_set(fp_model, sampler, args, shape, device) -> list:
     return [items[i] for i in keep]
 
 
+def group_boundaries(text: str):
+    """--group-boundaries: "uniform", "auto" or comma-separated integer edges."""
+    return text if text in ("uniform", "auto") else tuple(int(e) for e in text.split(","))
+
+
 def quantize_model(fp_model, sampler, bits, args, shape, device):
     """fxq fake-quantized copy of fp_model calibrated on --calib items; the config used; calibration time (s)."""
     from fxq import QuantConfig
@@ -217,7 +222,9 @@ def quantize_model(fp_model, sampler, bits, args, shape, device):
                          bias_correction_groups=args.bias_groups, gain_correction=args.gain_correction,
                          keep_float=tuple(p for p in args.keep_float.split(",") if p), seed=args.seed,
                          split_shortcut=args.split_shortcut, weight_rounding=args.weight_rounding,
-                         adaround_iters=args.adaround_iters, mixed_precision=args.mixed_precision)
+                         adaround_iters=args.adaround_iters, mixed_precision=args.mixed_precision,
+                         timestep_group_boundaries=group_boundaries(args.group_boundaries),
+                         timestep_group_quantizers=args.group_quantizers, oscillation_ratio=args.oscillation_ratio)
     data = calibration_set(fp_model, sampler, args, shape, device)
     g = torch.Generator().manual_seed(args.calib_seed)
     example = (torch.randn(2, *shape, generator=g).to(device), torch.tensor([999, 0], device=device))
@@ -300,6 +307,14 @@ def parse_args(argv=None):
     p.add_argument("--estimator", default="mse", choices=ACT_ESTIMATORS, help="activation range estimator")
     p.add_argument("--weight-estimator", default="minmax", choices=WEIGHT_ESTIMATORS)
     p.add_argument("--timestep-groups", type=int, default=1, help="activation ranges per group of timesteps")
+    p.add_argument("--group-boundaries", default="uniform",
+                   help="where the timestep groups split [0, T): uniform, auto (from the calibration statistics) or "
+                        "comma-separated interior edges")
+    p.add_argument("--group-quantizers", default="all", choices=("all", "oscillating"),
+                   help="which activation quantizers keep per-group ranges")
+    p.add_argument("--oscillation-ratio", type=float, default=2.0,
+                   help="with --group-quantizers oscillating: a group's range at least this many times narrower "
+                        "than the shared one keeps its own")
     p.add_argument("--calib", type=int, default=256, help="calibration inputs (x_t, t)")
     p.add_argument("--timesteps", default="uniform", choices=CALIB_SETS,
                    help="calibration set: the model's own trajectories with uniform (Q-Diffusion) or normal (PTQ4DM) "
@@ -417,6 +432,8 @@ def main(argv=None) -> dict:
         bits_info = average_bits(qmodel)
         # the layers mixed precision raised (the map the model was quantized with)
         bits_info["weight_bits_map"] = [list(e) for e in qmodel.graph_module.meta["fxq_config"].weight_bits_map]
+        # the groups' edges and which quantizers kept per-group ranges (auto / oscillating)
+        bits_info["timestep_groups"] = qmodel.graph_module.meta.get("fxq_timestep_groups")
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     result = evaluate(model if qconfig is None else qmodel, sampler, args.n, reference,
                       fp_model=None if qconfig is None else model, fp_metrics=args.with_fp,

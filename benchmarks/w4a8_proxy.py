@@ -25,7 +25,8 @@ if __package__ in (None, ""):  # run as a script from a source checkout: use the
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fxq  # noqa: E402
-from fxq import analysis, calib, report  # noqa: E402
+from fxq import calib, report  # noqa: E402
+from fxq.eval import analysis  # noqa: E402
 from fxq.diffusion import DDIM  # noqa: E402
 from fxq.eval.images import initial_noise  # noqa: E402
 from fxq.models.pretrained import load_model  # noqa: E402
@@ -46,6 +47,19 @@ ROWS = {
     "brecq-bcg10": {"weight_rounding": "brecq", **BCG10},
     "sc-float-bcg10": {"keep_float": ("up.*.nin_shortcut",), **BCG10},
 }
+# timestep groups on top of the best recipe: uniform (tg), boundaries from the statistics (tga), per-group ranges
+# for the oscillating quantizers only (tgo: uniform boundaries, tgao: auto); bias correction per 10 groups (at the
+# activation groups' edges when they are 10 too)
+for _g in (4, 10):
+    ROWS[f"mse-tg{_g}-bcg10"] = {"weight_estimator": "mse", "timestep_groups": _g, **BCG10}
+    ROWS[f"mse-tga{_g}-bcg10"] = {"weight_estimator": "mse", "timestep_groups": _g,
+                                  "timestep_group_boundaries": "auto", **BCG10}
+    ROWS[f"mse-tgo{_g}-bcg10"] = {"weight_estimator": "mse", "timestep_groups": _g,
+                                  "timestep_group_quantizers": "oscillating", **BCG10}
+    ROWS[f"mse-tgao{_g}-bcg10"] = {"weight_estimator": "mse", "timestep_groups": _g, "timestep_group_boundaries": "auto",
+                                   "timestep_group_quantizers": "oscillating", **BCG10}
+    ROWS[f"mse-tgo{_g}r15-bcg10"] = {"weight_estimator": "mse", "timestep_groups": _g,
+                                     "timestep_group_quantizers": "oscillating", "oscillation_ratio": 1.5, **BCG10}
 
 
 def parse_args(argv=None):
@@ -132,6 +146,9 @@ def run(args) -> dict:
             mp = qmodel.graph_module.meta["fxq_mixed_precision"]
             r["mixed_precision_bits"] = mp["bits"]
             r["mixed_precision_sensitivity"] = mp["sensitivity"]
+        if "fxq_timestep_groups" in qmodel.graph_module.meta:  # the edges chosen, and which quantizers kept groups
+            r["timestep_groups"] = qmodel.graph_module.meta["fxq_timestep_groups"]
+            r["timestep_group_kinds"] = quantizer_kinds(qmodel, r["timestep_groups"])
         if "fxq_adaround" in qmodel.graph_module.meta:
             res = qmodel.graph_module.meta["fxq_adaround"]
             r["adaround_kept"] = sum(x["kept"] for x in res) / max(1, len(res))
@@ -143,6 +160,31 @@ def run(args) -> dict:
               f"{r['channel_mean_error_max']:.4f}; W bits {r['bits']['weight_bits_quantized']:.2f}; "
               f"calibration {calib_s:.0f} s", flush=True)
         _write(out, args)  # after every row: a long run keeps what it measured
+    return out
+
+
+def quantizer_kinds(qmodel, plan: dict) -> dict:
+    """Per-group and shared activation quantizers of a timestep-group plan, counted by what they feed: the op kind,
+    with "conv_in" (the model's first conv) and the skip / decoder halves of split shortcut convs apart."""
+    gm = qmodel.graph_module
+    feeds = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target in plan["ratios"]:
+            kinds = set()
+            for user in node.users:
+                meta = user.meta.get("fxq") or {}
+                module = meta.get("module") or ""
+                kind = meta.get("kind", "other")
+                split = meta.get("split")
+                kinds.add("conv_in" if module == "conv_in" else kind if not split else
+                          f"{kind}:{'skip' if split.get('skip') else 'decoder'}-half")
+            feeds[node.target] = "/".join(sorted(kinds))
+    out = {}
+    for side in ("per_group", "shared"):
+        counts = {}
+        for name in plan[side]:
+            counts[feeds.get(name, "other")] = counts.get(feeds.get(name, "other"), 0) + 1
+        out[side] = dict(sorted(counts.items()))
     return out
 
 

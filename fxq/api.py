@@ -94,8 +94,11 @@ def quantize(model: nn.Module, example_inputs, calib_data: Iterable, config: Qua
     except TypeError:
         raise InputError(f"calib_data must be an iterable of input items, got {type(calib_data).__name__}") from None
     items = (call.canonical_item(item, f"calibration item {i}") for i, item in enumerate(items))
-    if config.weight_rounding != "nearest" or config.bias_correction or config.mixed_precision is not None:
-        items = list(items)  # read again: mixed precision, rounding, bias correction
+    auto_groups = config.timestep_groups > 1 and config.timestep_group_boundaries == "auto"
+    plan_groups = config.timestep_groups > 1 and (auto_groups or config.timestep_group_quantizers == "oscillating")
+    if config.weight_rounding != "nearest" or config.bias_correction or config.mixed_precision is not None \
+            or auto_groups:
+        items = list(items)  # read again: mixed precision, rounding, bias correction, the timesteps of auto groups
     allocation = None
     if config.mixed_precision is not None:  # the chosen map is the model's config from here on (saved with it)
         from fxq.quant.mixed_precision import propose_weight_bits
@@ -104,12 +107,22 @@ def quantize(model: nn.Module, example_inputs, calib_data: Iterable, config: Qua
             allocation = propose_weight_bits(model, example, items, config, batch_size=batch_size, progress=progress)
         config = dataclasses.replace(config, mixed_precision=None, weight_bits_map=allocation.weight_bits_map())
     gm, t_name = prepare(model, example, config)
+    fine = None
+    if auto_groups:  # record per calibration timestep; the groups are chosen from the statistics after
+        from fxq.quant.timestep_groups import fine_bins
+        fine = fine_bins(gm, items, example, t_name, config, batch_size)
     if call.takes_return_dict:
         call.tuple_len = _tuple_len(model, call, example)
     # Seeded for stochastic layers; the caller's RNGs are restored after.
     with torch.random.fork_rng(devices=cuda_devices(gm)):
         torch.manual_seed(config.seed)
         calib.run(gm, items, example, batch_size=batch_size, progress=progress)
+        group_plan = None
+        if plan_groups:
+            from fxq.quant.timestep_groups import plan_groups as plan
+            group_plan = plan(gm, config, fine)
+            if auto_groups and group_plan.edges is not None:  # the chosen edges are the model's config from here on
+                config = dataclasses.replace(config, timestep_group_boundaries=group_plan.edges)
         frozen = freeze(gm)
         if config.weight_rounding != "nearest":
             gm.meta["fxq_adaround"] = [dataclasses.asdict(r) for r in adaround(
@@ -118,11 +131,13 @@ def quantize(model: nn.Module, example_inputs, calib_data: Iterable, config: Qua
     if config.bias_correction:  # after the rounding: it corrects the error of the final weights
         from fxq.quant.bias_correction import correct_bias
         correct_bias(gm, frozen, items, example, t_name, config.bias_groups, config.num_timesteps, batch_size,
-                     gain=config.gain_correction)
+                     gain=config.gain_correction, edges=config.bias_edges)
     lowered = _lower(gm, frozen, config)
     lowered.meta["fxq_config"] = config
     if allocation is not None:
         lowered.meta["fxq_mixed_precision"] = allocation.to_dict()
+    if group_plan is not None:
+        lowered.meta["fxq_timestep_groups"] = group_plan.to_dict()
     return QuantizedModel.around(model, lowered, call, config)
 
 

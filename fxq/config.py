@@ -13,6 +13,8 @@ BACKENDS = ("fake", "x86")
 ACT_ESTIMATORS = ("minmax", "percentile", "mse")
 WEIGHT_ESTIMATORS = ("minmax", "mse")
 WEIGHT_ROUNDINGS = ("nearest", "adaround", "brecq")
+GROUP_BOUNDARIES = ("uniform", "auto")
+GROUP_QUANTIZERS = ("all", "oscillating")
 MIN_BITS, MAX_BITS = 2, 16
 
 
@@ -73,6 +75,16 @@ class QuantConfig:
       percentile of the activation values.
     lp_norm: p of the Lp error minimized by the "mse" estimators (2.4 as in PTQ4DM / Q-Diffusion).
     timestep_groups: activation ranges kept per group of timesteps (1 = one range for all timesteps).
+    timestep_group_boundaries: where the groups split [0, num_timesteps): "uniform" (G equal ranges); "auto"
+      (G contiguous ranges chosen from the calibration statistics, fxq.quant.timestep_groups: each quantizer's
+      range per calibration timestep, then the segmentation that loses the fewest bits to shared ranges; the
+      calibration data must hold at least G distinct timesteps); or explicit edges, either the G - 1 interior
+      ones (e_1 < ... < e_{G-1}, group g holds e_g <= t < e_{g+1}) or all G + 1 from 0 to num_timesteps. The
+      quantized model's config holds the edges "auto" chose.
+    timestep_group_quantizers: which activation quantizers keep per-group ranges: "all", or "oscillating": only
+      those whose range in some group is at least `oscillation_ratio` times narrower than their range over all
+      timesteps (sharing one range would cost that group log2(ratio) bits); the rest keep one shared range.
+    oscillation_ratio: the threshold of "oscillating" (> 1).
     num_timesteps: T of the diffusion process, to map a timestep to its group.
     timestep_arg: which model input is the timestep: its name, its position, None for a model without one,
       or "auto": an input named t / timestep / timesteps / time, else the second input with an FxqWarning (and a
@@ -85,7 +97,8 @@ class QuantConfig:
       and weight scales, by splitting the conv over its input channels (Q-Diffusion's split shortcut).
     bias_correction: after calibration, remove the mean output error of every quantized conv/linear per output
       channel, measured on (up to 512 items of) the calibration set (fxq.quant.bias_correction; Nagel et al. 2019).
-    bias_correction_groups: timestep groups that get their own correction (None: timestep_groups).
+    bias_correction_groups: timestep groups that get their own correction (None: timestep_groups); at the
+      activation groups' edges when the counts agree, else uniform.
     gain_correction: with bias_correction, also divide out the part of each op's error that is proportional to
       its float output, per channel and group (PTQD's correlated-noise correction, applied per layer).
     weight_bits_map: per-layer weight bit-widths, {fnmatch pattern of the op's module name: bits} (or (pattern,
@@ -115,6 +128,9 @@ class QuantConfig:
     lp_norm: float = 2.4
     timestep_groups: int = 1
     num_timesteps: int = 1000
+    timestep_group_boundaries: str | tuple = "uniform"
+    timestep_group_quantizers: str = "all"
+    oscillation_ratio: float = 2.0
     seed: int = 0
     timestep_arg: str | int | None = "auto"
     split_shortcut: bool = True
@@ -155,6 +171,12 @@ class QuantConfig:
         if not isinstance(self.timestep_groups, int) or not 1 <= self.timestep_groups <= self.num_timesteps:
             raise ConfigError(
                 f"timestep_groups={self.timestep_groups!r} must be an integer from 1 to num_timesteps")
+        self._check_group_boundaries()
+        _check_choice("timestep_group_quantizers", self.timestep_group_quantizers, GROUP_QUANTIZERS)
+        ratio = self.oscillation_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 1.0 < ratio < math.inf:
+            raise ConfigError(f"oscillation_ratio={ratio!r} must be a number above 1 (the factor by which a "
+                              "group's range must be narrower than the shared range to keep its own)")
         _check_choice("weight_rounding", self.weight_rounding, WEIGHT_ROUNDINGS)
         if not isinstance(self.adaround_iters, int) or isinstance(self.adaround_iters, bool) \
                 or self.adaround_iters < 0:
@@ -189,6 +211,47 @@ class QuantConfig:
                         f"backend='x86' runs int8 kernels only: {name}={value} must be 8 (or use backend='fake' "
                         "to simulate other bit-widths)")
         self._check_mixed_precision()
+
+    def _check_group_boundaries(self) -> None:
+        b, G, T = self.timestep_group_boundaries, self.timestep_groups, self.num_timesteps
+        if isinstance(b, str):
+            _check_choice("timestep_group_boundaries", b, GROUP_BOUNDARIES)
+            return
+        try:
+            edges = tuple(b)
+        except TypeError:
+            raise ConfigError(f"timestep_group_boundaries={b!r} must be 'uniform', 'auto' or a sequence of "
+                              "integer timestep edges") from None
+        if not all(isinstance(e, int) and not isinstance(e, bool) for e in edges):
+            raise ConfigError(f"timestep_group_boundaries={b!r}: edges must be integer timesteps")
+        if len(edges) == G + 1:
+            if edges[0] != 0 or edges[-1] != T:
+                raise ConfigError(f"timestep_group_boundaries={b!r}: {G + 1} edges for {G} groups must run from 0 "
+                                  f"to num_timesteps={T} (or give the {G - 1} interior edges only)")
+            edges = edges[1:-1]
+        elif len(edges) != G - 1:
+            raise ConfigError(f"timestep_group_boundaries={b!r} has {len(edges)} edges: timestep_groups={G} needs "
+                              f"{G - 1} interior edges (or {G + 1} from 0 to {T}); set timestep_groups="
+                              f"{len(edges) + 1} to use these as interior edges")
+        if not all(0 < e < T for e in edges):
+            raise ConfigError(f"timestep_group_boundaries={b!r}: interior edges must lie strictly between 0 and "
+                              f"num_timesteps={T}")
+        if any(a >= c for a, c in zip(edges, edges[1:])):
+            raise ConfigError(f"timestep_group_boundaries={b!r}: edges must be strictly increasing (each group "
+                              "holds at least one timestep)")
+        object.__setattr__(self, "timestep_group_boundaries", edges)
+
+    @property
+    def group_edges(self) -> tuple | None:
+        """The interior edges of the timestep groups when they are explicit (None: "uniform" or "auto")."""
+        b = self.timestep_group_boundaries
+        return None if isinstance(b, str) else b
+
+    @property
+    def bias_edges(self) -> tuple | None:
+        """The edges of the bias correction's groups: the activation groups' when the counts agree, else
+        uniform (None)."""
+        return self.group_edges if self.bias_groups == self.timestep_groups else None
 
     def _check_mixed_precision(self) -> None:
         _check_bits("mixed_precision_bits", self.mixed_precision_bits)

@@ -4,8 +4,9 @@ Pattern: every node that select_ops marked (`node.meta["fxq"]`).
 - Each activation input named in `act_inputs` is routed through an `ActObserver` call_module node. A producer
   feeding several selected ops at the same bit-width gets one shared observer: it is one quantized tensor, as it
   will be in an int8 graph.
-- With `timestep_groups` > 1, one call_function node `fxq.quant.quantizer.timestep_group(t, G, T)` right after the
-  placeholders computes each sample's group once per call, and every observer receives it as its second input;
+- With `timestep_groups` > 1, one call_function node `fxq.quant.quantizer.timestep_group(t, G, T[, edges])` right
+  after the placeholders computes each sample's group once per call, and every observer receives it as its second
+  input;
   each observer is built with the batch axis that find_batch_axes recorded on its producer
   (`meta["fxq_batch"]`), which must have run.
 - conv/linear get a per-output-channel `WeightObserver` submodule along `meta["fxq"]["weight_axis"]` (1 for a
@@ -25,7 +26,7 @@ from fxq.quant.observers import ActObserver, WeightObserver
 from fxq.quant.ops import weight_key
 from fxq.passes.batch_axes import META_KEY as BATCH_KEY
 from fxq.passes.manager import PassError, PassResult
-from fxq.quant.quantizer import timestep_group
+from fxq.quant.quantizer import timestep_group, timestep_group_args
 
 ACT_PREFIX, WEIGHT_PREFIX = "fxq_obs_", "fxq_wobs_"
 
@@ -58,8 +59,8 @@ class InsertObservers:
             if node.op == "call_function" and node.target is timestep_group:
                 return node
         with gm.graph.inserting_before(before):
-            return gm.graph.create_node("call_function", timestep_group,
-                                        (t_node, cfg.timestep_groups, cfg.num_timesteps), name="fxq_timestep_group")
+            args = timestep_group_args(cfg.timestep_groups, cfg.num_timesteps, cfg.group_edges)
+            return gm.graph.create_node("call_function", timestep_group, (t_node, *args), name="fxq_timestep_group")
 
     def _rows(self, src: fx.Node, consumer: fx.Node) -> dict:
         """Constructor arguments saying how the observed tensor's rows map to samples."""

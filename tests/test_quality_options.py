@@ -67,3 +67,20 @@ def test_mixed_precision_rows_run_below_8_weight_bits_only():
     args = ablation.parse_args(["--settings", "W8A8,W4A8", "--rows", "fxq-mp45-bcg10,fxq-bcg10"])
     assert ablation._plan(args) == [("W8A8", "fxq-bcg10"), ("W4A8", "fxq-mp45-bcg10"), ("W4A8", "fxq-bcg10")]
     assert quality.parse_args(["--quantize", "W4A8", "--mixed-precision", "4.5"]).mixed_precision == 4.5
+
+
+def test_timestep_group_rows_and_flags(files, tmp_path):
+    args = ablation.parse_args(["--settings", "W8A8,W4A8", "--rows", "fxq-mse-tga10-bcg10,fxq-mse-mp45-tgo10-bcg10"])
+    assert ablation._plan(args) == [("W8A8", "fxq-mse-tga10-bcg10"), ("W4A8", "fxq-mse-tga10-bcg10"),
+                                    ("W4A8", "fxq-mse-mp45-tgo10-bcg10")]
+    for row in ("fxq-mse-tga10-bcg10", "fxq-mse-tgo10-bcg10", "fxq-mse-tgao10-bcg10", "fxq-mse-mp45-tga10-bcg10"):
+        parsed = quality.parse_args(["--quantize", "W8A8", *ablation.ROWS[row][1]])
+        assert parsed.timestep_groups == 10 and parsed.bias_groups == 10
+    assert quality.group_boundaries("auto") == "auto" and quality.group_boundaries("10,300") == (10, 300)
+    # end to end: the chosen edges and the per-group quantizers land in the JSON
+    doc = cli(files, tmp_path / "g", "--quantize", "W8A8", "--calib", "8", "--timestep-groups", "3",
+              "--group-boundaries", "auto", "--group-quantizers", "oscillating", "--no-with-fp")
+    plan = doc["quantization"]["bits"]["timestep_groups"]
+    assert doc["quantization"]["timestep_group_boundaries"] == "auto"  # as asked; the plan holds the edges chosen
+    assert plan["groups"] == 3 and len(plan["edges"]) == 2 and plan["per_group"] + plan["shared"]
+    assert doc["quantization"]["timestep_group_quantizers"] == "oscillating"

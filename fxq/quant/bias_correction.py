@@ -141,8 +141,9 @@ def _fake_quant_act(x: torch.Tensor, qp: Q.QParams, group) -> torch.Tensor:
 class _Lockstep:
     """Runs the observed graph node by node on all calibration chunks, in float and quantized."""
 
-    def __init__(self, gm, frozen, t_name, groups, num_timesteps, gain=False):
+    def __init__(self, gm, frozen, t_name, groups, num_timesteps, gain=False, edges=None):
         self.gm, self.frozen, self.groups, self.T, self.gain = gm, frozen, groups, num_timesteps, gain
+        self.edges = edges
         self.t_node = next((n for n in gm.graph.nodes if n.op == "placeholder" and n.name == t_name), None)
         self.corrections: dict[fx.Node, tuple] = {}  # node -> (shift [G, C], scale [G, C] or None, axis)
 
@@ -231,7 +232,8 @@ class _Lockstep:
         batch_axis, major = self._rows(node, fp_vals[0], axis) if self.groups > 1 else (None, True)
         # per group and channel: count, sum fp, sum q, sum fp^2, sum fp*q
         stats = torch.zeros(5, self.groups, channels, dtype=torch.float64, device=device)
-        groups = [Q.timestep_group(t, self.groups, self.T).to(device) for t in t_values] if self.groups > 1 else None
+        groups = [Q.timestep_group(t, self.groups, self.T, self.edges).to(device) for t in t_values] \
+            if self.groups > 1 else None
         for k, (a, b) in enumerate(zip(fp_vals, q_vals)):
             # rows: the batch axis (one row for all of it without groups or without a batch axis), then the rest
             if batch_axis is None:
@@ -277,14 +279,15 @@ class _Lockstep:
 @torch.no_grad()
 def correct_bias(gm: fx.GraphModule, frozen, calib_data, example, t_name: str | None, groups: int = 1,
                  num_timesteps: int = 1000, batch_size: int = 32, max_samples: int = MAX_SAMPLES,
-                 gain: bool = False) -> int:
+                 gain: bool = False, edges: tuple | None = None) -> int:
     """Measure and insert the bias corrections of every quantized conv/linear of a calibrated, frozen graph
     (in place); returns how many ops were corrected. `calib_data` must be a list (it is read again here).
 
     gain: also remove the part of each op's error proportional to its centred float output, per channel and
     group (PTQD's correlated-noise correction, He et al. 2023, applied at every layer): with
     y_q - E y_q = (1 + k)(y - E y) + r, the corrected output is (y_q - E y_q) / (1 + k) + E y (1 + k clamped to
-    [0.5, 2]). Without it, only the mean: y_q - E y_q + E y.
+    [0.5, 2]). Without it, only the mean: y_q - E y_q + E y. edges: the groups' interior timestep edges (None:
+    uniform groups; see fxq.quant.quantizer.timestep_group).
     """
     from fxq import calib
 
@@ -298,25 +301,24 @@ def correct_bias(gm: fx.GraphModule, frozen, calib_data, example, t_name: str | 
     for args, kwargs in calib.batches(items, example, batch_size):
         args, kwargs = tree_map(lambda v: v.to(device) if torch.is_tensor(v) else v, (args, kwargs))
         chunks.append(list(binder(*args, **kwargs)))
-    lockstep = _Lockstep(gm, frozen, t_name, groups, num_timesteps, gain)
+    lockstep = _Lockstep(gm, frozen, t_name, groups, num_timesteps, gain, edges)
     with calib.eval_mode(gm):
         lockstep.run(chunks)
-    _insert(gm, lockstep.corrections, lockstep.t_node, groups, num_timesteps)
+    _insert(gm, lockstep.corrections, lockstep.t_node, Q.timestep_group_args(groups, num_timesteps, edges))
     return len(lockstep.corrections)
 
 
-def _group_node(gm: fx.GraphModule, t_node: fx.Node, groups: int, num_timesteps: int) -> fx.Node:
-    """The graph's node computing the samples' timestep groups for `groups` groups (the observers' one when the
-    counts agree), else a new one right after t: one per group count, computed once per call."""
+def _group_node(gm: fx.GraphModule, t_node: fx.Node, group_args: tuple) -> fx.Node:
+    """The graph's node computing the samples' timestep groups with `group_args` (groups, T[, edges]: the
+    observers' one when they agree), else a new one right after t: one per grouping, computed once per call."""
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is Q.timestep_group and node.args[1:] == (groups,
-                                                                                               num_timesteps):
+        if node.op == "call_function" and node.target is Q.timestep_group and tuple(node.args[1:]) == group_args:
             return node
     with gm.graph.inserting_after(t_node):
-        return gm.graph.call_function(Q.timestep_group, (t_node, groups, num_timesteps))
+        return gm.graph.call_function(Q.timestep_group, (t_node, *group_args))
 
 
-def _insert(gm, corrections, t_node, groups, num_timesteps) -> None:
+def _insert(gm, corrections, t_node, group_args) -> None:
     uses = collections.Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     group = None
     for node, (shift, scale, axis, batch_axis, major) in corrections.items():
@@ -330,7 +332,7 @@ def _insert(gm, corrections, t_node, groups, num_timesteps) -> None:
         name = free_name(gm, PREFIX + node.target.replace(".", "_"))
         gm.add_submodule(name, BiasCorrection(shift, axis, scale, batch_axis, major).to(shift.device))
         if shift.shape[0] > 1 and group is None:
-            group = _group_node(gm, t_node, groups, num_timesteps)
+            group = _group_node(gm, t_node, group_args)
         with gm.graph.inserting_after(node):
             args = (node,) if shift.shape[0] == 1 else (node, group)
             new = gm.graph.call_module(name, args)

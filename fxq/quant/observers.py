@@ -187,6 +187,28 @@ class RangeHistogram:
     def empty(self) -> bool:
         return self.counts is None
 
+    def regroup(self, index: torch.Tensor, groups: int) -> None:
+        """Merge the groups into `groups` new ones, old group i into new group index[i]: exact (the grid is
+        shared), so the counts equal those of a calibration that had used the new groups from the start."""
+        index = torch.as_tensor(index, dtype=torch.int64)
+        if index.shape != (self.groups,) or (index.numel() and not 0 <= int(index.min()) <= int(index.max()) < groups):
+            raise InputError(f"regroup: need one new group in [0, {groups}) for each of {self.groups} groups")
+        if self.counts is not None:
+            index = index.to(self.counts.device)
+            self.counts = torch.zeros(groups, self.bins, dtype=self.counts.dtype,
+                                      device=self.counts.device).index_add_(0, index, self.counts)
+            self.min = torch.full((groups,), math.inf, dtype=self.min.dtype, device=self.min.device) \
+                .scatter_reduce_(0, index, self.min, "amin")
+            self.max = torch.full((groups,), -math.inf, dtype=self.max.dtype, device=self.max.device) \
+                .scatter_reduce_(0, index, self.max, "amax")
+        self.groups = groups
+
+    def read(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, float]:
+        """(counts [groups, bins] float64, min [groups], max [groups], lower end of bin 0, bin width), on the CPU;
+        bin i of every group covers [lo + i * width, lo + (i + 1) * width)."""
+        counts, lows, highs, lo, width = self._read()
+        return counts, torch.tensor(lows), torch.tensor(highs), lo, width
+
     def snapshot(self, group: int | None = None) -> Histogram:
         """One group's histogram (None: the sum over all groups) on the CPU."""
         if group is None:
@@ -297,6 +319,8 @@ class ActObserver(nn.Module):
         self.percentile, self.lp_norm = percentile, lp_norm
         self.batch_axis, self.batch_major, self.label = batch_axis, batch_major, label
         self.hist = RangeHistogram(groups=groups)
+        # one range over all timesteps, repeated for each of the `groups` groups (fxq.quant.timestep_groups)
+        self.shared = False
 
     @classmethod
     def from_config(cls, config, bits: int, **kwargs) -> "ActObserver":
@@ -338,6 +362,10 @@ class ActObserver(nn.Module):
         self.check_finite()
         if self.groups == 1:
             return self._with_rows(self._qparams_of(self.hist.snapshot(0)))
+        if self.shared:  # [G] copies of one range: every consumer of per-group parameters serves it unchanged
+            qp = self._qparams_of(self.hist.snapshot())
+            return self._with_rows(Q.QParams(qp.scale.expand(self.groups).clone(),
+                                             qp.zero_point.expand(self.groups).clone(), self.bits, False, None))
         parts, overall = [], None
         for hist in self.hist.snapshots():
             if hist.empty:  # a group calibration never reached uses the range over all timesteps
@@ -349,13 +377,27 @@ class ActObserver(nn.Module):
         return self._with_rows(Q.QParams(torch.stack([q.scale for q in parts]),
                                          torch.stack([q.zero_point for q in parts]), self.bits, False, None))
 
+    def record_groups(self, groups: int) -> None:
+        """Record in `groups` groups (before any data: e.g. fine bins whose groups are chosen after calibration)."""
+        if not self.hist.empty:
+            raise InputError(f"{self._what()} has recorded data already: regroup it instead")
+        self.hist = RangeHistogram(groups=groups)
+        self.groups, self.shared = groups, False
+
+    def regroup(self, index: torch.Tensor, groups: int, shared: bool = False) -> None:
+        """Record in `groups` groups from now on, the data so far merged (old group i into index[i]); shared: one
+        range for all of them (see qparams)."""
+        self.hist.regroup(index, groups)
+        self.groups, self.shared = groups, shared
+
     def _with_rows(self, qp: Q.QParams) -> Q.QParams:
         qp.batch_axis, qp.batch_major = self.batch_axis, self.batch_major
         return qp
 
     def extra_repr(self) -> str:
         rows = "" if self.groups == 1 else f", batch_axis={self.batch_axis}, batch_major={self.batch_major}"
-        return f"bits={self.bits}, estimator={self.estimator}, groups={self.groups}{rows}"
+        shared = ", shared" if self.shared else ""
+        return f"bits={self.bits}, estimator={self.estimator}, groups={self.groups}{shared}{rows}"
 
 
 def check_finite(observers) -> None:

@@ -207,15 +207,33 @@ def uniform_rounding_lp(scale: torch.Tensor, p: float) -> torch.Tensor:
     return (scale / 2) ** p / (p + 1)
 
 
-def timestep_group(t, groups: int, num_timesteps: int) -> torch.Tensor:
-    """Timestep group of each sample, as a 1-d long tensor: group g holds t in [g*T/G, (g+1)*T/G).
+def timestep_group(t, groups: int, num_timesteps: int, edges: tuple | None = None) -> torch.Tensor:
+    """Timestep group of each sample, as a 1-d long tensor. Without `edges` (uniform groups) group g holds t in
+    [g*T/G, (g+1)*T/G); `edges` (the G - 1 increasing interior boundaries e_1 < ... < e_{G-1}, e.g. chosen from
+    the calibration statistics: fxq.quant.timestep_groups) put t in group g when e_g <= t < e_{g+1}. Either way
+    t is truncated to an integer first and t outside [0, T) falls in the first or last group.
 
     t is a 0-d/1-element tensor or a python number (one group for the whole batch) or one entry per sample.
     Quantized graphs compute this once per call, in one node, and feed it to every per-group quantizer.
     """
     t = torch.as_tensor(t).reshape(-1)
-    g = torch.div(t.long() * groups, num_timesteps, rounding_mode="floor")
-    return torch.clamp(g, 0, groups - 1)
+    if edges is None:
+        g = torch.div(t.long() * groups, num_timesteps, rounding_mode="floor")
+        return torch.clamp(g, 0, groups - 1)
+    if len(edges) != groups - 1:
+        raise InputError(f"timestep_group: {groups} groups need {groups - 1} interior edges, got {len(edges)}")
+    # the number of edges at or below t
+    return torch.bucketize(t.long(), torch.tensor(edges, dtype=torch.long, device=t.device), right=True)
+
+
+def uniform_edges(groups: int, num_timesteps: int) -> tuple[int, ...]:
+    """The interior edges of `groups` uniform groups: the smallest integer t of each group after the first."""
+    return tuple(-((-g * num_timesteps) // groups) for g in range(1, groups))
+
+
+def timestep_group_args(groups: int, num_timesteps: int, edges=None) -> tuple:
+    """timestep_group's arguments after t, as a graph node holds them (no edges: uniform groups)."""
+    return (groups, num_timesteps) if edges is None else (groups, num_timesteps, tuple(int(e) for e in edges))
 
 
 def rows_group(group: torch.Tensor, rows: int, batch_major: bool = True) -> torch.Tensor:
@@ -264,9 +282,10 @@ def select_group(qp: QParams, group: torch.Tensor, x: torch.Tensor) -> QParams:
     return QParams(scale, zp, qp.bits, qp.signed, None, qp.batch_axis, qp.batch_major)
 
 
-def group_of(t, rows: int, groups: int, num_timesteps: int, batch_major: bool = True) -> torch.Tensor:
+def group_of(t, rows: int, groups: int, num_timesteps: int, batch_major: bool = True,
+             edges: tuple | None = None) -> torch.Tensor:
     """Timestep group of each of `rows` rows: `rows_group(timestep_group(t, ...), rows, batch_major)`."""
-    return rows_group(timestep_group(t, groups, num_timesteps), rows, batch_major)
+    return rows_group(timestep_group(t, groups, num_timesteps, edges), rows, batch_major)
 
 
 # ------------------------------------------------------------------------- exact codes of a fake-quantized tensor
