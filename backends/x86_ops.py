@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxq.quant import quantizer as Q
-from fxq.backends.x86_glue import canonical, channels_last, dense_order, per_group
+from fxq.backends.x86_glue import broadcast_shapes, canonical, channels_last, dense_order, per_group
 from fxq.errors import FxqError, InputError
 from fxq.io.spec_fields import SpecFields
 
@@ -419,7 +419,7 @@ class QMatmul(SpecFields, _Lazy):
         if a.dim() < 2 or b.dim() < 2:
             raise InputError(f"an int8 attention matmul needs operands of rank >= 2, got shapes {tuple(a.shape)} "
                              f"and {tuple(b.shape)}; keep this op in float (QuantConfig(keep_float=...))")
-        batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+        batch = broadcast_shapes(a.shape[:-2], b.shape[:-2])
         m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
         sa, za = self._row_params("a", g, a, tuple(batch) + (m, 1), -1)
         sb, zb = self._row_params("b", g, b, tuple(batch) + (1, n), -2)
