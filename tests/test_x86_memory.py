@@ -1,0 +1,144 @@
+"""x86 int8 backend, what the model holds: each weight once (oneDNN's pack, the int8 codes unpacked on demand for
+state_dict / save / copies), nothing imported on the first call."""
+
+import copy
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import fxq
+from fxq.backends import x86_glue, x86_ops
+from fxq.errors import InputError
+
+pytestmark = pytest.mark.skipif(x86_glue.cpu_int8_support() is not None, reason="no int8 x86 kernels here")
+
+X86 = dict(backend="x86", timestep_arg=None)
+
+
+class _Packs(nn.Module):
+    """Every kind of packed weight: conv2d, grouped conv2d, transposed conv (a conv of its sub-kernels), conv1d
+    (packed with a unit height), linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.g = nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.t, self.c1, self.lin = nn.ConvTranspose2d(8, 4, 4, stride=2, padding=1), nn.Conv1d(4, 6, 3), nn.Linear(10, 5)
+
+    def forward(self, x):
+        h = self.t(F.relu(self.g(self.c(x))))
+        return self.lin(self.c1(h.mean(-1)))
+
+
+def _weighted(qmodel):
+    return [m for m in qmodel.modules() if isinstance(m, x86_ops._WeightedInt8)]
+
+
+@pytest.fixture(scope="module")
+def packs():
+    torch.manual_seed(0)
+    model = _Packs().eval()
+    calib = [(torch.randn(2, 4, 6, 6),) for _ in range(2)]
+    fake = fxq.quantize(model, calib[0], calib, fxq.QuantConfig(**{**X86, "backend": "fake"}))
+    return fake, fxq.quantize(model, calib[0], calib, fxq.QuantConfig(**X86)), torch.randn(2, 4, 6, 6)
+
+
+def _called(int8, x):
+    """A copy of the (not yet called) int8 model, called once: its weights are packed."""
+    fresh = copy.deepcopy(int8)
+    fresh(x)
+    return fresh
+
+
+def test_each_weight_is_held_once_and_comes_back_as_int8_codes(packs):
+    fake, int8, x = packs
+    before = {k: v.clone() for k, v in int8.state_dict().items()}
+    called = _called(int8, x)
+    assert len(_weighted(called)) == 5
+    for m in _weighted(called):
+        assert "weight" not in dict(m.named_buffers(recurse=False))  # the pack alone holds it
+        assert m.weight.dtype == torch.int8
+    after = called.state_dict()
+    assert list(after) == list(before)  # same names, same order
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+    assert torch.equal(called(x), fake(x))
+
+
+def test_save_and_load_after_a_call_give_the_same_file_and_outputs(packs, tmp_path):
+    fake, int8, x = packs
+    called = copy.deepcopy(int8)
+    fxq.save(called, tmp_path / "before.fxq")
+    called(x)
+    fxq.save(called, tmp_path / "after.fxq")
+    assert (tmp_path / "before.fxq").read_bytes() == (tmp_path / "after.fxq").read_bytes()
+    loaded = fxq.load(tmp_path / "after.fxq")
+    assert torch.equal(loaded(x), fake(x)) and torch.equal(called(x), fake(x))
+
+
+def test_copies_moves_and_reloads_after_a_call_keep_the_weights(packs):
+    fake, int8, x = packs
+    state = {k: v.clone() for k, v in int8.state_dict().items()}
+    expected = fake(x)
+    called = _called(int8, x)
+    assert torch.equal(copy.deepcopy(called)(x), expected)
+    moved = _called(int8, x).to(torch.float32)  # derived state dropped: the plain weights come back first
+    assert all("weight" in dict(m.named_buffers(recurse=False)) for m in _weighted(moved))
+    assert torch.equal(moved(x), expected)
+    reloaded = _called(int8, x)
+    reloaded.load_state_dict(state)
+    assert torch.equal(reloaded(x), expected)
+
+
+def test_a_pack_that_does_not_reorder_back_exactly_leaves_the_plain_weight(packs, monkeypatch):
+    fake, int8, x = packs
+    monkeypatch.setattr(x86_ops.QConv, "_unpack", lambda self, pack: pack.to_dense().reshape(self.weight.shape) ^ 1)
+    called = _called(int8, x)
+    convs = [m for m in _weighted(called) if isinstance(m, x86_ops.QConv)]
+    assert convs and all("weight" in dict(m.named_buffers(recurse=False)) for m in convs)
+    assert torch.equal(called(x), fake(x))
+
+
+@settings(max_examples=40, deadline=None)
+@given(shapes=st.lists(st.lists(st.sampled_from([1, 2, 3]), max_size=4), min_size=1, max_size=3))
+def test_broadcast_shapes_is_torchs(shapes):
+    try:
+        expected = tuple(torch.broadcast_shapes(*shapes))
+    except RuntimeError:
+        with pytest.raises(InputError):
+            x86_glue.broadcast_shapes(*shapes)
+        return
+    assert x86_glue.broadcast_shapes(*shapes) == expected
+
+
+def test_the_first_call_imports_nothing():
+    # torch.broadcast_shapes imported sympy and torch's symbolic shapes on the first call: ~40 MiB resident
+    script = textwrap.dedent("""
+        import json, sys, torch, fxq
+        from torch import nn
+
+        class Attn(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.q, self.k = nn.Linear(8, 8), nn.Linear(8, 8)
+
+            def forward(self, x):
+                return torch.softmax(torch.matmul(self.q(x), self.k(x).transpose(-1, -2)), -1)
+
+        x = torch.randn(2, 5, 8)
+        q = fxq.quantize(Attn().eval(), (x,), [(x,)], fxq.QuantConfig(backend="x86", timestep_arg=None))
+        before = set(sys.modules)
+        q(x)
+        print(json.dumps(sorted(set(sys.modules) - before)))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
