@@ -142,3 +142,66 @@ def test_the_first_call_imports_nothing():
                          cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+# --- float glue in place ---------------------------------------------------------------------------------------
+
+_LAYOUTS = {"contiguous": lambda t: t.contiguous(), "channels_last": lambda t: t.contiguous(
+    memory_format=torch.channels_last), "permuted": lambda t: t.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)}
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 3), st.integers(1, 3)),
+       la=st.sampled_from(sorted(_LAYOUTS)), lb=st.sampled_from(sorted(_LAYOUTS)),
+       b_kind=st.sampled_from(["same", "bias", "wider", "scalar"]), op=st.sampled_from(["add", "mul", "silu"]),
+       a_first=st.booleans())
+def test_glue_in_place_gives_the_out_of_place_tensor(shape, la, lb, b_kind, op, a_first):
+    # values and strides (GroupNorm rounds layouts differently) as the out-of-place op, first call and later ones
+    g = torch.Generator().manual_seed(0)
+    shape = (1,) + shape[1:] if b_kind == "wider" else shape  # b broadcasts a to a larger result
+    a0 = _LAYOUTS[la](torch.randn(shape, generator=g))
+    b_shape = {"same": shape, "bias": shape[:2] + (1, 1), "wider": (2,) + shape[1:]}.get(b_kind)
+    b = 1.5 if b_kind == "scalar" else _LAYOUTS[lb](torch.randn(b_shape, generator=g))
+    fn, ref = {"add": (x86_glue.add_, torch.add), "mul": (x86_glue.mul_, torch.mul),
+               "silu": (lambda a, b, first: x86_glue.silu_(a), lambda a, b: F.silu(a))}[op]
+    expected = ref(a0, b) if a_first or op == "silu" else ref(b, a0)
+    for _ in range(2):
+        out = fn(a0.clone(), b, a_first)
+        assert torch.equal(out, expected) and out.stride() == expected.stride() and out.dtype == expected.dtype
+
+
+def test_glue_writes_in_place_once_the_layout_is_known():
+    a, b = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 1, 1)
+    x86_glue.add_(a.clone(), b)  # the first call with this layout runs out of place
+    again = a.clone()
+    assert x86_glue.add_(again, b).data_ptr() == again.data_ptr()
+
+
+class _Glue(nn.Module):
+    """GroupNorm -> SiLU (in place: the norm's output is read by nothing else), a time-embedding-like broadcast add
+    into a conv's output, and a SiLU whose input is read again later (not in place)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.norm = nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.GroupNorm(2, 8)
+        self.emb = nn.Parameter(torch.randn(1, 8, 1, 1))
+
+    def forward(self, x):
+        h = self.c1(x) + self.emb
+        n = self.norm(h)
+        kept = F.silu(n) + n  # n is read after the SiLU: it must stay as it is
+        return self.c2(F.silu(self.norm(kept)))
+
+
+def test_float_glue_runs_in_place_only_on_tensors_nothing_reads_later():
+    torch.manual_seed(0)
+    model = _Glue().eval()
+    calib = [(torch.randn(2, 4, 6, 6),) for _ in range(2)]
+    fake = fxq.quantize(model, calib[0], calib, fxq.QuantConfig(**{**X86, "backend": "fake"}))
+    int8 = fxq.quantize(model, calib[0], calib, fxq.QuantConfig(**X86))
+    calls = [n.target for n in int8.graph.nodes if n.op == "call_function"]
+    assert calls.count(x86_glue.silu_) == 1 and calls.count(F.silu) == 1  # the second norm's SiLU; not n's
+    assert calls.count(x86_glue.add_) == 2  # conv + emb, silu(n) + n (into the SiLU's output)
+    for _ in range(2):  # the first call learns the layouts, the second writes in place
+        x = torch.randn(2, 4, 6, 6)
+        assert torch.equal(int8(x), fake(x))
