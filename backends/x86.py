@@ -24,7 +24,7 @@ kernels' integer sums and float32 epilogue exactly, so int8 and fake-quant give 
   nearest-upsample, max-pool and view ops (fewer elements to quantize, integer data to move);
 - `fuse_residual_add`: conv2d/linear -> add(other): the add runs inside the kernel (conv: in place on `other`,
   only where `other` is a fresh tensor no later op reads).
-- `inplace_elementwise`: the float glue (SiLU, adds, products) writes into an operand that owns its storage and
+- `inplace_elementwise` (x86_inplace.py): the float glue (SiLU, adds, products) writes into an operand that owns its storage and
   that no later op reads, where the result's layout is unchanged (fewer allocations: a lower peak RSS).
 Everything else (GroupNorm, SiLU not after a conv, softmax, adds, the time embedding's sin/cos) stays in float32,
 channels-last where the int8 convs leave it, as in the fake-quant graph.
@@ -42,6 +42,7 @@ from torch import nn
 from fxq.quant import quantizer as Q
 from fxq.backends import x86_forms as forms
 from fxq.backends import x86_glue as glue
+from fxq.backends import x86_inplace as inplace
 from fxq.backends import x86_ops as ops
 from fxq.backends.fake import FakeQuantize
 from fxq.backends.fake import _replace_constant_weight as fake_constant_weight
@@ -448,41 +449,8 @@ def fuse_residual_add(gm: fx.GraphModule) -> None:
         order = node_order(gm.graph)
 
 
-# Producers whose result owns its storage (no view of another tensor, no input): a later op may write into it.
-_OWNING_MODULES = (ops.QConv, ops.QLinear, ops.QMatmul, nn.GroupNorm)
-_OWNING_FUNCTIONS = _FRESH_FUNCTIONS | {F.silu, F.group_norm, torch.softmax, glue.add_, glue.mul_, glue.silu_}
-_INPLACE = {operator.add: glue.add_, torch.add: glue.add_, operator.mul: glue.mul_, torch.mul: glue.mul_}
-
-
-def _owns_storage_dead_after(gm: fx.GraphModule, node, op: fx.Node, order: dict) -> bool:
-    owning = isinstance(node, fx.Node) and (
-        (node.op == "call_function" and node.target in _OWNING_FUNCTIONS and not node.kwargs.get("inplace"))
-        or _module(gm, node, _OWNING_MODULES) is not None)
-    return owning and all(order[u] < order[op] for u in node.users if u is not op)
-
-
-def inplace_elementwise(gm: fx.GraphModule) -> None:
-    """a + b, a * b, silu(a) ==> the same written into a, where a owns its storage and nothing reads it later
-    (the float glue between int8 ops: SiLU after GroupNorm, the time-embedding add, residual adds the kernel did
-    not take). One allocation and one pass over fresh memory fewer each; the runtime (x86_glue.add_ ...) writes in
-    place only where the out-of-place op would give the same shape, dtype and strides."""
-    order = node_order(gm.graph)
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.kwargs:
-            continue
-        if node.target in _INPLACE and len(node.args) == 2:
-            a, b = node.args
-            for x, y, first in ((a, b, True), (b, a, False)):
-                if _owns_storage_dead_after(gm, x, node, order) and x is not y:
-                    node.target, node.args = _INPLACE[node.target], (x, y, first)
-                    break
-        elif node.target is F.silu and len(node.args) in (1, 2) and not (node.args[1:] or (False,))[0] \
-                and _owns_storage_dead_after(gm, node.args[0], node, order):
-            node.target, node.args = glue.silu_, (node.args[0],)
-
-
 # In this order: a unary post-op first, so conv -> SiLU -> Quantize can then fuse the requantization too.
-FUSIONS = (fuse_unary, fuse_output_quant, fuse_residual_add, inplace_elementwise)
+FUSIONS = (fuse_unary, fuse_output_quant, fuse_residual_add, inplace.inplace_elementwise)
 
 
 def _guard_inputs_outputs(gm: fx.GraphModule) -> None:

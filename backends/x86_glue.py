@@ -1,15 +1,12 @@
 """Support of the x86 int8 runtime: can this CPU run the kernels, which timestep group a call is in, the memory
-layouts oneDNN expects, the checks and conversions at the lowered graph's inputs and outputs, and elementwise ops
-written in place where that changes nothing. The graph calls `call_group`, `check_input`, `dense`, `add_`, `mul_`
-and `silu_` by their qualified names here."""
+layouts oneDNN expects, and the checks and conversions at the lowered graph's inputs and outputs. The graph calls
+`call_group`, `check_input` and `dense` by their qualified names here."""
 
 from __future__ import annotations
 
 import functools
-import operator
 
 import torch
-import torch.nn.functional as F
 
 from fxq.quant import quantizer as Q
 from fxq.errors import FxqError, InputError
@@ -136,56 +133,6 @@ def check_input(x, name: str):
             raise InputError(f"input {name!r} is {x.dtype}; the x86 int8 model takes float32 inputs: pass "
                              "x.float()")
     return x
-
-
-# --- in place where that changes nothing ---------------------------------------------------------------------
-# The lowering routes an elementwise op here only where its tensor operand `a` owns its storage and nothing reads
-# it after the op (x86.inplace_elementwise). Writing into `a` saves an allocation and a pass over fresh memory. It
-# is done only where the out-of-place op gives a tensor of a's shape, dtype and strides, so that the values (the
-# same elementwise kernel) and the layout later ops see (GroupNorm rounds layouts differently) stay the same: the
-# first call with a layout runs out of place and records whether its result matched; later calls follow that.
-
-_WRITES_LIKE: dict = {}  # (op, a_first, a's layout, b's layout or type) -> out-of-place result laid out like a
-_MAX_LAYOUTS = 4096
-
-
-def _layout(x) -> tuple | type:
-    return (tuple(x.shape), x.stride(), x.dtype, x.device) if isinstance(x, torch.Tensor) else type(x)
-
-
-def _in_place(op, inplace, a, b, a_first: bool):
-    """op(a, b) (op(b, a) unless a_first; op(a) for b None), computed by inplace(a, b) where that is the same."""
-    def out_of_place():
-        return op(a) if b is None else op(a, b) if a_first else op(b, a)
-
-    if not (isinstance(a, torch.Tensor) and a.device.type == "cpu" and not a.requires_grad
-            and (b is None or isinstance(b, torch.Tensor) or type(b) in (int, float))):
-        return out_of_place()
-    key = (op, a_first, _layout(a), _layout(b))
-    if _WRITES_LIKE.get(key):
-        return inplace(a) if b is None else inplace(a, b)
-    out = out_of_place()
-    if len(_WRITES_LIKE) < _MAX_LAYOUTS:
-        _WRITES_LIKE[key] = out.shape == a.shape and out.dtype == a.dtype and out.stride() == a.stride()
-    return out
-
-
-def add_(a, b, a_first: bool = True):
-    """`a + b` (`b + a` unless a_first), into a where that gives the same tensor (see above)."""
-    return _in_place(operator.add, torch.Tensor.add_, a, b, a_first)
-
-
-def mul_(a, b, a_first: bool = True):
-    """`a * b` (`b * a` unless a_first), into a where that gives the same tensor (see above)."""
-    return _in_place(operator.mul, torch.Tensor.mul_, a, b, a_first)
-
-
-_silu_inplace = functools.partial(F.silu, inplace=True)
-
-
-def silu_(a):
-    """`F.silu(a)`, into a where that gives the same tensor (see above)."""
-    return _in_place(F.silu, _silu_inplace, a, None, True)
 
 
 def dense(x):

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxq
-from fxq.backends import x86_glue, x86_ops
+from fxq.backends import x86_glue, x86_inplace, x86_ops
 from fxq.errors import InputError
 
 pytestmark = pytest.mark.skipif(x86_glue.cpu_int8_support() is not None, reason="no int8 x86 kernels here")
@@ -162,8 +162,8 @@ def test_glue_in_place_gives_the_out_of_place_tensor(shape, la, lb, b_kind, op, 
     a0 = _LAYOUTS[la](torch.randn(shape, generator=g))
     b_shape = {"same": shape, "bias": shape[:2] + (1, 1), "wider": (2,) + shape[1:]}.get(b_kind)
     b = 1.5 if b_kind == "scalar" else _LAYOUTS[lb](torch.randn(b_shape, generator=g))
-    fn, ref = {"add": (x86_glue.add_, torch.add), "mul": (x86_glue.mul_, torch.mul),
-               "silu": (lambda a, b, first: x86_glue.silu_(a), lambda a, b: F.silu(a))}[op]
+    fn, ref = {"add": (x86_inplace.add_, torch.add), "mul": (x86_inplace.mul_, torch.mul),
+               "silu": (lambda a, b, first: x86_inplace.silu_(a), lambda a, b: F.silu(a))}[op]
     expected = ref(a0, b) if a_first or op == "silu" else ref(b, a0)
     for _ in range(2):
         out = fn(a0.clone(), b, a_first)
@@ -172,9 +172,9 @@ def test_glue_in_place_gives_the_out_of_place_tensor(shape, la, lb, b_kind, op, 
 
 def test_glue_writes_in_place_once_the_layout_is_known():
     a, b = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 1, 1)
-    x86_glue.add_(a.clone(), b)  # the first call with this layout runs out of place
+    x86_inplace.add_(a.clone(), b)  # the first call with this layout runs out of place
     again = a.clone()
-    assert x86_glue.add_(again, b).data_ptr() == again.data_ptr()
+    assert x86_inplace.add_(again, b).data_ptr() == again.data_ptr()
 
 
 class _Glue(nn.Module):
@@ -200,8 +200,8 @@ def test_float_glue_runs_in_place_only_on_tensors_nothing_reads_later():
     fake = fxq.quantize(model, calib[0], calib, fxq.QuantConfig(**{**X86, "backend": "fake"}))
     int8 = fxq.quantize(model, calib[0], calib, fxq.QuantConfig(**X86))
     calls = [n.target for n in int8.graph.nodes if n.op == "call_function"]
-    assert calls.count(x86_glue.silu_) == 1 and calls.count(F.silu) == 1  # the second norm's SiLU; not n's
-    assert calls.count(x86_glue.add_) == 2  # conv + emb, silu(n) + n (into the SiLU's output)
+    assert calls.count(x86_inplace.silu_) == 1 and calls.count(F.silu) == 1  # the second norm's SiLU; not n's
+    assert calls.count(x86_inplace.add_) == 2  # conv + emb, silu(n) + n (into the SiLU's output)
     for _ in range(2):  # the first call learns the layouts, the second writes in place
         x = torch.randn(2, 4, 6, 6)
         assert torch.equal(int8(x), fake(x))
