@@ -31,7 +31,8 @@ class _Packs(nn.Module):
     def __init__(self):
         super().__init__()
         self.c, self.g = nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1, groups=2)
-        self.t, self.c1, self.lin = nn.ConvTranspose2d(8, 4, 4, stride=2, padding=1), nn.Conv1d(4, 6, 3), nn.Linear(10, 5)
+        self.t = nn.ConvTranspose2d(8, 4, 4, stride=2, padding=1)
+        self.c1, self.lin = nn.Conv1d(4, 6, 3), nn.Linear(10, 5)
 
     def forward(self, x):
         h = self.t(F.relu(self.g(self.c(x))))
