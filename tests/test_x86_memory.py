@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxq
-from fxq.backends import x86_glue, x86_inplace, x86_ops
+from fxq.backends import x86_glue, x86_memplan, x86_ops
 from fxq.errors import InputError
 
 pytestmark = pytest.mark.skipif(x86_glue.cpu_int8_support() is not None, reason="no int8 x86 kernels here")
@@ -163,8 +163,8 @@ def test_glue_in_place_gives_the_out_of_place_tensor(shape, la, lb, b_kind, op, 
     a0 = _LAYOUTS[la](torch.randn(shape, generator=g))
     b_shape = {"same": shape, "bias": shape[:2] + (1, 1), "wider": (2,) + shape[1:]}.get(b_kind)
     b = 1.5 if b_kind == "scalar" else _LAYOUTS[lb](torch.randn(b_shape, generator=g))
-    fn, ref = {"add": (x86_inplace.add_, torch.add), "mul": (x86_inplace.mul_, torch.mul),
-               "silu": (lambda a, b, first: x86_inplace.silu_(a), lambda a, b: F.silu(a))}[op]
+    fn, ref = {"add": (x86_memplan.add_, torch.add), "mul": (x86_memplan.mul_, torch.mul),
+               "silu": (lambda a, b, first: x86_memplan.silu_(a), lambda a, b: F.silu(a))}[op]
     expected = ref(a0, b) if a_first or op == "silu" else ref(b, a0)
     for _ in range(2):
         out = fn(a0.clone(), b, a_first)
@@ -173,9 +173,9 @@ def test_glue_in_place_gives_the_out_of_place_tensor(shape, la, lb, b_kind, op, 
 
 def test_glue_writes_in_place_once_the_layout_is_known():
     a, b = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 1, 1)
-    x86_inplace.add_(a.clone(), b)  # the first call with this layout runs out of place
+    x86_memplan.add_(a.clone(), b)  # the first call with this layout runs out of place
     again = a.clone()
-    assert x86_inplace.add_(again, b).data_ptr() == again.data_ptr()
+    assert x86_memplan.add_(again, b).data_ptr() == again.data_ptr()
 
 
 class _Glue(nn.Module):
@@ -201,8 +201,58 @@ def test_float_glue_runs_in_place_only_on_tensors_nothing_reads_later():
     fake = fxq.quantize(model, calib[0], calib, fxq.QuantConfig(**{**X86, "backend": "fake"}))
     int8 = fxq.quantize(model, calib[0], calib, fxq.QuantConfig(**X86))
     calls = [n.target for n in int8.graph.nodes if n.op == "call_function"]
-    assert calls.count(x86_inplace.silu_) == 1 and calls.count(F.silu) == 1  # the second norm's SiLU; not n's
-    assert calls.count(x86_inplace.add_) == 2  # conv + emb, silu(n) + n (into the SiLU's output)
+    assert calls.count(x86_memplan.silu_) == 1 and calls.count(F.silu) == 1  # the second norm's SiLU; not n's
+    assert calls.count(x86_memplan.add_) == 2  # conv + emb, silu(n) + n (into the SiLU's output)
     for _ in range(2):  # the first call learns the layouts, the second writes in place
         x = torch.randn(2, 4, 6, 6)
         assert torch.equal(int8(x), fake(x))
+
+
+class _LateQuant(nn.Module):
+    """A UNet up block's shape: h feeds a concat (float: GroupNorm follows) and, after the block, a 1x1 conv
+    (int8: its Quantize was placed there)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(16, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+        self.norm = nn.GroupNorm(2, 16)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(F.silu(self.norm(torch.cat([h, h * 2], 1)))) + self.c(h)
+
+
+def test_a_float_read_by_a_concat_is_quantized_before_it_so_only_its_codes_wait():
+    torch.manual_seed(0)
+    model = _LateQuant().eval()
+    calib = [(torch.randn(2, 4, 6, 6),) for _ in range(2)]
+    fake = fxq.quantize(model, calib[0], calib, fxq.QuantConfig(**{**X86, "backend": "fake"}))
+    int8 = fxq.quantize(model, calib[0], calib, fxq.QuantConfig(**X86))
+    nodes = list(int8.graph.nodes)
+    (h,) = [n for n in nodes if n.op == "call_module" and n.target == "a"]
+    (quant_h,) = [u for u in h.users if u.op == "call_module"
+                  and isinstance(int8.graph_module.get_submodule(u.target), x86_ops.Quantize)]
+    (cat,) = [n for n in nodes if n.target is torch.cat]
+    assert nodes.index(quant_h) == nodes.index(cat) - 1  # after the concat, h's float storage is free
+    x = torch.randn(2, 4, 6, 6)
+    assert torch.equal(int8(x), fake(x))
+
+
+class _ReadAfter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.c = nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.c(h) * h  # h is read after its Quantize: that one stays where it is
+
+
+def test_a_quantize_that_is_not_the_last_reader_stays():
+    torch.manual_seed(0)
+    model = _ReadAfter().eval()
+    calib = [(torch.randn(2, 4, 6, 6),) for _ in range(2)]
+    fake = fxq.quantize(model, calib[0], calib, fxq.QuantConfig(**{**X86, "backend": "fake"}))
+    int8 = fxq.quantize(model, calib[0], calib, fxq.QuantConfig(**X86))
+    x = torch.randn(2, 4, 6, 6)
+    assert torch.equal(int8(x), fake(x))

@@ -1,7 +1,14 @@
-"""The x86 int8 graph's float glue in place: an elementwise op (SiLU, add, mul) between int8 ops writes into an
-operand that owns its storage and that no later op reads, instead of allocating its result. Fewer allocations
-lower the peak RSS (glibc keeps freed activations in its heap, fragmented: each avoided one counts) and save a
-pass over fresh memory. The graph calls `add_`, `mul_` and `silu_` by their qualified names here."""
+"""Memory planning of the x86 int8 graph: rewrites that lower its peak RSS without changing one bit.
+
+- `quantize_early`: a Quantize that is the last reader of its float input moves up to just before the input's
+  last other reader, so the float tensor is freed after that reader and only its uint8 codes (a quarter of it) wait for the int8
+  op. In a UNet's up path the split shortcut's halves quantize the two inputs of a skip concat after the whole
+  block: 4.5 of the 22 MiB of live activations at DDPMUNet's peak (batch 4).
+- `inplace_elementwise`: an elementwise op (SiLU, add, mul) between int8 ops writes into an operand that owns its
+  storage and that no later op reads, instead of allocating its result (glibc keeps freed activations in its heap,
+  fragmented: each avoided allocation counts), and saves a pass over fresh memory. The graph calls `add_`, `mul_`
+  and `silu_` by their qualified names here.
+"""
 
 from __future__ import annotations
 
@@ -67,11 +74,28 @@ def silu_(a):
     return _in_place(F.silu, _silu_inplace, a, None, True)
 
 
-# --- the pass ---------------------------------------------------------------------------------------------------
+# --- the passes -------------------------------------------------------------------------------------------------
 
 def _module(gm: fx.GraphModule, node: fx.Node, cls) -> nn.Module | None:
     module = gm.get_submodule(node.target) if node.op == "call_module" else None
     return module if isinstance(module, cls) else None
+
+
+def quantize_early(gm: fx.GraphModule) -> None:
+    """Quantize(x), x's last reader ==> the same Quantize right before x's last other reader (see the module doc).
+    Quantize is pure and x is never written in place while a later op reads it, so it sees the same values."""
+    order = node_order(gm.graph)
+    for q in list(gm.graph.nodes):
+        x = q.args[0] if _module(gm, q, ops.Quantize) is not None else None
+        if not isinstance(x, fx.Node):
+            continue
+        others = [u for u in x.users if u is not q]
+        if not others or any(order[u] > order[q] for u in others):
+            continue
+        last = max(others, key=order.__getitem__)
+        if last.prev is not q and all(order[a] < order[last] for a in q.all_input_nodes):
+            last.prepend(q)
+            order = node_order(gm.graph)
 
 
 # Producers whose result owns its storage (no view of another tensor, no input): a later op may write into it.
