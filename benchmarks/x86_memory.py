@@ -157,6 +157,28 @@ def _row(r: dict, fp_peaks: list) -> str:
             f"{r['held_file']:.0f}) | {r['peak']:.0f} | {r['peak'] - r['held']:.0f} | {r['live']:.0f} | {ratio} |")
 
 
+def summary(runs: list) -> list[str]:
+    """Per checkout: int8 held and peak (min-max over repeats), quantized in the process and loaded from its file,
+    the peak's ratio to the median fp32 peak of all children (the float model is the same in every checkout)."""
+    import statistics
+
+    ok = [r for r in runs if "peak" in r]
+    fp = statistics.median(r["peak"] for r in ok if r["variant"] == "fp32")
+    lines = [f"fp32 peak: median {fp:.0f} MiB over {sum(r['variant'] == 'fp32' for r in ok)} children",
+             "| checkout | int8 held / peak MiB | × fp32 peak | int8 from its file: held / peak | × fp32 peak |",
+             "| --- | --- | --- | --- | --- |"]
+    for commit in dict.fromkeys(r["commit"] for r in ok):
+        cells = [commit]
+        for variant in ("int8", "int8-file"):
+            rs = [r for r in ok if r["commit"] == commit and r["variant"] == variant]
+            lo, hi = min(r["peak"] for r in rs), max(r["peak"] for r in rs)
+            span = f"{lo:.0f}" if round(lo) == round(hi) else f"{lo:.0f}-{hi:.0f}"
+            ratio = f"{lo / fp:.2f}" if span.isdigit() else f"{lo / fp:.2f}-{hi / fp:.2f}"
+            cells += [f"{statistics.median(r['held'] for r in rs):.0f} / {span}", ratio]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def _git(checkout: str) -> str:
     out = subprocess.run(["git", "-C", checkout, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     return out.stdout.strip() or os.path.basename(os.path.abspath(checkout))  # e.g. a `git archive` of a commit
@@ -173,10 +195,15 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="children per variant (the peak moves by a few MiB)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results/x86_memory.json")
+    p.add_argument("--summary", metavar="JSON", help="print the summary of a saved run and exit")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         print("MEM " + json.dumps(child(json.loads(args.child))), flush=True)
+        return 0
+    if args.summary:
+        with open(args.summary) as f:
+            print("\n".join(summary(json.load(f)["runs"])))
         return 0
     checkouts = args.checkout or [os.path.dirname(HERE)]
     base = {"batch": args.batch, "threads": args.threads, "ch": args.ch, "calls": args.calls,
@@ -201,7 +228,8 @@ def main(argv=None) -> int:
                 lines.append(_row(r, fp))
                 print(lines[-1], flush=True)
     doc["loadavg_after"] = os.getloadavg()
-    doc["table"] = lines
+    doc["table"], doc["summary"] = lines, summary(doc["runs"])
+    print("\n" + "\n".join(doc["summary"]))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(doc, f, indent=1)
