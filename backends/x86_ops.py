@@ -8,7 +8,8 @@ inductor's x86 int8 lowering emits; scales are call arguments, so one packed wei
 
 Every module keeps its state in buffers (int8 weights as int8), takes JSON-able constructor arguments
 (`fxq_spec()` returns them, `from_fxq_spec(spec)` rebuilds an empty instance for `load_state_dict`), and rebuilds
-derived state (the packed oneDNN weight, Python-float scales) lazily, after any load.
+derived state (the packed oneDNN weight, Python-float scales) lazily, after any load. Once packed, a weight is
+held only in its pack; state_dict and copies unpack it (x86_packed.py).
 """
 
 from __future__ import annotations
