@@ -1,5 +1,6 @@
 """x86 int8 backend, what the model holds: each weight once (oneDNN's pack, the int8 codes unpacked on demand for
-state_dict / save / copies), nothing imported on the first call."""
+state_dict / save / copies), nothing imported on the first call; and the memory planning (float glue in place,
+quantize early) keeps every bit and every layout."""
 
 import copy
 import json
