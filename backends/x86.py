@@ -24,6 +24,9 @@ kernels' integer sums and float32 epilogue exactly, so int8 and fake-quant give 
   nearest-upsample, max-pool and view ops (fewer elements to quantize, integer data to move);
 - `fuse_residual_add`: conv2d/linear -> add(other): the add runs inside the kernel (conv: in place on `other`,
   only where `other` is a fresh tensor no later op reads).
+- memory planning (x86_memplan.py), bit for bit too: `quantize_early` quantizes a float tensor right before its
+  last other reader, so only its uint8 codes wait for the int8 op; `inplace_elementwise` writes the float glue
+  (SiLU, adds, products) into an operand that owns its storage and that no later op reads.
 Everything else (GroupNorm, SiLU not after a conv, softmax, adds, the time embedding's sin/cos) stays in float32,
 channels-last where the int8 convs leave it, as in the fake-quant graph.
 """
@@ -40,6 +43,7 @@ from torch import nn
 from fxq.quant import quantizer as Q
 from fxq.backends import x86_forms as forms
 from fxq.backends import x86_glue as glue
+from fxq.backends import x86_memplan as memplan
 from fxq.backends import x86_ops as ops
 from fxq.backends.fake import FakeQuantize
 from fxq.backends.fake import _replace_constant_weight as fake_constant_weight
@@ -447,7 +451,8 @@ def fuse_residual_add(gm: fx.GraphModule) -> None:
 
 
 # In this order: a unary post-op first, so conv -> SiLU -> Quantize can then fuse the requantization too.
-FUSIONS = (fuse_unary, fuse_output_quant, fuse_residual_add)
+FUSIONS = (fuse_unary, fuse_output_quant, fuse_residual_add, memplan.quantize_early,
+           memplan.inplace_elementwise)
 
 
 def _guard_inputs_outputs(gm: fx.GraphModule) -> None:

@@ -73,6 +73,20 @@ def per_group(fn, g, x: torch.Tensor, *others, axis: int | None = 0, batch_major
     return out
 
 
+def broadcast_shapes(*shapes) -> tuple[int, ...]:
+    """The broadcast of concrete shapes, as torch.broadcast_shapes gives it. Not that function: its first call
+    imports torch's symbolic-shape machinery (sympy, ~490 modules, ~40 MiB resident), which a model that only
+    runs eager kernels has no other use for."""
+    ndim = max((len(s) for s in shapes), default=0)
+    out = [1] * ndim
+    for shape in shapes:
+        for i, size in enumerate(shape, start=ndim - len(shape)):
+            if size != out[i] and size != 1 and out[i] != 1:
+                raise InputError(f"shapes {[tuple(s) for s in shapes]} do not broadcast")
+            out[i] = out[i] if size == 1 else size
+    return tuple(out)
+
+
 def channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 

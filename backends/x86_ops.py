@@ -8,7 +8,8 @@ inductor's x86 int8 lowering emits; scales are call arguments, so one packed wei
 
 Every module keeps its state in buffers (int8 weights as int8), takes JSON-able constructor arguments
 (`fxq_spec()` returns them, `from_fxq_spec(spec)` rebuilds an empty instance for `load_state_dict`), and rebuilds
-derived state (the packed oneDNN weight, Python-float scales) lazily, after any load.
+derived state (the packed oneDNN weight, Python-float scales) lazily, after any load. Once packed, a weight is
+held only in its pack; state_dict and copies unpack it (x86_packed.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxq.quant import quantizer as Q
-from fxq.backends.x86_glue import canonical, channels_last, dense_order, per_group
+from fxq.backends.x86_packed import PackedWeight
+from fxq.backends.x86_glue import broadcast_shapes, canonical, channels_last, dense_order, per_group
 from fxq.errors import FxqError, InputError
 from fxq.io.spec_fields import SpecFields
 
@@ -149,10 +151,11 @@ def _unary_args(unary: str) -> tuple[str, list, str]:
     return unary, [], ""
 
 
-class _WeightedInt8(SpecFields, _Lazy):
-    """Shared state of QConv and QLinear: int8 weight [out, in/groups, *kernel], fp32 per-out-channel weight
-    scales, fp32 bias, input activation parameters, and optionally output activation parameters (the kernel then
-    requantizes its result to uint8 codes) and a fused unary post-op."""
+class _WeightedInt8(PackedWeight, SpecFields, _Lazy):
+    """Shared state of QConv and QLinear: int8 weight [out, in/groups, *kernel] (held packed once the kernel ran:
+    x86_packed.py), fp32 per-out-channel weight scales, fp32 bias, input activation parameters, and optionally
+    output activation parameters (the kernel then requantizes its result to uint8 codes) and a fused unary
+    post-op."""
 
     def _register(self, weight_shape, bias: bool, groups: int, out_quant: bool):
         self.register_buffer("weight", torch.zeros(weight_shape, dtype=torch.int8))
@@ -178,6 +181,7 @@ class _WeightedInt8(SpecFields, _Lazy):
             self.out_quant = True
             _ActParams.register(self, "out", self.groups)
         _ActParams.set(self, "out", qp)
+        self._restore_weight()
         self._derived = None
 
     def _out_args(self, g: int) -> tuple[float, int, torch.dtype]:
@@ -247,13 +251,21 @@ class QConv(_WeightedInt8):
         key = tuple(x.shape[1:])
         packs = d["packs"]
         if key not in packs:
+            codes = self._codes()
             if len(packs) >= _PACKS:
                 packs.pop(next(iter(packs)))  # the oldest shape
             xs, xz = d["x"][0]
-            packs[key] = torch.ops.onednn.qconv_prepack(self.weight, self.w_scale, xs, xz, list(self.stride),
-                                                        self._kernel_padding(), list(self.dilation),
-                                                        self.conv_groups, [1, *key])
+            packs[key] = self._adopt(torch.ops.onednn.qconv_prepack(
+                codes, self.w_scale, xs, xz, list(self.stride), self._kernel_padding(), list(self.dilation),
+                self.conv_groups, [1, *key]))
         return packs[key]
+
+    def _held_packs(self):
+        return list(self._derived["packs"].values())
+
+    def _unpack(self, pack):
+        # a 1-d conv's pack is 2-d with a unit height
+        return pack.to_dense().reshape(self.out_channels, self.in_channels // self.conv_groups, *self.kernel_size)
 
     def forward(self, x: torch.Tensor, g=None, accum: torch.Tensor | None = None) -> torch.Tensor:
         self._check_call(x, g)
@@ -321,7 +333,7 @@ class QLinear(_WeightedInt8):
         return module
 
     def _build(self):
-        return {"packed": torch.ops.onednn.qlinear_prepack(self.weight, None),
+        return {"packed": self._adopt(torch.ops.onednn.qlinear_prepack(self._codes(), None)),
                 "w_zp": torch.zeros(self.out_features, dtype=torch.int64),
                 "x": _ActParams.floats(self, "x"),
                 "out": _ActParams.floats(self, "out") if self.out_quant else None}
@@ -347,6 +359,12 @@ class QLinear(_WeightedInt8):
         y = per_group(linear, 0 if g is None else g, x, canonical(other) if fuse else None,
                       axis=self._row_axis(x), batch_major=self.batch_major)
         return y if other is None or fuse else y + other
+
+    def _held_packs(self):
+        return [self._derived["packed"]]
+
+    def _unpack(self, pack):
+        return pack.to_dense().t().contiguous()  # packed as [in, out]
 
     def _row_axis(self, x: torch.Tensor) -> int | None:
         """The batch axis of x, which must not be its features (no per-sample scale inside a dot product)."""
@@ -419,7 +437,7 @@ class QMatmul(SpecFields, _Lazy):
         if a.dim() < 2 or b.dim() < 2:
             raise InputError(f"an int8 attention matmul needs operands of rank >= 2, got shapes {tuple(a.shape)} "
                              f"and {tuple(b.shape)}; keep this op in float (QuantConfig(keep_float=...))")
-        batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+        batch = broadcast_shapes(a.shape[:-2], b.shape[:-2])
         m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
         sa, za = self._row_params("a", g, a, tuple(batch) + (m, 1), -1)
         sb, zb = self._row_params("b", g, b, tuple(batch) + (1, n), -2)

@@ -249,10 +249,12 @@ def _rss_kib(field: str = "VmRSS") -> int:
 
 
 def rss_child(spec: dict) -> dict:
-    """Build one backend, release the float source model, reset the high-water mark, run it; report RSS."""
-    import ctypes
-
+    """Build one backend, release the float source model, reset the high-water mark, run it; report RSS. With
+    spec["file"]: load the fxq model from that file instead (what a deployment holds: no calibration run in the
+    process, no float model)."""
     torch.set_num_threads(spec["threads"])
+    if spec.get("file"):
+        return _rss_loaded(spec)
     start = _rss_kib()
     model = load_model(spec["model"], spec["seed"])
     # Memory does not grow with the number of calibration batches (observers keep fixed-size statistics), but
@@ -268,38 +270,71 @@ def rss_child(spec: dict) -> dict:
         build_peak = _rss_kib("VmHWM")
         runner = row.pop("runner")
         del model, calib, ctx, row
-        gc.collect()
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back, so RSS shows what is held
-        except OSError:
-            pass
-        ready = _rss_kib()
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak RSS to the current RSS (Linux >= 4.0)
-        for _ in range(spec["calls"]):
-            runner(*example)
-        run_peak = _rss_kib("VmHWM")
+        return _run_peak(runner, example, spec["calls"], start, build_peak)
+
+
+def _rss_loaded(spec: dict) -> dict:
+    import fxq
+
+    example = load_batches(spec["example"])[0]
+    start = _rss_kib()
+    qmodel = fxq.load(spec["file"])
+    with torch.no_grad():
+        qmodel(*example)  # as build() calls every backend once
+    build_peak = _rss_kib("VmHWM")
+
+    def runner(x, t):
+        with torch.no_grad():
+            return qmodel(x, t)
+
+    return _run_peak(runner, example, spec["calls"], start, build_peak)
+
+
+def _run_peak(runner, example, calls: int, start: int, build_peak: int) -> dict:
+    """RSS held once what is freed is handed back (ready), and the peak while `calls` calls run."""
+    import ctypes
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back, so RSS shows what is held
+    except OSError:
+        pass
+    ready = _rss_kib()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak RSS to the current RSS (Linux >= 4.0)
+    for _ in range(calls):
+        runner(*example)
+    run_peak = _rss_kib("VmHWM")
     mib = 1 / 1024
     return {"status": "ok", "start_mib": round(start * mib, 1), "build_peak_mib": round(build_peak * mib, 1),
             "ready_mib": round(ready * mib, 1), "run_peak_mib": round(run_peak * mib, 1)}
 
 
-def measure_rss(names, model_name: str, calib_path: str, example_path: str, args) -> dict:
+def measure_rss(names, model_name: str, calib_path: str, example_path: str, args, files=None) -> dict:
+    """Peak RSS of each backend built in a child; for a backend in `files` (an fxq model saved by the parent),
+    also loaded from that file in a child (key "loaded")."""
     out = {}
     for n in names:
         spec = {"backend": n, "model": model_name, "seed": args.seed, "threads": args.threads,
                 "calib": calib_path, "example": example_path, "calls": 3,
                 "calib_batches": RSS_CALIB_BATCHES}
         print(f"  peak RSS: {n} ...", flush=True)
-        try:
-            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--rss-child", json.dumps(spec)],
-                                  capture_output=True, text=True, timeout=args.rss_timeout)
-            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RSS ")]
-            out[n] = json.loads(line[-1][4:]) if line else {
-                "status": "failed", "error": f"child exited {proc.returncode}: {proc.stderr[-1000:]}"}
-        except subprocess.TimeoutExpired:
-            out[n] = {"status": "failed", "error": f"child ran past {args.rss_timeout} s"}
+        out[n] = _rss_run(spec, args)
+        if (files or {}).get(n) and out[n].get("status") == "ok":
+            print(f"  peak RSS: {n}, loaded from its file ...", flush=True)
+            out[n]["loaded"] = _rss_run({**spec, "file": files[n]}, args)
     return out
+
+
+def _rss_run(spec: dict, args) -> dict:
+    try:
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--rss-child", json.dumps(spec)],
+                              capture_output=True, text=True, timeout=args.rss_timeout)
+    except subprocess.TimeoutExpired:
+        return {"status": "failed", "error": f"child ran past {args.rss_timeout} s"}
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RSS ")]
+    return json.loads(line[-1][4:]) if line else {
+        "status": "failed", "error": f"child exited {proc.returncode}: {proc.stderr[-1000:]}"}
 
 
 # --- main --------------------------------------------------------------------------------------------------
@@ -351,6 +386,19 @@ def parse_args(argv=None):
     return args
 
 
+def _save_fxq_models(rows: dict, prefix: str) -> dict:
+    """fxq.save every fxq model among the built backends: {backend: file} (the RSS children load them)."""
+    import fxq
+
+    files = {}
+    for n, r in rows.items():
+        model = getattr(r.get("runner"), "model", None)
+        if model is not None:
+            files[n] = f"{prefix}.{n}.fxq"
+            fxq.save(model, files[n])
+    return files
+
+
 def run_model(name: str, args, work: str) -> dict:
     print(f"\n== {name}: {MODELS[name]}", flush=True)
     model = load_model(name, args.seed)
@@ -377,6 +425,7 @@ def run_model(name: str, args, work: str) -> dict:
     sample = sample_race(rows, args.sample_backends, args.sample_batch, args.sample_steps, args.seed) \
         if args.sample_backends else []
     built = [n for n, r in rows.items() if r["status"] == "ok"]
+    files = {} if args.no_rss else _save_fxq_models(rows, os.path.join(work, name))
     for r in rows.values():
         r.pop("runner", None)
     del ctx
@@ -386,7 +435,7 @@ def run_model(name: str, args, work: str) -> dict:
             work, f"{name}.example.safetensors")
         save_batches(calib_path, calib)
         save_batches(example_path, [example])
-        for n, rss in measure_rss(built, name, calib_path, example_path, args).items():
+        for n, rss in measure_rss(built, name, calib_path, example_path, args, files).items():
             rows[n]["rss"] = rss
     calib_desc = (f"{sum(len(x) for x, _ in calib)} samples from fxq.calib.trajectory(DDIM-{args.steps}, "
                   f"uniform, seed {args.seed}), batches of {args.calib_batch}" if name == "ddpm32" else
@@ -414,7 +463,8 @@ def main(argv=None) -> dict:
                          f"{RSS_CALIB_BATCHES} calibration batches: VmHWM after build (build_peak_mib); "
                          "after releasing the float source model, VmHWM reset via /proc/self/clear_refs and "
                          "re-read after running at the largest batch (run_peak_mib); start_mib: RSS after "
-                         "imports, before the model is loaded",
+                         "imports, before the model is loaded; rss.loaded (fxq backends): the same in a child that "
+                         "loads the model the parent saved with fxq.save (no calibration in the process)",
            "models": []}
     print(f"CPU: {doc['machine']['cpu_model']} ({', '.join(doc['machine']['cpu_flags'])}); "
           f"{args.threads} threads; {args.rounds} rounds", flush=True)

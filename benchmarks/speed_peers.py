@@ -48,6 +48,7 @@ class Runner:
     prepare: Callable[[torch.Tensor, torch.Tensor], Any] = _torch_inputs
     to_torch: Callable[[Any], torch.Tensor] = lambda out: out
     info: dict = field(default_factory=dict)  # how it was built (engine, precision hint, excluded nodes, ...)
+    model: Any = None  # an fxq model, which speed.py also saves and measures loaded from its file
 
     def __call__(self, x, t) -> torch.Tensor:
         return self.to_torch(self.call(self.prepare(x, t)))
@@ -313,7 +314,8 @@ def _fxq(ctx: Context, **config) -> Runner:
     except fxq.FxqError as e:
         raise Unavailable(f"this fxq cannot build QuantConfig({_kwargs(config)}): {e}") from e
     qmodel = fxq.quantize(ctx.model, ctx.example, ctx.calib, qconfig)
-    return Runner(_no_grad(qmodel), info={"QuantConfig": _kwargs(config) or "defaults (W8A8, fake-quant)"})
+    return Runner(_no_grad(qmodel), info={"QuantConfig": _kwargs(config) or "defaults (W8A8, fake-quant)"},
+                  model=qmodel)
 
 
 def _kwargs(config: dict) -> str:

@@ -67,9 +67,7 @@ def table(result: dict, batches) -> str:
             cells += [_ms(row, b), _ratio(row, fp, b)]
         q = row.get("sqnr_db")
         cells.append(f"{q['mean']:.1f} ({q['min']:.1f})" if q else "–")
-        rss = row.get("rss", {})
-        cells.append(f"{rss['run_peak_mib']:.0f} (+{rss['run_peak_mib'] - rss['start_mib']:.0f})"
-                     if rss.get("status") == "ok" else rss.get("status", "–"))
+        cells.append(_rss_cell(row.get("rss", {})))
         cells.append(f"{row['build_s']:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     samples = result.get("sample")
@@ -86,6 +84,17 @@ def table(result: dict, batches) -> str:
             ratio = first["wall_s"] / s["wall_s"] if first else float("nan")
             lines.append(f"| {s['label']} | {s['wall_s']:.2f} | {ratio:.2f} | {s.get('psnr_to_first_db', '–')} |")
     return "\n".join(lines)
+
+
+def _rss_cell(rss: dict) -> str:
+    """Peak RSS running (above the child's start); for an fxq model also loaded from its file."""
+    if rss.get("status") != "ok":
+        return rss.get("status", "–")
+    cell = f"{rss['run_peak_mib']:.0f} (+{rss['run_peak_mib'] - rss['start_mib']:.0f})"
+    loaded = rss.get("loaded", {})
+    if loaded.get("status") == "ok":
+        cell += f"; from its file +{loaded['run_peak_mib'] - loaded['start_mib']:.0f}"
+    return cell
 
 
 def plain(v):

@@ -7,7 +7,8 @@ alike); the median and spread per variant are printed and written as JSON. Varia
   int8-plain      int8 kernels, no fusion (every conv/linear dequantizes to fp32, every input quantized)
   int8-unary      + conv/linear -> SiLU/ReLU as oneDNN post-op
   int8-requant    + the kernel writes the next int8 op's uint8 codes; Quantize before nearest-upsample/views
-  int8            + residual add inside the conv/linear kernel (all fusions: what QuantConfig(backend="x86") does)
+  int8            + residual add inside the conv/linear kernel, and the memory planning (quantize early, float
+                  glue in place): all of x86.FUSIONS, what QuantConfig(backend="x86") does
   int8-g10        int8 with timestep_groups=10
 Also the SQNR of int8 against its fake-quant twin and against float on random inputs at t=500.
 

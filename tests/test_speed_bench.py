@@ -185,6 +185,8 @@ def test_quick_run_end_to_end(tmp_path):
         assert row["status"] == "ok", (name, row.get("error"))
         assert all(row["ms"][b]["n"] == 3 for b in ("1", "4"))
         assert row["rss"]["status"] == "ok" and row["rss"]["run_peak_mib"] > 0
+        if name.startswith("fxq"):  # also loaded from the file the parent saved
+            assert row["rss"]["loaded"]["status"] == "ok" and row["rss"]["loaded"]["run_peak_mib"] > 0
         if name != "fp32":
             assert 5 < row["sqnr_db"]["mean"] < 200, name  # quantized, and not broken
     sample = {s["backend"]: s for s in model["sample"]}
