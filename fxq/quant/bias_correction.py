@@ -24,6 +24,7 @@ as the activation quantizers do.
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 import torch
 import torch.fx as fx
@@ -133,7 +134,8 @@ def _subsample(items: list, max_samples: int) -> list:
 
 def _fake_quant_act(x: torch.Tensor, qp: Q.QParams, group) -> torch.Tensor:
     """What the fake backend's FakeQuantize does to x (per-tensor parameters, by timestep group if grouped)."""
-    if qp.scale.dim() == 1:
+    if qp.scale.dim() == 1:  # frozen parameters live on the CPU; x (and the per-row parameters) maybe not
+        qp = dataclasses.replace(qp, scale=qp.scale.to(x.device), zero_point=qp.zero_point.to(x.device))
         qp = Q.select_group(qp, group.to(x.device), x)
     return Q.fake_quantize(x.float(), qp).to(x.dtype)
 
