@@ -173,8 +173,61 @@ def exact_accumulation_dtype(bound: float, device) -> torch.dtype:
 
 
 def scale_accumulator(acc: torch.Tensor, x_scale, w_scale) -> torch.Tensor:
-    """float32 (float(acc) * x_scale) * w_scale: the int8 kernels' dequantization of an exact integer sum."""
+    """The float32 dequantization of an exact integer sum, as this CPU's oneDNN int8 kernels compute it:
+    (float(acc) * x_scale) * w_scale, or float(acc) * (x_scale * w_scale) where they multiply the scales first
+    (`kernel_scale_order`)."""
+    if kernel_scale_order() == "product":
+        return acc.float() * (torch.as_tensor(x_scale, dtype=torch.float32)
+                              * torch.as_tensor(w_scale, dtype=torch.float32))
     return (acc.float() * x_scale) * w_scale
+
+
+SCALE_ORDERS = ("sequential", "product")
+_scale_order: str | None = None
+
+
+def kernel_scale_order() -> str:
+    """How oneDNN's int8 conv/linear on this CPU scale their int32 sums: "sequential", (acc * s_x) * s_w (its
+    AVX512-VNNI kernels, e.g. AMD Zen 4), or "product", acc * (s_x * s_w) (its AMX kernels, e.g. Intel Xeon):
+    the two round apart on ~30 % of the outputs. Probed once per process (`probe_scale_order`)."""
+    global _scale_order
+    if _scale_order is None:
+        _scale_order = probe_scale_order()
+    return _scale_order
+
+
+def probe_scale_order(kernel=None) -> str:
+    """The order (SCALE_ORDERS) whose float32 arithmetic reproduces `kernel(x_codes uint8 [M, K], x_scale,
+    x_zero_point, w_codes int8 [N, K], w_scale [N]) -> float32 [M, N]` (default: oneDNN's int8 linear) bit for
+    bit on fixed random data; "sequential" with an FxqWarning when neither does, and without one when the kernel
+    cannot run (no oneDNN int8 on this CPU: no int8 model runs here either)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (64, 96), dtype=torch.uint8, generator=gen)
+    w = torch.randint(-127, 128, (48, 96), dtype=torch.int8, generator=gen)
+    x_scale, zp = 0.0173, 117
+    w_scale = (torch.rand(48, generator=gen) * 0.02 + 1e-3).float()
+    try:
+        y = (kernel or _onednn_linear)(x, x_scale, zp, w, w_scale)
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return "sequential"
+    acc = (x.double() - zp) @ w.double().t()
+    xs = torch.tensor(x_scale, dtype=torch.float32)
+    candidates = {"sequential": (acc.float() * xs) * w_scale, "product": acc.float() * (xs * w_scale)}
+    for order, value in candidates.items():
+        if torch.equal(value, y):
+            return order
+    import warnings
+    from fxq.errors import FxqWarning
+    warnings.warn("this CPU's int8 kernels scale their sums in neither known order: the fake-quant simulation "
+                  "will not match the x86 backend bit for bit here", FxqWarning, stacklevel=2)
+    return "sequential"
+
+
+def _onednn_linear(x, x_scale, zp, w, w_scale):
+    packed = torch.ops.onednn.qlinear_prepack(w, None)
+    w_zp = torch.zeros(w.shape[0], dtype=torch.int64)
+    return torch.ops.onednn.qlinear_pointwise(x, x_scale, zp, packed, w_scale, w_zp, None, 1.0, 0, torch.float32,
+                                              "none", [], "")
 
 
 def floor_residual(x: torch.Tensor, qp: QParams) -> tuple[torch.Tensor, torch.Tensor]:
