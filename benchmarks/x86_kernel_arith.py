@@ -1,8 +1,8 @@
 """Which float arithmetic this CPU's oneDNN int8 kernels use to turn an exact int32 sum into a float32 output.
 
-The fake backend simulates the int8 conv/linear as `(float(acc) * s_x) * s_w + bias` (`quantizer.scale_accumulator`),
-measured bit for bit on AVX512-VNNI (AMD Zen 4). oneDNN picks other kernels on other CPUs (AMX brgemm on Intel
-Xeons): this script runs fxq's int8 conv and linear modules (`backends/x86_ops.py`) on random codes and compares
+The fake backend simulates the int8 conv/linear as `scale_accumulator(acc) + bias`, in the order
+`quantizer.kernel_scale_order()` probes once per process: `(float(acc) * s_x) * s_w` (AVX512-VNNI, AMD Zen 4) or
+`float(acc) * (s_x * s_w)` (AMX brgemm, Intel Xeon). This script runs fxq's int8 conv and linear modules (`backends/x86_ops.py`) on random codes and compares
 each output with candidate formulas evaluated on the exact integer sum, per shape: the fraction of outputs each one
 reproduces bit for bit. Not a test: it asserts nothing.
 
@@ -30,7 +30,7 @@ from fxq.backends import x86_ops  # noqa: E402
 CONVS = [("conv3x3 64->64 32x32", 64, 64, 3, 32), ("conv3x3 128->128 16x16", 128, 128, 3, 16),
          ("conv3x3 256->256 8x8", 256, 256, 3, 8), ("conv1x1 128->256 16x16", 128, 256, 1, 16),
          ("conv3x3 3->64 32x32", 3, 64, 3, 32)]
-SIMULATION = "(acc*sx)*sw + b (fxq's simulation)"
+SIMULATION = "fxq's simulation (probed order)"
 LINEARS = [("linear 128->128 x1024", 128, 128, 1024), ("linear 256->1024 x4", 256, 1024, 4)]
 
 
@@ -39,7 +39,8 @@ def candidates(acc: torch.Tensor, sx: float, sw: torch.Tensor, bias: torch.Tenso
     a = acc.float()
     sx32 = torch.tensor(sx, dtype=torch.float32)
     return {
-        SIMULATION: (a * sx32) * sw + bias,
+        SIMULATION: Q.scale_accumulator(acc, sx32, sw) + bias,
+        "(acc*sx)*sw + b": (a * sx32) * sw + bias,
         "acc*(sx*sw) + b": a * (sx32 * sw) + bias,
         "(acc*sw)*sx + b": (a * sw) * sx32 + bias,
         "fma(acc, sx*sw, b)": (acc * (sx32 * sw).double() + bias.double()).float(),
@@ -76,8 +77,10 @@ def main(argv=None) -> dict:
     flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
     model = next((ln.split(":", 1)[1].strip() for ln in flags.splitlines() if ln.startswith("model name")), "?")
     out = {"cpu": model, "amx_int8": " amx_int8" in flags, "avx512_vnni": " avx512_vnni" in flags,
-           "torch": torch.__version__, "machine": platform.machine(), "shapes": {}}
-    print(f"{model}: amx_int8={out['amx_int8']} avx512_vnni={out['avx512_vnni']} torch {torch.__version__}")
+           "torch": torch.__version__, "machine": platform.machine(), "probed_order": Q.kernel_scale_order(),
+           "shapes": {}}
+    print(f"{model}: amx_int8={out['amx_int8']} avx512_vnni={out['avx512_vnni']} torch {torch.__version__}, "
+          f"probed order: {out['probed_order']}")
     sx, zx = 0.0213, 121
     for name, cin, cout, k, size in CONVS:
         conv = nn.Conv2d(cin, cout, k, padding=k // 2)
