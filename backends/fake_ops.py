@@ -94,6 +94,7 @@ class _ExactWeighted(_ExactBase):
         self._init_acts(timestep_groups, act_bits, batch_axes)
         self.register_buffer("w_scale", torch.ones(self.weight.shape[0]))
         self._codes_of = None  # (weight tensor, its version, its codes, float32 or float64 for the sums)
+        self._chunks = None  # input-channel slices summed exactly in float32 where float64 would be needed
 
     def _set_exact(self, float_module, weight: torch.Tensor, wqp: Q.QParams, xqp: Q.QParams):
         if not wqp.signed or wqp.axis != 0 or wqp.bits != self.weight_bits:
@@ -114,11 +115,23 @@ class _ExactWeighted(_ExactBase):
             scale = self.w_scale.reshape(shape)
             codes = torch.round(w.detach().float() * torch.reciprocal(scale))
             ok = w.dtype == torch.float32 and torch.equal(codes * scale, w.detach())
-            bound = float(codes.abs().flatten(1).sum(1).max()) * Q.max_abs_centered_code(self._qparams("x"))
+            max_code = Q.max_abs_centered_code(self._qparams("x"))
+            bound = float(codes.abs().flatten(1).sum(1).max()) * max_code
+            # where float32 could round, slices of the input channels that sum exactly in float32 (groups == 1)
+            per_input = codes.abs().flatten(2).sum(2) if codes.dim() > 2 else codes.abs()
+            self._chunks = Q.exact_chunks(per_input, max_code, w.device) if getattr(self, "groups", 1) == 1 else None
             self._codes_of = (w, w._version, w.device, codes if ok else None,
                               Q.exact_accumulation_dtype(bound, w.device))
         _, _, _, codes, dtype = self._codes_of
         return None if codes is None else (codes, dtype)
+
+    def _accumulate(self, op, codes: torch.Tensor, wcodes: torch.Tensor, dtype: torch.dtype, axis: int):
+        """The exact integer sum op(codes, wcodes) (no bias), reducing over `axis` of codes and axis 1 of wcodes:
+        in float32 slices of that axis (`Q.exact_chunks`) where float32 as a whole could round, else in dtype."""
+        chunks = self._chunks if dtype == torch.float64 else None
+        if chunks is None:
+            return op(codes.to(dtype), wcodes.to(dtype))
+        return Q.exact_sum([op(codes.narrow(axis, a, b - a), wcodes.narrow(1, a, b - a)) for a, b in chunks])
 
     def _exact_inputs(self, x: torch.Tensor, group):
         """(input parameters, input codes, weight codes, accumulation dtype), or None when the weight or the input
@@ -172,8 +185,9 @@ class _ExactConv(_ExactWeighted):
         if cpu_2d:  # the int8 conv's output layout, which later float ops (GroupNorm) round by
             codes = codes.contiguous(memory_format=torch.channels_last)
         padding = self.padding if isinstance(self.padding, str) else list(self.padding)
-        acc = _CONV[len(self.kernel_size)](codes.to(dtype), wcodes.to(dtype), None, list(self.stride), padding,
-                                          list(self.dilation), self.groups)
+        conv = _CONV[len(self.kernel_size)]
+        acc = self._accumulate(lambda c, w: conv(c, w, None, list(self.stride), padding, list(self.dilation),
+                                                 self.groups), codes, wcodes, dtype, 1)
         y = self._scaled(acc, qp, 1)
         return y.contiguous(memory_format=torch.channels_last) if cpu_2d else y
 
@@ -213,7 +227,7 @@ class ExactLinear(_ExactWeighted, nn.Linear):
         if exact is None:
             return super().forward(x)
         qp, codes, wcodes, dtype = exact
-        return self._scaled(F.linear(codes.to(dtype), wcodes.to(dtype)), qp, -1)
+        return self._scaled(self._accumulate(F.linear, codes, wcodes, dtype, -1), qp, -1)
 
 
 class ExactMatmul(_ExactBase):

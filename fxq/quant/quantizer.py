@@ -172,6 +172,46 @@ def exact_accumulation_dtype(bound: float, device) -> torch.dtype:
     return torch.float32 if bound < _EXACT_F32 and torch.device(device).type == "cpu" else torch.float64
 
 
+def exact_chunks(abs_sums: torch.Tensor, max_code: int, device) -> list[tuple[int, int]] | None:
+    """Contiguous slices [start, stop) of a reduction axis whose float32 sums each stay exact, where the whole
+    sum might not (`exact_accumulation_dtype` would say float64): summing each slice in float32 and the slices'
+    sums with `exact_sum` gives the exact sum's float32 at float32 speed. abs_sums[o, i]: the sum of |weight code|
+    that output o takes from reduction index i (an input channel's kernel taps); max_code: the largest |activation
+    code|. None where float32 is exact already, off the CPU, or where a single index can reach 2^24."""
+    if torch.device(device).type != "cpu":
+        return None
+    cols = abs_sums.double() * max_code
+    if float(cols.sum(1).max()) < _EXACT_F32:
+        return None
+    if float(cols.max()) >= _EXACT_F32:
+        return None
+    ok = lambda a, b: float(cols[:, a:b].sum(1).max()) < _EXACT_F32  # noqa: E731
+    greedy, start = [], 0
+    for i in range(1, cols.shape[1] + 1):
+        if not ok(start, i):
+            greedy.append((start, i - 1))
+            start = i - 1
+    greedy.append((start, cols.shape[1]))
+    # as many slices, of equal sizes where that stays exact: one tiny slice runs a conv at poor efficiency
+    n, k = cols.shape[1], len(greedy)
+    even = [(n * j // k, n * (j + 1) // k) for j in range(k)]
+    return even if all(ok(a, b) for a, b in even) else greedy
+
+
+def exact_sum(parts: list[torch.Tensor]) -> torch.Tensor:
+    """float32 of the exact sum of float32 tensors holding exact integers (partial sums over `exact_chunks`
+    slices), as an int32 accumulator converted to float32 gives: one float32 addition rounds the exact sum
+    correctly; more parts add up in float64 (exact below 2^53), rounded once."""
+    if len(parts) == 1:
+        return parts[0]
+    if len(parts) == 2:
+        return parts[0].add_(parts[1])
+    acc = parts[0].double()
+    for p in parts[1:]:
+        acc += p
+    return acc.float()
+
+
 def scale_accumulator(acc: torch.Tensor, x_scale, w_scale) -> torch.Tensor:
     """float32 (float(acc) * x_scale) * w_scale: the int8 kernels' dequantization of an exact integer sum."""
     return (acc.float() * x_scale) * w_scale
