@@ -25,6 +25,34 @@ from fxq.io.spec_fields import SpecFields
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
+class Codes:
+    """What a FakeQuantize call attaches to its float32 output (as `out.fxq_codes`): the parameters it used, their
+    versions, the group input and x_hat's version, and, once an exact op has asked for them, the integer codes.
+    An exact op fed that very tensor, unchanged, with its own parameters equal to these, knows the tensor is on its
+    grid and takes the codes without reading them back and checking them (`_ExactBase._input_codes`)."""
+
+    __slots__ = ("source", "scale", "zero_point", "bits", "param_versions", "group", "qp", "version", "codes")
+
+    def __init__(self, source, qp: Q.QParams, group, out: torch.Tensor, codes: torch.Tensor | None):
+        self.source, self.scale, self.zero_point, self.bits = source, source.scale, source.zero_point, source.bits
+        self.param_versions = (source.scale._version, source.zero_point._version)
+        self.group, self.qp, self.version, self.codes = group, qp, out._version, codes
+
+    def serves(self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, batch_axis,
+               batch_major: bool, group) -> bool:
+        """Whether x is still the tensor this call made, and the call's parameters are (scale, zero_point, bits,
+        batch axis) picked by the same group input: then x's codes are `self.codes` and its parameters `self.qp`."""
+        src = self.source
+        return (x._version == self.version and group is self.group and bits == self.bits
+                and batch_axis == src.batch_axis and batch_major == src.batch_major
+                and (self.scale._version, self.zero_point._version) == self.param_versions
+                and _same(self.scale, scale) and _same(self.zero_point, zero_point))
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a is b or (a.shape == b.shape and a.device == b.device and torch.equal(a, b))
+
+
 class _ExactBase(SpecFields, nn.Module):
     """Activation parameters (per tensor, [] or [groups]) of the inputs named in `_acts`, picked per row of each
     input's batch axis (`batch_axes`: [axis or None, batch_major] per input, as its FakeQuantize's) by the group."""
@@ -68,6 +96,21 @@ class _ExactBase(SpecFields, nn.Module):
             return None
         codes = Q.centered_codes(x, qp)
         return codes if torch.equal(codes * qp.scale, x) else None
+
+    def _input_codes(self, name: str, x: torch.Tensor, group) -> tuple[Q.QParams, torch.Tensor | None]:
+        """(x's parameters for this call, its centered codes or None where x is off its grid). Straight from a
+        FakeQuantize call with this op's parameters (its `Codes` tag serves), x is on the grid by construction:
+        its codes come from the tag (asked for from the next call on) or one read-back, with no check."""
+        tag = getattr(x, "fxq_codes", None)
+        axis, major = self.batch_axes[self._acts.index(name)]
+        if isinstance(tag, Codes) and tag.serves(x, getattr(self, f"{name}_scale"), getattr(self, f"{name}_zp"),
+                                                 self.act_bits, axis, major, group):
+            if tag.codes is not None:
+                return tag.qp, tag.codes
+            tag.source.keep_codes = True  # it keeps them from its next call on
+            return tag.qp, Q.centered_codes(x, tag.qp)
+        qp = self._act(name, x, group)
+        return qp, self._on_grid(x, qp)
 
     @classmethod
     def from_fxq_spec(cls, spec: dict):
@@ -136,16 +179,17 @@ class _ExactWeighted(_ExactBase):
     def _exact_inputs(self, x: torch.Tensor, group):
         """(input parameters, input codes, weight codes, accumulation dtype), or None when the weight or the input
         is off its grid (the plain float op runs then)."""
-        qp = self._act("x", x, group)
         weight = self._weight_codes()
-        codes = None if weight is None else self._on_grid(x, qp)
+        if weight is None:
+            return None
+        qp, codes = self._input_codes("x", x, group)
         return None if codes is None else (qp, codes, *weight)
 
     def _scaled(self, acc: torch.Tensor, qp: Q.QParams, channel_dim: int) -> torch.Tensor:
         shape = [1] * acc.dim()
         shape[channel_dim] = -1
-        y = Q.scale_accumulator(acc, qp.scale, self.w_scale.reshape(shape))
-        return y if self.bias is None else y + self.bias.detach().float().reshape(shape)
+        y = Q.scale_accumulator_(acc, qp.scale, self.w_scale.reshape(shape))  # acc is this op's own
+        return y if self.bias is None else y.add_(self.bias.detach().float().reshape(shape))
 
     def _apply(self, fn, *args, **kwargs):
         self._codes_of = None
@@ -249,15 +293,14 @@ class ExactMatmul(_ExactBase):
         return module
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, group=None) -> torch.Tensor:
-        qa, qb = self._act("a", a, group), self._act("b", b, group)
-        ca, cb = self._on_grid(a, qa), self._on_grid(b, qb)
+        (qa, ca), (qb, cb) = self._input_codes("a", a, group), self._input_codes("b", b, group)
         if ca is None or cb is None:  # a quantizer switched off (fxq.eval.analysis): the float product
             return torch.matmul(a, b)
         bound = a.shape[-1] * Q.max_abs_centered_code(self._qparams("a")) * Q.max_abs_centered_code(
             self._qparams("b"))
         dtype = Q.exact_accumulation_dtype(bound, a.device)
         acc = torch.matmul(ca.to(dtype), cb.to(dtype))
-        return Q.scale_accumulator(acc, qa.scale, qb.scale)
+        return Q.scale_accumulator_(acc, qa.scale, qb.scale)
 
     def extra_repr(self) -> str:
         return f"A{self.act_bits}, timestep_groups={self.timestep_groups}"

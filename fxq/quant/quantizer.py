@@ -125,19 +125,34 @@ def fake_quantize(x: torch.Tensor, qp: QParams) -> torch.Tensor:
     """
     if x.dtype not in (torch.float32, torch.float64):  # codes rounded to a narrow dtype: quantize's own steps
         return dequantize(quantize(x, qp), qp)
+    scale = _along(qp.scale, x, qp.axis)  # dequantize's operand, in its own dtype
+    if torch.is_grad_enabled() and (x.requires_grad or qp.scale.requires_grad):  # no in-place ops for autograd
+        zp = _along(qp.zero_point.to(x.dtype), x, qp.axis)
+        y = x * torch.reciprocal(_along(qp.scale.to(x.dtype), x, qp.axis))
+        return (torch.clamp(torch.round(y), qp.qmin - zp, qp.qmax - zp) + 0.0) * scale
+    y = _shifted_codes(x, qp)
+    return y.mul_(scale) if torch.result_type(y, scale) == y.dtype else y * scale
+
+
+def fake_quantize_codes(x: torch.Tensor, qp: QParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fake_quantize(x, qp), its codes q - zero_point) for float32 x outside autograd: the same rounding gives
+    both, so an op that consumes the fake-quantized tensor can take its integer codes instead of reading them
+    back (`centered_codes` of the first returns the second)."""
+    if x.dtype != torch.float32 or (x.requires_grad and torch.is_grad_enabled()):
+        raise InputError("fake_quantize_codes takes a float32 tensor outside autograd")
+    codes = _shifted_codes(x, qp)
+    return codes * _along(qp.scale, x, qp.axis), codes
+
+
+def _shifted_codes(x: torch.Tensor, qp: QParams) -> torch.Tensor:
+    """clamp(round(x * (1 / scale)), qmin - zp, qmax - zp) in a new tensor of x's dtype (float32/64): q - zp."""
     inv = torch.reciprocal(_along(qp.scale.to(x.dtype), x, qp.axis))
     zp = _along(qp.zero_point.to(x.dtype), x, qp.axis)
-    scale = _along(qp.scale, x, qp.axis)  # dequantize's operand, in its own dtype
     lo, hi = qp.qmin - zp, qp.qmax - zp
-    y = x * inv
-    if y.requires_grad:  # autograd cannot take the in-place ops below
-        return (torch.clamp(torch.round(y), lo, hi) + 0.0) * scale
-    y.round_().add_(0.0)  # -0.0 (the round of a small negative) -> +0.0, as adding the zero point gives
+    y = (x * inv).round_().add_(0.0)  # -0.0 (the round of a small negative) -> +0.0, as adding the zp gives
     if lo.numel() == 1 and lo.device.type == "cpu":
-        y.clamp_(float(lo), float(hi))  # torch's fast path wants Python bounds; a CPU scalar is free to read
-    else:
-        y.clamp_min_(lo).clamp_max_(hi)  # tensor bounds: two vectorized passes beat clamp_'s generic one
-    return y.mul_(scale) if torch.result_type(y, scale) == y.dtype else y * scale
+        return y.clamp_(float(lo), float(hi))  # torch's fast path wants Python bounds; a CPU scalar is free to read
+    return y.clamp_min_(lo).clamp_max_(hi)  # tensor bounds: two vectorized passes beat clamp_'s generic one
 
 
 # ----------------------------------------------------------------- integer products, as the int8 kernels compute them
@@ -215,6 +230,15 @@ def exact_sum(parts: list[torch.Tensor]) -> torch.Tensor:
 def scale_accumulator(acc: torch.Tensor, x_scale, w_scale) -> torch.Tensor:
     """float32 (float(acc) * x_scale) * w_scale: the int8 kernels' dequantization of an exact integer sum."""
     return (acc.float() * x_scale) * w_scale
+
+
+def scale_accumulator_(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """`scale_accumulator`, the same roundings, written over acc where it is float32 and the scales broadcast to
+    its shape (no fresh tensor: on the CPU a fresh multi-MB tensor costs page faults as long as the pass itself)."""
+    y = acc if acc.dtype == torch.float32 else acc.float()
+    if torch.broadcast_shapes(y.shape, x_scale.shape, w_scale.shape) != y.shape:
+        return scale_accumulator(acc, x_scale, w_scale)
+    return y.mul_(x_scale).mul_(w_scale)
 
 
 def floor_residual(x: torch.Tensor, qp: QParams) -> tuple[torch.Tensor, torch.Tensor]:
