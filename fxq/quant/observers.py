@@ -51,15 +51,31 @@ def reused_buffers():
         _SCRATCH = outer
 
 
-def _buffer(dtype, like: torch.Tensor) -> torch.Tensor:
-    """A tensor shaped like `like` to write into: a reused scratch buffer inside `reused_buffers()`."""
+def _buffer_like(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float32 buffer of like's size to write into, flat and as a view of like's shape laid out as like is where
+    like is dense (a transposed or channels-last tensor is written in its own order): a reused scratch buffer
+    inside `reused_buffers()`."""
+    n = like.numel()
     if _SCRATCH is None:
-        return torch.empty(like.shape, dtype=dtype, device=like.device)
-    key = (dtype, like.device)
-    buf = _SCRATCH.get(key)
-    if buf is None or buf.numel() < like.numel():
-        buf = _SCRATCH[key] = torch.empty(like.numel(), dtype=dtype, device=like.device)
-    return buf[:like.numel()].view(like.shape)
+        flat = torch.empty(n, dtype=torch.float32, device=like.device)
+    else:
+        key = (torch.float32, like.device)
+        buf = _SCRATCH.get(key)
+        if buf is None or buf.numel() < n:
+            buf = _SCRATCH[key] = torch.empty(n, dtype=torch.float32, device=like.device)
+        flat = buf[:n]
+    strides = like.stride() if _dense(like) else torch.empty(like.shape, device="meta").stride()
+    return flat, flat.as_strided(like.shape, strides)
+
+
+def _dense(x: torch.Tensor) -> bool:
+    """Whether x's elements fill a block of memory exactly once (in some order of its dims)."""
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(x.shape, x.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 @dataclass
@@ -144,6 +160,7 @@ class RangeHistogram:
             self.min.scatter_reduce_(0, group, lo, "amin")  # NaN propagates into min/max
             self.max.scatter_reduce_(0, group, hi, "amax")
         self.finite &= torch.isfinite(lo).all() & torch.isfinite(hi).all()
+        in_grid = False  # whether every value's cell provably lies on the grid (no clamp needed)
         if not _host_side(x.device):
             self._regrid()  # branch-free on the device: no read-back
         else:  # a CPU scalar is free to read: regrid only when the range grew
@@ -151,14 +168,24 @@ class RangeHistogram:
             if lo_f < self._gridded[0] or hi_f > self._gridded[1]:
                 self._regrid()
                 self._gridded = (lo_f, hi_f)
+            in_grid = math.isfinite(lo_f) and math.isfinite(hi_f)  # the grid holds [min, max] of all data seen
         # cell of each value: floor(x / 2**e) is exact (a power-of-two scale), so is the shift by the origin to
         # CELL_BASE + cell, whose float32 bits give the cell: no float -> int conversion pass (the slowest one)
-        scaled = torch.mul(x.float(), self._scale, out=_buffer(torch.float32, x))
-        idx = scaled.floor_().sub_(self._shift).view(torch.int32)
-        idx.sub_(CELL_BASE_BITS).clamp_(0, self.bins - 1)  # NaN and inf land in range too
+        flat, scaled = _buffer_like(x)
+        scale = float(self._scale) if _host_side(x.device) else self._scale
+        torch.mul(x.float(), scale, out=scaled)
+        shift = self._shift
+        if in_grid and offset is not None and self.groups * self.bins <= CELL_BASE \
+                and float(self._shift) - (self.groups - 1) * self.bins >= -2 * CELL_BASE:
+            # the group's cells follow on from CELL_BASE too (still below 2**24, the shift an exact float32)
+            shift, offset = shift - offset.float(), None
+        scaled.floor_().sub_(shift)
+        idx = flat.view(torch.int32).sub_(CELL_BASE_BITS)
+        if not in_grid:
+            idx.clamp_(0, self.bins - 1)  # NaN and inf land in range too
         if offset is not None:
-            idx += offset.int()
-        flat = idx.view(-1)
+            scaled.view(torch.int32).add_(offset.int())
+        flat = idx
         if _host_side(x.device):
             self.counts += torch.bincount(flat, minlength=self.groups * self.bins).view(self.groups, self.bins)
         else:  # CUDA's bincount reads its max back to the host; index_add_ does not
