@@ -241,3 +241,18 @@ def test_group_cells_far_from_zero_count_exactly(seed, groups, sign):
         h, mine = obs.hist.snapshot(g), x[sample_group == g].double().flatten()
         direct = torch.bincount(((mine - h.lo) / h.width).floor().long(), minlength=h.bins)
         assert torch.equal(h.counts, direct.double())
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**16), groups=st.integers(2, 5), bits=st.sampled_from([4, 8]))
+def test_groups_searched_together_get_the_ranges_each_gets_alone(seed, groups, bits):
+    # mse_ranges pads the groups' bins to one length; the padding must count for nothing
+    from fxq.quant.observers import mse_range, mse_ranges
+    gen = torch.Generator().manual_seed(seed)
+    hist = RangeHistogram(bins=256, groups=groups)
+    for g in range(groups):  # groups of different spreads, sizes and signs fill different numbers of bins
+        n = int(torch.randint(5, 2000, (1,), generator=gen))
+        hist.add(torch.randn(n, generator=gen) * float(torch.rand(1, generator=gen) * 8) + float(
+            torch.randn(1, generator=gen) * 3), torch.tensor([g]))
+    snaps = hist.snapshots()
+    assert mse_ranges(snaps, bits, 2.4) == [mse_range(h, bits, 2.4) for h in snaps]
