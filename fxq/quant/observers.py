@@ -374,7 +374,9 @@ class ActObserver(nn.Module):
             raise InputError(f"{self._what()} {NONFINITE}")
 
     def _qparams_of(self, hist: Histogram) -> Q.QParams:
-        lo, hi = estimate_range(hist, self.estimator, self.bits, self.percentile, self.lp_norm)
+        return self._affine(*estimate_range(hist, self.estimator, self.bits, self.percentile, self.lp_norm))
+
+    def _affine(self, lo: float, hi: float) -> Q.QParams:
         return Q.affine_qparams(torch.tensor(lo), torch.tensor(hi), self.bits)
 
     def qparams(self) -> Q.QParams:
@@ -386,13 +388,11 @@ class ActObserver(nn.Module):
         hists = self.hist.snapshots()
         reached = [h for h in hists if not h.empty]
         if self.estimator == "mse":  # the groups' searches run together
-            ranges = iter(mse_ranges(reached, self.bits, self.lp_norm))
-            of_reached = [Q.affine_qparams(torch.tensor(lo), torch.tensor(hi), self.bits) for lo, hi in ranges]
+            of_reached = iter([self._affine(lo, hi) for lo, hi in mse_ranges(reached, self.bits, self.lp_norm)])
         else:
-            of_reached = [self._qparams_of(h) for h in reached]
-        of_reached = iter(of_reached)
-        overall = self._qparams_of(self.hist.snapshot()) if len(reached) < len(hists) else None
+            of_reached = iter([self._qparams_of(h) for h in reached])
         # a group calibration never reached uses the range over all timesteps
+        overall = self._qparams_of(self.hist.snapshot()) if len(reached) < len(hists) else None
         parts = [overall if h.empty else next(of_reached) for h in hists]
         return self._with_rows(Q.QParams(torch.stack([q.scale for q in parts]),
                                          torch.stack([q.zero_point for q in parts]), self.bits, False, None))
