@@ -34,10 +34,14 @@ class FakeQuantize(nn.Module):
     chosen per row of x's batch axis by the per-sample timestep group (`fxq.quant.quantizer.select_group`).
 
     Constructor state is plain data (bits, signed, batch_axis, batch_major) plus the scale/zero_point buffers.
+    A float32 output outside autograd carries a `fake_ops.Codes` tag (`out.fxq_codes`): an exact op that it feeds
+    then knows its input is on the grid, and asks for the integer codes too (`keep_codes`), which the same rounding
+    gives at the cost of one more tensor while the output lives.
     """
 
     def __init__(self, qp: Q.QParams):
         super().__init__()
+        self.keep_codes = False
         self.bits, self.signed = qp.bits, qp.signed
         self.batch_axis, self.batch_major = qp.batch_axis, qp.batch_major
         self.register_buffer("scale", qp.scale.detach().clone().float())
@@ -57,8 +61,12 @@ class FakeQuantize(nn.Module):
             if group is None:
                 raise InputError("this quantizer keeps parameters per timestep group: it needs the group input")
             qp = Q.select_group(qp, group, x)
-        # in float32 whatever x's dtype: bf16/fp16 cannot hold every code of 8+ bits exactly
-        return Q.fake_quantize(x.float(), qp).to(x.dtype)
+        if x.dtype != torch.float32 or (x.requires_grad and torch.is_grad_enabled()):
+            # in float32 whatever x's dtype: bf16/fp16 cannot hold every code of 8+ bits exactly
+            return Q.fake_quantize(x.float(), qp).to(x.dtype)
+        out, codes = Q.fake_quantize_codes(x, qp) if self.keep_codes else (Q.fake_quantize(x, qp), None)
+        out.fxq_codes = fake_ops.Codes(self, qp, group, out, codes)
+        return out
 
     def extra_repr(self) -> str:
         rows = "" if self.groups == 1 else f", batch_axis={self.batch_axis}, batch_major={self.batch_major}"

@@ -27,6 +27,34 @@ from fxq.io.spec_fields import SpecFields
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
+class Codes:
+    """What a FakeQuantize call attaches to its float32 output (as `out.fxq_codes`): the parameters it used, their
+    versions, the group input and x_hat's version, and, once an exact op has asked for them, the integer codes.
+    An exact op fed that very tensor, unchanged, with its own parameters equal to these, knows the tensor is on its
+    grid and takes the codes without reading them back and checking them (`_ExactBase._input_codes`)."""
+
+    __slots__ = ("source", "scale", "zero_point", "bits", "param_versions", "group", "qp", "version", "codes")
+
+    def __init__(self, source, qp: Q.QParams, group, out: torch.Tensor, codes: torch.Tensor | None):
+        self.source, self.scale, self.zero_point, self.bits = source, source.scale, source.zero_point, source.bits
+        self.param_versions = (source.scale._version, source.zero_point._version)
+        self.group, self.qp, self.version, self.codes = group, qp, out._version, codes
+
+    def serves(self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, batch_axis,
+               batch_major: bool, group) -> bool:
+        """Whether x is still the tensor this call made, and the call's parameters are (scale, zero_point, bits,
+        batch axis) picked by the same group input: then x's codes are `self.codes` and its parameters `self.qp`."""
+        src = self.source
+        return (x._version == self.version and group is self.group and bits == self.bits
+                and batch_axis == src.batch_axis and batch_major == src.batch_major
+                and (self.scale._version, self.zero_point._version) == self.param_versions
+                and _same(self.scale, scale) and _same(self.zero_point, zero_point))
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a is b or (a.shape == b.shape and a.device == b.device and torch.equal(a, b))
+
+
 class _ExactBase(SpecFields, nn.Module):
     """Activation parameters (per tensor, [] or [groups]) of the inputs named in `_acts`, picked per row of each
     input's batch axis (`batch_axes`: [axis or None, batch_major] per input, as its FakeQuantize's) by the group."""
@@ -71,6 +99,21 @@ class _ExactBase(SpecFields, nn.Module):
         codes = Q.centered_codes(x, qp)
         return codes if torch.equal(codes * qp.scale, x) else None
 
+    def _input_codes(self, name: str, x: torch.Tensor, group) -> tuple[Q.QParams, torch.Tensor | None]:
+        """(x's parameters for this call, its centered codes or None where x is off its grid). Straight from a
+        FakeQuantize call with this op's parameters (its `Codes` tag serves), x is on the grid by construction:
+        its codes come from the tag (asked for from the next call on) or one read-back, with no check."""
+        tag = getattr(x, "fxq_codes", None)
+        axis, major = self.batch_axes[self._acts.index(name)]
+        if isinstance(tag, Codes) and tag.serves(x, getattr(self, f"{name}_scale"), getattr(self, f"{name}_zp"),
+                                                 self.act_bits, axis, major, group):
+            if tag.codes is not None:
+                return tag.qp, tag.codes
+            tag.source.keep_codes = True  # it keeps them from its next call on
+            return tag.qp, Q.centered_codes(x, tag.qp)
+        qp = self._act(name, x, group)
+        return qp, self._on_grid(x, qp)
+
     @classmethod
     def from_fxq_spec(cls, spec: dict):
         spec = dict(spec)
@@ -96,6 +139,7 @@ class _ExactWeighted(_ExactBase):
         self._init_acts(timestep_groups, act_bits, batch_axes)
         self.register_buffer("w_scale", torch.ones(self.weight.shape[0]))
         self._codes_of = None  # (weight tensor, its version, its codes, float32 or float64 for the sums)
+        self._chunks = None  # input-channel slices summed exactly in float32 where float64 would be needed
 
     def _set_exact(self, float_module, weight: torch.Tensor, wqp: Q.QParams, xqp: Q.QParams):
         if not wqp.signed or wqp.axis != 0 or wqp.bits != self.weight_bits:
@@ -116,27 +160,40 @@ class _ExactWeighted(_ExactBase):
             scale = self.w_scale.reshape(shape)
             codes = torch.round(w.detach().float() * torch.reciprocal(scale))
             ok = w.dtype == torch.float32 and torch.equal(codes * scale, w.detach())
-            bound = float(codes.abs().flatten(1).sum(1).max()) * Q.max_abs_centered_code(self._qparams("x"))
+            max_code = Q.max_abs_centered_code(self._qparams("x"))
+            bound = float(codes.abs().flatten(1).sum(1).max()) * max_code
+            # where float32 could round, slices of the input channels that sum exactly in float32 (groups == 1)
+            per_input = codes.abs().flatten(2).sum(2) if codes.dim() > 2 else codes.abs()
+            self._chunks = Q.exact_chunks(per_input, max_code, w.device) if getattr(self, "groups", 1) == 1 else None
             self._codes_of = (w, w._version, w.device, codes if ok else None,
                               Q.exact_accumulation_dtype(bound, w.device))
         _, _, _, codes, dtype = self._codes_of
         return None if codes is None else (codes, dtype)
+
+    def _accumulate(self, op, codes: torch.Tensor, wcodes: torch.Tensor, dtype: torch.dtype, axis: int):
+        """The exact integer sum op(codes, wcodes) (no bias), reducing over `axis` of codes and axis 1 of wcodes:
+        in float32 slices of that axis (`Q.exact_chunks`) where float32 as a whole could round, else in dtype."""
+        chunks = self._chunks if dtype == torch.float64 else None
+        if chunks is None:
+            return op(codes.to(dtype), wcodes.to(dtype))
+        return Q.exact_sum([op(codes.narrow(axis, a, b - a), wcodes.narrow(1, a, b - a)) for a, b in chunks])
 
     def _exact_inputs(self, x: torch.Tensor, group):
         """(input parameters, input codes, weight codes, accumulation dtype), or None when the weight or the input
         is off its grid (the plain float op runs then)."""
         if x.device.type != "cpu":
             return None
-        qp = self._act("x", x, group)
         weight = self._weight_codes()
-        codes = None if weight is None else self._on_grid(x, qp)
+        if weight is None:
+            return None
+        qp, codes = self._input_codes("x", x, group)
         return None if codes is None else (qp, codes, *weight)
 
     def _scaled(self, acc: torch.Tensor, qp: Q.QParams, channel_dim: int) -> torch.Tensor:
         shape = [1] * acc.dim()
         shape[channel_dim] = -1
-        y = Q.scale_accumulator(acc, qp.scale, self.w_scale.reshape(shape))
-        return y if self.bias is None else y + self.bias.detach().float().reshape(shape)
+        y = Q.scale_accumulator_(acc, qp.scale, self.w_scale.reshape(shape))  # acc is this op's own
+        return y if self.bias is None else y.add_(self.bias.detach().float().reshape(shape))
 
     def _apply(self, fn, *args, **kwargs):
         self._codes_of = None
@@ -176,8 +233,9 @@ class _ExactConv(_ExactWeighted):
         if cpu_2d:  # the int8 conv's output layout, which later float ops (GroupNorm) round by
             codes = codes.contiguous(memory_format=torch.channels_last)
         padding = self.padding if isinstance(self.padding, str) else list(self.padding)
-        acc = _CONV[len(self.kernel_size)](codes.to(dtype), wcodes.to(dtype), None, list(self.stride), padding,
-                                          list(self.dilation), self.groups)
+        conv = _CONV[len(self.kernel_size)]
+        acc = self._accumulate(lambda c, w: conv(c, w, None, list(self.stride), padding, list(self.dilation),
+                                                 self.groups), codes, wcodes, dtype, 1)
         y = self._scaled(acc, qp, 1)
         return y.contiguous(memory_format=torch.channels_last) if cpu_2d else y
 
@@ -217,7 +275,7 @@ class ExactLinear(_ExactWeighted, nn.Linear):
         if exact is None:
             return super().forward(x)
         qp, codes, wcodes, dtype = exact
-        return self._scaled(F.linear(codes.to(dtype), wcodes.to(dtype)), qp, -1)
+        return self._scaled(self._accumulate(F.linear, codes, wcodes, dtype, -1), qp, -1)
 
 
 class ExactMatmul(_ExactBase):
@@ -241,15 +299,14 @@ class ExactMatmul(_ExactBase):
     def forward(self, a: torch.Tensor, b: torch.Tensor, group=None) -> torch.Tensor:
         if a.device.type != "cpu":  # the float product off the CPU (module docstring)
             return torch.matmul(a, b)
-        qa, qb = self._act("a", a, group), self._act("b", b, group)
-        ca, cb = self._on_grid(a, qa), self._on_grid(b, qb)
+        (qa, ca), (qb, cb) = self._input_codes("a", a, group), self._input_codes("b", b, group)
         if ca is None or cb is None:  # a quantizer switched off (fxq.eval.analysis): the float product
             return torch.matmul(a, b)
         bound = a.shape[-1] * Q.max_abs_centered_code(self._qparams("a")) * Q.max_abs_centered_code(
             self._qparams("b"))
         dtype = Q.exact_accumulation_dtype(bound, a.device)
         acc = torch.matmul(ca.to(dtype), cb.to(dtype))
-        return Q.scale_accumulator(acc, qa.scale, qb.scale)
+        return Q.scale_accumulator_(acc, qa.scale, qb.scale)
 
     def extra_repr(self) -> str:
         return f"A{self.act_bits}, timestep_groups={self.timestep_groups}"

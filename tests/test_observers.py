@@ -201,3 +201,58 @@ def test_a_tensor_without_batch_axis_takes_the_batchs_one_group_and_refuses_mixe
     assert obs.hist.snapshot(2).max == 5.0 and obs.hist.snapshot(0).empty
     with pytest.raises(InputError, match="different timestep groups"):
         obs(torch.ones(1, 4), torch.tensor([0, 2, 2]))
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**16), groups=st.integers(1, 3),
+       view=st.sampled_from(["transpose", "channels_last", "strided_slice", "expanded"]))
+def test_a_view_counts_like_its_contiguous_copy(seed, groups, view):
+    # the host path bins a dense view in its own memory order and anything else through a contiguous copy
+    from fxq.quant.observers import reused_buffers
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(3, 4, 5, 6, generator=gen) * float(torch.rand(1, generator=gen) * 10)
+    x = {"transpose": base.transpose(1, 3), "channels_last": base.contiguous(memory_format=torch.channels_last),
+         "strided_slice": base[:, ::2, 1:], "expanded": base[:, :1].expand(3, 4, 5, 6)}[view]
+    sample_group = torch.randint(0, groups, (3,), generator=gen)
+    a, b = (ActObserver(8, "minmax", groups=groups) for _ in range(2))
+    with reused_buffers():  # a scratch buffer larger than the view, as in calibration
+        first = torch.randn(1000, generator=gen) * 0.1
+        a(first, sample_group[:1])
+        b(first, sample_group[:1])
+        a(x, sample_group)
+        b(x.contiguous(), sample_group)
+    for g in [None, *range(groups)]:
+        ha, hb = a.hist.snapshot(g), b.hist.snapshot(g)
+        assert torch.equal(ha.counts, hb.counts) and (ha.lo, ha.width, ha.min, ha.max) == (hb.lo, hb.width, hb.min, hb.max)
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**16), groups=st.integers(3, 4), sign=st.sampled_from([-1.0, 1.0]))
+def test_group_cells_far_from_zero_count_exactly(seed, groups, sign):
+    # data just below -1024 in a narrow range put the grid's origin near -2**23 cells: the host path then adds the
+    # group's offset to the integer cells instead of folding it into the float shift (which would leave float32's
+    # exact integers); near +1024 it folds
+    gen = torch.Generator().manual_seed(seed)
+    x = sign * (1023.7 + 0.2 * torch.rand(6, 50, generator=gen))
+    sample_group = torch.randint(0, groups, (6,), generator=gen)
+    obs = ActObserver(8, "minmax", groups=groups)
+    obs(x, sample_group)
+    for g in range(groups):
+        h, mine = obs.hist.snapshot(g), x[sample_group == g].double().flatten()
+        direct = torch.bincount(((mine - h.lo) / h.width).floor().long(), minlength=h.bins)
+        assert torch.equal(h.counts, direct.double())
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**16), groups=st.integers(2, 5), bits=st.sampled_from([4, 8]))
+def test_groups_searched_together_get_the_ranges_each_gets_alone(seed, groups, bits):
+    # mse_ranges pads the groups' bins to one length; the padding must count for nothing
+    from fxq.quant.observers import mse_range, mse_ranges
+    gen = torch.Generator().manual_seed(seed)
+    hist = RangeHistogram(bins=256, groups=groups)
+    for g in range(groups):  # groups of different spreads, sizes and signs fill different numbers of bins
+        n = int(torch.randint(5, 2000, (1,), generator=gen))
+        hist.add(torch.randn(n, generator=gen) * float(torch.rand(1, generator=gen) * 8) + float(
+            torch.randn(1, generator=gen) * 3), torch.tensor([g]))
+    snaps = hist.snapshots()
+    assert mse_ranges(snaps, bits, 2.4) == [mse_range(h, bits, 2.4) for h in snaps]

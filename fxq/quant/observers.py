@@ -51,15 +51,31 @@ def reused_buffers():
         _SCRATCH = outer
 
 
-def _buffer(dtype, like: torch.Tensor) -> torch.Tensor:
-    """A tensor shaped like `like` to write into: a reused scratch buffer inside `reused_buffers()`."""
+def _buffer_like(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float32 buffer of like's size to write into, flat and as a view of like's shape laid out as like is where
+    like is dense (a transposed or channels-last tensor is written in its own order): a reused scratch buffer
+    inside `reused_buffers()`."""
+    n = like.numel()
     if _SCRATCH is None:
-        return torch.empty(like.shape, dtype=dtype, device=like.device)
-    key = (dtype, like.device)
-    buf = _SCRATCH.get(key)
-    if buf is None or buf.numel() < like.numel():
-        buf = _SCRATCH[key] = torch.empty(like.numel(), dtype=dtype, device=like.device)
-    return buf[:like.numel()].view(like.shape)
+        flat = torch.empty(n, dtype=torch.float32, device=like.device)
+    else:
+        key = (torch.float32, like.device)
+        buf = _SCRATCH.get(key)
+        if buf is None or buf.numel() < n:
+            buf = _SCRATCH[key] = torch.empty(n, dtype=torch.float32, device=like.device)
+        flat = buf[:n]
+    strides = like.stride() if _dense(like) else torch.empty(like.shape, device="meta").stride()
+    return flat, flat.as_strided(like.shape, strides)
+
+
+def _dense(x: torch.Tensor) -> bool:
+    """Whether x's elements fill a block of memory exactly once (in some order of its dims)."""
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(x.shape, x.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 @dataclass
@@ -144,6 +160,7 @@ class RangeHistogram:
             self.min.scatter_reduce_(0, group, lo, "amin")  # NaN propagates into min/max
             self.max.scatter_reduce_(0, group, hi, "amax")
         self.finite &= torch.isfinite(lo).all() & torch.isfinite(hi).all()
+        in_grid = False  # whether every value's cell provably lies on the grid (no clamp needed)
         if not _host_side(x.device):
             self._regrid()  # branch-free on the device: no read-back
         else:  # a CPU scalar is free to read: regrid only when the range grew
@@ -151,14 +168,24 @@ class RangeHistogram:
             if lo_f < self._gridded[0] or hi_f > self._gridded[1]:
                 self._regrid()
                 self._gridded = (lo_f, hi_f)
+            in_grid = math.isfinite(lo_f) and math.isfinite(hi_f)  # the grid holds [min, max] of all data seen
         # cell of each value: floor(x / 2**e) is exact (a power-of-two scale), so is the shift by the origin to
         # CELL_BASE + cell, whose float32 bits give the cell: no float -> int conversion pass (the slowest one)
-        scaled = torch.mul(x.float(), self._scale, out=_buffer(torch.float32, x))
-        idx = scaled.floor_().sub_(self._shift).view(torch.int32)
-        idx.sub_(CELL_BASE_BITS).clamp_(0, self.bins - 1)  # NaN and inf land in range too
+        flat, scaled = _buffer_like(x)
+        scale = float(self._scale) if _host_side(x.device) else self._scale
+        torch.mul(x.float(), scale, out=scaled)
+        shift = self._shift
+        if in_grid and offset is not None and self.groups * self.bins <= CELL_BASE \
+                and float(self._shift) - (self.groups - 1) * self.bins >= -2 * CELL_BASE:
+            # the group's cells follow on from CELL_BASE too (still below 2**24, the shift an exact float32)
+            shift, offset = shift - offset.float(), None
+        scaled.floor_().sub_(shift)
+        idx = flat.view(torch.int32).sub_(CELL_BASE_BITS)
+        if not in_grid:
+            idx.clamp_(0, self.bins - 1)  # NaN and inf land in range too
         if offset is not None:
-            idx += offset.int()
-        flat = idx.view(-1)
+            scaled.view(torch.int32).add_(offset.int())
+        flat = idx
         if _host_side(x.device):
             self.counts += torch.bincount(flat, minlength=self.groups * self.bins).view(self.groups, self.bins)
         else:  # CUDA's bincount reads its max back to the host; index_add_ does not
@@ -240,55 +267,73 @@ def _row_aminmax(x: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _lp_errors(c: torch.Tensor, n: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, p: float):
-    """Expected Lp error of affine quantization over [lo_k, hi_k] for each candidate k, from a histogram given as
-    the sorted centers c [B] of its non-empty bins and their counts n [B].
+    """Expected Lp error [G, K] of affine quantization over [lo_gk, hi_gk] for each candidate k of each of G
+    histograms, each given as the sorted centers c [G, B] of its non-empty bins and their counts n [G, B] (a
+    shorter row padded with its last center, count 0).
 
     Values inside the representable range cost the uniform rounding error; values outside cost their distance
     to the clamp bound.
     """
     qp = Q.affine_qparams(lo, hi, bits)
     rlo, rhi = Q.representable_range(qp)
-    # only bins outside some candidate's range can be clipped (when one end is held, that is about one side)
+    # only bins outside some candidate's range can be clipped (when one end is held, that is about one side):
+    # each row's tail bins, moved to its front in order, the rows cut to the longest (the rest count 0)
     c32 = c.float()
-    tails = (c32 < rlo.max()) | (c32 > rhi.min())
-    c32, n32 = c32[tails], n[tails].float()
-    # distance outside [rlo, rhi] as |c - mid| - half; the [K, B] terms in float32 (twice as fast, and the
+    tails = (c32 < rlo.amax(1, keepdim=True)) | (c32 > rhi.amin(1, keepdim=True))
+    order = torch.argsort((~tails).to(torch.uint8), dim=1, stable=True)[:, :int(tails.sum(1).max())]
+    c32, n32 = c32.gather(1, order), (n * tails).float().gather(1, order)
+    # distance outside [rlo, rhi] as |c - mid| - half; the [G, K, B] terms in float32 (twice as fast, and the
     # centers are exact there), summed in float64
-    mid, half = ((rlo + rhi) / 2)[:, None], ((rhi - rlo) / 2)[:, None]
-    outside = (c32 - mid).abs_().sub_(half).clamp_min_(0)
-    clipped = outside.pow_(p).mul_(n32).sum(1, dtype=torch.float64)
+    mid, half = ((rlo + rhi) / 2)[..., None], ((rhi - rlo) / 2)[..., None]
+    outside = (c32[:, None, :] - mid).abs_().sub_(half).clamp_min_(0)
+    clipped = outside.pow_(p).mul_(n32[:, None, :]).sum(-1, dtype=torch.float64)
     # c is sorted, so the counts inside [rlo, rhi] are a difference of the cumulative counts
     below = torch.searchsorted(c, rlo.double(), side="left")
     above = torch.searchsorted(c, rhi.double(), side="right")
-    cdf = torch.cat([torch.zeros(1, dtype=n.dtype), torch.cumsum(n, 0)])
-    return clipped + Q.uniform_rounding_lp(qp.scale.double(), p) * (cdf[above] - cdf[below]).clamp_min(0)
+    cdf = torch.cat([torch.zeros(n.shape[0], 1, dtype=n.dtype), torch.cumsum(n, 1)], 1)
+    inside = (cdf.gather(1, above) - cdf.gather(1, below)).clamp_min(0)
+    return clipped + Q.uniform_rounding_lp(qp.scale.double(), p) * inside
 
 
-def _used_bins(hist: Histogram) -> tuple[torch.Tensor, torch.Tensor]:
-    """Centers and counts of the histogram's non-empty bins (the others add nothing to any error)."""
-    used = hist.counts.nonzero().squeeze(1)
-    return hist.centers()[used], hist.counts[used]
+def _used_bins(hists: list[Histogram]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centers [G, B] and counts [G, B] of each histogram's non-empty bins (the others add nothing to any error),
+    shorter rows padded with their last center and count 0."""
+    rows = [h.counts.nonzero().squeeze(1) for h in hists]
+    width = max(r.numel() for r in rows)
+    idx = torch.stack([torch.cat([r, r[-1:].expand(width - r.numel())]) for r in rows])
+    counts = torch.stack([h.counts for h in hists]).gather(1, idx)
+    counts[torch.arange(width) >= torch.tensor([r.numel() for r in rows])[:, None]] = 0
+    return hists[0].centers()[idx], counts
 
 
 def histogram_lp_error(hist: Histogram, lo: torch.Tensor, hi: torch.Tensor, bits: int, p: float):
     """Expected Lp error of affine quantization over [lo_k, hi_k] for each candidate k, from the histogram."""
-    return _lp_errors(*_used_bins(hist), lo, hi, bits, p)
+    return _lp_errors(*_used_bins([hist]), lo[None], hi[None], bits, p)[0]
 
 
 def mse_range(hist: Histogram, bits: int, p: float) -> tuple[float, float]:
     """Clipping range minimizing the Lp error: a joint shrink of both ends, then each end refined alone."""
-    c, n = _used_bins(hist)
-    lo0, hi0 = min(hist.min, 0.0), max(hist.max, 0.0)
+    return mse_ranges([hist], bits, p)[0]
+
+
+def mse_ranges(hists: list[Histogram], bits: int, p: float) -> list[tuple[float, float]]:
+    """`mse_range` of each of several non-empty histograms on one grid (a RangeHistogram's groups), searched
+    together: one set of tensor ops for all of them instead of one per histogram."""
+    if len({(h.lo, h.width, h.bins) for h in hists}) != 1:
+        raise InputError("mse_ranges searches histograms of one grid together")
+    c, n = _used_bins(hists)
+    lo0 = torch.tensor([min(h.min, 0.0) for h in hists], dtype=torch.float64)
+    hi0 = torch.tensor([max(h.max, 0.0) for h in hists], dtype=torch.float64)
     r = CLIP_RATIOS
-    best = int(torch.argmin(_lp_errors(c, n, lo0 * r, hi0 * r, bits, p)))  # the first, widest, of equal errors
-    lo, hi = lo0 * float(r[best]), hi0 * float(r[best])
-    if lo0 < 0:  # refine the lower end with the upper fixed
-        cand = lo0 * r
-        lo = float(cand[int(torch.argmin(_lp_errors(c, n, cand, torch.full_like(cand, hi), bits, p)))])
-    if hi0 > 0:
-        cand = hi0 * r
-        hi = float(cand[int(torch.argmin(_lp_errors(c, n, torch.full_like(cand, lo), cand, bits, p)))])
-    return lo, hi
+    lo_cand, hi_cand = lo0[:, None] * r, hi0[:, None] * r
+    best = torch.argmin(_lp_errors(c, n, lo_cand, hi_cand, bits, p), 1)  # the first, widest, of equal errors
+    lo, hi = lo0 * r[best], hi0 * r[best]
+    # refine the lower end with the upper fixed (where there is a lower end), then the upper with the lower fixed
+    pick = torch.argmin(_lp_errors(c, n, lo_cand, hi[:, None].expand_as(lo_cand), bits, p), 1, keepdim=True)
+    lo = torch.where(lo0 < 0, lo_cand.gather(1, pick)[:, 0], lo)
+    pick = torch.argmin(_lp_errors(c, n, lo[:, None].expand_as(hi_cand), hi_cand, bits, p), 1, keepdim=True)
+    hi = torch.where(hi0 > 0, hi_cand.gather(1, pick)[:, 0], hi)
+    return list(zip(lo.tolist(), hi.tolist()))
 
 
 def estimate_range(hist: Histogram, estimator: str, bits: int, percentile: float, p: float):
@@ -353,7 +398,9 @@ class ActObserver(nn.Module):
             raise InputError(f"{self._what()} {NONFINITE}")
 
     def _qparams_of(self, hist: Histogram) -> Q.QParams:
-        lo, hi = estimate_range(hist, self.estimator, self.bits, self.percentile, self.lp_norm)
+        return self._affine(*estimate_range(hist, self.estimator, self.bits, self.percentile, self.lp_norm))
+
+    def _affine(self, lo: float, hi: float) -> Q.QParams:
         return Q.affine_qparams(torch.tensor(lo), torch.tensor(hi), self.bits)
 
     def qparams(self) -> Q.QParams:
@@ -366,14 +413,15 @@ class ActObserver(nn.Module):
             qp = self._qparams_of(self.hist.snapshot())
             return self._with_rows(Q.QParams(qp.scale.expand(self.groups).clone(),
                                              qp.zero_point.expand(self.groups).clone(), self.bits, False, None))
-        parts, overall = [], None
-        for hist in self.hist.snapshots():
-            if hist.empty:  # a group calibration never reached uses the range over all timesteps
-                if overall is None:
-                    overall = self._qparams_of(self.hist.snapshot())
-                parts.append(overall)
-            else:
-                parts.append(self._qparams_of(hist))
+        hists = self.hist.snapshots()
+        reached = [h for h in hists if not h.empty]
+        if self.estimator == "mse":  # the groups' searches run together
+            of_reached = iter([self._affine(lo, hi) for lo, hi in mse_ranges(reached, self.bits, self.lp_norm)])
+        else:
+            of_reached = iter([self._qparams_of(h) for h in reached])
+        # a group calibration never reached uses the range over all timesteps
+        overall = self._qparams_of(self.hist.snapshot()) if len(reached) < len(hists) else None
+        parts = [overall if h.empty else next(of_reached) for h in hists]
         return self._with_rows(Q.QParams(torch.stack([q.scale for q in parts]),
                                          torch.stack([q.zero_point for q in parts]), self.bits, False, None))
 

@@ -125,19 +125,34 @@ def fake_quantize(x: torch.Tensor, qp: QParams) -> torch.Tensor:
     """
     if x.dtype not in (torch.float32, torch.float64):  # codes rounded to a narrow dtype: quantize's own steps
         return dequantize(quantize(x, qp), qp)
+    scale = _along(qp.scale, x, qp.axis)  # dequantize's operand, in its own dtype
+    if torch.is_grad_enabled() and (x.requires_grad or qp.scale.requires_grad):  # no in-place ops for autograd
+        zp = _along(qp.zero_point.to(x.dtype), x, qp.axis)
+        y = x * torch.reciprocal(_along(qp.scale.to(x.dtype), x, qp.axis))
+        return (torch.clamp(torch.round(y), qp.qmin - zp, qp.qmax - zp) + 0.0) * scale
+    y = _shifted_codes(x, qp)
+    return y.mul_(scale) if torch.result_type(y, scale) == y.dtype else y * scale
+
+
+def fake_quantize_codes(x: torch.Tensor, qp: QParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fake_quantize(x, qp), its codes q - zero_point) for float32 x outside autograd: the same rounding gives
+    both, so an op that consumes the fake-quantized tensor can take its integer codes instead of reading them
+    back (`centered_codes` of the first returns the second)."""
+    if x.dtype != torch.float32 or (x.requires_grad and torch.is_grad_enabled()):
+        raise InputError("fake_quantize_codes takes a float32 tensor outside autograd")
+    codes = _shifted_codes(x, qp)
+    return codes * _along(qp.scale, x, qp.axis), codes
+
+
+def _shifted_codes(x: torch.Tensor, qp: QParams) -> torch.Tensor:
+    """clamp(round(x * (1 / scale)), qmin - zp, qmax - zp) in a new tensor of x's dtype (float32/64): q - zp."""
     inv = torch.reciprocal(_along(qp.scale.to(x.dtype), x, qp.axis))
     zp = _along(qp.zero_point.to(x.dtype), x, qp.axis)
-    scale = _along(qp.scale, x, qp.axis)  # dequantize's operand, in its own dtype
     lo, hi = qp.qmin - zp, qp.qmax - zp
-    y = x * inv
-    if y.requires_grad:  # autograd cannot take the in-place ops below
-        return (torch.clamp(torch.round(y), lo, hi) + 0.0) * scale
-    y.round_().add_(0.0)  # -0.0 (the round of a small negative) -> +0.0, as adding the zero point gives
+    y = (x * inv).round_().add_(0.0)  # -0.0 (the round of a small negative) -> +0.0, as adding the zp gives
     if lo.numel() == 1 and lo.device.type == "cpu":
-        y.clamp_(float(lo), float(hi))  # torch's fast path wants Python bounds; a CPU scalar is free to read
-    else:
-        y.clamp_min_(lo).clamp_max_(hi)  # tensor bounds: two vectorized passes beat clamp_'s generic one
-    return y.mul_(scale) if torch.result_type(y, scale) == y.dtype else y * scale
+        return y.clamp_(float(lo), float(hi))  # torch's fast path wants Python bounds; a CPU scalar is free to read
+    return y.clamp_min_(lo).clamp_max_(hi)  # tensor bounds: two vectorized passes beat clamp_'s generic one
 
 
 # ----------------------------------------------------------------- integer products, as the int8 kernels compute them
@@ -170,6 +185,46 @@ def exact_accumulation_dtype(bound: float, device) -> torch.dtype:
     the absolute products' largest possible value) and the device sums in plain order (CPU: oneDNN's direct
     convolution, BLAS); float64 otherwise (exact below 2^53; cuDNN may pick Winograd/FFT for float32)."""
     return torch.float32 if bound < _EXACT_F32 and torch.device(device).type == "cpu" else torch.float64
+
+
+def exact_chunks(abs_sums: torch.Tensor, max_code: int, device) -> list[tuple[int, int]] | None:
+    """Contiguous slices [start, stop) of a reduction axis whose float32 sums each stay exact, where the whole
+    sum might not (`exact_accumulation_dtype` would say float64): summing each slice in float32 and the slices'
+    sums with `exact_sum` gives the exact sum's float32 at float32 speed. abs_sums[o, i]: the sum of |weight code|
+    that output o takes from reduction index i (an input channel's kernel taps); max_code: the largest |activation
+    code|. None where float32 is exact already, off the CPU, or where a single index can reach 2^24."""
+    if torch.device(device).type != "cpu":
+        return None
+    cols = abs_sums.double() * max_code
+    if float(cols.sum(1).max()) < _EXACT_F32:
+        return None
+    if float(cols.max()) >= _EXACT_F32:
+        return None
+    ok = lambda a, b: float(cols[:, a:b].sum(1).max()) < _EXACT_F32  # noqa: E731
+    greedy, start = [], 0
+    for i in range(1, cols.shape[1] + 1):
+        if not ok(start, i):
+            greedy.append((start, i - 1))
+            start = i - 1
+    greedy.append((start, cols.shape[1]))
+    # as many slices, of equal sizes where that stays exact: one tiny slice runs a conv at poor efficiency
+    n, k = cols.shape[1], len(greedy)
+    even = [(n * j // k, n * (j + 1) // k) for j in range(k)]
+    return even if all(ok(a, b) for a, b in even) else greedy
+
+
+def exact_sum(parts: list[torch.Tensor]) -> torch.Tensor:
+    """float32 of the exact sum of float32 tensors holding exact integers (partial sums over `exact_chunks`
+    slices), as an int32 accumulator converted to float32 gives: one float32 addition rounds the exact sum
+    correctly; more parts add up in float64 (exact below 2^53), rounded once."""
+    if len(parts) == 1:
+        return parts[0]
+    if len(parts) == 2:
+        return parts[0].add_(parts[1])
+    acc = parts[0].double()
+    for p in parts[1:]:
+        acc += p
+    return acc.float()
 
 
 def scale_accumulator(acc: torch.Tensor, x_scale, w_scale) -> torch.Tensor:
@@ -228,6 +283,22 @@ def _onednn_linear(x, x_scale, zp, w, w_scale):
     w_zp = torch.zeros(w.shape[0], dtype=torch.int64)
     return torch.ops.onednn.qlinear_pointwise(x, x_scale, zp, packed, w_scale, w_zp, None, 1.0, 0, torch.float32,
                                               "none", [], "")
+
+
+def scale_accumulator_(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """`scale_accumulator`, the same roundings, written over acc where it is float32 and the scales broadcast to
+    its shape (no fresh tensor: on the CPU a fresh multi-MB tensor costs page faults as long as the pass itself)."""
+    y = acc if acc.dtype == torch.float32 else acc.float()
+    if not (_broadcasts_to(x_scale, y.shape) and _broadcasts_to(w_scale, y.shape)):
+        return scale_accumulator(acc, x_scale, w_scale)
+    if kernel_scale_order() == "product":
+        return y.mul_(x_scale.float() * w_scale.float())
+    return y.mul_(x_scale).mul_(w_scale)
+
+
+def _broadcasts_to(t: torch.Tensor, shape) -> bool:
+    # by hand: torch.broadcast_shapes imports sympy and torch's symbolic shapes on first use (~30 MB resident)
+    return t.dim() <= len(shape) and all(a in (1, b) for a, b in zip(reversed(t.shape), reversed(shape)))
 
 
 def floor_residual(x: torch.Tensor, qp: QParams) -> tuple[torch.Tensor, torch.Tensor]:
