@@ -95,6 +95,26 @@ def test_two_groups_cut_at_the_one_change_point(F, cut, ratio, seed):
     assert starts == [0, cut]
 
 
+@settings(max_examples=25, deadline=None)
+@given(fine=st.integers(2, 9), coarse=st.integers(1, 4), batches=st.integers(1, 4), seed=st.integers(0, 999))
+def test_merging_fine_groups_equals_recording_in_the_merged_groups(fine, coarse, batches, seed):
+    from fxq.quant.observers import RangeHistogram
+
+    g = torch.Generator().manual_seed(seed)
+    index = torch.sort(torch.randint(0, coarse, (fine,), generator=g)).values
+    a, b = RangeHistogram(bins=64, groups=fine), RangeHistogram(bins=64, groups=coarse)
+    for _ in range(batches):
+        rows = torch.randint(0, fine, (5,), generator=g)
+        x = torch.randn(5, 7, generator=g) * torch.rand(5, 1, generator=g) * 10 ** float(torch.randint(-2, 3, (1,),
+                                                                                                        generator=g))
+        a.add(x, rows)
+        b.add(x, index[rows])
+    a.regroup(index, coarse)
+    (ca, la, ha, lo_a, wa), (cb, lb, hb, lo_b, wb) = a.read(), b.read()
+    assert torch.equal(ca, cb) and lo_a == lo_b and wa == wb  # same grid, same counts
+    assert torch.equal(la, lb) and torch.equal(ha, hb)
+
+
 def test_fine_edges_lie_between_neighbouring_timesteps():
     t = torch.tensor([0, 10, 20, 35, 990])
     assert TG.fine_edges(t) == (5, 15, 28, 513)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.fx as fx
@@ -94,10 +95,19 @@ def fine_edges(timesteps: torch.Tensor, max_bins: int = MAX_FINE_BINS) -> tuple[
     return tuple((u[s - 1] + u[s] + 1) // 2 for s in starts)
 
 
-def fine_bins(gm: fx.GraphModule, items: list, example, t_name: str, config, batch_size: int = 32) -> tuple | None:
-    """Make gm's observers record per fine bin of the calibration timesteps (see the module doc); returns the bins'
-    interior edges (None when no observer keeps groups: nothing to choose). ConfigError when the calibration data
-    holds fewer distinct timesteps than groups."""
+class FineBins(NamedTuple):
+    """The fine bins observers record in before the groups are chosen: interior edges, and the first (smallest)
+    calibration timestep of each bin."""
+
+    edges: tuple
+    first: tuple
+
+
+def fine_bins(gm: fx.GraphModule, items: list, example, t_name: str, config,
+              batch_size: int = 32) -> FineBins | None:
+    """Make gm's observers record per fine bin of the calibration timesteps (see the module doc); returns the bins
+    (None when no observer keeps groups: nothing to choose). ConfigError when the calibration data holds fewer
+    distinct timesteps than groups."""
     G, T = config.timestep_groups, config.num_timesteps
     node = group_node(gm)
     if node is None:
@@ -115,7 +125,9 @@ def fine_bins(gm: fx.GraphModule, items: list, example, t_name: str, config, bat
     gm.recompile()
     for obs in grouped_observers(gm).values():
         obs.record_groups(len(edges) + 1)
-    return edges
+    bins = Q.timestep_group(timesteps, len(edges) + 1, T, edges)
+    first = tuple(int(timesteps[bins == b].min()) for b in range(len(edges) + 1))
+    return FineBins(edges, first)
 
 
 # ----------------------------------------------------------------------------------------- statistics, after
@@ -225,11 +237,11 @@ class GroupPlan:
                 "ratios": dict(self.ratios)}
 
 
-def plan_groups(gm: fx.GraphModule, config, fine: tuple | None = None) -> GroupPlan:
+def plan_groups(gm: fx.GraphModule, config, fine: FineBins | None = None) -> GroupPlan:
     """Choose the groups of a calibrated graph and regroup its observers in place (see the module doc).
 
-    fine: the fine bins' interior edges (`fine_bins`) with timestep_group_boundaries="auto"; None otherwise (the
-    observers hold the config's groups already). Rewrites the graph's timestep-group node to the chosen edges.
+    fine: the fine bins (`fine_bins`) with timestep_group_boundaries="auto"; None otherwise (the observers hold
+    the config's groups already). Rewrites the graph's timestep-group node to the chosen edges.
     """
     G, T = config.timestep_groups, config.num_timesteps
     observers = grouped_observers(gm)
@@ -243,20 +255,19 @@ def plan_groups(gm: fx.GraphModule, config, fine: tuple | None = None) -> GroupP
     oscillating_only = config.timestep_group_quantizers == "oscillating"
     identity = torch.arange(bins)
     if fine is not None:
-        if bins != len(fine) + 1:
-            raise InputError(f"the observers hold {bins} bins, the fine edges {len(fine) + 1}")
+        if bins != len(fine.edges) + 1:
+            raise InputError(f"the observers hold {bins} bins, the fine edges {len(fine.edges) + 1}")
         counted = torch.ones(len(names), dtype=torch.bool)
         if oscillating_only:  # only quantizers that some grouping could pass count
             counted = _group_ratio(lo, hi, w, identity, bins) >= config.oscillation_ratio
             if not counted.any():
                 counted[:] = True
         starts = best_segmentation(segment_costs(lo[:, counted], hi[:, counted], w[:, counted]), G)
-        edges = tuple(fine[s - 1] for s in starts[1:])
+        edges = tuple(fine.edges[s - 1] for s in starts[1:])
         index = torch.zeros(bins, dtype=torch.int64)
         for s in starts[1:]:
             index[s:] += 1
-        bin_starts = torch.tensor([0, *fine])
-        uniform = Q.timestep_group(bin_starts, G, T)
+        uniform = Q.timestep_group(torch.tensor(fine.first), G, T)  # each bin by its first timestep
     else:
         edges = config.group_edges
         index = identity
