@@ -64,6 +64,9 @@ class FakeQuantize(nn.Module):
         if x.dtype != torch.float32 or (x.requires_grad and torch.is_grad_enabled()):
             # in float32 whatever x's dtype: bf16/fp16 cannot hold every code of 8+ bits exactly
             return Q.fake_quantize(x.float(), qp).to(x.dtype)
+        if x.device.type != "cpu" or torch.is_inference_mode_enabled():
+            # the exact ops run only on the CPU; inference tensors keep no version counter to tag them by
+            return Q.fake_quantize(x, qp)
         out, codes = Q.fake_quantize_codes(x, qp) if self.keep_codes else (Q.fake_quantize(x, qp), None)
         out.fxq_codes = fake_ops.Codes(self, qp, group, out, codes)
         return out

@@ -83,11 +83,14 @@ def _module(gm: fx.GraphModule, node: fx.Node, cls) -> nn.Module | None:
 
 def quantize_early(gm: fx.GraphModule) -> None:
     """Quantize(x), x's last reader ==> the same Quantize right before x's last other reader (see the module doc).
-    Quantize is pure and x is never written in place while a later op reads it, so it sees the same values."""
+    Quantize is pure; the move is made only where no reader of x or of a view of x may write in place (the user's
+    own `h.mul_(2)` stays in the graph), so it sees the same values."""
     order = node_order(gm.graph)
     for q in list(gm.graph.nodes):
         x = q.args[0] if _module(gm, q, ops.Quantize) is not None else None
         if not isinstance(x, fx.Node):
+            continue
+        if any(_may_write(gm, u) for a in _aliases(gm, x) for u in a.users if u is not q):
             continue
         others = [u for u in x.users if u is not q]
         if not others or any(order[u] > order[q] for u in others):
@@ -105,11 +108,39 @@ _OWNING_FUNCTIONS = {operator.add, torch.add, operator.mul, torch.mul, torch.cat
 _INPLACE = {operator.add: add_, torch.add: add_, operator.mul: mul_, torch.mul: mul_}
 
 
-def _owns_storage_dead_after(gm: fx.GraphModule, node, op: fx.Node, order: dict) -> bool:
-    owning = isinstance(node, fx.Node) and (
-        (node.op == "call_function" and node.target in _OWNING_FUNCTIONS and not node.kwargs.get("inplace"))
+def _owns_storage(gm: fx.GraphModule, node) -> bool:
+    return isinstance(node, fx.Node) and (
+        (node.op == "call_function" and node.target in _OWNING_FUNCTIONS and not node.kwargs.get("inplace")
+         and not any(a is True for a in node.args[1:]))  # F.silu(x, True): x's storage
         or _module(gm, node, _OWNING_MODULES) is not None)
-    return owning and all(order[u] < order[op] for u in node.users if u is not op)
+
+
+def _aliases(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
+    """node and every node that may share its storage: users that are not known to return fresh storage (views,
+    getitem, reshape, contiguous, ... and anything unknown), transitively."""
+    seen, todo = {node}, [node]
+    while todo:
+        for u in todo.pop().users:
+            if u not in seen and not (_owns_storage(gm, u) or _module(gm, u, ops.Quantize) is not None):
+                seen.add(u)
+                todo.append(u)
+    return list(seen)
+
+
+def _may_write(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether node may write into one of its inputs: an in-place method/function (`mul_`, `add_`, ...), an
+    `inplace=True`/`out=` argument, or a module built with inplace=True."""
+    if node.op == "call_module":
+        return bool(getattr(gm.get_submodule(node.target), "inplace", False))
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return ((name.endswith("_") and not name.startswith("__")) or bool(node.kwargs.get("inplace"))
+            or "out" in node.kwargs or any(a is True for a in node.args[1:]))
+
+
+def _owns_storage_dead_after(gm: fx.GraphModule, node, op: fx.Node, order: dict) -> bool:
+    """node owns its storage and nothing reads it, or a view of it, after op."""
+    return _owns_storage(gm, node) and all(order[u] < order[op] for a in _aliases(gm, node) for u in a.users
+                                           if u is not op)
 
 
 def inplace_elementwise(gm: fx.GraphModule) -> None:
@@ -124,7 +155,8 @@ def inplace_elementwise(gm: fx.GraphModule) -> None:
         if node.target in _INPLACE and len(node.args) == 2:
             a, b = node.args
             for x, y, first in ((a, b, True), (b, a, False)):
-                if _owns_storage_dead_after(gm, x, node, order) and x is not y:
+                if _owns_storage_dead_after(gm, x, node, order) and not (isinstance(x, fx.Node)
+                                                                            and y in _aliases(gm, x)):
                     node.target, node.args = _INPLACE[node.target], (x, y, first)
                     break
         elif node.target is F.silu and len(node.args) in (1, 2) and not (node.args[1:] or (False,))[0] \

@@ -257,3 +257,66 @@ def test_a_quantize_that_is_not_the_last_reader_stays():
     int8 = fxq.quantize(model, calib[0], calib, fxq.QuantConfig(**X86))
     x = torch.randn(2, 4, 6, 6)
     assert torch.equal(int8(x), fake(x))
+
+
+# --- aliasing: the memory planning must see in-place writes and views (found by review) ----------------------------
+
+class _WritesInPlace(nn.Module):
+    """The user's own in-place op between a conv and the conv that reads its result."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.d = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        h = self.c(x)
+        h.mul_(2.0)
+        return self.d(h)
+
+
+class _ViewReadLater(nn.Module):
+    """A view of h taken before h + 1 and read after it: h must not be written in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.d = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        h = self.c(x)
+        t = h.transpose(2, 3)
+        y = h + 1.0
+        return self.d(y) + t
+
+
+class _AddsItsOwnView(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.d = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        h = self.c(x)
+        return self.d(h + h.transpose(2, 3))
+
+
+@pytest.mark.parametrize("model", [_WritesInPlace, _ViewReadLater, _AddsItsOwnView])
+def test_memory_planning_respects_in_place_writes_and_views(model):
+    torch.manual_seed(0)
+    m = model().eval()
+    calib = [(torch.randn(2, 4, 8, 8),) for _ in range(3)]
+    x = torch.randn(2, 4, 8, 8)
+    int8 = fxq.quantize(m, (x,), calib, fxq.QuantConfig(**X86))
+    fake = fxq.quantize(m, (x,), calib, fxq.QuantConfig(backend="fake", timestep_arg=None))
+    want = fake(x)
+    for _ in range(3):  # the runtime writes in place from the second call on
+        assert torch.equal(int8(x), want)
+
+
+def test_fake_quant_runs_under_inference_mode():
+    torch.manual_seed(0)
+    m = _ViewReadLater().eval()
+    calib = [(torch.randn(2, 4, 8, 8),) for _ in range(3)]
+    x = torch.randn(2, 4, 8, 8)
+    fake = fxq.quantize(m, (x,), calib, fxq.QuantConfig(backend="fake", timestep_arg=None))
+    want = fake(x)
+    with torch.inference_mode():
+        assert torch.equal(fake(x), want)
