@@ -28,8 +28,16 @@ def test_probe_warns_when_no_order_matches():
     def rounded_once(x, xs, zp, w, ws):
         return ((x.double() - zp) @ w.double().t() * xs * ws.double()).float()
 
-    with pytest.warns(FxqWarning, match="neither known order"):
+    with pytest.warns(FxqWarning, match="no one known order"):
         assert Q.probe_scale_order(rounded_once) == "sequential"
+
+
+def test_probe_warns_when_the_order_depends_on_the_shape():
+    def by_rows(x, xs, zp, w, ws):  # one order for a single row, the other for batches
+        return (_product_kernel if x.shape[0] == 1 else _sequential_kernel)(x, xs, zp, w, ws)
+
+    with pytest.warns(FxqWarning, match="every shape"):
+        assert Q.probe_scale_order(by_rows) == "sequential"
 
 
 def test_probe_without_int8_kernels_keeps_the_default():
