@@ -155,8 +155,7 @@ def inplace_elementwise(gm: fx.GraphModule) -> None:
         if node.target in _INPLACE and len(node.args) == 2:
             a, b = node.args
             for x, y, first in ((a, b, True), (b, a, False)):
-                if _owns_storage_dead_after(gm, x, node, order) and not (isinstance(x, fx.Node)
-                                                                            and y in _aliases(gm, x)):
+                if _owns_storage_dead_after(gm, x, node, order) and y not in _aliases(gm, x):
                     node.target, node.args = _INPLACE[node.target], (x, y, first)
                     break
         elif node.target is F.silu and len(node.args) in (1, 2) and not (node.args[1:] or (False,))[0] \

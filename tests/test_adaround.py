@@ -77,9 +77,15 @@ class Net(nn.Module):
         return self.b(torch.relu(self.a(x))) * (1 + t.float().reshape(-1, 1, 1, 1) / 1000)
 
 
+def _calib(seed: int, size: int, batches: int, batch: int = 4) -> list:
+    """`batches` (x, t) batches of `batch` images 3 x size x size from their own generator."""
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 3, size, size, generator=gen), torch.randint(0, 1000, (batch,), generator=gen))
+            for _ in range(batches)]
+
+
 def _quantize(model, **cfg):
-    gen = torch.Generator().manual_seed(0)
-    calib = [(torch.randn(4, 3, 8, 8, generator=gen), torch.randint(0, 1000, (4,), generator=gen)) for _ in range(4)]
+    calib = _calib(0, 8, 4)
     config = fxq.QuantConfig(weight_bits=4, act_bits=8, first_last_bits=None, adaround_iters=150, **cfg)
     return fxq.quantize(model, example_inputs=calib[0], calib_data=iter(calib), config=config), calib
 
@@ -151,9 +157,7 @@ def test_blocks_come_from_the_module_tree_and_layers_alone_stay_alone():
 def test_brecq_never_worse_per_block_on_its_calibration_data_and_lowered_on_the_grid():
     torch.manual_seed(0)
     model = TwoBlocks()
-    gen = torch.Generator().manual_seed(1)
-    calib = [(torch.randn(4, 3, 6, 6, generator=gen), torch.randint(0, 1000, (4,), generator=gen))
-             for _ in range(3)]
+    calib = _calib(1, 6, 3)
     config = fxq.QuantConfig(weight_bits=3, act_bits=8, first_last_bits=None, weight_rounding="brecq",
                              adaround_iters=150)
     q = fxq.quantize(model, example_inputs=calib[0], calib_data=calib, config=config)
@@ -216,9 +220,7 @@ def test_a_region_reads_the_quantized_model_and_learns_the_float_models_outputs(
 
     torch.manual_seed(0)
     model = Net()
-    gen = torch.Generator().manual_seed(2)
-    calib = [(torch.randn(4, 3, 8, 8, generator=gen), torch.randint(0, 1000, (4,), generator=gen))
-             for _ in range(3)]
+    calib = _calib(2, 8, 3)
     gm, frozen, _ = _calibrated(model, calib, weight_bits=4, act_bits=4, timestep_groups=2)
     obs = {n.args[0].name if n.args[0].op != "placeholder" else "x": n.target for n in gm.graph.nodes
            if n.op == "call_module" and n.target in frozen.act}
@@ -247,9 +249,7 @@ def test_a_region_reads_the_quantized_model_and_learns_the_float_models_outputs(
 def test_quantized_input_reconstruction_beats_nearest_on_the_whole_models_output():
     torch.manual_seed(0)
     model = TwoBlocks()
-    gen = torch.Generator().manual_seed(1)
-    calib = [(torch.randn(8, 3, 6, 6, generator=gen), torch.randint(0, 1000, (8,), generator=gen))
-             for _ in range(4)]
+    calib = _calib(1, 6, 4, batch=8)
     x, t = (torch.cat(c) for c in zip(*calib))
     errs = {}
     for rounding in ("nearest", "adaround", "brecq"):

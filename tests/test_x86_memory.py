@@ -44,13 +44,18 @@ def _weighted(qmodel):
     return [m for m in qmodel.modules() if isinstance(m, x86_ops._WeightedInt8)]
 
 
+def _fake_and_int8(model_cls, batches: int = 2, size: int = 6):
+    """model_cls() quantized to fake-quant and to int8 from one calibration set, and an input (seed 0)."""
+    torch.manual_seed(0)
+    model = model_cls().eval()
+    calib = [(torch.randn(2, 4, size, size),) for _ in range(batches)]
+    fake = fxq.quantize(model, calib[0], calib, fxq.QuantConfig(**{**X86, "backend": "fake"}))
+    return fake, fxq.quantize(model, calib[0], calib, fxq.QuantConfig(**X86)), torch.randn(2, 4, size, size)
+
+
 @pytest.fixture(scope="module")
 def packs():
-    torch.manual_seed(0)
-    model = _Packs().eval()
-    calib = [(torch.randn(2, 4, 6, 6),) for _ in range(2)]
-    fake = fxq.quantize(model, calib[0], calib, fxq.QuantConfig(**{**X86, "backend": "fake"}))
-    return fake, fxq.quantize(model, calib[0], calib, fxq.QuantConfig(**X86)), torch.randn(2, 4, 6, 6)
+    return _fake_and_int8(_Packs)
 
 
 def _called(int8, x):
@@ -196,11 +201,7 @@ class _Glue(nn.Module):
 
 
 def test_float_glue_runs_in_place_only_on_tensors_nothing_reads_later():
-    torch.manual_seed(0)
-    model = _Glue().eval()
-    calib = [(torch.randn(2, 4, 6, 6),) for _ in range(2)]
-    fake = fxq.quantize(model, calib[0], calib, fxq.QuantConfig(**{**X86, "backend": "fake"}))
-    int8 = fxq.quantize(model, calib[0], calib, fxq.QuantConfig(**X86))
+    fake, int8, _ = _fake_and_int8(_Glue)
     calls = [n.target for n in int8.graph.nodes if n.op == "call_function"]
     assert calls.count(x86_memplan.silu_) == 1 and calls.count(F.silu) == 1  # the second norm's SiLU; not n's
     assert calls.count(x86_memplan.add_) == 2  # conv + emb, silu(n) + n (into the SiLU's output)
@@ -224,18 +225,13 @@ class _LateQuant(nn.Module):
 
 
 def test_a_float_read_by_a_concat_is_quantized_before_it_so_only_its_codes_wait():
-    torch.manual_seed(0)
-    model = _LateQuant().eval()
-    calib = [(torch.randn(2, 4, 6, 6),) for _ in range(2)]
-    fake = fxq.quantize(model, calib[0], calib, fxq.QuantConfig(**{**X86, "backend": "fake"}))
-    int8 = fxq.quantize(model, calib[0], calib, fxq.QuantConfig(**X86))
+    fake, int8, x = _fake_and_int8(_LateQuant)
     nodes = list(int8.graph.nodes)
     (h,) = [n for n in nodes if n.op == "call_module" and n.target == "a"]
     (quant_h,) = [u for u in h.users if u.op == "call_module"
                   and isinstance(int8.graph_module.get_submodule(u.target), x86_ops.Quantize)]
     (cat,) = [n for n in nodes if n.target is torch.cat]
     assert nodes.index(quant_h) == nodes.index(cat) - 1  # after the concat, h's float storage is free
-    x = torch.randn(2, 4, 6, 6)
     assert torch.equal(int8(x), fake(x))
 
 
@@ -250,23 +246,20 @@ class _ReadAfter(nn.Module):
 
 
 def test_a_quantize_that_is_not_the_last_reader_stays():
-    torch.manual_seed(0)
-    model = _ReadAfter().eval()
-    calib = [(torch.randn(2, 4, 6, 6),) for _ in range(2)]
-    fake = fxq.quantize(model, calib[0], calib, fxq.QuantConfig(**{**X86, "backend": "fake"}))
-    int8 = fxq.quantize(model, calib[0], calib, fxq.QuantConfig(**X86))
-    x = torch.randn(2, 4, 6, 6)
+    fake, int8, x = _fake_and_int8(_ReadAfter)
     assert torch.equal(int8(x), fake(x))
 
 
 # --- aliasing: the memory planning must see in-place writes and views (found by review) ----------------------------
 
-class _WritesInPlace(nn.Module):
-    """The user's own in-place op between a conv and the conv that reads its result."""
-
+class _TwoConvs(nn.Module):
     def __init__(self):
         super().__init__()
         self.c, self.d = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+
+
+class _WritesInPlace(_TwoConvs):
+    """The user's own in-place op between a conv and the conv that reads its result."""
 
     def forward(self, x):
         h = self.c(x)
@@ -274,12 +267,8 @@ class _WritesInPlace(nn.Module):
         return self.d(h)
 
 
-class _ViewReadLater(nn.Module):
+class _ViewReadLater(_TwoConvs):
     """A view of h taken before h + 1 and read after it: h must not be written in place."""
-
-    def __init__(self):
-        super().__init__()
-        self.c, self.d = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
 
     def forward(self, x):
         h = self.c(x)
@@ -288,11 +277,7 @@ class _ViewReadLater(nn.Module):
         return self.d(y) + t
 
 
-class _AddsItsOwnView(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.c, self.d = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
-
+class _AddsItsOwnView(_TwoConvs):
     def forward(self, x):
         h = self.c(x)
         return self.d(h + h.transpose(2, 3))
@@ -300,23 +285,14 @@ class _AddsItsOwnView(nn.Module):
 
 @pytest.mark.parametrize("model", [_WritesInPlace, _ViewReadLater, _AddsItsOwnView])
 def test_memory_planning_respects_in_place_writes_and_views(model):
-    torch.manual_seed(0)
-    m = model().eval()
-    calib = [(torch.randn(2, 4, 8, 8),) for _ in range(3)]
-    x = torch.randn(2, 4, 8, 8)
-    int8 = fxq.quantize(m, (x,), calib, fxq.QuantConfig(**X86))
-    fake = fxq.quantize(m, (x,), calib, fxq.QuantConfig(backend="fake", timestep_arg=None))
+    fake, int8, x = _fake_and_int8(model, batches=3, size=8)
     want = fake(x)
     for _ in range(3):  # the runtime writes in place from the second call on
         assert torch.equal(int8(x), want)
 
 
 def test_fake_quant_runs_under_inference_mode():
-    torch.manual_seed(0)
-    m = _ViewReadLater().eval()
-    calib = [(torch.randn(2, 4, 8, 8),) for _ in range(3)]
-    x = torch.randn(2, 4, 8, 8)
-    fake = fxq.quantize(m, (x,), calib, fxq.QuantConfig(backend="fake", timestep_arg=None))
+    fake, _, x = _fake_and_int8(_ViewReadLater, batches=3, size=8)
     want = fake(x)
     with torch.inference_mode():
         assert torch.equal(fake(x), want)
