@@ -34,9 +34,10 @@ class FakeQuantize(nn.Module):
     chosen per row of x's batch axis by the per-sample timestep group (`fxq.quant.quantizer.select_group`).
 
     Constructor state is plain data (bits, signed, batch_axis, batch_major) plus the scale/zero_point buffers.
-    A float32 output outside autograd carries a `fake_ops.Codes` tag (`out.fxq_codes`): an exact op that it feeds
-    then knows its input is on the grid, and asks for the integer codes too (`keep_codes`), which the same rounding
-    gives at the cost of one more tensor while the output lives.
+    A float32 CPU output outside autograd and inference mode (whose tensors keep no version counter) carries a
+    `fake_ops.Codes` tag (`out.fxq_codes`): an exact op that it feeds then knows its input is on the grid, and asks
+    for the integer codes too (`keep_codes`), which the same rounding gives at the cost of one more tensor while the
+    output lives.
     """
 
     def __init__(self, qp: Q.QParams):
@@ -64,8 +65,7 @@ class FakeQuantize(nn.Module):
         if x.dtype != torch.float32 or (x.requires_grad and torch.is_grad_enabled()):
             # in float32 whatever x's dtype: bf16/fp16 cannot hold every code of 8+ bits exactly
             return Q.fake_quantize(x.float(), qp).to(x.dtype)
-        if x.device.type != "cpu" or torch.is_inference_mode_enabled():
-            # the exact ops run only on the CPU; inference tensors keep no version counter to tag them by
+        if x.device.type != "cpu" or torch.is_inference_mode_enabled():  # no tag: see the class doc
             return Q.fake_quantize(x, qp)
         out, codes = Q.fake_quantize_codes(x, qp) if self.keep_codes else (Q.fake_quantize(x, qp), None)
         out.fxq_codes = fake_ops.Codes(self, qp, group, out, codes)

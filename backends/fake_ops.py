@@ -45,7 +45,7 @@ class Codes:
         """Whether x is still the tensor this call made, and the call's parameters are (scale, zero_point, bits,
         batch axis) picked by the same group input: then x's codes are `self.codes` and its parameters `self.qp`."""
         src = self.source
-        return (not x.is_inference() and x._version == self.version and group is self.group and bits == self.bits
+        return (x._version == self.version and group is self.group and bits == self.bits
                 and batch_axis == src.batch_axis and batch_major == src.batch_major
                 and (self.scale._version, self.zero_point._version) == self.param_versions
                 and _same(self.scale, scale) and _same(self.zero_point, zero_point))
