@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+from speed_report import cpu_model  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -150,14 +152,6 @@ def _git_commit(root):
         return None
 
 
-def _cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.SubprocessError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def _print(label: str, summary: dict, groups) -> None:
     print(f"{label}: float forward {summary['float_per_sample_ms']['median']:.2f} ms/sample")
     for g in groups:
@@ -188,7 +182,7 @@ def main(argv=None) -> dict:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     result = {"model": "fxq.models.pretrained('ddpm32')", "device": device, "threads": args.threads,
               "clock": args.clock,
-              "cpu": _cpu_model(), "torch": torch.__version__, "calib_samples": args.calib,
+              "cpu": cpu_model(), "torch": torch.__version__, "calib_samples": args.calib,
               "batch_size": args.batch_size, "rounds": args.rounds, "loadavg_before": load,
               "loadavg_after": os.getloadavg(), "git_commit": _git_commit(ROOT)}
     if args.baseline:

@@ -14,7 +14,8 @@ PACKAGES = ("torch", "numpy", "onnx", "onnxscript", "onnxruntime", "openvino", "
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
 
 
-def machine() -> dict:
+def cpu_model() -> str:
+    """lscpu's model name (what every speed number is reported beside); platform's names where lscpu is missing."""
     model = None
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
@@ -22,20 +23,29 @@ def machine() -> dict:
                      None)
     except (OSError, subprocess.SubprocessError):
         pass
+    return model or platform.processor() or platform.machine()
+
+
+def cpu_flags(wanted=CPU_FLAGS) -> list[str]:
+    """Which of `wanted` /proc/cpuinfo lists (none where it cannot be read)."""
     flags = set()
     try:
         with open("/proc/cpuinfo") as f:
             flags = set(re.search(r"^flags\s*:(.*)$", f.read(), re.M).group(1).split())
     except (OSError, AttributeError):
         pass
+    return [f for f in wanted if f in flags]
+
+
+def machine() -> dict:
     versions = {}
     for p in PACKAGES:
         try:
             versions[p] = metadata.version(p)
         except metadata.PackageNotFoundError:
             versions[p] = None
-    return {"cpu_model": model or platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "cpu_flags": [f for f in CPU_FLAGS if f in flags], "python": platform.python_version(),
+    return {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "cpu_flags": cpu_flags(),
+            "python": platform.python_version(),
             "versions": versions}
 
 

@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fxq.quant import quantizer as Q  # noqa: E402
 from fxq.backends import x86_ops  # noqa: E402
+from speed_report import cpu_flags, cpu_model  # noqa: E402
 
 # (name, in channels, out channels, kernel, spatial size) at batch 4
 CONVS = [("conv3x3 64->64 32x32", 64, 64, 3, 32), ("conv3x3 128->128 16x16", 128, 128, 3, 16),
@@ -59,8 +60,7 @@ def probe(module: nn.Module, codes: torch.Tensor, acc: torch.Tensor, sx: float, 
 
 
 def make_qparams(weight: torch.Tensor, sx: float, zx: int):
-    wmax = weight.abs().flatten(1).amax(1).clamp_min(1e-8)
-    wqp = Q.QParams((wmax / 127).float(), torch.zeros_like(wmax), 8, True, 0)
+    wqp = Q.symmetric_qparams(weight.abs().flatten(1).amax(1), 8, axis=0)
     xqp = Q.QParams(torch.tensor(sx), torch.tensor(float(zx)), 8, False, None)
     return wqp, xqp
 
@@ -74,9 +74,8 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    model = next((ln.split(":", 1)[1].strip() for ln in flags.splitlines() if ln.startswith("model name")), "?")
-    out = {"cpu": model, "amx_int8": " amx_int8" in flags, "avx512_vnni": " avx512_vnni" in flags,
+    flags, model = cpu_flags(("amx_int8", "avx512_vnni")), cpu_model()
+    out = {"cpu": model, "amx_int8": "amx_int8" in flags, "avx512_vnni": "avx512_vnni" in flags,
            "torch": torch.__version__, "machine": platform.machine(), "probed_order": Q.kernel_scale_order(),
            "shapes": {}}
     print(f"{model}: amx_int8={out['amx_int8']} avx512_vnni={out['avx512_vnni']} torch {torch.__version__}, "

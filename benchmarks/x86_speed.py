@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
-import subprocess
 import time
 
 import torch
@@ -30,17 +28,10 @@ import torch
 import fxq
 from fxq import report
 from fxq.backends import x86
+from speed_report import cpu_model
 
 VARIANTS = {"int8-plain": (), "int8-unary": (x86.fuse_unary,),
             "int8-requant": (x86.fuse_unary, x86.fuse_output_quant), "int8": x86.FUSIONS}
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return platform.processor()
 
 
 def load(name: str):
