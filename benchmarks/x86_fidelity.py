@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import sys
 import time
 
@@ -34,6 +33,7 @@ from fxq import calib  # noqa: E402
 from fxq.diffusion import DDIM  # noqa: E402
 from fxq.eval.images import psnr, psnr_summary, sample_images, save_grid  # noqa: E402
 from fxq.models.pretrained import load_model  # noqa: E402
+from speed_report import cpu_model  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -130,7 +130,7 @@ def main(argv=None) -> dict:
            "calib": {"n": len(data), "timesteps": args.calib_timesteps, "estimator": args.estimator,
                      "timestep_groups": args.timestep_groups},
            "fake_device": args.fake_device, "threads": torch.get_num_threads(), "processes": world, "torch": torch.__version__,
-           "machine": platform.processor() or platform.machine(), "command": " ".join(sys.argv),
+           "machine": cpu_model(), "command": " ".join(sys.argv),
            "psnr_int8_vs_fake_db": psnr_summary(images["fake"], images["int8"]),
            "psnr_int8_vs_fake_db_per_sample": [round(float(v), 3) for v in per_sample],
            "identical_samples": int((images["fake"] == images["int8"]).flatten(1).all(1).sum()), "times_s": times}
