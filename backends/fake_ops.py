@@ -140,6 +140,7 @@ class _ExactWeighted(_ExactBase):
         self.register_buffer("w_scale", torch.ones(self.weight.shape[0]))
         self._codes_of = None  # (weight tensor, its version, its codes, float32 or float64 for the sums)
         self._chunks = None  # input-channel slices summed exactly in float32 where float64 would be needed
+        self._orders = {}  # input shape -> the scale order of this CPU's int8 kernel for this op at that shape
 
     def _set_exact(self, float_module, weight: torch.Tensor, wqp: Q.QParams, xqp: Q.QParams):
         if not wqp.signed or wqp.axis != 0 or wqp.bits != self.weight_bits:
@@ -189,16 +190,63 @@ class _ExactWeighted(_ExactBase):
         qp, codes = self._input_codes("x", x, group)
         return None if codes is None else (qp, codes, *weight)
 
-    def _scaled(self, acc: torch.Tensor, qp: Q.QParams, channel_dim: int) -> torch.Tensor:
+    def _scaled(self, acc: torch.Tensor, qp: Q.QParams, channel_dim: int, in_shape) -> torch.Tensor:
         shape = [1] * acc.dim()
         shape[channel_dim] = -1
-        y = Q.scale_accumulator_(acc, qp.scale, self.w_scale.reshape(shape))  # acc is this op's own
+        order = self._kernel_order(tuple(in_shape), channel_dim)
+        y = Q.scale_accumulator_(acc, qp.scale, self.w_scale.reshape(shape), order)  # acc is this op's own
         return y if self.bias is None else y.add_(self.bias.detach().float().reshape(shape))
+
+    def _kernel_order(self, in_shape: tuple, channel_dim: int) -> str | None:
+        """The order in which this CPU's int8 kernel for this op scales its sums at inputs of in_shape: oneDNN
+        picks its kernel by shape, and on AMX hosts some shapes (one-row linears, small 1x1 convs) take a VNNI
+        kernel that rounds in the other order (benchmarks/x86_kernel_arith.py). Probed once per shape on random
+        codes with the backend's own int8 module; None (the process default) where no int8 kernel serves the
+        op (weights or activations above 8 bits, a form the x86 backend refuses)."""
+        if in_shape not in self._orders:
+            self._orders[in_shape] = _probe_kernel_order(self, in_shape, channel_dim)
+        return self._orders[in_shape]
 
     def _apply(self, fn, *args, **kwargs):
         self._codes_of = None
         return super()._apply(fn, *args, **kwargs)
 
+
+def _probe_kernel_order(module: "_ExactWeighted", in_shape: tuple, channel_dim: int) -> str | None:
+    if module.weight_bits > 8 or module.act_bits > 8 or module.weight.dtype != torch.float32:
+        return None
+    weight = module._weight_codes()
+    if weight is None:
+        return None
+    from fxq.backends import x86_ops  # the backend whose kernels the simulation follows
+    gen = torch.Generator().manual_seed(0)
+    zp, xs = 117, torch.tensor(0.0173)
+    codes = torch.randint(0, 256, in_shape, dtype=torch.uint8, generator=gen)
+    xqp = Q.QParams(xs, torch.tensor(float(zp)), 8, False, None)
+    wqp = Q.QParams(module.w_scale.detach().clone(), torch.zeros_like(module.w_scale), module.weight_bits, True, 0)
+    conv = isinstance(module, _ExactConv)
+    if conv and codes.dim() == 4:
+        codes = codes.contiguous(memory_format=torch.channels_last)
+    try:
+        int8 = (x86_ops.QConv if conv else x86_ops.QLinear).from_float(module, wqp, xqp)
+        y = int8(codes)
+    except Exception:  # no oneDNN int8 kernel for this op on this CPU: nothing to follow
+        return None
+    centered = codes.double() - zp
+    wcodes = weight[0].double()
+    if conv:
+        padding = module.padding if isinstance(module.padding, str) else list(module.padding)
+        acc = _CONV[len(module.kernel_size)](centered, wcodes, None, list(module.stride), padding,
+                                             list(module.dilation), module.groups)
+    else:
+        acc = F.linear(centered, wcodes)
+    shape = [1] * acc.dim()
+    shape[channel_dim] = -1
+    bias = None if module.bias is None else module.bias.detach().float().reshape(shape)
+    order = Q.fitting_order(y, acc, xs, module.w_scale.reshape(shape), bias)
+    if order is None:
+        Q.warn_unknown_order(f"this CPU's int8 {type(module).__name__} at input shape {list(in_shape)}")
+    return order
 
 class _ExactConv(_ExactWeighted):
     """Zero-padded conv of fake-quantized input, as the int8 conv computes it (see the module docstring)."""
@@ -236,7 +284,7 @@ class _ExactConv(_ExactWeighted):
         conv = _CONV[len(self.kernel_size)]
         acc = self._accumulate(lambda c, w: conv(c, w, None, list(self.stride), padding, list(self.dilation),
                                                  self.groups), codes, wcodes, dtype, 1)
-        y = self._scaled(acc, qp, 1)
+        y = self._scaled(acc, qp, 1, codes.shape)
         return y.contiguous(memory_format=torch.channels_last) if cpu_2d else y
 
 
@@ -275,7 +323,7 @@ class ExactLinear(_ExactWeighted, nn.Linear):
         if exact is None:
             return super().forward(x)
         qp, codes, wcodes, dtype = exact
-        return self._scaled(self._accumulate(F.linear, codes, wcodes, dtype, -1), qp, -1)
+        return self._scaled(self._accumulate(F.linear, codes, wcodes, dtype, -1), qp, -1, codes.shape)
 
 
 class ExactMatmul(_ExactBase):

@@ -378,6 +378,16 @@ class QLinear(_WeightedInt8):
                 f"out_quant={self.out_quant}{_rows_repr(self)}")
 
 
+def _unambiguous(m: torch.Tensor) -> torch.Tensor:
+    """A matrix operand of `torch._int_mm` with a size-1 dim, copied to plain row-major strides: a [1, k] row with
+    strides (1, 1) reads as column-major as well, and oneDNN's int8 matmul on AMX (Intel Xeon, torch 2.11) then
+    returns wrong sums (measured on every such shape; VNNI kernels do not). Such an operand is a vector: the
+    copy is free."""
+    if 1 in m.shape and m.stride() != (m.shape[1], 1):
+        return m.clone(memory_format=torch.contiguous_format)
+    return m
+
+
 class QMatmul(SpecFields, _Lazy):
     """a @ b of two uint8-coded activations (torch.matmul semantics, both at least 2-d) on `torch._int_mm`,
     fp32 output. Zero points are applied exactly in int32 through row and column sums; each operand's parameters
@@ -443,16 +453,16 @@ class QMatmul(SpecFields, _Lazy):
         sb, zb = self._row_params("b", g, b, tuple(batch) + (1, n), -2)
         a8 = a.expand(tuple(batch) + (m, k)).reshape(-1, m, k).bitwise_xor(_U8_TO_S8).view(torch.int8)
         b8 = b.expand(tuple(batch) + (k, n)).reshape(-1, k, n).bitwise_xor(_U8_TO_S8).view(torch.int8)
-        if a8.stride(-2) == 1 and m > 1:
+        if a8.stride(-2) == 1 and m > 1 and k > 1:
             # a is column-major (a channels-last activation seen as [C, HW]): compute (b^T a^T)^T so that the
             # result is column-major too and its reshape back to 4-d stays a channels-last view (no copy)
             acc = torch.empty((a8.shape[0], n, m), dtype=torch.int32).mT
             for i in range(a8.shape[0]):
-                torch._int_mm(b8[i].mT, a8[i].mT, out=acc[i].mT)
+                torch._int_mm(_unambiguous(b8[i].mT), _unambiguous(a8[i].mT), out=acc[i].mT)
         else:
             acc = torch.empty((a8.shape[0], m, n), dtype=torch.int32)
             for i in range(a8.shape[0]):
-                torch._int_mm(a8[i], b8[i], out=acc[i])
+                torch._int_mm(_unambiguous(a8[i]), _unambiguous(b8[i]), out=acc[i])
         # sum_k (a - za)(b - zb) with a, za shifted by 128 alike: the shift cancels in each difference; exact in
         # int32, the row term (with the constant) and the column term subtracted in one pass each
         za8 = (za - _U8_TO_S8).to(torch.int32)

@@ -79,6 +79,9 @@ ROWS = {
     "fxq-mse-ada-bcg10": ("fxq, Lp weight scales + AdaRound + bias & gain corr. per 10 groups",
                           ["--weight-estimator", "mse", "--weight-rounding", "adaround", *BCG10]),
     "fxq-mse": ("fxq, Lp-searched weight scales, no bias correction", ["--weight-estimator", "mse"]),
+    "fxq-mse-bcg10-noattn": ("fxq, Lp weight scales + bias & gain corr. per 10 groups, attention matmuls in float "
+                             "(diagnosis: what the attention quantizers cost)",
+                             ["--weight-estimator", "mse", "--ops", "conv,linear", *BCG10]),
     "fxq-mse-bcg10-c1024": ("fxq, Lp weight scales + bias & gain corr. per 10 groups, 1024 calibration inputs",
                             ["--weight-estimator", "mse", "--calib", "1024", *BCG10]),
     "fxq-mse-tg10-bcg10": ("fxq, Lp weight scales, 10 uniform timestep groups + bias & gain corr. per 10 groups",

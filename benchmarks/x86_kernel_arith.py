@@ -27,12 +27,16 @@ from fxq.quant import quantizer as Q  # noqa: E402
 from fxq.backends import x86_ops  # noqa: E402
 from speed_report import cpu_flags, cpu_model  # noqa: E402
 
-# (name, in channels, out channels, kernel, spatial size) at batch 4
+# (name, in channels, out channels, kernel, spatial size), at each --batches size
 CONVS = [("conv3x3 64->64 32x32", 64, 64, 3, 32), ("conv3x3 128->128 16x16", 128, 128, 3, 16),
          ("conv3x3 256->256 8x8", 256, 256, 3, 8), ("conv1x1 128->256 16x16", 128, 256, 1, 16),
          ("conv3x3 3->64 32x32", 3, 64, 3, 32)]
 SIMULATION = "fxq's simulation (probed order)"
-LINEARS = [("linear 128->128 x1024", 128, 128, 1024), ("linear 256->1024 x4", 256, 1024, 4)]
+# (name, in features, out features, rows): attention projections (many rows) and the time embedding (batch rows)
+LINEARS = [("linear 128->128 x1024", 128, 128, 1024), ("linear 256->1024 x4", 256, 1024, 4),
+           ("linear 96->48 x64", 96, 48, 64), ("linear 96->48 x1", 96, 48, 1), ("linear 256->200 x4", 256, 200, 4),
+           ("linear 512->512 x1", 512, 512, 1), ("linear 512->512 x2", 512, 512, 2), ("linear 512->512 x16", 512, 512, 16),
+           ("linear 512->128 x64", 512, 128, 64), ("linear 128->512 x256", 128, 512, 256)]
 
 
 def candidates(acc: torch.Tensor, sx: float, sw: torch.Tensor, bias: torch.Tensor) -> dict:
@@ -69,6 +73,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--batches", default="4", help="comma-separated batch sizes of the conv shapes")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if args.threads:
@@ -81,11 +86,12 @@ def main(argv=None) -> dict:
     print(f"{model}: amx_int8={out['amx_int8']} avx512_vnni={out['avx512_vnni']} torch {torch.__version__}, "
           f"probed order: {out['probed_order']}")
     sx, zx = 0.0213, 121
-    for name, cin, cout, k, size in CONVS:
+    for (name, cin, cout, k, size), batch in ((c, int(b)) for b in args.batches.split(",") for c in CONVS):
+        name = f"{name} b{batch}"
         conv = nn.Conv2d(cin, cout, k, padding=k // 2)
         wqp, xqp = make_qparams(conv.weight, sx, zx)
         module = x86_ops.QConv.from_float(conv, wqp, xqp)
-        codes = torch.randint(0, 256, (4, cin, size, size), dtype=torch.uint8)
+        codes = torch.randint(0, 256, (batch, cin, size, size), dtype=torch.uint8)
         centered = (codes.double() - zx).contiguous(memory_format=torch.channels_last)
         acc = F.conv2d(centered, module.weight.double(), None, 1, k // 2)
         out["shapes"][name] = probe(module, codes.contiguous(memory_format=torch.channels_last), acc, sx, 1)

@@ -1,8 +1,11 @@
-"""The simulation scales an int8 op's integer sum in the order this CPU's oneDNN kernels do (probed once)."""
+"""The simulation scales an int8 op's integer sum in the order this CPU's oneDNN kernels do: a process default
+probed once, and each exact conv/linear's own kernel probed per input shape (oneDNN picks kernels by shape)."""
 
 import pytest
 import torch
+from torch import nn
 
+from fxq.backends import fake_ops, x86_ops
 from fxq.errors import FxqWarning
 from fxq.quant import quantizer as Q
 
@@ -28,16 +31,66 @@ def test_probe_warns_when_no_order_matches():
     def rounded_once(x, xs, zp, w, ws):
         return ((x.double() - zp) @ w.double().t() * xs * ws.double()).float()
 
-    with pytest.warns(FxqWarning, match="no one known order"):
+    with pytest.warns(FxqWarning, match="no known order"):
         assert Q.probe_scale_order(rounded_once) == "sequential"
 
 
-def test_probe_warns_when_the_order_depends_on_the_shape():
-    def by_rows(x, xs, zp, w, ws):  # one order for a single row, the other for batches
-        return (_product_kernel if x.shape[0] == 1 else _sequential_kernel)(x, xs, zp, w, ws)
+def _exact_linear(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    linear = nn.Linear(96, 48)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(48, 96, generator=gen) * 0.1)
+        linear.bias.copy_(torch.randn(48, generator=gen))
+    wqp = Q.symmetric_qparams(linear.weight.detach().abs().amax(1), 8, axis=0)
+    xqp = Q.QParams(torch.tensor(0.0213), torch.tensor(121.0), 8, False, None)
+    module = fake_ops.ExactLinear.from_float(linear, nn.Parameter(Q.fake_quantize(linear.weight.detach(), wqp)),
+                                             wqp, xqp)
+    return module, wqp, xqp
 
-    with pytest.warns(FxqWarning, match="every shape"):
-        assert Q.probe_scale_order(by_rows) == "sequential"
+
+def _emulated_kernel(monkeypatch, pick):
+    """QLinear computing its output in the order pick(rows) (None: rounded once, in no known order)."""
+    def forward(self, x, g=None, other=None):
+        d = self.derived()
+        xs, xz = d["x"][0]
+        acc = (x.double() - xz) @ self._codes().double().t()
+        order = pick(x.shape[0])
+        if order is None:
+            return (acc * xs * self.w_scale.double() + self.bias.double()).float()
+        return Q.scale_accumulator(acc, torch.tensor(xs), self.w_scale, order) + self.bias
+    monkeypatch.setattr(x86_ops.QLinear, "forward", forward)
+
+
+def test_exact_linear_follows_its_kernels_order_per_input_shape(monkeypatch):
+    # as on an AMX host: a one-row linear takes a kernel of the other order than a batch
+    default = Q.kernel_scale_order()
+    other = next(o for o in Q.SCALE_ORDERS if o != default)
+    _emulated_kernel(monkeypatch, lambda rows: other if rows == 1 else default)
+    module, wqp, xqp = _exact_linear()
+    gen = torch.Generator().manual_seed(3)
+    for rows, order in ((1, other), (64, default), (1, other)):
+        x = Q.fake_quantize(torch.randn(rows, 96, generator=gen) * 2, xqp)
+        acc = Q.centered_codes(x, xqp).double() @ Q.centered_codes(module.weight.detach(), wqp).double().t()
+        want = Q.scale_accumulator(acc, xqp.scale, module.w_scale, order) + module.bias.detach()
+        assert torch.equal(module(x), want)
+        wrong = Q.scale_accumulator(acc, xqp.scale, module.w_scale, default if order == other else other)
+        assert not torch.equal(want, wrong + module.bias.detach())  # the data tells the orders apart
+    assert set(module._orders) == {(1, 96), (64, 96)}  # probed once per shape
+
+
+def test_exact_linear_warns_when_its_kernel_fits_no_order(monkeypatch):
+    _emulated_kernel(monkeypatch, lambda rows: None)
+    module, _, xqp = _exact_linear()
+    x = Q.fake_quantize(torch.randn(8, 96), xqp)
+    with pytest.warns(FxqWarning, match="ExactLinear at input shape"):
+        module(x)
+
+
+def test_exact_ops_above_8_bits_keep_the_default_order():
+    module, _, xqp = _exact_linear()
+    module.act_bits = 16  # no int8 kernel serves it: nothing to probe
+    module(Q.fake_quantize(torch.randn(4, 96), xqp))
+    assert module._orders == {(4, 96): None}
 
 
 def test_probe_without_int8_kernels_keeps_the_default():

@@ -10,6 +10,7 @@ flips that matter: one code one step off moves a diffusion UNet's output at t = 
 
 import json
 import operator
+from unittest import mock
 
 import pytest
 import torch
@@ -163,8 +164,34 @@ def test_attention_matmul_is_exact_in_any_operand_layout_and_keeps_a_column_majo
     y = mm(a_in, b_in)
     assert torch.equal(y, mm(a, b))
     assert (y.double() - exact).abs().max() <= 1e-6 * (exact.abs().max() + 1)
-    if a_cols and m > 1 and n > 1:
+    if a_cols and m > 1 and n > 1 and k > 1:  # with k = 1 `a` is row-major as well
         assert y.stride(-2) == 1
+
+
+def _int_mm_as_on_amx(a, b, out=None):
+    """torch._int_mm as oneDNN computes it on AMX (Intel Xeon, torch 2.11, measured over all m, n < 20, k < 40):
+    right for operands with plain strides, wrong sums when an operand with a size-1 dim has other strides (a [1, k]
+    row with strides (1, 1) reads as column-major too)."""
+    for m in (a, b):
+        if 1 in m.shape and m.stride() != (m.shape[1], 1):
+            raise AssertionError(f"ambiguous operand strides {m.stride()} for shape {tuple(m.shape)}")
+    y = (a.double() @ b.double()).to(torch.int32)
+    return y if out is None else out.copy_(y)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), m=st.integers(1, 4), k=st.integers(1, 4), n=st.integers(1, 4),
+       batch=st.integers(1, 2), a_cols=st.booleans(), b_cols=st.booleans())
+def test_attention_matmul_hands_the_kernel_unambiguous_operands(seed, m, k, n, batch, a_cols, b_cols):
+    g = torch.Generator().manual_seed(seed)
+    mm = x86_ops.QMatmul.from_qparams(Q.QParams(torch.tensor(0.03), torch.tensor(101.0), 8, False),
+                                      Q.QParams(torch.tensor(0.05), torch.tensor(7.0), 8, False))
+    a = torch.randint(0, 256, (batch, m, k), dtype=torch.uint8, generator=g)
+    b = torch.randint(0, 256, (batch, k, n), dtype=torch.uint8, generator=g)
+    with mock.patch.object(torch, "_int_mm", _int_mm_as_on_amx):
+        y = mm(a.mT.contiguous().mT if a_cols else a, b.mT.contiguous().mT if b_cols else b)
+    exact = ((a.double() - 101) @ (b.double() - 7)) * (0.03 * 0.05)
+    assert (y.double() - exact).abs().max() <= 1e-6 * (exact.abs().max() + 1)
 
 
 # --- small random graphs -----------------------------------------------------------------------------------------

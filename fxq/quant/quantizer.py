@@ -227,11 +227,11 @@ def exact_sum(parts: list[torch.Tensor]) -> torch.Tensor:
     return acc.float()
 
 
-def scale_accumulator(acc: torch.Tensor, x_scale, w_scale) -> torch.Tensor:
-    """The float32 dequantization of an exact integer sum, as this CPU's oneDNN int8 kernels compute it:
-    (float(acc) * x_scale) * w_scale, or float(acc) * (x_scale * w_scale) where they multiply the scales first
-    (`kernel_scale_order`)."""
-    if kernel_scale_order() == "product":
+def scale_accumulator(acc: torch.Tensor, x_scale, w_scale, order: str | None = None) -> torch.Tensor:
+    """The float32 dequantization of an exact integer sum, as oneDNN's int8 kernels compute it: "sequential",
+    (float(acc) * x_scale) * w_scale, or "product", float(acc) * (x_scale * w_scale) (`SCALE_ORDERS`; default: this
+    CPU's `kernel_scale_order`)."""
+    if (order or kernel_scale_order()) == "product":
         return acc.float() * (torch.as_tensor(x_scale, dtype=torch.float32)
                               * torch.as_tensor(w_scale, dtype=torch.float32))
     return (acc.float() * x_scale) * w_scale
@@ -242,46 +242,54 @@ _scale_order: str | None = None
 
 
 def kernel_scale_order() -> str:
-    """How oneDNN's int8 conv/linear on this CPU scale their int32 sums: "sequential", (acc * s_x) * s_w (its
-    AVX512-VNNI kernels, e.g. AMD Zen 4), or "product", acc * (s_x * s_w) (its AMX kernels, e.g. Intel Xeon):
-    the two round apart on ~30 % of the outputs. Probed once per process (`probe_scale_order`)."""
+    """How this CPU's oneDNN int8 linear scales its int32 sums at a typical shape (64 rows): "sequential", (acc *
+    s_x) * s_w (AVX512-VNNI kernels, e.g. AMD Zen 4), or "product", acc * (s_x * s_w) (AMX kernels, e.g. Intel
+    Xeon); the two round apart on ~30 % of the outputs. oneDNN picks kernels by shape as well (on AMX hosts a
+    one-row linear or a small 1x1 conv may take a VNNI kernel), so the exact conv/linear of the fake backend probe
+    their own kernel per input shape (`fitting_order`); this default serves the rest. Probed once per process."""
     global _scale_order
     if _scale_order is None:
         _scale_order = probe_scale_order()
     return _scale_order
 
 
-_PROBE_SHAPES = ((64, 96, 48), (1, 96, 48), (4, 256, 200))  # (M, K, N): a batch, one row (time embedding), wide
+def fitting_order(y: torch.Tensor, acc: torch.Tensor, x_scale, w_scale, bias=None) -> str | None:
+    """The order (SCALE_ORDERS) in which `scale_accumulator(acc) (+ bias)` equals a kernel's float32 output y bit
+    for bit (acc: the exact integer sum, float64; w_scale and bias broadcast along acc's channel axis); the first
+    that fits when both do, None when neither does."""
+    for order in SCALE_ORDERS:
+        value = scale_accumulator(acc, x_scale, w_scale, order)
+        if torch.equal(value if bias is None else value + bias, y):
+            return order
+    return None
 
 
 def probe_scale_order(kernel=None) -> str:
     """The order (SCALE_ORDERS) whose float32 arithmetic reproduces `kernel(x_codes uint8 [M, K], x_scale,
     x_zero_point, w_codes int8 [N, K], w_scale [N]) -> float32 [M, N]` (default: oneDNN's int8 linear) bit for
-    bit on fixed random data of a few shapes (oneDNN picks its kernel by shape too). "sequential" with an
-    FxqWarning when no order reproduces every shape, and without one when the kernel cannot run (no oneDNN int8 on
-    this CPU: no int8 model runs here either)."""
+    bit on fixed random data of a typical shape (64 x 96 -> 48). "sequential" with an FxqWarning when neither
+    does, and without one when the kernel cannot run (no oneDNN int8 on this CPU: no int8 model runs here
+    either)."""
     gen = torch.Generator().manual_seed(0)
-    x_scale, zp = 0.0173, 117
-    xs = torch.tensor(x_scale, dtype=torch.float32)
-    fits = set(SCALE_ORDERS)
-    for m, k, n in _PROBE_SHAPES:
-        x = torch.randint(0, 256, (m, k), dtype=torch.uint8, generator=gen)
-        w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
-        w_scale = (torch.rand(n, generator=gen) * 0.02 + 1e-3).float()
-        try:
-            y = (kernel or _onednn_linear)(x, x_scale, zp, w, w_scale)
-        except (RuntimeError, AttributeError, NotImplementedError):
-            return "sequential"
-        acc = ((x.double() - zp) @ w.double().t()).float()
-        candidates = {"sequential": (acc * xs) * w_scale, "product": acc * (xs * w_scale)}
-        fits &= {order for order, value in candidates.items() if torch.equal(value, y)}
-    if fits:
-        return next(order for order in SCALE_ORDERS if order in fits)
+    x_scale, zp, (m, k, n) = 0.0173, 117, (64, 96, 48)
+    x = torch.randint(0, 256, (m, k), dtype=torch.uint8, generator=gen)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
+    w_scale = (torch.rand(n, generator=gen) * 0.02 + 1e-3).float()
+    try:
+        y = (kernel or _onednn_linear)(x, x_scale, zp, w, w_scale)
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return "sequential"
+    order = fitting_order(y, (x.double() - zp) @ w.double().t(), torch.tensor(x_scale), w_scale)
+    if order is None:
+        warn_unknown_order("this CPU's int8 linear")
+    return order or "sequential"
+
+
+def warn_unknown_order(what: str) -> None:
     import warnings
     from fxq.errors import FxqWarning
-    warnings.warn("this CPU's int8 kernels scale their sums in no one known order for every shape probed: the "
-                  "fake-quant simulation will not match the x86 backend bit for bit here", FxqWarning, stacklevel=2)
-    return "sequential"
+    warnings.warn(f"{what} scales its int32 sums in no known order: the fake-quant simulation will not match the "
+                  "x86 backend bit for bit here", FxqWarning, stacklevel=3)
 
 
 def _onednn_linear(x, x_scale, zp, w, w_scale):
@@ -291,13 +299,14 @@ def _onednn_linear(x, x_scale, zp, w, w_scale):
                                               "none", [], "")
 
 
-def scale_accumulator_(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+def scale_accumulator_(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
+                       order: str | None = None) -> torch.Tensor:
     """`scale_accumulator`, the same roundings, written over acc where it is float32 and the scales broadcast to
     its shape (no fresh tensor: on the CPU a fresh multi-MB tensor costs page faults as long as the pass itself)."""
     y = acc if acc.dtype == torch.float32 else acc.float()
     if not (_broadcasts_to(x_scale, y.shape) and _broadcasts_to(w_scale, y.shape)):
-        return scale_accumulator(acc, x_scale, w_scale)
-    if kernel_scale_order() == "product":
+        return scale_accumulator(acc, x_scale, w_scale, order)
+    if (order or kernel_scale_order()) == "product":
         return y.mul_(x_scale.float() * w_scale.float())
     return y.mul_(x_scale).mul_(w_scale)
 
