@@ -182,7 +182,8 @@ def race(rows: dict, inputs: dict, rounds: int, warmup: int, gap_s: float) -> No
     """Interleaved timing: each round calls every running backend once per batch size, the order rotated by
     one each round. Times only the backend's own call (inputs converted beforehand). Adds ms lists to rows."""
     names = [n for n, r in rows.items() if r["status"] == "ok"]
-    native = {(n, b): rows[n]["runner"].prepare(*inputs[b]) for n in names for b in inputs}
+    native = {(n, b): rows[n]["runner"].prepare(inputs[b][0], rows[n]["runner"].timing_t(inputs[b][1]))
+              for n in names for b in inputs}
     times = {(n, b): [] for n in names for b in inputs}
     for r in range(-warmup, rounds):
         for b in inputs:

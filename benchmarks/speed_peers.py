@@ -49,6 +49,7 @@ class Runner:
     to_torch: Callable[[Any], torch.Tensor] = lambda out: out
     info: dict = field(default_factory=dict)  # how it was built (engine, precision hint, excluded nodes, ...)
     model: Any = None  # an fxq model, which speed.py also saves and measures loaded from its file
+    timing_t: Callable[[torch.Tensor], torch.Tensor] = lambda t: t  # the timesteps it is timed at, given the race's
 
     def __call__(self, x, t) -> torch.Tensor:
         return self.to_torch(self.call(self.prepare(x, t)))
@@ -334,6 +335,15 @@ def fxq_int8_groups(ctx: Context) -> Runner:
     return _fxq(ctx, backend="x86", timestep_groups=10)
 
 
+def fxq_int8_groups_shared_t(ctx: Context) -> Runner:
+    """The same model timed as a sampler calls it: every sample of a batch at one timestep (the batch's first;
+    the race's batches mix timesteps, which makes every int8 op run once per group present). Its SQNR is taken
+    at the inputs' own timesteps, like every backend's."""
+    runner = fxq_int8_groups(ctx)
+    runner.timing_t = lambda t: t[:1].expand(t.shape[0]).clone()
+    return runner
+
+
 @dataclass(frozen=True)
 class Backend:
     label: str
@@ -355,4 +365,6 @@ BACKENDS = {
     "fxq-fake": Backend("fxq fake-quant W8A8", fxq_fake, False),
     "fxq-int8": Backend("fxq int8 (backend='x86')", fxq_int8, True),
     "fxq-int8-g10": Backend("fxq int8, timestep_groups=10", fxq_int8_groups, True),
+    "fxq-int8-g10-shared-t": Backend("fxq int8, timestep_groups=10, one t per batch (as a sampler calls it)",
+                                     fxq_int8_groups_shared_t, True),
 }

@@ -277,6 +277,25 @@ def test_same_seed_same_int8_model_bit_for_bit():
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_int8_outputs_are_ordinary_tensors_whatever_the_callers_grad_mode():
+    # the int8 graph runs in inference mode; what the caller gets back must still take in-place updates and
+    # autograd like any output (a scheduler's `sample.mul_`, a loss on top), in every grad mode
+    torch.manual_seed(0)
+    model = _MLP(4).eval()
+    calib = [(torch.randn(3, 2, 4),) for _ in range(2)]
+    int8 = fxq.quantize(model, (torch.randn(3, 2, 4),), calib, fxq.QuantConfig(**X86))
+    x = torch.randn(3, 2, 4)
+    ref = int8(x)
+    for mode in (torch.enable_grad, torch.no_grad, torch.inference_mode):
+        with mode():
+            y = int8(x)
+        assert torch.equal(y, ref)
+        if mode is not torch.inference_mode:
+            assert not y.is_inference()
+            y.mul_(2)
+            (y * torch.ones(4, requires_grad=True)).sum().backward()
+
+
 def test_fusions_are_in_the_lowered_graph():
     torch.manual_seed(0)
     model = _ConvNet(4, nn.ReLU()).eval()
