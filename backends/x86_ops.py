@@ -111,18 +111,21 @@ class Quantize(SpecFields, _Lazy):
         return _ActParams.floats(self, "x")
 
     def forward(self, x: torch.Tensor, g=None) -> torch.Tensor:
-        if not x.is_floating_point() or x.device.type != "cpu":
+        if x.dtype is not torch.float32:
+            if not x.is_floating_point():
+                raise InputError(f"int8 quantization takes a float CPU tensor, got {x.dtype} on {x.device}")
+            x = x.float()
+        if x.device.type != "cpu":
             raise InputError(f"int8 quantization takes a float CPU tensor, got {x.dtype} on {x.device}")
-        x = x.float()
         if self.groups > 1 and g is None:
             raise InputError("this int8 model keeps activation parameters per timestep group: call it with t")
         if isinstance(g, torch.Tensor):  # mixed groups: per-row parameters, the same arithmetic
             qp = Q.select_group(_ActParams.qparams(self, "x", self.batch_axis, self.batch_major), g, x)
             return Q.codes(x, qp)
-        scale, zp = self.derived()[g or 0]
+        scale, zp = (self._derived or self.derived())[g or 0]
         # codes laid out like x: the kernel writes a contiguous result (channels-last aside), so a permuted x
         # (attention's [C, HW] view of a channels-last activation) is quantized through its contiguous order
-        order = dense_order(x)
+        order = None if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last) else dense_order(x)
         if order is not None:
             x = x.permute(order)
         with warnings.catch_warnings():  # quantized tensor creation is deprecated; its kernel is ours to call
@@ -242,7 +245,10 @@ class QConv(_WeightedInt8):
     def _build(self):
         return {"packs": {}, "w_zp": torch.zeros(self.out_channels, dtype=torch.int64),
                 "x": _ActParams.floats(self, "x"),
-                "out": _ActParams.floats(self, "out") if self.out_quant else None}
+                "out": _ActParams.floats(self, "out") if self.out_quant else None,
+                # the call's constant arguments, worked out once (a UNet calls ~100 convs per step)
+                "pad_codes": self._pad_codes,
+                "geometry": (list(self.stride), self._kernel_padding(), list(self.dilation), self.conv_groups)}
 
     def _packed(self, d: dict, x: torch.Tensor):
         """The weight packed for inputs shaped like x (batch aside). oneDNN picks the weight's blocked layout by
@@ -269,36 +275,37 @@ class QConv(_WeightedInt8):
 
     def forward(self, x: torch.Tensor, g=None, accum: torch.Tensor | None = None) -> torch.Tensor:
         self._check_call(x, g)
-        d = self.derived()
+        d = self._derived or self.derived()
         x = canonical(x, channels_last=x.dim() == 4)
         fused = (accum is not None and self.accum and x.dim() == 4 and accum.dtype == torch.float32
                  and channels_last(accum) and isinstance(g, (int, type(None))))
         if fused:
-            accum = canonical(accum, channels_last=True)
-
-        def conv(gi, x, acc):
-            xs, xz = d["x"][gi]
-            if self._pad_codes:
-                pads = [p for p in reversed(self.padding) for _ in range(2)]
-                x = canonical(F.pad(x, pads, value=xz), channels_last=x.dim() == 4)
-            os_, oz, odt = self._out_args(gi)
-            attr, scalars, algo = _unary_args(self.unary)
-            common = (list(self.stride), self._kernel_padding(), list(self.dilation), self.conv_groups, os_, oz,
-                      odt)
-            if acc is not None:
-                return torch.ops.onednn.qconv2d_pointwise.binary(
-                    x, xs, xz, self._packed(d, x), self.w_scale, d["w_zp"], acc, self.bias, *common, 1.0, 0, "sum", 1.0,
-                    attr, scalars, algo)
-            return torch.ops.onednn.qconv_pointwise(x, xs, xz, self._packed(d, x), self.w_scale, d["w_zp"], self.bias,
-                                                    *common, attr, scalars, algo)
-
-        if fused:
-            y = conv(g or 0, x, accum)
+            y = self._conv(d, g or 0, x, canonical(accum, channels_last=True))
             if y.shape == accum.shape:
                 return y
             raise FxqError(f"fused residual add got shapes {tuple(y.shape)} and {tuple(accum.shape)}")
-        y = per_group(lambda gi, xx: conv(gi, xx, None), 0 if g is None else g, x, batch_major=self.batch_major)
+        if g is None or type(g) is int:
+            y = self._conv(d, g or 0, x, None)
+        else:
+            y = per_group(lambda gi, xx: self._conv(d, gi, xx, None), g, x, batch_major=self.batch_major)
         return y if accum is None else y + accum
+
+    def _conv(self, d: dict, gi: int, x: torch.Tensor, acc: torch.Tensor | None) -> torch.Tensor:
+        """One kernel call with group gi's input parameters; acc: a residual the kernel adds (in place)."""
+        xs, xz = d["x"][gi]
+        if d["pad_codes"]:
+            pads = [p for p in reversed(self.padding) for _ in range(2)]
+            x = canonical(F.pad(x, pads, value=xz), channels_last=x.dim() == 4)
+        os_, oz, odt = self._out_args(gi)
+        attr, scalars, algo = _unary_args(self.unary)
+        buffers = self._buffers
+        w_scale, bias, packed = buffers["w_scale"], buffers["bias"], self._packed(d, x)
+        if acc is not None:
+            return torch.ops.onednn.qconv2d_pointwise.binary(
+                x, xs, xz, packed, w_scale, d["w_zp"], acc, bias, *d["geometry"], os_, oz, odt, 1.0, 0, "sum", 1.0,
+                attr, scalars, algo)
+        return torch.ops.onednn.qconv_pointwise(x, xs, xz, packed, w_scale, d["w_zp"], bias, *d["geometry"], os_,
+                                                oz, odt, attr, scalars, algo)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
