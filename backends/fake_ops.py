@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxq.quant import quantizer as Q
-from fxq.errors import InputError
+from fxq.errors import FxqError, InputError
 from fxq.io.spec_fields import SpecFields
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -190,63 +190,122 @@ class _ExactWeighted(_ExactBase):
         qp, codes = self._input_codes("x", x, group)
         return None if codes is None else (qp, codes, *weight)
 
-    def _scaled(self, acc: torch.Tensor, qp: Q.QParams, channel_dim: int, in_shape) -> torch.Tensor:
+    def _scaled(self, acc: torch.Tensor, qp: Q.QParams, channel_dim: int, in_shape, group) -> torch.Tensor:
         shape = [1] * acc.dim()
         shape[channel_dim] = -1
-        order = self._kernel_order(tuple(in_shape), channel_dim)
-        y = Q.scale_accumulator_(acc, qp.scale, self.w_scale.reshape(shape), order)  # acc is this op's own
+        w_scale = self.w_scale.reshape(shape)
+        orders = self._group_orders(tuple(in_shape), channel_dim, group)
+        if isinstance(orders, tuple):  # a mixed batch whose groups' kernels scale in different orders
+            axis, rows_product = orders
+            mask = [1] * acc.dim()
+            mask[axis] = -1
+            y = torch.where(rows_product.reshape(mask), Q.scale_accumulator(acc, qp.scale, w_scale, "product"),
+                            Q.scale_accumulator(acc, qp.scale, w_scale, "sequential"))
+        else:
+            y = Q.scale_accumulator_(acc, qp.scale, w_scale, orders)  # acc is this op's own
         return y if self.bias is None else y.add_(self.bias.detach().float().reshape(shape))
+
+    def _group_orders(self, in_shape: tuple, channel_dim: int, group):
+        """The scale order of the int8 kernel(s) the x86 backend runs for this input: one call for a batch of
+        one timestep group; for a batch mixing groups one call per group on that group's rows (x86_glue.per_group),
+        each probed at its own shape. Returns an order (or None: the default), or (batch axis, rows in "product"
+        order) where the groups' kernels disagree."""
+        axis, major = self.batch_axes[0]
+        if (not isinstance(group, torch.Tensor) or group.numel() == 1 or axis is None
+                or bool((group == group.reshape(-1)[0]).all())):
+            return self._kernel_order(in_shape, channel_dim)
+        rows = Q.rows_group(group.reshape(-1), in_shape[axis], major)
+        per_group = {}
+        for u in torch.unique(rows).tolist():
+            sub = list(in_shape)
+            sub[axis] = int((rows == u).sum())
+            per_group[u] = self._kernel_order(tuple(sub), channel_dim) or Q.kernel_scale_order()
+        if len(set(per_group.values())) == 1:
+            return next(iter(per_group.values()))
+        product = torch.tensor([per_group[u] == "product" for u in rows.tolist()])
+        return axis % len(in_shape), product
 
     def _kernel_order(self, in_shape: tuple, channel_dim: int) -> str | None:
         """The order in which this CPU's int8 kernel for this op scales its sums at inputs of in_shape: oneDNN
         picks its kernel by shape, and on AMX hosts some shapes (one-row linears, small 1x1 convs) take a VNNI
         kernel that rounds in the other order (benchmarks/x86_kernel_arith.py). Probed once per shape on random
         codes with the backend's own int8 module; None (the process default) where no int8 kernel serves the
-        op (weights or activations above 8 bits, a form the x86 backend refuses)."""
-        if in_shape not in self._orders:
-            self._orders[in_shape] = _probe_kernel_order(self, in_shape, channel_dim)
-        return self._orders[in_shape]
+        op (weights or activations above 8 bits, a form the x86 backend refuses, a CPU without int8 kernels)."""
+        orders = self._orders
+        if in_shape not in orders:
+            if len(orders) >= _MAX_ORDERS:
+                orders.pop(next(iter(orders)))  # the oldest shape
+            orders[in_shape] = _probe_kernel_order(self, in_shape, channel_dim)
+        return orders[in_shape]
+
+    def __getstate__(self):
+        # the orders belong to this CPU: a copy or pickle probes again where it runs
+        state = dict(super().__getstate__())
+        state["_orders"] = {}
+        return state
 
     def _apply(self, fn, *args, **kwargs):
         self._codes_of = None
         return super()._apply(fn, *args, **kwargs)
 
 
+_MAX_ORDERS = 64  # input shapes whose kernel order an op keeps
+_PROBE_TRIES = 8  # random inputs tried at one shape until exactly one order fits
+_int8_support: list = []  # cached x86_glue.cpu_int8_support()
+
+
 def _probe_kernel_order(module: "_ExactWeighted", in_shape: tuple, channel_dim: int) -> str | None:
     if module.weight_bits > 8 or module.act_bits > 8 or module.weight.dtype != torch.float32:
         return None
+    from fxq.backends import x86_forms, x86_glue, x86_ops  # the backend whose kernels the simulation follows
+    if not _int8_support:
+        _int8_support.append(x86_glue.cpu_int8_support())
     weight = module._weight_codes()
-    if weight is None:
+    if weight is None or _int8_support[0] is not None:
         return None
-    from fxq.backends import x86_ops  # the backend whose kernels the simulation follows
-    gen = torch.Generator().manual_seed(0)
+    conv = isinstance(module, _ExactConv)
     zp, xs = 117, torch.tensor(0.0173)
-    codes = torch.randint(0, 256, in_shape, dtype=torch.uint8, generator=gen)
     xqp = Q.QParams(xs, torch.tensor(float(zp)), 8, False, None)
     wqp = Q.QParams(module.w_scale.detach().clone(), torch.zeros_like(module.w_scale), module.weight_bits, True, 0)
-    conv = isinstance(module, _ExactConv)
-    if conv and codes.dim() == 4:
-        codes = codes.contiguous(memory_format=torch.channels_last)
     try:
-        int8 = (x86_ops.QConv if conv else x86_ops.QLinear).from_float(module, wqp, xqp)
-        y = int8(codes)
-    except Exception:  # no oneDNN int8 kernel for this op on this CPU: nothing to follow
+        if conv:
+            dims = len(module.kernel_size)
+            padding = x86_forms.conv_padding(module.padding, module.kernel_size, module.dilation, module.stride, dims)
+            int8 = x86_ops.QConv(module.in_channels, module.out_channels, module.kernel_size, module.stride, padding,
+                                 module.dilation, module.groups, module.bias is not None)
+            int8.set_weight(module.weight, wqp, module.bias, xqp)
+        else:
+            int8 = x86_ops.QLinear.from_float(module, wqp, xqp)
+    except FxqError:  # a form the x86 backend refuses (e.g. asymmetric 'same' padding): nothing to follow
         return None
-    centered = codes.double() - zp
-    wcodes = weight[0].double()
-    if conv:
-        padding = module.padding if isinstance(module.padding, str) else list(module.padding)
-        acc = _CONV[len(module.kernel_size)](centered, wcodes, None, list(module.stride), padding,
-                                             list(module.dilation), module.groups)
-    else:
-        acc = F.linear(centered, wcodes)
-    shape = [1] * acc.dim()
+    shape = [1] * len(in_shape)
     shape[channel_dim] = -1
     bias = None if module.bias is None else module.bias.detach().float().reshape(shape)
-    order = Q.fitting_order(y, acc, xs, module.w_scale.reshape(shape), bias)
-    if order is None:
+    w_scale = module.w_scale.reshape(shape)
+    for seed in range(_PROBE_TRIES):
+        codes = torch.randint(0, 256, in_shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+        if conv and codes.dim() == 4:
+            codes = codes.contiguous(memory_format=torch.channels_last)
+        try:
+            y = int8(codes)
+        except RuntimeError:  # the kernel refuses this input: the int8 model cannot run it either
+            return None
+        centered, wcodes = codes.double() - zp, weight[0].double()
+        if conv:
+            acc = _CONV[dims](centered, wcodes, None, list(module.stride), list(padding), list(module.dilation),
+                              module.groups)
+        else:
+            acc = F.linear(centered, wcodes)
+        fits = Q.fitting_orders(y, acc, xs, w_scale, bias)
+        if len(fits) != len(Q.SCALE_ORDERS):  # one order fits, or none: this data tells them apart
+            break
+    else:
+        return None  # every try fits both orders: they agree on what this kernel computes
+    if not fits:
         Q.warn_unknown_order(f"this CPU's int8 {type(module).__name__} at input shape {list(in_shape)}")
-    return order
+        return None
+    return fits[0]
+
 
 class _ExactConv(_ExactWeighted):
     """Zero-padded conv of fake-quantized input, as the int8 conv computes it (see the module docstring)."""
@@ -284,7 +343,7 @@ class _ExactConv(_ExactWeighted):
         conv = _CONV[len(self.kernel_size)]
         acc = self._accumulate(lambda c, w: conv(c, w, None, list(self.stride), padding, list(self.dilation),
                                                  self.groups), codes, wcodes, dtype, 1)
-        y = self._scaled(acc, qp, 1, codes.shape)
+        y = self._scaled(acc, qp, 1, codes.shape, group)
         return y.contiguous(memory_format=torch.channels_last) if cpu_2d else y
 
 
@@ -323,7 +382,7 @@ class ExactLinear(_ExactWeighted, nn.Linear):
         if exact is None:
             return super().forward(x)
         qp, codes, wcodes, dtype = exact
-        return self._scaled(self._accumulate(F.linear, codes, wcodes, dtype, -1), qp, -1, codes.shape)
+        return self._scaled(self._accumulate(F.linear, codes, wcodes, dtype, -1), qp, -1, codes.shape, group)
 
 
 class ExactMatmul(_ExactBase):

@@ -83,6 +83,7 @@ class _Refuse(Exception):
 
 
 def _padding(padding, kernel, dilation, stride, dims):
+    """Explicit symmetric padding of a conv (its "valid"/"same" spelled out), or _Refuse."""
     if padding == "valid":
         return (0,) * dims
     if padding == "same":
@@ -91,6 +92,14 @@ def _padding(padding, kernel, dilation, stride, dims):
             raise _Refuse("padding='same' with an odd total padding (asymmetric): give explicit padding")
         return tuple(t // 2 for t in total)
     return _tuple(padding, dims, "padding")
+
+
+def conv_padding(padding, kernel, dilation, stride, dims) -> tuple[int, ...]:
+    """`_padding` for callers outside the lowering: FxqError where the int8 conv cannot pad that way."""
+    try:
+        return _padding(padding, kernel, dilation, stride, dims)
+    except _Refuse as e:
+        raise FxqError(str(e)) from e
 
 
 def conv_spec(gm: fx.GraphModule, node: fx.Node) -> ConvSpec | str:

@@ -31,7 +31,7 @@ from speed_report import cpu_flags, cpu_model  # noqa: E402
 CONVS = [("conv3x3 64->64 32x32", 64, 64, 3, 32), ("conv3x3 128->128 16x16", 128, 128, 3, 16),
          ("conv3x3 256->256 8x8", 256, 256, 3, 8), ("conv1x1 128->256 16x16", 128, 256, 1, 16),
          ("conv3x3 3->64 32x32", 3, 64, 3, 32)]
-SIMULATION = "fxq's simulation (probed order)"
+SIMULATION = "process default order (kernel_scale_order; the fake ops probe each shape)"
 # (name, in features, out features, rows): attention projections (many rows) and the time embedding (batch rows)
 LINEARS = [("linear 128->128 x1024", 128, 128, 1024), ("linear 256->1024 x4", 256, 1024, 4),
            ("linear 96->48 x64", 96, 48, 64), ("linear 96->48 x1", 96, 48, 1), ("linear 256->200 x4", 256, 200, 4),

@@ -23,7 +23,6 @@ from collections.abc import Mapping
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.utils import _pytree as pytree
 
 from fxq.tracing.callspec import CallSpec
 from fxq.config import QuantConfig
@@ -137,6 +136,36 @@ def _snapshot(model: nn.Module) -> tuple[dict, list, list]:
     return attrs, submodules, tensors
 
 
+def _ordinary(obj, depth: int = 0):
+    """obj with every inference tensor in it (through tuples, named tuples, lists, dicts and dataclasses such as
+    diffusers' outputs) replaced by an ordinary clone, which takes in-place updates and autograd outside inference
+    mode."""
+    if isinstance(obj, torch.Tensor):
+        return obj.clone() if obj.is_inference() else obj
+    if depth > 32:
+        return obj
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        fields = {f.name: _ordinary(getattr(obj, f.name), depth + 1) for f in dataclasses.fields(obj) if f.init}
+        new = dataclasses.replace(obj, **fields)
+        if isinstance(obj, Mapping):  # diffusers' BaseOutput: a dataclass that is also an OrderedDict
+            for key in obj:
+                new[key] = _ordinary(obj[key], depth + 1)
+        return new
+    if isinstance(obj, dict):
+        new = copy.copy(obj)
+        for key, value in obj.items():
+            new[key] = _ordinary(value, depth + 1)
+        return new
+    if isinstance(obj, tuple):
+        items = [_ordinary(v, depth + 1) for v in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+    if isinstance(obj, list):
+        new = copy.copy(obj)
+        new[:] = [_ordinary(v, depth + 1) for v in obj]
+        return new
+    return obj
+
+
 class QuantizedModel(nn.Module):
     """A quantized model that stands in for its original: see the module doc."""
 
@@ -177,7 +206,7 @@ class QuantizedModel(nn.Module):
             if inference:
                 with torch.inference_mode():
                     out = self.graph_module(*args, **kwargs)
-                out = pytree.tree_map_only(torch.Tensor, torch.Tensor.clone, out)
+                out = _ordinary(out)
             else:
                 out = self.graph_module(*args, **kwargs)
         except (FxqError, torch.cuda.OutOfMemoryError):

@@ -1,6 +1,9 @@
 """The simulation scales an int8 op's integer sum in the order this CPU's oneDNN kernels do: a process default
 probed once, and each exact conv/linear's own kernel probed per input shape (oneDNN picks kernels by shape)."""
 
+import copy
+import pickle
+
 import pytest
 import torch
 from torch import nn
@@ -115,3 +118,69 @@ def test_scale_accumulator_follows_the_order(monkeypatch, order):
     assert torch.equal(Q.scale_accumulator(acc, xs, ws), want)
     other = (acc * xs) * ws if order == "product" else acc * (xs * ws)
     assert not torch.equal(want, other)  # the data tells the orders apart
+
+
+def _one_row_kernel_of_the_other_order(monkeypatch):
+    """oneDNN's int8 linear as on an AMX host: a one-row call takes a kernel of the other order."""
+    other = next(o for o in Q.SCALE_ORDERS if o != Q.kernel_scale_order())
+    real = torch.ops.onednn.qlinear_pointwise
+
+    def kernel(x, xs, xz, packed, w_scale, w_zp, bias, os_, oz, odt, attr, scalars, algo):
+        y = real(x, xs, xz, packed, w_scale, w_zp, bias, os_, oz, odt, attr, scalars, algo)
+        if x.numel() // x.shape[-1] == 1:
+            acc = (x.reshape(1, -1).double() - xz) @ packed.to_dense().t().double().t()
+            y = (Q.scale_accumulator(acc, torch.tensor(xs), w_scale, other) + bias).reshape(y.shape)
+        return y
+    monkeypatch.setattr(torch.ops.onednn, "qlinear_pointwise", kernel)
+
+
+def test_a_mixed_timestep_batch_follows_each_groups_kernel(monkeypatch):
+    # the int8 linear runs a batch mixing groups once per group, on that group's rows: here one row each, which
+    # takes the other kernel; the fake must scale each row as its group's call does
+    _one_row_kernel_of_the_other_order(monkeypatch)
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 48)
+    wqp = Q.symmetric_qparams(linear.weight.detach().abs().amax(1), 8, axis=0)
+    xqp = Q.QParams(torch.tensor([0.0213, 0.0371]), torch.tensor([121.0, 98.0]), 8, False, None)
+    fake = fake_ops.ExactLinear.from_float(linear, nn.Parameter(Q.fake_quantize(linear.weight.detach(), wqp)),
+                                           wqp, xqp)
+    int8 = x86_ops.QLinear.from_float(linear, wqp, xqp)
+    for g in (torch.tensor([0, 1]), torch.tensor([1, 0, 1])):
+        x = torch.randn(len(g), 96) * 2
+        qp = Q.select_group(xqp, g, x)
+        y8 = int8(Q.codes(x, qp).to(torch.uint8), g)
+        assert torch.equal(fake(Q.fake_quantize(x, qp), g), y8)
+
+
+def test_convs_with_string_padding_probe_their_kernel():
+    torch.manual_seed(0)
+    for padding in ("same", "valid", 1):
+        conv = nn.Conv2d(8, 4, 3, padding=padding)
+        wqp = Q.symmetric_qparams(conv.weight.detach().abs().flatten(1).amax(1), 8, axis=0)
+        xqp = Q.QParams(torch.tensor(0.02), torch.tensor(100.0), 8, False, None)
+        module = fake_ops._ExactConv.from_float(conv, nn.Parameter(Q.fake_quantize(conv.weight.detach(), wqp)),
+                                                wqp, xqp)
+        module(Q.fake_quantize(torch.randn(2, 8, 6, 6), xqp))
+        assert list(module._orders.values()) == [Q.kernel_scale_order()], padding  # probed, not the default None
+
+
+def test_probe_draws_again_when_its_data_fits_both_orders(monkeypatch):
+    # a one-output linear: on one random draw both orders often give the same float32; the probe must not take
+    # the first order on such a draw
+    _one_row_kernel_of_the_other_order(monkeypatch)
+    other = next(o for o in Q.SCALE_ORDERS if o != Q.kernel_scale_order())
+    for seed in range(20):
+        torch.manual_seed(seed)
+        linear = nn.Linear(16, 1)
+        wqp = Q.symmetric_qparams(linear.weight.detach().abs().amax(1), 8, axis=0)
+        xqp = Q.QParams(torch.tensor(0.05), torch.tensor(110.0), 8, False, None)
+        module = fake_ops.ExactLinear.from_float(linear, nn.Parameter(Q.fake_quantize(linear.weight.detach(), wqp)),
+                                                 wqp, xqp)
+        assert module._kernel_order((1, 16), -1) in (other, None), seed
+
+
+def test_copies_probe_again_on_their_own_cpu():
+    module, _, xqp = _exact_linear()
+    module(Q.fake_quantize(torch.randn(4, 96), xqp))
+    assert module._orders
+    assert copy.deepcopy(module)._orders == {} and pickle.loads(pickle.dumps(module))._orders == {}

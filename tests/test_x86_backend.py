@@ -8,6 +8,7 @@ flips that matter: one code one step off moves a diffusion UNet's output at t = 
 (benchmarks/x86_numerics.py).
 """
 
+import dataclasses
 import json
 import operator
 from unittest import mock
@@ -294,6 +295,33 @@ def test_int8_outputs_are_ordinary_tensors_whatever_the_callers_grad_mode():
             assert not y.is_inference()
             y.mul_(2)
             (y * torch.ones(4, requires_grad=True)).sum().backward()
+
+
+@dataclasses.dataclass
+class _Out:
+    sample: torch.Tensor
+    extra: tuple
+
+
+class _DataclassOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return _Out(self.l(x), (x, {"h": self.l(x) * 2}))
+
+
+def test_int8_outputs_inside_dataclasses_and_containers_are_ordinary():
+    torch.manual_seed(0)
+    int8 = fxq.quantize(_DataclassOut().eval(), (torch.randn(3, 4),), [(torch.randn(3, 4),) for _ in range(2)],
+                        fxq.QuantConfig(**X86))
+    x = torch.randn(3, 4)
+    out = int8(x)
+    assert isinstance(out, _Out) and out.extra[0] is x  # the input comes back as itself
+    for t in (out.sample, out.extra[1]["h"]):
+        assert not t.is_inference()
+        t.mul_(2)
 
 
 def test_fusions_are_in_the_lowered_graph():

@@ -246,22 +246,23 @@ def kernel_scale_order() -> str:
     s_x) * s_w (AVX512-VNNI kernels, e.g. AMD Zen 4), or "product", acc * (s_x * s_w) (AMX kernels, e.g. Intel
     Xeon); the two round apart on ~30 % of the outputs. oneDNN picks kernels by shape as well (on AMX hosts a
     one-row linear or a small 1x1 conv may take a VNNI kernel), so the exact conv/linear of the fake backend probe
-    their own kernel per input shape (`fitting_order`); this default serves the rest. Probed once per process."""
+    their own kernel per input shape (`fitting_orders`); this default serves the rest. Probed once per process."""
     global _scale_order
     if _scale_order is None:
         _scale_order = probe_scale_order()
     return _scale_order
 
 
-def fitting_order(y: torch.Tensor, acc: torch.Tensor, x_scale, w_scale, bias=None) -> str | None:
-    """The order (SCALE_ORDERS) in which `scale_accumulator(acc) (+ bias)` equals a kernel's float32 output y bit
-    for bit (acc: the exact integer sum, float64; w_scale and bias broadcast along acc's channel axis); the first
-    that fits when both do, None when neither does."""
+def fitting_orders(y: torch.Tensor, acc: torch.Tensor, x_scale, w_scale, bias=None) -> list[str]:
+    """The orders (SCALE_ORDERS) in which `scale_accumulator(acc) (+ bias)` equals a kernel's float32 output y bit
+    for bit (acc: the exact integer sum, float64; w_scale and bias broadcast along acc's channel axis): both where
+    this data cannot tell them apart, none where the kernel computes something else."""
+    fits = []
     for order in SCALE_ORDERS:
         value = scale_accumulator(acc, x_scale, w_scale, order)
         if torch.equal(value if bias is None else value + bias, y):
-            return order
-    return None
+            fits.append(order)
+    return fits
 
 
 def probe_scale_order(kernel=None) -> str:
@@ -279,10 +280,10 @@ def probe_scale_order(kernel=None) -> str:
         y = (kernel or _onednn_linear)(x, x_scale, zp, w, w_scale)
     except (RuntimeError, AttributeError, NotImplementedError):
         return "sequential"
-    order = fitting_order(y, (x.double() - zp) @ w.double().t(), torch.tensor(x_scale), w_scale)
-    if order is None:
+    fits = fitting_orders(y, (x.double() - zp) @ w.double().t(), torch.tensor(x_scale), w_scale)
+    if not fits:
         warn_unknown_order("this CPU's int8 linear")
-    return order or "sequential"
+    return fits[0] if fits else "sequential"
 
 
 def warn_unknown_order(what: str) -> None:
