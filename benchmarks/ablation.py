@@ -5,6 +5,7 @@ serve every quantized row's PSNR. Not a test: it asserts nothing.
 
     python benchmarks/ablation.py --n 2000 --settings W8A8,W4A8 --device cuda
     python benchmarks/ablation.py --rows fxq,fxq-bc --settings W4A8 --n 10000   # a subset of the rows
+    python benchmarks/ablation.py --rows fxq-mse-bcg10 --settings W8A8 --n 10000 --seeds 0,1,2   # ΔFID over seeds
 
 Rows (per bit setting): traditional PTQ (random t, pure-noise inputs, min/max ranges); the PTQ4DM recipe (DNTC
 normal timesteps, 1024 samples, Lp-search ranges, attention matmuls left in float); fxq variants, attention
@@ -126,6 +127,10 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=250, help="sampling batch (sharding splits by batches)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default=None,
+                   help="comma-separated seeds: every row (and the float model) at each, in <out-dir>/seed<S>, "
+                        "and a summary of each row's paired ΔFID over the seeds (one N = 10,000 FID moves by "
+                        "several % between seeds)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--gpus", type=int, default=None, help="GPUs to use (default: all visible)")
     p.add_argument("--out-dir", default=None, help="default: benchmarks/results/ablation-n<N>")
@@ -137,6 +142,7 @@ def parse_args(argv=None):
     args, rest = p.parse_known_args(argv)
     args.extra = args.extra.split() + rest
     args.out_dir = args.out_dir or os.path.join("benchmarks", "results", f"ablation-n{args.n}")
+    args.seeds = [int(v) for v in args.seeds.split(",")] if args.seeds else [args.seed]
     unknown = [r for r in args.rows.split(",") if r.split(":")[-1] not in ROWS]
     if unknown:
         p.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
@@ -152,10 +158,16 @@ def _gpus(args) -> int:
     return max(1, torch.cuda.device_count())
 
 
-def _common(args) -> list[str]:
+def _common(args, seed: int) -> list[str]:
     return ["--model", args.model, "--sampler", "ddim", "--steps", str(args.steps), "--n", str(args.n),
-            "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--device", args.device,
+            "--batch-size", str(args.batch_size), "--seed", str(seed), "--device", args.device,
             "--no-progress", *args.extra]
+
+
+def _seed_dir(args, seed: int) -> str:
+    """Where a seed's runs go: --out-dir itself for a single seed (as before --seeds), else its seed<S> folder."""
+    out = os.path.abspath(args.out_dir)
+    return out if len(args.seeds) == 1 else os.path.join(out, f"seed{seed}")
 
 
 def _env(gpu: int | None, gpus: int = 1) -> dict:
@@ -178,8 +190,8 @@ def _wait(proc, name) -> None:
         raise SystemExit(f"row {name} failed (exit {proc.returncode}); see its log.txt")
 
 
-def float_rows(args, gpus, out) -> dict:
-    """The float run, sharded over all GPUs (and once on one GPU with --time-sharding); its images file."""
+def float_rows(args, gpus, out, seed: int) -> dict:
+    """The float run at `seed`, sharded over all GPUs (and once on one GPU with --time-sharding); its images file."""
     samples = os.path.join(out, "fp", "samples.safetensors")
     runs = {}
     plan = [("fp", gpus)] + ([("fp-1gpu", 1)] if args.time_sharding and gpus > 1 else [])
@@ -192,7 +204,7 @@ def float_rows(args, gpus, out) -> dict:
         cmd = [sys.executable, QUALITY] if world == 1 else [
             sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}", "--",
             QUALITY]
-        cmd += _common(args) + ["--quantize", "none", "--out-dir", row_dir, "--save-samples", save]
+        cmd += _common(args, seed) + ["--quantize", "none", "--out-dir", row_dir, "--save-samples", save]
         env = _env(None if world > 1 or args.device != "cuda" else 0)
         _wait(_run(cmd, os.path.join(row_dir, "log.txt"), env), name)
         runs[name] = row_dir
@@ -212,32 +224,34 @@ def _plan(args) -> list[tuple[str, str]]:
     return plan
 
 
-def quantized_rows(args, gpus, out, samples) -> list[tuple[str, str, str]]:
-    """Every (setting, row) run, at most one per GPU at a time; returns (name, label, dir) of each."""
+def quantized_rows(args, gpus, floats: dict) -> dict:
+    """Every (seed, setting, row) run, at most one per GPU at a time; floats: seed -> float_rows(...). Returns
+    seed -> [(name, label, dir)]."""
     queue = []
-    for setting, row in _plan(args):
-        label, extra = ROWS[row]
-        name = f"{setting.lower()}-{row}"
-        row_dir = os.path.join(out, name)
-        cmd = [sys.executable, QUALITY, *_common(args), "--quantize", setting, "--no-with-fp",
-               "--fp-samples", samples, "--out-dir", row_dir, *extra]
-        queue.append((name, f"{setting.upper()} {label}", row_dir, cmd))
+    for seed in args.seeds:
+        for setting, row in _plan(args):
+            label, extra = ROWS[row]
+            name = f"{setting.lower()}-{row}"
+            row_dir = os.path.join(_seed_dir(args, seed), name)
+            cmd = [sys.executable, QUALITY, *_common(args, seed), "--quantize", setting, "--no-with-fp",
+                   "--fp-samples", floats[seed]["samples"], "--out-dir", row_dir, *extra]
+            queue.append((seed, name, f"{setting.upper()} {label}", row_dir, cmd))
     running: dict[int, tuple] = {}
-    done = []
+    done = {seed: [] for seed in args.seeds}
     while queue or running:
         for gpu in range(gpus):
             if gpu not in running and queue:
-                name, label, row_dir, cmd = queue.pop(0)
+                seed, name, label, row_dir, cmd = queue.pop(0)
                 env = _env(gpu if args.device == "cuda" else None, gpus)
-                running[gpu] = (name, label, row_dir, _run(cmd, os.path.join(row_dir, "log.txt"), env))
-                print(f"started {name} on GPU {gpu}", flush=True)
+                running[gpu] = (seed, name, label, row_dir, _run(cmd, os.path.join(row_dir, "log.txt"), env))
+                print(f"started {name} (seed {seed}) on GPU {gpu}", flush=True)
         time.sleep(1)
-        for gpu, (name, label, row_dir, proc) in list(running.items()):
+        for gpu, (seed, name, label, row_dir, proc) in list(running.items()):
             if proc.poll() is not None:
                 _wait(proc, name)
-                done.append((name, label, row_dir))
+                done[seed].append((name, label, row_dir))
                 del running[gpu]
-                print(f"finished {name}", flush=True)
+                print(f"finished {name} (seed {seed})", flush=True)
     return done
 
 
@@ -277,26 +291,64 @@ def markdown(rows) -> str:
     return "\n".join(lines)
 
 
+def seed_summary(tables: dict) -> list[dict]:
+    """Each row's paired ΔFID over the seeds (tables: seed -> table(...) rows, float first): per seed, mean and
+    sample standard deviation (what one seed's ΔFID spreads by)."""
+    import statistics
+
+    out = []
+    names = [r["row"] for r in next(iter(tables.values()))]
+    for name in names:
+        per = {seed: next(r for r in rows if r["row"] == name) for seed, rows in tables.items()}
+        deltas = [r["delta_fid_pct"] for r in per.values()]
+        out.append({"row": name, "label": next(iter(per.values()))["label"],
+                    "fid": {str(s): r["fid"] for s, r in per.items()},
+                    "delta_fid_pct": {str(s): r["delta_fid_pct"] for s, r in per.items()},
+                    "delta_fid_pct_mean": statistics.fmean(deltas),
+                    "delta_fid_pct_sd": statistics.stdev(deltas) if len(deltas) > 1 else None})
+    return out
+
+
+def summary_markdown(rows) -> str:
+    seeds = list(rows[0]["fid"])
+    lines = ["| row | " + " | ".join(f"FID (ΔFID), seed {s}" for s in seeds) + " | mean ΔFID | sd over seeds |",
+             "| --- |" + " --- |" * (len(seeds) + 2)]
+    for r in rows:
+        cells = [f"{r['fid'][s]:.2f} ({r['delta_fid_pct'][s]:+.1f} %)" for s in seeds]
+        sd = "" if r["delta_fid_pct_sd"] is None else f"{r['delta_fid_pct_sd']:.1f} %"
+        lines.append(f"| {r['label']} | " + " | ".join(cells) + f" | {r['delta_fid_pct_mean']:+.1f} % | {sd} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     args = parse_args(argv)
     out = os.path.abspath(args.out_dir)
     gpus = _gpus(args)
     t0 = time.perf_counter()
-    fp = float_rows(args, gpus, out)
-    fp_doc = _load(fp["dirs"]["fp"])
-    rows = quantized_rows(args, gpus, out, fp["samples"])
+    floats = {seed: float_rows(args, gpus, _seed_dir(args, seed), seed) for seed in args.seeds}
+    rows = quantized_rows(args, gpus, floats)
+    tables = {seed: table(_load(floats[seed]["dirs"]["fp"]), rows[seed]) for seed in args.seeds}
     result = {"command": " ".join(["python", "benchmarks/ablation.py", *(argv or sys.argv[1:])]), "gpus": gpus,
-              "n": args.n, "rows": table(fp_doc, rows), "wall_s": time.perf_counter() - t0}
-    if "fp-1gpu" in fp["dirs"]:
-        one = _load(fp["dirs"]["fp-1gpu"])
+              "n": args.n, "seeds": args.seeds, "rows": tables[args.seeds[0]]}
+    if len(args.seeds) > 1:
+        result["per_seed"] = {str(seed): t for seed, t in tables.items()}
+        result["seed_summary"] = seed_summary(tables)
+    first = floats[args.seeds[0]]["dirs"]
+    if "fp-1gpu" in first:
+        fp_doc, one = _load(first["fp"]), _load(first["fp-1gpu"])
         result["sharding"] = {"gpus": gpus, "sampling_s_1gpu": one["runs"]["fp"]["sampling_s"],
                               "sampling_s_sharded": fp_doc["runs"]["fp"]["sampling_s"],
                               "identical_metrics": one["runs"]["fp"]["metrics"] == fp_doc["runs"]["fp"]["metrics"]}
         s = result["sharding"]
         s["ratio_x_gpus"] = s["sampling_s_sharded"] / s["sampling_s_1gpu"] * gpus
+    result["wall_s"] = time.perf_counter() - t0
+    os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "ablation.json"), "w") as f:
         json.dump(result, f, indent=1)
-    print(markdown(result["rows"]))
+    for seed, t in tables.items():
+        print(f"seed {seed}:\n{markdown(t)}")
+    if "seed_summary" in result:
+        print(summary_markdown(result["seed_summary"]))
     if "sharding" in result:
         print(f"sharded float sampling: {result['sharding']}")
     print(f"wrote {os.path.join(out, 'ablation.json')} ({result['wall_s']:.0f} s)")

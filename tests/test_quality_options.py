@@ -1,6 +1,10 @@
 """benchmarks/quality.py's calibration-set kinds and float images kept in a file, and benchmarks/ablation.py's
 row plan, on the tiny model of test_quality."""
 
+import json
+import os
+import subprocess
+import sys
 import types
 
 import pytest
@@ -84,3 +88,47 @@ def test_timestep_group_rows_and_flags(files, tmp_path):
     assert doc["quantization"]["timestep_group_boundaries"] == "auto"  # as asked; the plan holds the edges chosen
     assert plan["groups"] == 3 and len(plan["edges"]) == 2 and plan["per_group"] + plan["shared"]
     assert doc["quantization"]["timestep_group_quantizers"] == "oscillating"
+
+
+def _fake_quality_run(fids):
+    """ablation._run stand-in: writes the metrics.json quality.py would (FID from `fids[(seed, row)]`), exits 0."""
+    def run(cmd, log_path, env):
+        row_dir = cmd[cmd.index("--out-dir") + 1]
+        seed, row = int(cmd[cmd.index("--seed") + 1]), os.path.basename(row_dir)
+        os.makedirs(row_dir, exist_ok=True)
+        metrics = {"fid": fids[seed, row], "kid_mean": 0.06, "kid_std": 0.005, "isc_mean": 8.7}
+        if row == "fp":
+            doc = {"runs": {"fp": {"metrics": metrics, "sampling_s": 1.0}}, "world_size": 1}
+            open(cmd[cmd.index("--save-samples") + 1], "w").close()
+        else:
+            samples = cmd[cmd.index("--fp-samples") + 1]
+            assert samples == os.path.join(os.path.dirname(row_dir), "fp", "samples.safetensors")  # its seed's float
+            doc = {"runs": {"quantized": {"metrics": metrics, "sampling_s": 2.0}}, "psnr_db": {"mean": 27.0},
+                   "wall_s": {"calibration_s": 5.0},
+                   "quantization": {"bits": {"weight_bits_quantized": 8.0, "act_bits": 8.0,
+                                             "weight_bits_all_params": 8.07}}}
+        with open(os.path.join(row_dir, "metrics.json"), "w") as f:
+            json.dump(doc, f)
+        return subprocess.Popen([sys.executable, "-c", "pass"])
+    return run
+
+
+def test_ablation_over_seeds_pairs_each_row_with_its_seeds_float(monkeypatch, tmp_path):
+    fids = {(0, "fp"): 10.0, (1, "fp"): 11.0, (0, "w8a8-fxq"): 10.5, (1, "w8a8-fxq"): 11.22}
+    monkeypatch.setattr(ablation, "_run", _fake_quality_run(fids))
+    result = ablation.main(["--settings", "W8A8", "--rows", "fxq", "--seeds", "0,1", "--device", "cpu",
+                            "--out-dir", str(tmp_path), "--n", "16"])
+    summary = {r["row"]: r for r in result["seed_summary"]}["w8a8-fxq"]
+    assert summary["delta_fid_pct"] == pytest.approx({"0": 5.0, "1": 2.0})
+    assert summary["delta_fid_pct_mean"] == pytest.approx(3.5) and summary["delta_fid_pct_sd"] == pytest.approx(2.1213, abs=1e-3)
+    assert (tmp_path / "seed1" / "w8a8-fxq" / "metrics.json").is_file() and (tmp_path / "ablation.json").is_file()
+    assert "| W8A8 fxq, uniform | 10.50 (+5.0 %) | 11.22 (+2.0 %) | +3.5 % | 2.1 % |" in \
+        ablation.summary_markdown(result["seed_summary"])
+
+
+def test_ablation_at_one_seed_keeps_its_folder_layout(monkeypatch, tmp_path):
+    monkeypatch.setattr(ablation, "_run", _fake_quality_run({(3, "fp"): 10.0, (3, "w4a8-fxq-bc"): 12.0}))
+    result = ablation.main(["--settings", "W4A8", "--rows", "fxq-bc", "--seed", "3", "--device", "cpu",
+                            "--out-dir", str(tmp_path), "--n", "16"])
+    assert (tmp_path / "w4a8-fxq-bc" / "metrics.json").is_file() and "seed_summary" not in result
+    assert result["rows"][1]["delta_fid_pct"] == pytest.approx(20.0)
