@@ -100,7 +100,8 @@ def dense_order(x: torch.Tensor) -> list[int] | None:
     return order if x.permute(order).is_contiguous() else None
 
 
-def _dense_strides(shape, channels_last: bool) -> tuple[int, ...]:
+def dense_strides(shape, channels_last: bool) -> tuple[int, ...]:
+    """The strides of a dense tensor of `shape`, contiguous or channels-last (4-d)."""
     order = [0, 2, 3, 1] if channels_last else list(range(len(shape)))  # outermost to innermost
     strides, step = [0] * len(shape), 1
     for d in reversed(order):
@@ -113,11 +114,11 @@ def canonical(x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
     """x densely laid out with exactly the strides of its format. torch calls a tensor contiguous whatever the
     strides of its size-1 dims, but oneDNN reads those strides: a [N, 1, H, W] tensor with stride 25 for C is
     misread as channels-last (seen: garbage outputs)."""
-    if x.stride() == _dense_strides(x.shape, channels_last):
+    if x.stride() == dense_strides(x.shape, channels_last):
         return x
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     out = torch.empty(x.shape, dtype=x.dtype, memory_format=fmt)
-    assert out.stride() == _dense_strides(x.shape, channels_last) or x.numel() == 0
+    assert out.stride() == dense_strides(x.shape, channels_last) or x.numel() == 0
     return out.copy_(x)
 
 

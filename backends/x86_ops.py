@@ -22,7 +22,8 @@ from torch import nn
 
 from fxq.quant import quantizer as Q
 from fxq.backends.x86_packed import PackedWeight
-from fxq.backends.x86_glue import broadcast_shapes, canonical, channels_last, dense_order, per_group
+from fxq.backends.x86_glue import (broadcast_shapes, canonical, channels_last, dense_order, dense_strides,
+                                   per_group)
 from fxq.errors import FxqError, InputError
 from fxq.io.spec_fields import SpecFields
 
@@ -125,7 +126,8 @@ class Quantize(SpecFields, _Lazy):
         scale, zp = (self._derived or self.derived())[g or 0]
         # codes laid out like x: the kernel writes a contiguous result (channels-last aside), so a permuted x
         # (attention's [C, HW] view of a channels-last activation) is quantized through its contiguous order
-        order = None if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last) else dense_order(x)
+        plain = x.is_contiguous() or (x.dim() == 4 and x.stride() == dense_strides(x.shape, channels_last=True))
+        order = None if plain else dense_order(x)
         if order is not None:
             x = x.permute(order)
         with warnings.catch_warnings():  # quantized tensor creation is deprecated; its kernel is ours to call
