@@ -1,8 +1,8 @@
 """Fake-quant conv / linear / attention matmul that compute what the int8 kernels compute, bit for bit.
 
 A quantized op's inputs are fake-quantized values (q - zp) * s; these modules read the integer codes back
-(`quantizer.centered_codes`), sum the integer products exactly (float32 where the sum provably stays below 2^24,
-float64 otherwise) and scale the sum the way the kernels do (`quantizer.scale_accumulator`). A float32 product of
+(`int_sums.centered_codes`), sum the integer products exactly (float32 where the sum provably stays below 2^24,
+float64 otherwise) and scale the sum the way the kernels do (`int_sums.scale_accumulator`). A float32 product of
 the dequantized values would round every partial sum: one ulp off the kernel's value flips a code of the next
 quantizer now and then, and on a diffusion UNet at small t a single flipped code moves the output by -26 dB. 4-d
 conv outputs on the CPU are channels-last, as the int8 kernels leave them, because GroupNorm rounds differently
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxq.quant import quantizer as Q
+from fxq.quant import int_sums as S
 from fxq.errors import FxqError, InputError
 from fxq.io.spec_fields import SpecFields
 
@@ -96,7 +97,7 @@ class _ExactBase(SpecFields, nn.Module):
         """x's centered codes if x holds exactly values (q - zp) * scale of qp (its quantizer ran), else None."""
         if x.dtype != torch.float32:
             return None
-        codes = Q.centered_codes(x, qp)
+        codes = S.centered_codes(x, qp)
         return codes if torch.equal(codes * qp.scale, x) else None
 
     def _input_codes(self, name: str, x: torch.Tensor, group) -> tuple[Q.QParams, torch.Tensor | None]:
@@ -110,7 +111,7 @@ class _ExactBase(SpecFields, nn.Module):
             if tag.codes is not None:
                 return tag.qp, tag.codes
             tag.source.keep_codes = True  # it keeps them from its next call on
-            return tag.qp, Q.centered_codes(x, tag.qp)
+            return tag.qp, S.centered_codes(x, tag.qp)
         qp = self._act(name, x, group)
         return qp, self._on_grid(x, qp)
 
@@ -161,23 +162,23 @@ class _ExactWeighted(_ExactBase):
             scale = self.w_scale.reshape(shape)
             codes = torch.round(w.detach().float() * torch.reciprocal(scale))
             ok = w.dtype == torch.float32 and torch.equal(codes * scale, w.detach())
-            max_code = Q.max_abs_centered_code(self._qparams("x"))
+            max_code = S.max_abs_centered_code(self._qparams("x"))
             bound = float(codes.abs().flatten(1).sum(1).max()) * max_code
             # where float32 could round, slices of the input channels that sum exactly in float32 (groups == 1)
             per_input = codes.abs().flatten(2).sum(2) if codes.dim() > 2 else codes.abs()
-            self._chunks = Q.exact_chunks(per_input, max_code, w.device) if getattr(self, "groups", 1) == 1 else None
+            self._chunks = S.exact_chunks(per_input, max_code, w.device) if getattr(self, "groups", 1) == 1 else None
             self._codes_of = (w, w._version, w.device, codes if ok else None,
-                              Q.exact_accumulation_dtype(bound, w.device))
+                              S.exact_accumulation_dtype(bound, w.device))
         _, _, _, codes, dtype = self._codes_of
         return None if codes is None else (codes, dtype)
 
     def _accumulate(self, op, codes: torch.Tensor, wcodes: torch.Tensor, dtype: torch.dtype, axis: int):
         """The exact integer sum op(codes, wcodes) (no bias), reducing over `axis` of codes and axis 1 of wcodes:
-        in float32 slices of that axis (`Q.exact_chunks`) where float32 as a whole could round, else in dtype."""
+        in float32 slices of that axis (`S.exact_chunks`) where float32 as a whole could round, else in dtype."""
         chunks = self._chunks if dtype == torch.float64 else None
         if chunks is None:
             return op(codes.to(dtype), wcodes.to(dtype))
-        return Q.exact_sum([op(codes.narrow(axis, a, b - a), wcodes.narrow(1, a, b - a)) for a, b in chunks])
+        return S.exact_sum([op(codes.narrow(axis, a, b - a), wcodes.narrow(1, a, b - a)) for a, b in chunks])
 
     def _exact_inputs(self, x: torch.Tensor, group):
         """(input parameters, input codes, weight codes, accumulation dtype), or None when the weight or the input
@@ -199,10 +200,10 @@ class _ExactWeighted(_ExactBase):
             axis, rows_product = orders
             mask = [1] * acc.dim()
             mask[axis] = -1
-            y = torch.where(rows_product.reshape(mask), Q.scale_accumulator(acc, qp.scale, w_scale, "product"),
-                            Q.scale_accumulator(acc, qp.scale, w_scale, "sequential"))
+            y = torch.where(rows_product.reshape(mask), S.scale_accumulator(acc, qp.scale, w_scale, "product"),
+                            S.scale_accumulator(acc, qp.scale, w_scale, "sequential"))
         else:
-            y = Q.scale_accumulator_(acc, qp.scale, w_scale, orders)  # acc is this op's own
+            y = S.scale_accumulator_(acc, qp.scale, w_scale, orders)  # acc is this op's own
         return y if self.bias is None else y.add_(self.bias.detach().float().reshape(shape))
 
     def _group_orders(self, in_shape: tuple, channel_dim: int, group):
@@ -219,7 +220,7 @@ class _ExactWeighted(_ExactBase):
         for u in torch.unique(rows).tolist():
             sub = list(in_shape)
             sub[axis] = int((rows == u).sum())
-            per_group[u] = self._kernel_order(tuple(sub), channel_dim) or Q.kernel_scale_order()
+            per_group[u] = self._kernel_order(tuple(sub), channel_dim) or S.kernel_scale_order()
         if len(set(per_group.values())) == 1:
             return next(iter(per_group.values()))
         product = torch.tensor([per_group[u] == "product" for u in rows.tolist()])
@@ -296,13 +297,13 @@ def _probe_kernel_order(module: "_ExactWeighted", in_shape: tuple, channel_dim: 
                               module.groups)
         else:
             acc = F.linear(centered, wcodes)
-        fits = Q.fitting_orders(y, acc, xs, w_scale, bias)
-        if len(fits) != len(Q.SCALE_ORDERS):  # one order fits, or none: this data tells them apart
+        fits = S.fitting_orders(y, acc, xs, w_scale, bias)
+        if len(fits) != len(S.SCALE_ORDERS):  # one order fits, or none: this data tells them apart
             break
     else:
         return None  # every try fits both orders: they agree on what this kernel computes
     if not fits:
-        Q.warn_unknown_order(f"this CPU's int8 {type(module).__name__} at input shape {list(in_shape)}")
+        S.warn_unknown_order(f"this CPU's int8 {type(module).__name__} at input shape {list(in_shape)}")
         return None
     return fits[0]
 
@@ -409,11 +410,11 @@ class ExactMatmul(_ExactBase):
         (qa, ca), (qb, cb) = self._input_codes("a", a, group), self._input_codes("b", b, group)
         if ca is None or cb is None:  # a quantizer switched off (fxq.eval.analysis): the float product
             return torch.matmul(a, b)
-        bound = a.shape[-1] * Q.max_abs_centered_code(self._qparams("a")) * Q.max_abs_centered_code(
+        bound = a.shape[-1] * S.max_abs_centered_code(self._qparams("a")) * S.max_abs_centered_code(
             self._qparams("b"))
-        dtype = Q.exact_accumulation_dtype(bound, a.device)
+        dtype = S.exact_accumulation_dtype(bound, a.device)
         acc = torch.matmul(ca.to(dtype), cb.to(dtype))
-        return Q.scale_accumulator_(acc, qa.scale, qb.scale)
+        return S.scale_accumulator_(acc, qa.scale, qb.scale)
 
     def extra_repr(self) -> str:
         return f"A{self.act_bits}, timestep_groups={self.timestep_groups}"

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxq.quant import quantizer as Q
+from fxq.quant import int_sums as S
 from fxq.backends.x86_packed import PackedWeight
 from fxq.backends.x86_glue import (broadcast_shapes, canonical, channels_last, dense_order, dense_strides,
                                    per_group)
@@ -478,7 +479,7 @@ class QMatmul(SpecFields, _Lazy):
         zb8 = (zb - _U8_TO_S8).to(torch.int32)
         acc -= zb8 * a8.sum(-1, keepdim=True, dtype=torch.int32) - k * za8 * zb8
         acc -= za8 * b8.sum(-2, keepdim=True, dtype=torch.int32)
-        return Q.scale_accumulator(acc, sa, sb).reshape(tuple(batch) + (m, n))
+        return S.scale_accumulator(acc, sa, sb).reshape(tuple(batch) + (m, n))
 
     def extra_repr(self) -> str:
         rows = "" if self.groups == 1 else (f", a_axis={self.a_axis}, a_major={self.a_major}, b_axis={self.b_axis}, "

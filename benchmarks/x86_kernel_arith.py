@@ -1,7 +1,7 @@
 """Which float arithmetic this CPU's oneDNN int8 kernels use to turn an exact int32 sum into a float32 output.
 
 The fake backend simulates the int8 conv/linear as `scale_accumulator(acc) + bias`, in the order
-`quantizer.kernel_scale_order()` probes once per process: `(float(acc) * s_x) * s_w` (AVX512-VNNI, AMD Zen 4) or
+`int_sums.kernel_scale_order()` probes once per process (the fake ops probe each shape): `(float(acc) * s_x) * s_w` (AVX512-VNNI, AMD Zen 4) or
 `float(acc) * (s_x * s_w)` (AMX brgemm, Intel Xeon). This script runs fxq's int8 conv and linear modules (`backends/x86_ops.py`) on random codes and compares
 each output with candidate formulas evaluated on the exact integer sum, per shape: the fraction of outputs each one
 reproduces bit for bit. Not a test: it asserts nothing.
@@ -24,6 +24,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fxq.quant import quantizer as Q  # noqa: E402
+from fxq.quant import int_sums as S  # noqa: E402
 from fxq.backends import x86_ops  # noqa: E402
 from speed_report import cpu_flags, cpu_model  # noqa: E402
 
@@ -44,7 +45,7 @@ def candidates(acc: torch.Tensor, sx: float, sw: torch.Tensor, bias: torch.Tenso
     a = acc.float()
     sx32 = torch.tensor(sx, dtype=torch.float32)
     return {
-        SIMULATION: Q.scale_accumulator(acc, sx32, sw) + bias,
+        SIMULATION: S.scale_accumulator(acc, sx32, sw) + bias,
         "(acc*sx)*sw + b": (a * sx32) * sw + bias,
         "acc*(sx*sw) + b": a * (sx32 * sw) + bias,
         "(acc*sw)*sx + b": (a * sw) * sx32 + bias,
@@ -81,7 +82,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     flags, model = cpu_flags(("amx_int8", "avx512_vnni")), cpu_model()
     out = {"cpu": model, "amx_int8": "amx_int8" in flags, "avx512_vnni": "avx512_vnni" in flags,
-           "torch": torch.__version__, "machine": platform.machine(), "probed_order": Q.kernel_scale_order(),
+           "torch": torch.__version__, "machine": platform.machine(), "probed_order": S.kernel_scale_order(),
            "shapes": {}}
     print(f"{model}: amx_int8={out['amx_int8']} avx512_vnni={out['avx512_vnni']} torch {torch.__version__}, "
           f"probed order: {out['probed_order']}")

@@ -1,7 +1,7 @@
 """The fake backend's fast paths compute what its plain exact path computes, bit for bit.
 
 - Wide sums: where a float32 sum of integer products could pass 2^24 (and round), the exact ops sum slices of the
-  reduction axis in float32 (`Q.exact_chunks`) instead of the whole in float64; the result must be the float64
+  reduction axis in float32 (`S.exact_chunks`) instead of the whole in float64; the result must be the float64
   path's, which is the int8 kernel's.
 """
 
@@ -13,6 +13,7 @@ from torch import nn
 
 from fxq.backends import fake_ops
 from fxq.quant import quantizer as Q
+from fxq.quant import int_sums as S
 
 
 def _large_sum_weight(shape, g):
@@ -60,7 +61,7 @@ def test_linear_sliced_float32_sums_equal_float64_sums(seed, n, lead):
 def test_exact_chunks_cover_the_axis_in_slices_below_2_to_24(seed, outs, n, top, max_code):
     g = torch.Generator().manual_seed(seed)
     sums = torch.randint(0, top + 1, (outs, n), generator=g)
-    chunks = Q.exact_chunks(sums, max_code, "cpu")
+    chunks = S.exact_chunks(sums, max_code, "cpu")
     whole = float(sums.double().sum(1).max()) * max_code
     if chunks is None:  # float32 is exact already, or one column alone can reach 2^24
         assert whole < 2 ** 24 or float(sums.max()) * max_code >= 2 ** 24
@@ -76,7 +77,7 @@ def test_exact_sum_is_the_exact_integer_sum_rounded_once(seed, parts):
     g = torch.Generator().manual_seed(seed)
     ints = [torch.randint(-(2 ** 24) + 1, 2 ** 24, (64,), generator=g, dtype=torch.int64) for _ in range(parts)]
     total = torch.stack(ints).sum(0)
-    assert torch.equal(Q.exact_sum([i.float() for i in ints]), total.float())  # int64 -> float32: one rounding
+    assert torch.equal(S.exact_sum([i.float() for i in ints]), total.float())  # int64 -> float32: one rounding
 
 
 # --- codes handed over by the quantizer ------------------------------------------------------------------------------
@@ -145,7 +146,7 @@ def test_the_kept_codes_are_the_read_back_codes_of_the_output():
     group = torch.tensor([2, 0])
     x_hat = fq(torch.randn(2, 4, 6, 6, generator=g) * 4, group)
     tag = x_hat.fxq_codes
-    assert torch.equal(tag.codes, Q.centered_codes(x_hat, tag.qp)) and torch.equal(tag.codes * tag.qp.scale, x_hat)
+    assert torch.equal(tag.codes, S.centered_codes(x_hat, tag.qp)) and torch.equal(tag.codes * tag.qp.scale, x_hat)
     assert torch.equal(x_hat, Q.fake_quantize(x_hat.clone(), tag.qp))  # and the output is what it was
 
 

@@ -11,6 +11,7 @@ from torch import nn
 from fxq.backends import fake_ops, x86_ops
 from fxq.errors import FxqWarning
 from fxq.quant import quantizer as Q
+from fxq.quant import int_sums as S
 
 
 def _exact(x, zp, w):
@@ -26,8 +27,8 @@ def _sequential_kernel(x, xs, zp, w, ws):  # AVX512-VNNI kernels (AMD Zen 4, mea
 
 
 def test_probe_tells_the_orders_apart():
-    assert Q.probe_scale_order(_product_kernel) == "product"
-    assert Q.probe_scale_order(_sequential_kernel) == "sequential"
+    assert S.probe_scale_order(_product_kernel) == "product"
+    assert S.probe_scale_order(_sequential_kernel) == "sequential"
 
 
 def test_probe_warns_when_no_order_matches():
@@ -35,7 +36,7 @@ def test_probe_warns_when_no_order_matches():
         return ((x.double() - zp) @ w.double().t() * xs * ws.double()).float()
 
     with pytest.warns(FxqWarning, match="no known order"):
-        assert Q.probe_scale_order(rounded_once) == "sequential"
+        assert S.probe_scale_order(rounded_once) == "sequential"
 
 
 def _exact_linear(seed=0):
@@ -60,23 +61,23 @@ def _emulated_kernel(monkeypatch, pick):
         order = pick(x.shape[0])
         if order is None:
             return (acc * xs * self.w_scale.double() + self.bias.double()).float()
-        return Q.scale_accumulator(acc, torch.tensor(xs), self.w_scale, order) + self.bias
+        return S.scale_accumulator(acc, torch.tensor(xs), self.w_scale, order) + self.bias
     monkeypatch.setattr(x86_ops.QLinear, "forward", forward)
 
 
 def test_exact_linear_follows_its_kernels_order_per_input_shape(monkeypatch):
     # as on an AMX host: a one-row linear takes a kernel of the other order than a batch
-    default = Q.kernel_scale_order()
-    other = next(o for o in Q.SCALE_ORDERS if o != default)
+    default = S.kernel_scale_order()
+    other = next(o for o in S.SCALE_ORDERS if o != default)
     _emulated_kernel(monkeypatch, lambda rows: other if rows == 1 else default)
     module, wqp, xqp = _exact_linear()
     gen = torch.Generator().manual_seed(3)
     for rows, order in ((1, other), (64, default), (1, other)):
         x = Q.fake_quantize(torch.randn(rows, 96, generator=gen) * 2, xqp)
-        acc = Q.centered_codes(x, xqp).double() @ Q.centered_codes(module.weight.detach(), wqp).double().t()
-        want = Q.scale_accumulator(acc, xqp.scale, module.w_scale, order) + module.bias.detach()
+        acc = S.centered_codes(x, xqp).double() @ S.centered_codes(module.weight.detach(), wqp).double().t()
+        want = S.scale_accumulator(acc, xqp.scale, module.w_scale, order) + module.bias.detach()
         assert torch.equal(module(x), want)
-        wrong = Q.scale_accumulator(acc, xqp.scale, module.w_scale, default if order == other else other)
+        wrong = S.scale_accumulator(acc, xqp.scale, module.w_scale, default if order == other else other)
         assert not torch.equal(want, wrong + module.bias.detach())  # the data tells the orders apart
     assert set(module._orders) == {(1, 96), (64, 96)}  # probed once per shape
 
@@ -100,36 +101,36 @@ def test_probe_without_int8_kernels_keeps_the_default():
     def missing(*args):
         raise RuntimeError("no oneDNN int8 here")
 
-    assert Q.probe_scale_order(missing) == "sequential"
+    assert S.probe_scale_order(missing) == "sequential"
 
 
 def test_this_cpus_kernel_is_reproduced():
     # the real oneDNN int8 linear on this CPU, through the probe's own data: one of the orders must match
-    assert Q.kernel_scale_order() in Q.SCALE_ORDERS
+    assert S.kernel_scale_order() in S.SCALE_ORDERS
 
 
-@pytest.mark.parametrize("order", Q.SCALE_ORDERS)
+@pytest.mark.parametrize("order", S.SCALE_ORDERS)
 def test_scale_accumulator_follows_the_order(monkeypatch, order):
-    monkeypatch.setattr(Q, "_scale_order", order)
+    monkeypatch.setattr(S, "_scale_order", order)
     gen = torch.Generator().manual_seed(1)
     acc = torch.randint(-2 ** 20, 2 ** 20, (256, 32), generator=gen).float()
     xs, ws = torch.tensor(0.0137), torch.rand(32, generator=gen) * 0.01 + 1e-4
     want = acc * (xs * ws) if order == "product" else (acc * xs) * ws
-    assert torch.equal(Q.scale_accumulator(acc, xs, ws), want)
+    assert torch.equal(S.scale_accumulator(acc, xs, ws), want)
     other = (acc * xs) * ws if order == "product" else acc * (xs * ws)
     assert not torch.equal(want, other)  # the data tells the orders apart
 
 
 def _one_row_kernel_of_the_other_order(monkeypatch):
     """oneDNN's int8 linear as on an AMX host: a one-row call takes a kernel of the other order."""
-    other = next(o for o in Q.SCALE_ORDERS if o != Q.kernel_scale_order())
+    other = next(o for o in S.SCALE_ORDERS if o != S.kernel_scale_order())
     real = torch.ops.onednn.qlinear_pointwise
 
     def kernel(x, xs, xz, packed, w_scale, w_zp, bias, os_, oz, odt, attr, scalars, algo):
         y = real(x, xs, xz, packed, w_scale, w_zp, bias, os_, oz, odt, attr, scalars, algo)
         if x.numel() // x.shape[-1] == 1:
             acc = (x.reshape(1, -1).double() - xz) @ packed.to_dense().t().double().t()
-            y = (Q.scale_accumulator(acc, torch.tensor(xs), w_scale, other) + bias).reshape(y.shape)
+            y = (S.scale_accumulator(acc, torch.tensor(xs), w_scale, other) + bias).reshape(y.shape)
         return y
     monkeypatch.setattr(torch.ops.onednn, "qlinear_pointwise", kernel)
 
@@ -161,14 +162,14 @@ def test_convs_with_string_padding_probe_their_kernel():
         module = fake_ops._ExactConv.from_float(conv, nn.Parameter(Q.fake_quantize(conv.weight.detach(), wqp)),
                                                 wqp, xqp)
         module(Q.fake_quantize(torch.randn(2, 8, 6, 6), xqp))
-        assert list(module._orders.values()) == [Q.kernel_scale_order()], padding  # probed, not the default None
+        assert list(module._orders.values()) == [S.kernel_scale_order()], padding  # probed, not the default None
 
 
 def test_probe_draws_again_when_its_data_fits_both_orders(monkeypatch):
     # a one-output linear: on one random draw both orders often give the same float32; the probe must not take
     # the first order on such a draw
     _one_row_kernel_of_the_other_order(monkeypatch)
-    other = next(o for o in Q.SCALE_ORDERS if o != Q.kernel_scale_order())
+    other = next(o for o in S.SCALE_ORDERS if o != S.kernel_scale_order())
     for seed in range(20):
         torch.manual_seed(seed)
         linear = nn.Linear(16, 1)

@@ -22,6 +22,7 @@ from torch import nn
 
 import fxq
 from fxq.quant import quantizer as Q
+from fxq.quant import int_sums as S
 from fxq.backends import x86, x86_glue, x86_ops
 from fxq.io.spec_fields import SpecFields
 from fxq.errors import ConfigError, FxqError, InputError
@@ -654,9 +655,9 @@ def test_fake_conv_float32_sums_equal_float64_sums(seed, cin, k, batch):
 
 
 def test_accumulation_dtype_is_float64_where_float32_could_round():
-    assert Q.exact_accumulation_dtype(2 ** 24 - 1, "cpu") == torch.float32
-    assert Q.exact_accumulation_dtype(2 ** 24, "cpu") == torch.float64
-    assert Q.exact_accumulation_dtype(10, "cuda") == torch.float64  # cuDNN may pick Winograd for float32
+    assert S.exact_accumulation_dtype(2 ** 24 - 1, "cpu") == torch.float32
+    assert S.exact_accumulation_dtype(2 ** 24, "cpu") == torch.float64
+    assert S.exact_accumulation_dtype(10, "cuda") == torch.float64  # cuDNN may pick Winograd for float32
 
 
 def test_a_quantizer_switched_off_gives_the_float_op():
