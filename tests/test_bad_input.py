@@ -122,15 +122,18 @@ def test_keep_float_pattern_matching_nothing_warns():
         fxq.quantize(Tiny(), ex(), calib(), fxq.QuantConfig(keep_float=("nothing_here.*",)))
 
 
+class NoT(nn.Module):
+    """A model without a timestep input."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
 def test_timestep_groups_without_a_timestep_input():
-    class NoT(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 3, 1)
-
-        def forward(self, x):
-            return self.conv(x)
-
     with pytest.raises(ConfigError, match="timestep"):
         fxq.quantize(NoT(), (torch.randn(1, 3, 4, 4),), [(torch.randn(1, 3, 4, 4),)],
                      fxq.QuantConfig(timestep_groups=2))

@@ -13,6 +13,7 @@ import fxq
 from fxq.quant.bias_correction import BiasCorrection
 from fxq.errors import ConfigError, InputError
 from fxq.quant.quantizer import group_of
+from tests.test_bad_input import NoT
 
 
 class ConvNet(nn.Module):
@@ -180,14 +181,6 @@ def test_bad_bias_correction_configs():
         fxq.QuantConfig(bias_correction="yes")
     with pytest.raises(ConfigError, match="set bias_correction=True too"):
         fxq.QuantConfig(gain_correction=True)
-
-    class NoT(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 3, 1)
-
-        def forward(self, x):
-            return self.conv(x)
 
     x = torch.randn(2, 3, 4, 4)
     with pytest.raises(ConfigError, match="needs a timestep input"):

@@ -15,14 +15,7 @@ pytest.importorskip("fxq.eval.fidelity")
 from benchmarks import ablation, quality  # noqa: E402
 from fxq.diffusion import DDIM  # noqa: E402
 from fxq.errors import InputError  # noqa: E402
-from tests.test_quality import N, files, one_thread, tiny_unet  # noqa: E402,F401  (fixtures)
-
-
-def cli(files, out_dir, *extra):
-    return quality.main(["--model", files["model"], "--n", str(N), "--batch-size", "40", "--steps", "4",
-                         "--device", "cpu", "--feature-extractor-weights", files["clf"],
-                         "--ref-cache", str(files["root"] / "cache"), "--ref-n", str(N),
-                         "--out-dir", str(out_dir), "--no-progress", *extra])
+from tests.test_quality import N, cli, files, one_thread, tiny_unet  # noqa: E402,F401  (fixtures, the CLI runner)
 
 
 def test_float_images_from_a_file_give_the_same_numbers(files, tmp_path):
