@@ -142,6 +142,7 @@ class _ExactWeighted(_ExactBase):
         self._codes_of = None  # (weight tensor, its version, its codes, float32 or float64 for the sums)
         self._chunks = None  # input-channel slices summed exactly in float32 where float64 would be needed
         self._orders = {}  # input shape -> the scale order of this CPU's int8 kernel for this op at that shape
+        self._mixed_orders = {}  # (input shape, groups of a mixed batch) -> _group_orders's answer
 
     def _set_exact(self, float_module, weight: torch.Tensor, wqp: Q.QParams, xqp: Q.QParams):
         if not wqp.signed or wqp.axis != 0 or wqp.bits != self.weight_bits:
@@ -215,6 +216,15 @@ class _ExactWeighted(_ExactBase):
         if (not isinstance(group, torch.Tensor) or group.numel() == 1 or axis is None
                 or bool((group == group.reshape(-1)[0]).all())):
             return self._kernel_order(in_shape, channel_dim)
+        key = (in_shape, tuple(group.reshape(-1).tolist()))
+        cached = self._mixed_orders.get(key)
+        if cached is None:
+            if len(self._mixed_orders) >= _MAX_ORDERS:
+                self._mixed_orders.pop(next(iter(self._mixed_orders)))
+            cached = self._mixed_orders[key] = self._mixed_group_orders(in_shape, channel_dim, group, axis, major)
+        return cached
+
+    def _mixed_group_orders(self, in_shape: tuple, channel_dim: int, group: torch.Tensor, axis: int, major: bool):
         rows = Q.rows_group(group.reshape(-1), in_shape[axis], major)
         per_group = {}
         for u in torch.unique(rows).tolist():
@@ -242,8 +252,13 @@ class _ExactWeighted(_ExactBase):
     def __getstate__(self):
         # the orders belong to this CPU: a copy or pickle probes again where it runs
         state = dict(super().__getstate__())
-        state["_orders"] = {}
+        state["_orders"], state["_mixed_orders"] = {}, {}
         return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("_orders", {})  # a pickle from an fxq before the per-shape probe
+        self.__dict__.setdefault("_mixed_orders", {})
 
     def _apply(self, fn, *args, **kwargs):
         self._codes_of = None
