@@ -216,13 +216,12 @@ class _ExactWeighted(_ExactBase):
         if (not isinstance(group, torch.Tensor) or group.numel() == 1 or axis is None
                 or bool((group == group.reshape(-1)[0]).all())):
             return self._kernel_order(in_shape, channel_dim)
-        key = (in_shape, tuple(group.reshape(-1).tolist()))
-        cached = self._mixed_orders.get(key)
-        if cached is None:
+        key = (in_shape, axis, major, tuple(group.reshape(-1).tolist()))
+        if key not in self._mixed_orders:
             if len(self._mixed_orders) >= _MAX_ORDERS:
                 self._mixed_orders.pop(next(iter(self._mixed_orders)))
-            cached = self._mixed_orders[key] = self._mixed_group_orders(in_shape, channel_dim, group, axis, major)
-        return cached
+            self._mixed_orders[key] = self._mixed_group_orders(in_shape, channel_dim, group, axis, major)
+        return self._mixed_orders[key]
 
     def _mixed_group_orders(self, in_shape: tuple, channel_dim: int, group: torch.Tensor, axis: int, major: bool):
         rows = Q.rows_group(group.reshape(-1), in_shape[axis], major)
@@ -230,9 +229,10 @@ class _ExactWeighted(_ExactBase):
         for u in torch.unique(rows).tolist():
             sub = list(in_shape)
             sub[axis] = int((rows == u).sum())
-            per_group[u] = self._kernel_order(tuple(sub), channel_dim) or S.kernel_scale_order()
+            per_group[u] = self._kernel_order(tuple(sub), channel_dim)
         if len(set(per_group.values())) == 1:
-            return next(iter(per_group.values()))
+            return next(iter(per_group.values()))  # None: the process default, looked up where it is used
+        per_group = {u: order or S.kernel_scale_order() for u, order in per_group.items()}
         product = torch.tensor([per_group[u] == "product" for u in rows.tolist()])
         return axis % len(in_shape), product
 

@@ -142,7 +142,12 @@ def parse_args(argv=None):
     args, rest = p.parse_known_args(argv)
     args.extra = args.extra.split() + rest
     args.out_dir = args.out_dir or os.path.join("benchmarks", "results", f"ablation-n{args.n}")
-    args.seeds = [int(v) for v in args.seeds.split(",")] if args.seeds else [args.seed]
+    try:
+        args.seeds = [int(v) for v in args.seeds.split(",")] if args.seeds else [args.seed]
+    except ValueError:
+        p.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
+    if len(set(args.seeds)) != len(args.seeds):
+        p.error(f"--seeds repeats a seed: {args.seeds}")
     unknown = [r for r in args.rows.split(",") if r.split(":")[-1] not in ROWS]
     if unknown:
         p.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
@@ -191,10 +196,12 @@ def _wait(proc, name) -> None:
 
 
 def float_rows(args, gpus, out, seed: int) -> dict:
-    """The float run at `seed`, sharded over all GPUs (and once on one GPU with --time-sharding); its images file."""
+    """The float run at `seed`, sharded over all GPUs (and once on one GPU with --time-sharding, at the first seed
+    only: one timing is what the report uses); its images file."""
     samples = os.path.join(out, "fp", "samples.safetensors")
     runs = {}
-    plan = [("fp", gpus)] + ([("fp-1gpu", 1)] if args.time_sharding and gpus > 1 else [])
+    one_gpu = args.time_sharding and gpus > 1 and seed == args.seeds[0]
+    plan = [("fp", gpus)] + ([("fp-1gpu", 1)] if one_gpu else [])
     if args.reuse_fp and os.path.isfile(samples) and os.path.isfile(os.path.join(out, "fp", "metrics.json")):
         plan = [(name, world) for name, world in plan if name != "fp"]
         runs["fp"] = os.path.join(out, "fp")
@@ -327,7 +334,9 @@ def main(argv=None):
     t0 = time.perf_counter()
     floats = {seed: float_rows(args, gpus, _seed_dir(args, seed), seed) for seed in args.seeds}
     rows = quantized_rows(args, gpus, floats)
-    tables = {seed: table(_load(floats[seed]["dirs"]["fp"]), rows[seed]) for seed in args.seeds}
+    planned = [f"{setting.lower()}-{row}" for setting, row in _plan(args)]
+    tables = {seed: table(_load(floats[seed]["dirs"]["fp"]), sorted(rows[seed], key=lambda r: planned.index(r[0])))
+              for seed in args.seeds}
     result = {"command": " ".join(["python", "benchmarks/ablation.py", *(argv or sys.argv[1:])]), "gpus": gpus,
               "n": args.n, "seeds": args.seeds, "rows": tables[args.seeds[0]]}
     if len(args.seeds) > 1:

@@ -89,8 +89,8 @@ def _fake_quality_run(fids):
         row_dir = cmd[cmd.index("--out-dir") + 1]
         seed, row = int(cmd[cmd.index("--seed") + 1]), os.path.basename(row_dir)
         os.makedirs(row_dir, exist_ok=True)
-        metrics = {"fid": fids[seed, row], "kid_mean": 0.06, "kid_std": 0.005, "isc_mean": 8.7}
-        if row == "fp":
+        metrics = {"fid": fids.get((seed, row), 10.0), "kid_mean": 0.06, "kid_std": 0.005, "isc_mean": 8.7}
+        if row.startswith("fp"):
             doc = {"runs": {"fp": {"metrics": metrics, "sampling_s": 1.0}}, "world_size": 1}
             open(cmd[cmd.index("--save-samples") + 1], "w").close()
         else:
@@ -125,3 +125,23 @@ def test_ablation_at_one_seed_keeps_its_folder_layout(monkeypatch, tmp_path):
                             "--out-dir", str(tmp_path), "--n", "16"])
     assert (tmp_path / "w4a8-fxq-bc" / "metrics.json").is_file() and "seed_summary" not in result
     assert result["rows"][1]["delta_fid_pct"] == pytest.approx(20.0)
+
+
+def test_ablation_refuses_repeated_or_malformed_seeds():
+    for seeds in ("0,0", "0,,1"):
+        with pytest.raises(SystemExit):
+            ablation.parse_args(["--seeds", seeds])
+
+
+def test_ablation_times_the_sharding_once_whatever_the_seeds(monkeypatch, tmp_path):
+    runs = []
+    stub = _fake_quality_run({})
+
+    def run(cmd, log_path, env):
+        runs.append(os.path.relpath(cmd[cmd.index("--out-dir") + 1], tmp_path))
+        return stub(cmd, log_path, env)
+    monkeypatch.setattr(ablation, "_run", run)
+    result = ablation.main(["--settings", "W8A8", "--rows", "fxq", "--seeds", "2,5", "--device", "cuda", "--gpus", "2",
+                            "--time-sharding", "--out-dir", str(tmp_path), "--n", "16"])
+    assert sorted(runs) == sorted(["seed2/fp", "seed2/fp-1gpu", "seed5/fp", "seed2/w8a8-fxq", "seed5/w8a8-fxq"])
+    assert result["sharding"]["gpus"] == 2
