@@ -100,6 +100,7 @@ def dense_order(x: torch.Tensor) -> list[int] | None:
     return order if x.permute(order).is_contiguous() else None
 
 
+@functools.lru_cache(maxsize=1024)
 def dense_strides(shape, channels_last: bool) -> tuple[int, ...]:
     """The strides of a dense tensor of `shape`, contiguous or channels-last (4-d)."""
     order = [0, 2, 3, 1] if channels_last else list(range(len(shape)))  # outermost to innermost

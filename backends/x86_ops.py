@@ -92,6 +92,20 @@ class _Lazy(nn.Module):
         raise NotImplementedError
 
 
+_QUANTIZE_WARNED = False  # torch warns about quantized tensor creation once per process: swallowed here
+
+
+def _first_quantize(x: torch.Tensor, scale: float, zp: int) -> torch.Tensor:
+    """The first quantize_per_tensor call, with torch's one deprecation warning (quantized tensor creation; its
+    kernel is ours to call) silenced; the later ones need no warnings context (~1.5 us a call)."""
+    global _QUANTIZE_WARNED
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        q = torch.quantize_per_tensor(x, scale, zp, torch.quint8)
+    _QUANTIZE_WARNED = True
+    return q
+
+
 class Quantize(SpecFields, _Lazy):
     """float32 x -> uint8 codes of `quantize(x, qp)` (qp per timestep group: pass the call's group, see
     x86_glue.call_group; a mixed batch maps x's rows along `batch_axis` to samples as fxq.quant.quantizer.rows_group)."""
@@ -131,9 +145,10 @@ class Quantize(SpecFields, _Lazy):
         order = None if plain else dense_order(x)
         if order is not None:
             x = x.permute(order)
-        with warnings.catch_warnings():  # quantized tensor creation is deprecated; its kernel is ours to call
-            warnings.simplefilter("ignore", UserWarning)
+        if _QUANTIZE_WARNED:
             q = torch.quantize_per_tensor(x, scale, zp, torch.quint8)
+        else:
+            q = _first_quantize(x, scale, zp)
         # the same bytes as a plain uint8 tensor sharing q's storage (int_repr() would copy them, 4x the cost of
         # quantizing); the storage lives as long as the returned tensor
         codes = torch.empty(0, dtype=torch.uint8).set_(q.untyped_storage(), q.storage_offset(), q.size(), q.stride())
