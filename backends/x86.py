@@ -43,6 +43,7 @@ from torch import nn
 from fxq.quant import quantizer as Q
 from fxq.backends import x86_forms as forms
 from fxq.backends import x86_glue as glue
+from fxq.backends import x86_dedupe
 from fxq.backends import x86_memplan as memplan
 from fxq.backends import x86_ops as ops
 from fxq.backends.fake import FakeQuantize
@@ -451,7 +452,7 @@ def fuse_residual_add(gm: fx.GraphModule) -> None:
 
 
 # In this order: a unary post-op first, so conv -> SiLU -> Quantize can then fuse the requantization too.
-FUSIONS = (fuse_unary, fuse_output_quant, fuse_residual_add, memplan.quantize_early,
+FUSIONS = (x86_dedupe.dedupe, fuse_unary, fuse_output_quant, fuse_residual_add, memplan.quantize_early,
            memplan.inplace_elementwise)
 
 

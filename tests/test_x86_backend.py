@@ -682,3 +682,35 @@ def test_float_ops_after_a_conv_see_the_int8_layout():
     fake, int8 = _pair(_Single(model), calib[0], calib)
     x = torch.randn(2, 8, 12, 12)
     assert torch.equal(fake(x), int8(x))
+
+
+class _SharedEmbedding(nn.Module):
+    """Two blocks that each take SiLU of the same embedding and project it (as a UNet's residual blocks do); the
+    second block's SiLU result is also changed in place when `mutate`."""
+
+    def __init__(self, mutate: bool):
+        super().__init__()
+        self.a, self.b, self.mutate = nn.Linear(8, 8), nn.Linear(8, 8), mutate
+
+    def forward(self, e):
+        first = self.a(F.silu(e))
+        h = F.silu(e)
+        if self.mutate:
+            h.mul_(2)
+        return first + self.b(h)
+
+
+@pytest.mark.parametrize("mutate", [False, True])
+def test_the_same_function_of_the_same_tensor_runs_once_and_exactly(mutate):
+    torch.manual_seed(0)
+    model = _SharedEmbedding(mutate).eval()
+    calib = [(torch.randn(4, 8),) for _ in range(3)]
+    fake, int8 = _pair(model, (torch.randn(4, 8),), calib)
+    nodes = list(int8.graph_module.graph.nodes)
+    silus = [n for n in nodes if n.op == "call_function" and n.target is F.silu]
+    quants = [n for n in nodes if n.op == "call_module" and isinstance(int8.graph_module.get_submodule(n.target),
+                                                                        x86_ops.Quantize)]
+    # one SiLU and one quantize of it, unless the second SiLU's result is written in place (then both stay)
+    assert (len(silus), len(quants)) == ((2, 2) if mutate else (1, 1))
+    x = torch.randn(4, 8)
+    assert torch.equal(int8(x), fake(x))
