@@ -30,7 +30,7 @@ from torch import nn
 from fxq.quant import ops as catalogue
 from fxq.quant import quantizer as Q
 from fxq.backends.x86_convtranspose import QConvTranspose
-from fxq.backends.x86_ops import QConv, QLinear, QMatmul, _ActParams, _rows_spec
+from fxq.backends.x86_ops import QConv, QLinear, QMatmul, _ActParams, _rows_spec, conv_kernel_defect
 from fxq.errors import FxqError, InputError
 from fxq.tracing.meta import rank
 
@@ -114,8 +114,8 @@ def conv_spec(gm: fx.GraphModule, node: fx.Node) -> ConvSpec | str:
             dims = conv.weight.dim() - 2
             stride, dilation = _tuple(conv.stride, dims, "stride"), _tuple(conv.dilation, dims, "dilation")
             padding = _padding(conv.padding, conv.kernel_size, dilation, stride, dims)
-            return ConvSpec(conv.weight, conv.bias, stride, padding, dilation, conv.groups, conv.transposed,
-                            _tuple(conv.output_padding, dims, "output_padding"))
+            return _checked(ConvSpec(conv.weight, conv.bias, stride, padding, dilation, conv.groups, conv.transposed,
+                                     _tuple(conv.output_padding, dims, "output_padding")))
         sig = catalogue.signature(node)
         weight = catalogue.weight_tensor(gm, node)
         dims = weight.dim() - 2
@@ -128,10 +128,21 @@ def conv_spec(gm: fx.GraphModule, node: fx.Node) -> ConvSpec | str:
         transposed = sig.weight_axis == 1
         padding = _padding(args["padding"], weight.shape[2:], dilation, stride, dims) if not transposed else \
             _tuple(args["padding"], dims, "padding")
-        return ConvSpec(weight, bias, stride, padding, dilation, args["groups"], transposed,
-                        _tuple(args["output_padding"], dims, "output_padding"))
+        return _checked(ConvSpec(weight, bias, stride, padding, dilation, args["groups"], transposed,
+                                 _tuple(args["output_padding"], dims, "output_padding")))
     except _Refuse as why:
         return str(why)
+
+
+def _checked(spec: ConvSpec) -> ConvSpec:
+    """spec, or _Refuse where oneDNN's int8 conv must not run it (x86_ops.conv_kernel_defect)."""
+    w = spec.weight  # [out, in / groups, *k], or [in, out / groups, *k] transposed
+    per_in, per_out = (w.shape[0] // spec.groups, w.shape[1]) if spec.transposed else (w.shape[1],
+                                                                                        w.shape[0] // spec.groups)
+    defect = conv_kernel_defect(w.dim() - 2, spec.groups, per_in, per_out, tuple(w.shape[2:]), spec.dilation)
+    if defect is not None:
+        raise _Refuse(defect)
+    return spec
 
 
 def _constant_bias(gm: fx.GraphModule, arg, kind: str) -> torch.Tensor | None:

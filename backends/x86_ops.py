@@ -219,6 +219,17 @@ class _WeightedInt8(PackedWeight, SpecFields, _Lazy):
             raise InputError("this int8 model keeps activation parameters per timestep group: call it with t")
 
 
+def conv_kernel_defect(dims: int, groups: int, in_per_group: int, out_per_group: int, kernel, dilation) -> str | None:
+    """Why oneDNN's int8 conv must not run this form, or None. A 3-d depthwise conv (one input and one output
+    channel per group) with dilation > 1 corrupts the heap (glibc aborts with "free(): invalid size" a few calls
+    later; torch 2.15, AVX512-VNNI, measured over groups 2-8, dilation 2-3, kernel 3)."""
+    if (dims == 3 and groups > 1 and in_per_group == 1 and out_per_group == 1
+            and any(d > 1 and k > 1 for k, d in zip(kernel, dilation))):
+        return ("a 3-d depthwise conv with dilation > 1 (oneDNN's int8 kernel for it corrupts memory); keep it in "
+                "float (QuantConfig(keep_float=...)) or pass float_fallback=True")
+    return None
+
+
 class QConv(_WeightedInt8):
     """Int8 convolution (1d/2d/3d, zero padding) on oneDNN, fp32 or uint8 output; `accum` adds a same-shaped
     fp32 tensor in the kernel (2d only; written in place, so the lowering passes only tensors dead afterwards)."""
@@ -239,6 +250,10 @@ class QConv(_WeightedInt8):
         self.groups, self.unary, self.out_quant, self.accum = groups, unary, out_quant, accum
         if unary not in self.UNARY:
             raise InputError(f"unary post-op {unary!r} is not one of {self.UNARY}")
+        defect = conv_kernel_defect(len(self.kernel_size), conv_groups, in_channels // conv_groups,
+                                    out_channels // conv_groups, self.kernel_size, self.dilation)
+        if defect is not None:
+            raise FxqError(f"no int8 conv for {defect}")
         self._register((out_channels, in_channels // conv_groups) + self.kernel_size, has_bias, groups, out_quant)
 
     @classmethod
