@@ -1,12 +1,15 @@
 """Which float arithmetic this CPU's oneDNN int8 kernels use to turn an exact int32 sum into a float32 output.
 
-The fake backend simulates the int8 conv/linear as `scale_accumulator(acc) + bias`, in the order
-`int_sums.kernel_scale_order()` probes once per process (the fake ops probe each shape): `(float(acc) * s_x) * s_w` (AVX512-VNNI, AMD Zen 4) or
-`float(acc) * (s_x * s_w)` (AMX brgemm, Intel Xeon). This script runs fxq's int8 conv and linear modules (`backends/x86_ops.py`) on random codes and compares
-each output with candidate formulas evaluated on the exact integer sum, per shape: the fraction of outputs each one
-reproduces bit for bit. Not a test: it asserts nothing.
+The fake backend simulates the int8 conv/linear as `scale_accumulator(acc) + bias` in the order of the kernel that
+oneDNN picks for that shape: `(float(acc) * s_x) * s_w` (AVX512-VNNI kernels) or `float(acc) * (s_x * s_w)` (AMX
+kernels, Intel Xeon; some shapes there take VNNI ones). This script runs fxq's int8 conv and linear modules
+(`backends/x86_ops.py`) on random codes and compares each output with candidate formulas evaluated on the exact
+integer sum, per shape: the fraction of outputs each one reproduces bit for bit. Not a test: it asserts nothing.
 
-    python benchmarks/x86_kernel_arith.py --out benchmarks/results/x86_kernel_arith.json
+    python benchmarks/x86_kernel_arith.py --batches 1,2,4,64 --out benchmarks/results/x86_kernel_arith.json
+
+The column "fake op" is what the fake backend simulates each shape with (its per-shape probe): 1.0 everywhere
+means fake-quant equals int8 for these shapes on this CPU.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fxq.quant import quantizer as Q  # noqa: E402
 from fxq.quant import int_sums as S  # noqa: E402
-from fxq.backends import x86_ops  # noqa: E402
+from fxq.backends import fake_ops, x86_ops  # noqa: E402
 from speed_report import cpu_flags, cpu_model  # noqa: E402
 
 # (name, in channels, out channels, kernel, spatial size), at each --batches size
@@ -40,11 +43,15 @@ LINEARS = [("linear 128->128 x1024", 128, 128, 1024), ("linear 256->1024 x4", 25
            ("linear 512->128 x64", 512, 128, 64), ("linear 128->512 x256", 128, 512, 256)]
 
 
-def candidates(acc: torch.Tensor, sx: float, sw: torch.Tensor, bias: torch.Tensor) -> dict:
+FAKE_OP = "fake op (its per-shape probe)"
+
+
+def candidates(acc: torch.Tensor, sx: float, sw: torch.Tensor, bias: torch.Tensor, fake_order) -> dict:
     """float32 outputs of the int32 sum `acc` (float64, exact) under each candidate order of operations."""
     a = acc.float()
     sx32 = torch.tensor(sx, dtype=torch.float32)
     return {
+        FAKE_OP: S.scale_accumulator(acc, sx32, sw, fake_order) + bias,
         SIMULATION: S.scale_accumulator(acc, sx32, sw) + bias,
         "(acc*sx)*sw + b": (a * sx32) * sw + bias,
         "acc*(sx*sw) + b": a * (sx32 * sw) + bias,
@@ -55,13 +62,24 @@ def candidates(acc: torch.Tensor, sx: float, sw: torch.Tensor, bias: torch.Tenso
     }
 
 
-def probe(module: nn.Module, codes: torch.Tensor, acc: torch.Tensor, sx: float, channel_dim: int) -> dict:
+def probe(module: nn.Module, codes: torch.Tensor, acc: torch.Tensor, sx: float, channel_dim: int, fake) -> dict:
+    """Fraction of the int8 module's outputs each candidate reproduces; `fake`: the fake backend's exact op of the
+    same layer, whose own probe picks the order it simulates this shape with."""
     y = module(codes)
     shape = [1] * acc.dim()
     shape[channel_dim] = -1
     sw = module.w_scale.reshape(shape)
     bias = module.bias.reshape(shape)
-    return {name: float((c == y).float().mean()) for name, c in candidates(acc, sx, sw, bias).items()}
+    fake_order = fake._kernel_order(tuple(codes.shape), channel_dim)
+    return {name: float((c == y).float().mean()) for name, c in candidates(acc, sx, sw, bias, fake_order).items()}
+
+
+def fake_op(layer: nn.Module, wqp: Q.QParams, xqp: Q.QParams):
+    """The fake backend's exact op of layer (its fake-quantized weight)."""
+    weight = nn.Parameter(Q.fake_quantize(layer.weight.detach(), wqp))
+    if isinstance(layer, nn.Linear):
+        return fake_ops.ExactLinear.from_float(layer, weight, wqp, xqp)
+    return fake_ops._ExactConv.from_float(layer, weight, wqp, xqp)
 
 
 def make_qparams(weight: torch.Tensor, sx: float, zx: int):
@@ -95,14 +113,15 @@ def main(argv=None) -> dict:
         codes = torch.randint(0, 256, (batch, cin, size, size), dtype=torch.uint8)
         centered = (codes.double() - zx).contiguous(memory_format=torch.channels_last)
         acc = F.conv2d(centered, module.weight.double(), None, 1, k // 2)
-        out["shapes"][name] = probe(module, codes.contiguous(memory_format=torch.channels_last), acc, sx, 1)
+        out["shapes"][name] = probe(module, codes.contiguous(memory_format=torch.channels_last), acc, sx, 1,
+                                    fake_op(conv, wqp, xqp))
     for name, cin, cout, rows in LINEARS:
         linear = nn.Linear(cin, cout)
         wqp, xqp = make_qparams(linear.weight, sx, zx)
         module = x86_ops.QLinear.from_float(linear, wqp, xqp)
         codes = torch.randint(0, 256, (rows, cin), dtype=torch.uint8)
         acc = (codes.double() - zx) @ module.weight.double().t()
-        out["shapes"][name] = probe(module, codes, acc, sx, 1)
+        out["shapes"][name] = probe(module, codes, acc, sx, 1, fake_op(linear, wqp, xqp))
     # the activation quantizer: torch's quantize_per_tensor (the int8 path) against quantizer.codes (the simulation)
     x = torch.randn(4, 128, 32, 32) * 3
     qp = Q.QParams(torch.tensor(sx), torch.tensor(float(zx)), 8, False, None)
@@ -111,7 +130,7 @@ def main(argv=None) -> dict:
     print(f"quantize: {out['quantize_match']:.6f} of the codes equal")
     for name, fractions in out["shapes"].items():
         best = max(fractions, key=fractions.get)
-        print(f"{name:28s} simulation {fractions[SIMULATION]:.4f}   "
+        print(f"{name:28s} fake op {fractions[FAKE_OP]:.4f}   process default {fractions[SIMULATION]:.4f}   "
               f"best: {best} {fractions[best]:.4f}")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
