@@ -31,7 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from speed_report import cpu_model  # noqa: E402
+from speed_report import cpu_model, write_json  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -192,9 +192,7 @@ def main(argv=None) -> dict:
         _print(label, result[label]["summary"], args.groups)
     print(f"({result['cpu']}, {args.threads} threads, {args.clock} clock, load average {load[0]:.1f} -> "
           f"{result['loadavg_after'][0]:.1f})")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(args.out, result)
     print(f"wrote {args.out}")
     return result
 

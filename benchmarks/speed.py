@@ -44,7 +44,7 @@ if __package__ in (None, ""):  # run as a script from a source checkout: use the
 from benchmarks import speed_peers  # noqa: E402
 from benchmarks.quality import _git_commit  # noqa: E402
 from benchmarks.speed_peers import BACKENDS, Context, Unavailable  # noqa: E402
-from benchmarks.speed_report import machine, plain, table  # noqa: E402
+from benchmarks.speed_report import machine, plain, table, write_json  # noqa: E402
 
 MODELS = {
     "random128": "fxq.models.DDPMUNet() (ch 128, 35.7M parameters), random weights",
@@ -475,15 +475,9 @@ def main(argv=None) -> dict:
             doc["models"].append(plain(result))
             print(f"\n### {result['description']}\n{result['calibration']}; SQNR on {result['sqnr_inputs']}\n")
             print(table(result, args.batches), flush=True)
-            _write(doc, args.json)
+            write_json(args.json, doc)
     print(f"\nwrote {args.json}")
     return doc
-
-
-def _write(doc, path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(doc, f, indent=1)
 
 
 if __name__ == "__main__":

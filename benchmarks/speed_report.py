@@ -1,8 +1,9 @@
 """What benchmarks/speed.py reports besides its numbers: the machine (lscpu's model, the CPU's int8/bf16 flags,
-package versions), the markdown tables, and JSON-safe values."""
+package versions), the markdown tables, JSON-safe values, and the JSON file the benchmarks write."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
@@ -115,3 +116,10 @@ def plain(v):
     if isinstance(v, (list, tuple)):
         return [plain(x) for x in v]
     return v
+
+
+def write_json(path: str, doc) -> None:
+    """doc as indented JSON at path, its folder made first."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)

@@ -8,7 +8,6 @@ ranges for one range / uniform groups / the chosen groups). Not a test: it asser
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -21,6 +20,7 @@ import fxq  # noqa: E402
 from fxq import calib  # noqa: E402
 from fxq.diffusion import DDIM  # noqa: E402
 from fxq.models.pretrained import load_model  # noqa: E402
+from speed_report import write_json  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -51,9 +51,7 @@ def main(argv=None) -> dict:
                   f"{len(plan['per_group'])} per-group quantizers", flush=True)
     path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "timestep-groups",
                                     f"plans_ddim{args.steps}_calib{args.calib}.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(out, f, indent=1)
+    write_json(path, out)
     print(f"wrote {path}")
     return out
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -33,7 +32,7 @@ from fxq import calib  # noqa: E402
 from fxq.diffusion import DDIM  # noqa: E402
 from fxq.eval.images import psnr, psnr_summary, sample_images, save_grid  # noqa: E402
 from fxq.models.pretrained import load_model  # noqa: E402
-from speed_report import cpu_model  # noqa: E402
+from speed_report import cpu_model, write_json  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -149,9 +148,7 @@ def main(argv=None) -> dict:
         panels.insert(0, ("float", images["float"]))
     save_grid(grid_path, panels, nrow=8, scale=2)
     out["grid"] = os.path.relpath(grid_path)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
+    write_json(args.out, out)
     print(f"wrote {args.out} and {grid_path}")
     return out
 

@@ -15,7 +15,6 @@ means fake-quant equals int8 for these shapes on this CPU.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -29,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fxq.quant import quantizer as Q  # noqa: E402
 from fxq.quant import int_sums as S  # noqa: E402
 from fxq.backends import fake_ops, x86_ops  # noqa: E402
-from speed_report import cpu_flags, cpu_model  # noqa: E402
+from speed_report import cpu_flags, cpu_model, write_json  # noqa: E402
 
 # (name, in channels, out channels, kernel, spatial size), at each --batches size
 CONVS = [("conv3x3 64->64 32x32", 64, 64, 3, 32), ("conv3x3 128->128 16x16", 128, 128, 3, 16),
@@ -133,9 +132,7 @@ def main(argv=None) -> dict:
         print(f"{name:28s} fake op {fractions[FAKE_OP]:.4f}   process default {fractions[SIMULATION]:.4f}   "
               f"best: {best} {fractions[best]:.4f}")
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
+        write_json(args.out, out)
     return out
 
 

@@ -230,9 +230,8 @@ def main(argv=None) -> int:
     doc["loadavg_after"] = os.getloadavg()
     doc["table"], doc["summary"] = lines, summary(doc["runs"])
     print("\n" + "\n".join(doc["summary"]))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(doc, f, indent=1)
+    from speed_report import write_json  # here, not at the top: the children measure RSS after their imports
+    write_json(args.out, doc)
     print(f"wrote {args.out}")
     return 0
 

@@ -28,6 +28,7 @@ from fxq.backends import x86_ops
 from fxq.backends.fake import FakeQuantize
 from fxq.diffusion import DDIM
 from fxq.models.pretrained import load_model
+from speed_report import write_json
 
 
 def kernel_arithmetic(seed: int = 0) -> dict:
@@ -124,9 +125,7 @@ def main(argv=None) -> dict:
                    "seconds": time.perf_counter() - t0})
     print(f"identical at {result['identical_timesteps']} of {len(rows)} timesteps; min int8 vs fake "
           f"{result['min_int8_vs_fake_db']} dB")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(args.out, result)
     return result
 
 
