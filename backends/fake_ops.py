@@ -267,17 +267,14 @@ class _ExactWeighted(_ExactBase):
 
 _MAX_ORDERS = 64  # input shapes whose kernel order an op keeps
 _PROBE_TRIES = 8  # random inputs tried at one shape until exactly one order fits
-_int8_support: list = []  # cached x86_glue.cpu_int8_support()
 
 
 def _probe_kernel_order(module: "_ExactWeighted", in_shape: tuple, channel_dim: int) -> str | None:
     if module.weight_bits > 8 or module.act_bits > 8 or module.weight.dtype != torch.float32:
         return None
     from fxq.backends import x86_forms, x86_glue, x86_ops  # the backend whose kernels the simulation follows
-    if not _int8_support:
-        _int8_support.append(x86_glue.cpu_int8_support())
     weight = module._weight_codes()
-    if weight is None or _int8_support[0] is not None:
+    if weight is None or x86_glue.cpu_int8_support() is not None:
         return None
     conv = isinstance(module, _ExactConv)
     zp, xs = 117, torch.tensor(0.0173)
@@ -306,12 +303,7 @@ def _probe_kernel_order(module: "_ExactWeighted", in_shape: tuple, channel_dim: 
             y = int8(codes)
         except RuntimeError:  # the kernel refuses this input: the int8 model cannot run it either
             return None
-        centered, wcodes = codes.double() - zp, weight[0].double()
-        if conv:
-            acc = _CONV[dims](centered, wcodes, None, list(module.stride), list(padding), list(module.dilation),
-                              module.groups)
-        else:
-            acc = F.linear(centered, wcodes)
+        acc = module._product(codes.double() - zp, weight[0].double())
         fits = S.fitting_orders(y, acc, xs, w_scale, bias)
         if len(fits) != len(S.SCALE_ORDERS):  # one order fits, or none: this data tells them apart
             break
@@ -347,6 +339,12 @@ class _ExactConv(_ExactWeighted):
                        conv.dilation, conv.groups, conv.bias is not None, wqp.bits, xqp.bits, groups)
         return module.to(weight.device)._set_exact(conv, weight, wqp, xqp)
 
+    def _product(self, codes: torch.Tensor, wcodes: torch.Tensor) -> torch.Tensor:
+        """The conv of input codes with weight codes, no bias (the integer sums, in the codes' float dtype)."""
+        padding = self.padding if isinstance(self.padding, str) else list(self.padding)
+        return _CONV[len(self.kernel_size)](codes, wcodes, None, list(self.stride), padding, list(self.dilation),
+                                            self.groups)
+
     def forward(self, x: torch.Tensor, group=None) -> torch.Tensor:
         exact = self._exact_inputs(x, group)
         if exact is None:
@@ -355,10 +353,7 @@ class _ExactConv(_ExactWeighted):
         cpu_2d = codes.device.type == "cpu" and codes.dim() == 4
         if cpu_2d:  # the int8 conv's output layout, which later float ops (GroupNorm) round by
             codes = codes.contiguous(memory_format=torch.channels_last)
-        padding = self.padding if isinstance(self.padding, str) else list(self.padding)
-        conv = _CONV[len(self.kernel_size)]
-        acc = self._accumulate(lambda c, w: conv(c, w, None, list(self.stride), padding, list(self.dilation),
-                                                 self.groups), codes, wcodes, dtype, 1)
+        acc = self._accumulate(self._product, codes, wcodes, dtype, 1)
         y = self._scaled(acc, qp, 1, codes.shape, group)
         return y.contiguous(memory_format=torch.channels_last) if cpu_2d else y
 
@@ -398,7 +393,11 @@ class ExactLinear(_ExactWeighted, nn.Linear):
         if exact is None:
             return super().forward(x)
         qp, codes, wcodes, dtype = exact
-        return self._scaled(self._accumulate(F.linear, codes, wcodes, dtype, -1), qp, -1, codes.shape, group)
+        return self._scaled(self._accumulate(self._product, codes, wcodes, dtype, -1), qp, -1, codes.shape, group)
+
+    def _product(self, codes: torch.Tensor, wcodes: torch.Tensor) -> torch.Tensor:
+        """The linear of input codes with weight codes, no bias (the integer sums, in the codes' float dtype)."""
+        return F.linear(codes, wcodes)
 
 
 class ExactMatmul(_ExactBase):

@@ -294,9 +294,8 @@ class QConv(_WeightedInt8):
             if len(packs) >= _PACKS:
                 packs.pop(next(iter(packs)))  # the oldest shape
             xs, xz = d["x"][0]
-            packs[key] = self._adopt(torch.ops.onednn.qconv_prepack(
-                codes, self.w_scale, xs, xz, list(self.stride), self._kernel_padding(), list(self.dilation),
-                self.conv_groups, [1, *key]))
+            packs[key] = self._adopt(torch.ops.onednn.qconv_prepack(codes, self.w_scale, xs, xz, *d["geometry"],
+                                                                    [1, *key]))
         return packs[key]
 
     def _held_packs(self):
