@@ -149,7 +149,7 @@ def _ordinary(obj, depth: int = 0):
         new = dataclasses.replace(obj, **fields)
         if isinstance(obj, Mapping):  # diffusers' BaseOutput: a dataclass that is also an OrderedDict
             for key in obj:
-                new[key] = _ordinary(obj[key], depth + 1)
+                new[key] = fields[key] if key in fields else _ordinary(obj[key], depth + 1)
         return new
     if isinstance(obj, dict):
         new = copy.copy(obj)
