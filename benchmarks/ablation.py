@@ -233,7 +233,7 @@ def _plan(args) -> list[tuple[str, str]]:
 
 def quantized_rows(args, gpus, floats: dict) -> dict:
     """Every (seed, setting, row) run, at most one per GPU at a time; floats: seed -> float_rows(...). Returns
-    seed -> [(name, label, dir)]."""
+    seed -> [(name, label, dir)] in plan order."""
     queue = []
     for seed in args.seeds:
         for setting, row in _plan(args):
@@ -243,8 +243,9 @@ def quantized_rows(args, gpus, floats: dict) -> dict:
             cmd = [sys.executable, QUALITY, *_common(args, seed), "--quantize", setting, "--no-with-fp",
                    "--fp-samples", floats[seed]["samples"], "--out-dir", row_dir, *extra]
             queue.append((seed, name, f"{setting.upper()} {label}", row_dir, cmd))
+    planned = [(seed, name) for seed, name, *_ in queue]
     running: dict[int, tuple] = {}
-    done = {seed: [] for seed in args.seeds}
+    done = {}
     while queue or running:
         for gpu in range(gpus):
             if gpu not in running and queue:
@@ -256,10 +257,10 @@ def quantized_rows(args, gpus, floats: dict) -> dict:
         for gpu, (seed, name, label, row_dir, proc) in list(running.items()):
             if proc.poll() is not None:
                 _wait(proc, name)
-                done[seed].append((name, label, row_dir))
+                done[seed, name] = (name, label, row_dir)
                 del running[gpu]
                 print(f"finished {name} (seed {seed})", flush=True)
-    return done
+    return {seed: [done[s, name] for s, name in planned if s == seed] for seed in args.seeds}
 
 
 def _load(row_dir):
@@ -334,9 +335,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     floats = {seed: float_rows(args, gpus, _seed_dir(args, seed), seed) for seed in args.seeds}
     rows = quantized_rows(args, gpus, floats)
-    planned = [f"{setting.lower()}-{row}" for setting, row in _plan(args)]
-    tables = {seed: table(_load(floats[seed]["dirs"]["fp"]), sorted(rows[seed], key=lambda r: planned.index(r[0])))
-              for seed in args.seeds}
+    tables = {seed: table(_load(floats[seed]["dirs"]["fp"]), rows[seed]) for seed in args.seeds}
     result = {"command": " ".join(["python", "benchmarks/ablation.py", *(argv or sys.argv[1:])]), "gpus": gpus,
               "n": args.n, "seeds": args.seeds, "rows": tables[args.seeds[0]]}
     if len(args.seeds) > 1:

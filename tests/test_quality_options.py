@@ -83,8 +83,9 @@ def test_timestep_group_rows_and_flags(files, tmp_path):
     assert doc["quantization"]["timestep_group_quantizers"] == "oscillating"
 
 
-def _fake_quality_run(fids):
-    """ablation._run stand-in: writes the metrics.json quality.py would (FID from `fids[(seed, row)]`), exits 0."""
+def _fake_quality_run(fids, slow=()):
+    """ablation._run stand-in: writes the metrics.json quality.py would (FID from `fids[(seed, row)]`), exits 0
+    (after a second for the rows named in `slow`)."""
     def run(cmd, log_path, env):
         row_dir = cmd[cmd.index("--out-dir") + 1]
         seed, row = int(cmd[cmd.index("--seed") + 1]), os.path.basename(row_dir)
@@ -102,7 +103,7 @@ def _fake_quality_run(fids):
                                              "weight_bits_all_params": 8.07}}}
         with open(os.path.join(row_dir, "metrics.json"), "w") as f:
             json.dump(doc, f)
-        return subprocess.Popen([sys.executable, "-c", "pass"])
+        return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1)" if row in slow else "pass"])
     return run
 
 
@@ -145,3 +146,11 @@ def test_ablation_times_the_sharding_once_whatever_the_seeds(monkeypatch, tmp_pa
                             "--time-sharding", "--out-dir", str(tmp_path), "--n", "16"])
     assert sorted(runs) == sorted(["seed2/fp", "seed2/fp-1gpu", "seed5/fp", "seed2/w8a8-fxq", "seed5/w8a8-fxq"])
     assert result["sharding"]["gpus"] == 2
+
+
+def test_ablation_lists_each_seeds_rows_in_plan_order_whatever_finishes_first(monkeypatch, tmp_path):
+    monkeypatch.setattr(ablation, "_run", _fake_quality_run({}, slow=("w8a8-fxq",)))
+    result = ablation.main(["--settings", "W8A8", "--rows", "fxq,fxq-bc", "--seeds", "0,1", "--device", "cuda",
+                            "--gpus", "2", "--out-dir", str(tmp_path), "--n", "16"])
+    for rows in result["per_seed"].values():
+        assert [r["row"] for r in rows] == ["fp", "w8a8-fxq", "w8a8-fxq-bc"]
