@@ -452,7 +452,7 @@ def fuse_residual_add(gm: fx.GraphModule) -> None:
 
 
 # In this order: a unary post-op first, so conv -> SiLU -> Quantize can then fuse the requantization too.
-FUSIONS = (x86_dedupe.dedupe, fuse_unary, fuse_output_quant, fuse_residual_add, memplan.quantize_early,
+FUSIONS = (x86_dedupe.drop_dropout, x86_dedupe.dedupe, fuse_unary, fuse_output_quant, fuse_residual_add, memplan.quantize_early,
            memplan.inplace_elementwise)
 
 

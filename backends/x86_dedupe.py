@@ -5,6 +5,9 @@ traced graph holds one SiLU and one Quantize per block (22 of each in DDPMUNet),
 quantizers, calibrated on the same values, hold equal parameters. Each is ~5-10 us of Python and dispatch a call
 for a few hundred elements. `dedupe` keeps the first of such nodes and points the others' readers at it, where
 every reader only reads (the int8 modules); nothing else changes, so the values are the same bit for bit.
+
+`drop_dropout` removes dropout that does nothing: modules in eval mode and functional calls with training=False
+(the int8 graph serves inference; each was a Python call that returned its input).
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+
+from torch import nn
 
 from fxq.backends import x86_ops as ops
 
@@ -53,4 +58,29 @@ def dedupe(gm: fx.GraphModule) -> None:
         kept = first.setdefault(key, node)
         if kept is not node and _read_only(gm, node) and _read_only(gm, kept):
             node.replace_all_uses_with(kept)
+            gm.graph.erase_node(node)
+
+
+# functional dropouts and the default of their `training` argument
+_DROPOUT_FUNCTIONS = {F.dropout: True, F.dropout1d: True, F.dropout2d: True, F.dropout3d: True,
+                      F.alpha_dropout: False, F.feature_alpha_dropout: False}
+
+
+def _idle_dropout(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        return isinstance(module, nn.modules.dropout._DropoutNd) and not module.training and len(node.args) == 1
+    if node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS and node.args:
+        default = _DROPOUT_FUNCTIONS[node.target]
+        training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else default)
+        return training is False
+    return False
+
+
+def drop_dropout(gm: fx.GraphModule) -> None:
+    """Point the readers of every dropout that passes its input through (eval-mode module, training=False call)
+    at that input."""
+    for node in list(gm.graph.nodes):
+        if _idle_dropout(gm, node):
+            node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)

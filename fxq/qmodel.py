@@ -25,6 +25,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxq.tracing.callspec import CallSpec
+from fxq import direct_calls
 from fxq.config import QuantConfig
 from fxq.errors import FxqError, FxqWarning, InputError, ModelFileError, ReadOnlyError
 
@@ -205,10 +206,10 @@ class QuantizedModel(nn.Module):
         try:
             if inference:
                 with torch.inference_mode():
-                    out = self.graph_module(*args, **kwargs)
+                    out = self._run_graph(args, kwargs)
                 out = _ordinary(out)
             else:
-                out = self.graph_module(*args, **kwargs)
+                out = self._run_graph(args, kwargs)
         except (FxqError, torch.cuda.OutOfMemoryError):
             raise
         except Exception as e:
@@ -217,6 +218,11 @@ class QuantizedModel(nn.Module):
                 f"for inputs like {call.describe_inputs()}; inputs the original model could not take with those "
                 f"shapes and dtypes fail here too") from e
         return call.output(out, return_dict)
+
+    def _run_graph(self, args, kwargs):
+        gm = self.graph_module
+        direct = direct_calls.current(self.__dict__, gm)
+        return gm(*args, **kwargs) if direct is None else direct(*args, **kwargs)
 
     # ----------------------------------------------------------------------------------- what pipelines read
     @property
