@@ -61,6 +61,7 @@ class _ExactBase(SpecFields, nn.Module):
     input's batch axis (`batch_axes`: [axis or None, batch_major] per input, as its FakeQuantize's) by the group."""
 
     _acts: tuple[str, ...] = ()
+    exact = True  # False (on an instance): always the float op, e.g. under fxq.quant.act_scales' gradients
 
     def _init_acts(self, timestep_groups: int, act_bits: int, batch_axes=None):
         self.timestep_groups, self.act_bits = timestep_groups, act_bits
@@ -184,7 +185,7 @@ class _ExactWeighted(_ExactBase):
     def _exact_inputs(self, x: torch.Tensor, group):
         """(input parameters, input codes, weight codes, accumulation dtype), or None when the weight or the input
         is off its grid (the plain float op runs then)."""
-        if x.device.type != "cpu":
+        if x.device.type != "cpu" or not self.exact:
             return None
         weight = self._weight_codes()
         if weight is None:
@@ -419,7 +420,7 @@ class ExactMatmul(_ExactBase):
         return module
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, group=None) -> torch.Tensor:
-        if a.device.type != "cpu":  # the float product off the CPU (module docstring)
+        if a.device.type != "cpu" or not self.exact:  # the float product off the CPU (module docstring)
             return torch.matmul(a, b)
         (qa, ca), (qb, cb) = self._input_codes("a", a, group), self._input_codes("b", b, group)
         if ca is None or cb is None:  # a quantizer switched off (fxq.eval.analysis): the float product

@@ -222,7 +222,8 @@ def quantize_model(fp_model, sampler, bits, args, shape, device):
                          bias_correction_groups=args.bias_groups, gain_correction=args.gain_correction,
                          keep_float=tuple(p for p in args.keep_float.split(",") if p), seed=args.seed,
                          split_shortcut=args.split_shortcut, weight_rounding=args.weight_rounding,
-                         adaround_iters=args.adaround_iters, mixed_precision=args.mixed_precision,
+                         adaround_iters=args.adaround_iters, act_scale_iters=args.act_scale_iters,
+                         mixed_precision=args.mixed_precision,
                          timestep_group_boundaries=group_boundaries(args.group_boundaries),
                          timestep_group_quantizers=args.group_quantizers, oscillation_ratio=args.oscillation_ratio)
     data = calibration_set(fp_model, sampler, args, shape, device)
@@ -332,6 +333,8 @@ def parse_args(argv=None):
                    help="split convs that read a channel concat, one quantizer per operand (Q-Diffusion)")
     p.add_argument("--weight-rounding", default="nearest", choices=("nearest", "adaround", "brecq"))
     p.add_argument("--adaround-iters", type=int, default=1000, help="optimizer steps per layer / block")
+    p.add_argument("--act-scale-iters", type=int, default=0,
+                   help="steps of the end-to-end activation scale tuning (QuantConfig.act_scale_iters; 0: off)")
     p.add_argument("--mixed-precision", type=float, default=None, metavar="BITS",
                    help="average weight bits allowed: the layers whose low-bit weights cost the output most per "
                    "parameter go to 8 bits (QuantConfig.mixed_precision)")
@@ -434,6 +437,7 @@ def main(argv=None) -> dict:
         bits_info["weight_bits_map"] = [list(e) for e in qmodel.graph_module.meta["fxq_config"].weight_bits_map]
         # the groups' edges and which quantizers kept per-group ranges (auto / oscillating)
         bits_info["timestep_groups"] = qmodel.graph_module.meta.get("fxq_timestep_groups")
+        bits_info["act_scales"] = qmodel.graph_module.meta.get("fxq_act_scales")
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     result = evaluate(model if qconfig is None else qmodel, sampler, args.n, reference,
                       fp_model=None if qconfig is None else model, fp_metrics=args.with_fp,

@@ -37,6 +37,7 @@ ROWS = {
     "plain": {},
     "bcg10": BCG10,
     "mse-bcg10": {"weight_estimator": "mse", **BCG10},
+    "mse-lsq-bcg10": {"weight_estimator": "mse", "act_scale_iters": None, **BCG10},  # None: --act-scale-iters
     "mse": {"weight_estimator": "mse"},
     "mp-bcg10": {"mixed_precision": 4.5, **BCG10},
     "mp": {"mixed_precision": 4.5},
@@ -73,6 +74,7 @@ def parse_args(argv=None):
     p.add_argument("--ref-batch", type=int, default=8, help="float trajectories the SQNR is measured on")
     p.add_argument("--samples", type=int, default=8, help="images sampled by both models for PSNR and colour")
     p.add_argument("--adaround-iters", type=int, default=200)
+    p.add_argument("--act-scale-iters", type=int, default=200, help="steps of the -lsq- rows' activation tuning")
     p.add_argument("--mp-budget", type=float, default=None, help="override mixed_precision of the mp rows")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -122,6 +124,8 @@ def run(args) -> dict:
         fields = dict(ROWS[row])
         if "mixed_precision" in fields and args.mp_budget is not None:
             fields["mixed_precision"] = args.mp_budget
+        if fields.get("act_scale_iters", 0) is None:
+            fields["act_scale_iters"] = args.act_scale_iters
         config = fxq.QuantConfig(weight_bits=wb, act_bits=ab, act_estimator="mse", seed=args.seed,
                                  adaround_iters=args.adaround_iters, **fields)
         t1 = time.perf_counter()
@@ -149,6 +153,9 @@ def run(args) -> dict:
         if "fxq_timestep_groups" in qmodel.graph_module.meta:  # the edges chosen, and which quantizers kept groups
             r["timestep_groups"] = qmodel.graph_module.meta["fxq_timestep_groups"]
             r["timestep_group_kinds"] = quantizer_kinds(qmodel, r["timestep_groups"])
+        if "fxq_act_scales" in qmodel.graph_module.meta:
+            r["act_scales"] = qmodel.graph_module.meta["fxq_act_scales"]
+            print(f"{row}: activation scales {r['act_scales']}", flush=True)
         if "fxq_adaround" in qmodel.graph_module.meta:
             res = qmodel.graph_module.meta["fxq_adaround"]
             r["adaround_kept"] = sum(x["kept"] for x in res) / max(1, len(res))

@@ -97,7 +97,7 @@ def quantize(model: nn.Module, example_inputs, calib_data: Iterable, config: Qua
     auto_groups = config.timestep_groups > 1 and config.timestep_group_boundaries == "auto"
     plan_groups = config.timestep_groups > 1 and (auto_groups or config.timestep_group_quantizers == "oscillating")
     if config.weight_rounding != "nearest" or config.bias_correction or config.mixed_precision is not None \
-            or auto_groups:
+            or auto_groups or config.act_scale_iters:
         items = list(items)  # read again: mixed precision, rounding, bias correction, the timesteps of auto groups
     allocation = None
     if config.mixed_precision is not None:  # the chosen map is the model's config from here on (saved with it)
@@ -128,6 +128,11 @@ def quantize(model: nn.Module, example_inputs, calib_data: Iterable, config: Qua
             gm.meta["fxq_adaround"] = [dataclasses.asdict(r) for r in adaround(
                 gm, frozen, items, example, granularity="block" if config.weight_rounding == "brecq" else "layer",
                 iters=config.adaround_iters, batch_size=batch_size, seed=config.seed, progress=progress)]
+        if config.act_scale_iters:  # after the rounding (the weights it sees are final), before bias correction
+            from fxq.quant.act_scales import tune_act_scales
+            gm.meta["fxq_act_scales"] = tune_act_scales(
+                gm, frozen, items, example, config.act_scale_iters, batch_size=batch_size, seed=config.seed,
+                progress=progress).to_dict()
     if config.bias_correction:  # after the rounding: it corrects the error of the final weights
         from fxq.quant.bias_correction import correct_bias
         correct_bias(gm, frozen, items, example, t_name, config.bias_groups, config.num_timesteps, batch_size,

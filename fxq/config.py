@@ -93,6 +93,10 @@ class QuantConfig:
     weight_rounding: "nearest"; "adaround" (learn each weight's rounding direction layer by layer on the
       calibration set, Nagel et al. 2020); or "brecq" (the same, jointly over the quantized layers of each block,
       on the block's outputs, as BRECQ's block reconstruction). adaround_iters: optimizer steps per layer/block.
+    act_scale_iters: optimizer steps of the activation scales' end-to-end tuning after calibration (0: off):
+      every activation quantizer's scale is learned at once (straight-through rounding, LSQ) so that the model's
+      output stays close to float on the calibration set; kept only if it lowers that error
+      (fxq.quant.act_scales).
     split_shortcut: give each operand of a channel concat feeding a quantized conv its own activation quantizer
       and weight scales, by splitting the conv over its input channels (Q-Diffusion's split shortcut).
     bias_correction: after calibration, remove the mean output error of every quantized conv/linear per output
@@ -136,6 +140,7 @@ class QuantConfig:
     split_shortcut: bool = True
     weight_rounding: str = "nearest"
     adaround_iters: int = 1000
+    act_scale_iters: int = 0
     bias_correction: bool = False
     bias_correction_groups: int | None = None
     gain_correction: bool = False
@@ -181,6 +186,9 @@ class QuantConfig:
         if not isinstance(self.adaround_iters, int) or isinstance(self.adaround_iters, bool) \
                 or self.adaround_iters < 0:
             raise ConfigError(f"adaround_iters={self.adaround_iters!r} must be a non-negative integer")
+        if not isinstance(self.act_scale_iters, int) or isinstance(self.act_scale_iters, bool) \
+                or self.act_scale_iters < 0:
+            raise ConfigError(f"act_scale_iters={self.act_scale_iters!r} must be a non-negative integer")
         if not isinstance(self.split_shortcut, bool):
             raise ConfigError(f"split_shortcut={self.split_shortcut!r} must be True or False")
         if not isinstance(self.bias_correction, bool):

@@ -1,0 +1,162 @@
+"""Activation scales tuned on the model's output: every activation quantizer's step size learned at once so that
+the quantized model's output (the noise prediction) stays close to the float model's over the calibration set.
+
+Each quantizer's range comes from its own statistics (min/max, percentile, Lp search): the best range for that
+tensor alone. What matters is the output: a clipped outlier or a coarse step costs more in some layers than in
+others. Here, after calibration (and weight rounding), the fake-quantized model runs with each activation scale as
+a learned parameter (LSQ step sizes, Esser et al. 2020: round with a straight-through gradient, so the gradient
+reaches the scale through rounding and clipping alike), weights at their quantized values, on the calibration
+inputs, minimizing the mean squared error of the output against the float model's. Q-Diffusion and BRECQ learn
+the activation step sizes block by block during reconstruction; this learns them for the whole model jointly,
+on the time-step-aware calibration set (per timestep group where the quantizer has groups). Zero points stay;
+only the scales move (log-parametrized: positive, and the step is relative). The learned scales are kept only if
+the output error over all calibration inputs is lower than with the calibrated ones.
+
+The result is only new QParams: every backend (the int8 one included) reads them as it reads calibrated ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.utils._pytree import tree_map
+from tqdm.auto import tqdm
+
+from fxq import calib
+from fxq.quant import quantizer as Q
+from fxq.quant.freeze import Frozen
+from fxq.passes.insert_observers import is_act_observer
+
+LR = 1e-3  # Adam on log-scales: about 0.1 % of the step per iteration
+
+
+class LearnedQuantize(nn.Module):
+    """Fake quantization with a learned (log-)scale and straight-through rounding; parameters per timestep group
+    as FakeQuantize picks them."""
+
+    def __init__(self, qp: Q.QParams):
+        super().__init__()
+        self.qp = qp
+        self.log_scale = nn.Parameter(qp.scale.detach().float().log().clone())
+        self.register_buffer("zero_point", qp.zero_point.detach().float().clone())
+
+    def forward(self, x: torch.Tensor, group: torch.Tensor | None = None) -> torch.Tensor:
+        qp = dataclasses.replace(self.qp, scale=self.log_scale.exp(), zero_point=self.zero_point)
+        if qp.scale.dim() == 1:
+            qp = Q.select_group(qp, group, x)
+        y = x.float() / qp.scale
+        y = y + (torch.round(y) - y).detach()
+        y = torch.maximum(torch.minimum(y, qp.qmax - qp.zero_point), qp.qmin - qp.zero_point)
+        return (y * qp.scale).to(x.dtype)
+
+    def scale(self) -> torch.Tensor:
+        return self.log_scale.detach().exp()
+
+
+def _float_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of the observed graph with its activation observers bypassed: the float model."""
+    ref = copy.deepcopy(gm)
+    for node in [n for n in ref.graph.nodes if is_act_observer(ref, n)]:
+        node.replace_all_uses_with(node.args[0])
+        ref.graph.erase_node(node)
+    ref.recompile()
+    return ref
+
+
+def _outputs(out) -> list[torch.Tensor]:
+    leaves = []
+    tree_map(lambda v: leaves.append(v) if torch.is_tensor(v) and v.is_floating_point() else None, out)
+    return leaves
+
+
+def _error(qmodel: nn.Module, chunks: list, targets: list) -> float:
+    """Mean squared output error over all chunks (each output tensor's mean, summed; weighted by rows)."""
+    total = rows = 0.0
+    with torch.no_grad():
+        for (args, kwargs), target in zip(chunks, targets):
+            n = _rows(args)
+            total += n * float(_loss(qmodel(*args, **kwargs), target))
+            rows += n
+    return total / max(rows, 1)
+
+
+def _loss(out, target: list) -> torch.Tensor:
+    return sum(torch.mean((o.float() - t) ** 2) for o, t in zip(_outputs(out), target))
+
+
+def _rows(args) -> int:
+    first = next((a for a in args if torch.is_tensor(a) and a.dim() > 0), None)
+    return 1 if first is None else first.shape[0]
+
+
+@dataclasses.dataclass
+class TuningResult:
+    iters: int
+    quantizers: int
+    error_before: float  # mean squared output error over the calibration set, calibrated scales
+    error_after: float   # the same with the learned scales
+    kept: bool
+    mean_abs_log2_change: float  # how far the kept scales moved, in bits (0 when not kept)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def tune_act_scales(gm: fx.GraphModule, frozen: Frozen, calib_data, example, iters: int, *, batch_size: int = 32,
+                    seed: int = 0, progress: bool = False) -> TuningResult:
+    """Learn frozen.act's scales (in place, if they lower the output error) on `calib_data` (a list)."""
+    from fxq.backends import fake, fake_ops
+
+    device = calib.device_of(gm)
+    targets_model = _float_graph(gm).eval()
+    work = fake.lower(copy.deepcopy(gm), Frozen(dict(frozen.act), dict(frozen.weight))).eval()
+    learned = {}
+    for target, qp in frozen.act.items():
+        learned[target] = LearnedQuantize(qp).to(device)
+        work.set_submodule(target, learned[target])
+    for module in work.modules():  # integer sums have no gradient: the float op (same values on the grid)
+        if isinstance(module, fake_ops._ExactBase):
+            module.exact = False
+    for p in work.parameters():
+        p.requires_grad_(False)
+    params = [m.log_scale for m in learned.values()]
+    for p in params:
+        p.requires_grad_(True)
+
+    chunks, targets = [], []
+    with torch.no_grad():
+        for args, kwargs in calib.batches(calib_data, example, batch_size):
+            args, kwargs = tree_map(lambda v: v.to(device) if torch.is_tensor(v) else v, (args, kwargs))
+            chunks.append((args, kwargs))
+            targets.append([o.float() for o in _outputs(targets_model(*args, **kwargs))])
+    del targets_model
+
+    before = _error(work, chunks, targets)
+    start = [p.detach().clone() for p in params]
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(params, lr=LR)
+    order: list[int] = []
+    with torch.enable_grad():
+        for _ in tqdm(range(iters), desc="activation scales", disable=not progress):
+            if not order:
+                order = torch.randperm(len(chunks), generator=gen).tolist()
+            i = order.pop()
+            args, kwargs = chunks[i]
+            loss = _loss(work(*args, **kwargs), targets[i])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    after = _error(work, chunks, targets)
+    kept = after < before
+    moved = 0.0
+    if kept:
+        for target, module in learned.items():
+            frozen.act[target] = dataclasses.replace(frozen.act[target], scale=module.scale().to(
+                frozen.act[target].scale.device, frozen.act[target].scale.dtype))
+        moved = float(torch.cat([(p.detach() - s).abs().flatten() for p, s in zip(params, start)]).mean()) / math.log(2)
+    return TuningResult(iters, len(learned), before, after, kept, moved)
