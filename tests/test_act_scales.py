@@ -97,7 +97,7 @@ def test_per_group_scales_are_learned_per_group_and_the_user_model_is_untouched(
 
 def test_the_int8_model_computes_the_tuned_scales_as_the_fake_one():
     items = data()
-    kw = dict(act_scale_iters=20, act_estimator="minmax")
+    kw = dict(act_scale_iters=100, act_estimator="minmax")
     fake = fxq.quantize(model(), items[0], items, fxq.QuantConfig(**kw))
     int8 = fxq.quantize(model(), items[0], items, fxq.QuantConfig(backend="x86", **kw))
     assert fake.graph_module.meta["fxq_act_scales"]["kept"]

@@ -6,11 +6,14 @@ tensor alone. What matters is the output: a clipped outlier or a coarse step cos
 others. Here, after calibration (and weight rounding), the fake-quantized model runs with each activation scale as
 a learned parameter (LSQ step sizes, Esser et al. 2020: round with a straight-through gradient, so the gradient
 reaches the scale through rounding and clipping alike), weights at their quantized values, on the calibration
-inputs, minimizing the mean squared error of the output against the float model's. Q-Diffusion and BRECQ learn
-the activation step sizes block by block during reconstruction; this learns them for the whole model jointly,
-on the time-step-aware calibration set (per timestep group where the quantizer has groups). Zero points stay;
-only the scales move (log-parametrized: positive, and the step is relative). The learned scales are kept only if
-the output error over all calibration inputs is lower than with the calibrated ones.
+inputs. The loss is each calibration row's squared output error relative to that row's error with the calibrated
+scales, averaged: every row counts alike, in dB. (A diffusion model's noise prediction errs ~30 dB more near t = 0
+than elsewhere; the plain mean squared error, tried first, spent the scales on those last steps, where the eps
+error hardly reaches the image, and made N = 10,000 FID worse: +3.9 -> +6.5 % at W8A8, seed 0.) Q-Diffusion and
+BRECQ learn the activation step sizes block by block during reconstruction; this learns them for the whole model
+jointly, on the time-step-aware calibration set (per timestep group where the quantizer has groups). Zero points
+stay; only the scales move (log-parametrized: positive, and the step is relative). The learned scales are kept
+only if the mean relative error over all calibration rows is below 1, i.e. lower than with the calibrated ones.
 
 The result is only new QParams: every backend (the int8 one included) reads them as it reads calibrated ones.
 """
@@ -74,32 +77,27 @@ def _outputs(out) -> list[torch.Tensor]:
     return leaves
 
 
-def _error(qmodel: nn.Module, chunks: list, targets: list) -> float:
-    """Mean squared output error over all chunks (each output tensor's mean, summed; weighted by rows)."""
-    total = rows = 0.0
+def _row_errors(out, target: list) -> torch.Tensor:
+    """Squared output error per row (dim 0) of the batch: each output tensor's mean over its other dims, summed."""
+    total = 0
+    for o, t in zip(_outputs(out), target):
+        d = (o.float() - t) ** 2
+        total = total + (d.reshape(d.shape[0], -1).mean(1) if d.dim() > 0 else d.reshape(1))
+    return total
+
+
+def _row_errors_of(qmodel: nn.Module, chunks: list, targets: list) -> list[torch.Tensor]:
     with torch.no_grad():
-        for (args, kwargs), target in zip(chunks, targets):
-            n = _rows(args)
-            total += n * float(_loss(qmodel(*args, **kwargs), target))
-            rows += n
-    return total / max(rows, 1)
-
-
-def _loss(out, target: list) -> torch.Tensor:
-    return sum(torch.mean((o.float() - t) ** 2) for o, t in zip(_outputs(out), target))
-
-
-def _rows(args) -> int:
-    first = next((a for a in args if torch.is_tensor(a) and a.dim() > 0), None)
-    return 1 if first is None else first.shape[0]
+        return [_row_errors(qmodel(*args, **kwargs), target) for (args, kwargs), target in zip(chunks, targets)]
 
 
 @dataclasses.dataclass
 class TuningResult:
     iters: int
     quantizers: int
-    error_before: float  # mean squared output error over the calibration set, calibrated scales
+    error_before: float  # mean squared output error over the calibration rows, calibrated scales
     error_after: float   # the same with the learned scales
+    relative_error_after: float  # mean over the rows of each row's error relative to its error before
     kept: bool
     mean_abs_log2_change: float  # how far the kept scales moved, in bits (0 when not kept)
 
@@ -136,7 +134,7 @@ def tune_act_scales(gm: fx.GraphModule, frozen: Frozen, calib_data, example, ite
             targets.append([o.float() for o in _outputs(targets_model(*args, **kwargs))])
     del targets_model
 
-    before = _error(work, chunks, targets)
+    bases = [e.clamp_min(1e-20) for e in _row_errors_of(work, chunks, targets)]
     start = [p.detach().clone() for p in params]
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(params, lr=LR)
@@ -147,16 +145,18 @@ def tune_act_scales(gm: fx.GraphModule, frozen: Frozen, calib_data, example, ite
                 order = torch.randperm(len(chunks), generator=gen).tolist()
             i = order.pop()
             args, kwargs = chunks[i]
-            loss = _loss(work(*args, **kwargs), targets[i])
+            loss = (_row_errors(work(*args, **kwargs), targets[i]) / bases[i]).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    after = _error(work, chunks, targets)
-    kept = after < before
+    errors = _row_errors_of(work, chunks, targets)
+    relative = float(torch.cat([e / b for e, b in zip(errors, bases)]).mean())
+    before, after = float(torch.cat(bases).mean()), float(torch.cat(errors).mean())
+    kept = relative < 1.0
     moved = 0.0
     if kept:
         for target, module in learned.items():
             frozen.act[target] = dataclasses.replace(frozen.act[target], scale=module.scale().to(
                 frozen.act[target].scale.device, frozen.act[target].scale.dtype))
         moved = float(torch.cat([(p.detach() - s).abs().flatten() for p, s in zip(params, start)]).mean()) / math.log(2)
-    return TuningResult(iters, len(learned), before, after, kept, moved)
+    return TuningResult(iters, len(learned), before, after, relative, kept, moved)
