@@ -124,6 +124,9 @@ def quantize(model: nn.Module, example_inputs, calib_data: Iterable, config: Qua
             if auto_groups and group_plan.edges is not None:  # the chosen edges are the model's config from here on
                 config = dataclasses.replace(config, timestep_group_boundaries=group_plan.edges)
         frozen = freeze(gm)
+        if config.act_scale_iters:  # the float model, before weight rounding writes rounded weights into gm
+            from fxq.quant.act_scales import float_graph
+            reference = float_graph(gm)
         if config.weight_rounding != "nearest":
             gm.meta["fxq_adaround"] = [dataclasses.asdict(r) for r in adaround(
                 gm, frozen, items, example, granularity="block" if config.weight_rounding == "brecq" else "layer",
@@ -132,7 +135,8 @@ def quantize(model: nn.Module, example_inputs, calib_data: Iterable, config: Qua
             from fxq.quant.act_scales import tune_act_scales
             gm.meta["fxq_act_scales"] = tune_act_scales(
                 gm, frozen, items, example, config.act_scale_iters, batch_size=batch_size, seed=config.seed,
-                progress=progress).to_dict()
+                progress=progress, reference=reference).to_dict()
+            del reference
     if config.bias_correction:  # after the rounding: it corrects the error of the final weights
         from fxq.quant.bias_correction import correct_bias
         correct_bias(gm, frozen, items, example, t_name, config.bias_groups, config.num_timesteps, batch_size,

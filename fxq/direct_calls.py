@@ -8,9 +8,12 @@ is set), and checks before every call that this still holds, so the result can n
 
 - no forward/backward (pre-)hook on any called module, on the graph module, nor a global one; no `module.compile()`
   and no TorchScript tracing (Module.__call__ takes a different path then);
-- every module still sits where it sat (each parent's entry, from the graph module down, is the same object), and
-  its `forward` is still the one bound (neither replaced on the class nor set on the instance);
-- the graph module's code is the code compiled (an edited, recompiled graph gets a new one).
+- every module still sits where it sat (each parent's entry, from the graph module down, is the same object), is
+  still of its class, and its `forward` is still the one bound (neither replaced on the class nor set on the
+  instance); no class on the path overrides `__call__` (nor `_call_impl` / `_wrapped_call_impl`), nor were
+  nn.Module's own replaced;
+- the graph module's code is the code compiled: the graph, when compiled, printed the code the graph module runs
+  (an edited graph not yet recompiled runs its old code there), and that code was not recompiled since.
 
 When a check fails, the caller runs the GraphModule as usual (`current()` returns None); when only the tree or the
 code changed, it compiles again.
@@ -23,7 +26,16 @@ from itertools import repeat
 
 import torch
 import torch.fx as fx
+from torch import nn
 from torch.nn.modules import module as _module_mod
+
+
+# nn.Module's call path as torch defines it: a class or a patch that changes it takes the GraphModule's path
+_MODULE_CALL = (nn.Module.__call__, nn.Module._wrapped_call_impl, nn.Module._call_impl)
+
+
+def _plain_call(cls: type) -> bool:
+    return (cls.__call__, cls._wrapped_call_impl, cls._call_impl) == _MODULE_CALL
 
 
 def _global_hooks() -> bool:
@@ -62,6 +74,7 @@ class DirectCalls:
         self.gm = gm
         self.code = gm.code
         graph = copy.deepcopy(gm.graph)
+        self.compiled_code = graph.python_code(root_module="self").src == self.code
         calls, edges, leaves = {}, [], []
         seen_edges = set()
         for node in graph.nodes:
@@ -75,7 +88,7 @@ class DirectCalls:
                     edges.append((parent._modules, name, child))
                 parent = child
             slot = f"_fxq_call_{len(calls)}"
-            calls[slot] = parent.forward
+            calls[slot] = type(parent).forward.__get__(parent)  # the class's: an instance's own forces the fallback
             leaves.append((parent, type(parent), type(parent).forward))
             node.target = slot
         src = graph.python_code(root_module="self")
@@ -87,13 +100,18 @@ class DirectCalls:
         self._edge_names = [name for _, name, _ in edges]
         self._edge_children = [child for _, _, child in edges]
         self._dicts = [gm.__dict__] + [m.__dict__ for m, _, _ in leaves]
+        self._leaves = [m for m, _, _ in leaves]
+        self._classes = [cls for _, cls, _ in leaves]
         self._forwards = list({(cls, fwd) for _, cls, fwd in leaves})
+        # (the graph module's own class wraps __call__ for error messages only: fx's recompile sets it)
+        self._callers = list({type(m) for m in self._leaves})
 
     def still_direct(self) -> bool:
         """Every call would reach the bound forward with nothing in between, as compiled."""
-        if _global_hooks() or torch._C._get_tracing_state() or _hooked(self._dicts):
+        if (not self.compiled_code or _global_hooks() or torch._C._get_tracing_state() or _hooked(self._dicts)
+                or list(map(type, self._leaves)) != self._classes):
             return False
-        return all(cls.forward is fwd for cls, fwd in self._forwards)
+        return all(cls.forward is fwd for cls, fwd in self._forwards) and all(map(_plain_call, self._callers))
 
     def same_tree(self) -> bool:
         return (self.gm.code is self.code

@@ -4,6 +4,7 @@ model where the calibrated ranges are not the best for the output, it is seeded,
 the int8 backend computes the tuned model bit for bit like the fake one."""
 
 import copy
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -110,3 +111,54 @@ def test_the_int8_model_computes_the_tuned_scales_as_the_fake_one():
 def test_a_bad_iteration_count_is_a_config_error(bad):
     with pytest.raises(ConfigError, match="act_scale_iters"):
         fxq.QuantConfig(act_scale_iters=bad)
+
+
+def test_a_tuned_fake_model_holds_no_observers_and_saves(tmp_path):
+    tuned = quantize(3)
+    assert not [n for n, _ in tuned.graph_module.named_modules() if "wobs" in n]  # weight observers are gone
+    fxq.save(tuned, tmp_path / "m.fxq")
+    x, t = data(1, seed=7)[0]
+    assert torch.equal(fxq.load(tmp_path / "m.fxq")(x, t), tuned(x, t))
+
+
+def test_the_targets_are_the_float_model_even_after_weight_rounding(monkeypatch):
+    items, seen = data(), {}
+    x, t = items[0]
+    original = act_scales.float_graph
+
+    def spy(gm):
+        reference = original(gm)
+        with torch.no_grad():
+            seen["out"] = reference(x, t)
+        return reference
+
+    monkeypatch.setattr(act_scales, "float_graph", spy)
+    config = fxq.QuantConfig(weight_bits=3, act_scale_iters=2, weight_rounding="adaround", adaround_iters=20)
+    fxq.quantize(model(), items[0], items, config, batch_size=4)
+    with torch.no_grad():
+        assert torch.equal(seen["out"], model()(x, t))
+
+
+@dataclass
+class Out:
+    sample: torch.Tensor
+
+
+class DataclassOut(Net):
+    def forward(self, x, t):
+        return Out(super().forward(x, t))
+
+
+class WithChannelStats(Net):
+    def forward(self, x, t):
+        y = super().forward(x, t)
+        return y, y.mean((0, 2, 3))  # no batch axis
+
+
+@pytest.mark.parametrize("cls", [DataclassOut, WithChannelStats])
+def test_any_output_form_the_model_returns_is_tuned_on(cls):
+    items = data()
+    torch.manual_seed(0)
+    q = fxq.quantize(cls().eval(), items[0], items, fxq.QuantConfig(act_bits=4, act_scale_iters=30), batch_size=4)
+    result = q.graph_module.meta["fxq_act_scales"]
+    assert 0 < result["error_before"] < 1 and result["kept"] == (result["relative_error_after"] < 1)

@@ -181,3 +181,43 @@ def test_idle_functional_dropouts_leave_the_int8_graph_and_active_ones_stay():
     targets = [n.target for n in q.graph.nodes if n.op == "call_function"]
     dropouts = [t for t in targets if "dropout" in getattr(t, "__name__", "")]
     assert dropouts == [torch.nn.functional.dropout]
+
+
+def test_a_removed_instance_forward_is_not_called_again(qmodel):
+    q = fresh(qmodel)
+    norm = leaf(q)
+    norm.forward = lambda h: torch.zeros_like(h)
+    q(X, T)  # the direct form is built while the override is set
+    del norm.forward
+    assert torch.equal(q(X, T), run_graph(q, X, T))
+
+
+def test_a_graph_edited_but_not_recompiled_runs_the_graph_module_s_code(qmodel):
+    q = fresh(qmodel)
+    gm = q.graph_module
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    with gm.graph.inserting_before(out):
+        out.args = (gm.graph.call_function(torch.mul, (out.args[0], 2.0)),)
+    assert torch.equal(q(X, T), run_graph(q, X, T))
+
+
+class HalfNorm(nn.GroupNorm):
+    def forward(self, h):
+        return super().forward(h) * 0.5
+
+
+class CalledPlusOne(nn.GroupNorm):
+    def __call__(self, *args, **kwargs):
+        return super().__call__(*args, **kwargs) + 1
+
+
+def test_a_swapped_class_or_a_class_with_its_own_call_is_honoured(qmodel):
+    q = fresh(qmodel)
+    plain = q(X, T)
+    leaf(q).__class__ = HalfNorm
+    assert torch.equal(q(X, T), run_graph(q, X, T)) and not torch.equal(q(X, T), plain)
+    q = fresh(qmodel)
+    new = CalledPlusOne(2, 8)
+    new.load_state_dict(leaf(q).state_dict())
+    q.graph_module.set_submodule("blocks.1.norm", new)
+    assert torch.equal(q(X, T), run_graph(q, X, T)) and not torch.equal(q(X, T), plain)

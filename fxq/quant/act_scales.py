@@ -32,7 +32,9 @@ from tqdm.auto import tqdm
 
 from fxq import calib
 from fxq.quant import quantizer as Q
+from fxq.errors import InputError
 from fxq.quant.freeze import Frozen
+from fxq.tracing.tracer import output_tensors
 from fxq.passes.insert_observers import is_act_observer
 
 LR = 1e-3  # Adam on log-scales: about 0.1 % of the step per iteration
@@ -52,7 +54,7 @@ class LearnedQuantize(nn.Module):
         qp = dataclasses.replace(self.qp, scale=self.log_scale.exp(), zero_point=self.zero_point)
         if qp.scale.dim() == 1:
             qp = Q.select_group(qp, group, x)
-        y = x.float() / qp.scale
+        y = x.float() * torch.reciprocal(qp.scale)  # as Q.fake_quantize rounds
         y = y + (torch.round(y) - y).detach()
         y = torch.maximum(torch.minimum(y, qp.qmax - qp.zero_point), qp.qmin - qp.zero_point)
         return (y * qp.scale).to(x.dtype)
@@ -61,7 +63,7 @@ class LearnedQuantize(nn.Module):
         return self.log_scale.detach().exp()
 
 
-def _float_graph(gm: fx.GraphModule) -> fx.GraphModule:
+def float_graph(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of the observed graph with its activation observers bypassed: the float model."""
     ref = copy.deepcopy(gm)
     for node in [n for n in ref.graph.nodes if is_act_observer(ref, n)]:
@@ -72,23 +74,29 @@ def _float_graph(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def _outputs(out) -> list[torch.Tensor]:
-    leaves = []
-    tree_map(lambda v: leaves.append(v) if torch.is_tensor(v) and v.is_floating_point() else None, out)
-    return leaves
+    """The floating tensors of a model output (tuples, lists, dicts, dataclasses), in order."""
+    return [t for t in output_tensors(out) if t.is_floating_point()]
 
 
-def _row_errors(out, target: list) -> torch.Tensor:
-    """Squared output error per row (dim 0) of the batch: each output tensor's mean over its other dims, summed."""
-    total = 0
+def _rows(args, kwargs) -> int:
+    first = next((v for v in [*args, *kwargs.values()] if torch.is_tensor(v) and v.dim() > 0), None)
+    return 1 if first is None else first.shape[0]
+
+
+def _row_errors(out, target: list, rows: int) -> torch.Tensor:
+    """Squared output error per row of the batch: each output's mean over its other dims where its dim 0 is the
+    batch's, its mean over all of it (added to every row) where not; summed over the outputs."""
+    total = torch.zeros(rows, device=target[0].device)
     for o, t in zip(_outputs(out), target):
         d = (o.float() - t) ** 2
-        total = total + (d.reshape(d.shape[0], -1).mean(1) if d.dim() > 0 else d.reshape(1))
+        total = total + (d.reshape(rows, -1).mean(1) if d.dim() > 0 and d.shape[0] == rows else d.mean())
     return total
 
 
 def _row_errors_of(qmodel: nn.Module, chunks: list, targets: list) -> list[torch.Tensor]:
     with torch.no_grad():
-        return [_row_errors(qmodel(*args, **kwargs), target) for (args, kwargs), target in zip(chunks, targets)]
+        return [_row_errors(qmodel(*args, **kwargs), target, _rows(args, kwargs))
+                for (args, kwargs), target in zip(chunks, targets)]
 
 
 @dataclasses.dataclass
@@ -106,13 +114,19 @@ class TuningResult:
 
 
 def tune_act_scales(gm: fx.GraphModule, frozen: Frozen, calib_data, example, iters: int, *, batch_size: int = 32,
-                    seed: int = 0, progress: bool = False) -> TuningResult:
-    """Learn frozen.act's scales (in place, if they lower the output error) on `calib_data` (a list)."""
+                    seed: int = 0, progress: bool = False, reference: fx.GraphModule | None = None) -> TuningResult:
+    """Learn frozen.act's scales (in place, if they lower the output error) on `calib_data` (a list). reference:
+    the float model the output is compared with (`float_graph(gm)` taken before anything changed gm's weights, as
+    weight rounding does); None: float_graph(gm) now."""
     from fxq.backends import fake, fake_ops
 
     device = calib.device_of(gm)
-    targets_model = _float_graph(gm).eval()
-    work = fake.lower(copy.deepcopy(gm), Frozen(dict(frozen.act), dict(frozen.weight))).eval()
+    targets_model = (reference if reference is not None else float_graph(gm)).eval()
+    work = copy.deepcopy(gm)
+    for node in work.graph.nodes:  # a graph's deepcopy shares each node's meta entries; lowering edits "fxq"
+        if "fxq" in node.meta:
+            node.meta["fxq"] = copy.deepcopy(node.meta["fxq"])
+    work = fake.lower(work, Frozen(dict(frozen.act), dict(frozen.weight))).eval()
     learned = {}
     for target, qp in frozen.act.items():
         learned[target] = LearnedQuantize(qp).to(device)
@@ -132,9 +146,14 @@ def tune_act_scales(gm: fx.GraphModule, frozen: Frozen, calib_data, example, ite
             args, kwargs = tree_map(lambda v: v.to(device) if torch.is_tensor(v) else v, (args, kwargs))
             chunks.append((args, kwargs))
             targets.append([o.float() for o in _outputs(targets_model(*args, **kwargs))])
+            if not targets[-1]:
+                raise InputError("act_scale_iters tunes the activation scales on the model's floating-point "
+                                 "outputs; this model returns none: set act_scale_iters=0")
     del targets_model
 
-    bases = [e.clamp_min(1e-20) for e in _row_errors_of(work, chunks, targets)]
+    bases = _row_errors_of(work, chunks, targets)
+    floor = 1e-6 * float(torch.cat(bases).mean()) + 1e-30  # a row the calibrated scales get exactly right
+    bases = [b.clamp_min(floor) for b in bases]
     start = [p.detach().clone() for p in params]
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(params, lr=LR)
@@ -145,7 +164,7 @@ def tune_act_scales(gm: fx.GraphModule, frozen: Frozen, calib_data, example, ite
                 order = torch.randperm(len(chunks), generator=gen).tolist()
             i = order.pop()
             args, kwargs = chunks[i]
-            loss = (_row_errors(work(*args, **kwargs), targets[i]) / bases[i]).mean()
+            loss = (_row_errors(work(*args, **kwargs), targets[i], _rows(args, kwargs)) / bases[i]).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

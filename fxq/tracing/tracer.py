@@ -350,18 +350,18 @@ def _clone_inputs(obj):
     return torch.utils._pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, obj)
 
 
-def _tensors(out) -> list:
+def output_tensors(out) -> list:
     """Tensors of a model output, in order (dataclass outputs by field), with ValueProxies replaced by values."""
     if isinstance(out, ValueProxy):
         out = out.__dict__["_fxq_value"]
     if isinstance(out, torch.Tensor):
         return [out]
     if is_dataclass(out) and not isinstance(out, type):
-        return [t for f in fields(out) for t in _tensors(getattr(out, f.name))]
+        return [t for f in fields(out) for t in output_tensors(getattr(out, f.name))]
     if isinstance(out, dict):
-        return [t for v in out.values() for t in _tensors(v)]
+        return [t for v in out.values() for t in output_tensors(v)]
     if isinstance(out, (tuple, list)):
-        return [t for v in out for t in _tensors(v)]
+        return [t for v in out for t in output_tensors(v)]
     return []
 
 
@@ -411,7 +411,7 @@ def trace(model: torch.nn.Module, example_inputs, leaf_modules=()) -> torch.fx.G
         rng = torch.random.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
         try:
             with torch.no_grad():
-                expected = _tensors(root(*_clone_inputs(args), **_clone_inputs(kwargs)))
+                expected = output_tensors(root(*_clone_inputs(args), **_clone_inputs(kwargs)))
         except Exception as e:
             raise InputError(
                 f"the example inputs do not run {type(model).__name__} ({type(e).__name__}: {e}); pass inputs "
@@ -422,7 +422,7 @@ def trace(model: torch.nn.Module, example_inputs, leaf_modules=()) -> torch.fx.G
             torch.cuda.set_rng_state(state, d)
         tracer = _ValueTracer(patterns)
         graph = tracer.trace_inputs(root, _clone_inputs(args), _clone_inputs(kwargs))
-        traced = _tensors(tracer.output_value)
+        traced = output_tensors(tracer.output_value)
     graph._tracer_cls = ReplayTracer  # what fx re-traces the generated code with when unpickling
     gm = torch.fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
     gm.training = model.training
