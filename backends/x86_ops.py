@@ -383,14 +383,17 @@ class QLinear(_WeightedInt8):
         x = canonical(x)
         attr, scalars, algo = _unary_args(self.unary)
 
+        buffers = self._buffers  # (self.w_scale would go through nn.Module.__getattr__ and PackedWeight's)
+        w_scale, bias = buffers["w_scale"], buffers["bias"]
+
         def linear(gi, x, other):
             xs, xz = d["x"][gi]
             os_, oz, odt = self._out_args(gi)
             if other is not None:
                 return torch.ops.onednn.qlinear_pointwise.binary(
-                    x, xs, xz, d["packed"], self.w_scale, d["w_zp"], other, self.bias, os_, oz, odt, 1.0, 0,
+                    x, xs, xz, d["packed"], w_scale, d["w_zp"], other, bias, os_, oz, odt, 1.0, 0,
                     "add", 1.0, attr, scalars, algo)
-            return torch.ops.onednn.qlinear_pointwise(x, xs, xz, d["packed"], self.w_scale, d["w_zp"], self.bias,
+            return torch.ops.onednn.qlinear_pointwise(x, xs, xz, d["packed"], w_scale, d["w_zp"], bias,
                                                       os_, oz, odt, attr, scalars, algo)
 
         fuse = (other is not None and other.dtype == torch.float32 and not self.out_quant
