@@ -83,6 +83,12 @@ ROWS = {
     "fxq-mse-bcg10-noattn": ("fxq, Lp weight scales + bias & gain corr. per 10 groups, attention matmuls in float "
                              "(diagnosis: what the attention quantizers cost)",
                              ["--weight-estimator", "mse", "--ops", "conv,linear", *BCG10]),
+    "fxq-mse-bcg10-fl": ("fxq, Lp weight scales + bias & gain corr. per 10 groups, first and last layer in float",
+                         ["--weight-estimator", "mse", "--keep-first-last-float", *BCG10]),
+    "fxq-mse-mp45-bcg10-fl": ("fxq, Lp weight scales + mixed precision (4.5 bits) + bias & gain corr. per 10 groups, "
+                              "first and last layer in float",
+                              ["--weight-estimator", "mse", "--mixed-precision", "4.5", "--keep-first-last-float",
+                               *BCG10]),
     "fxq-mse-lsq-bcg10": ("fxq, Lp weight scales, activation scales tuned end to end (300 steps) + bias & gain corr. "
                           "per 10 groups", ["--weight-estimator", "mse", "--act-scale-iters", "300", *BCG10]),
     "fxq-mse-mp45-lsq-bcg10": ("fxq, Lp weight scales + mixed precision (4.5 bits), activation scales tuned end to "

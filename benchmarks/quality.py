@@ -223,6 +223,7 @@ def quantize_model(fp_model, sampler, bits, args, shape, device):
                          keep_float=tuple(p for p in args.keep_float.split(",") if p), seed=args.seed,
                          split_shortcut=args.split_shortcut, weight_rounding=args.weight_rounding,
                          adaround_iters=args.adaround_iters, act_scale_iters=args.act_scale_iters,
+                         keep_first_last_float=args.keep_first_last_float,
                          mixed_precision=args.mixed_precision,
                          timestep_group_boundaries=group_boundaries(args.group_boundaries),
                          timestep_group_quantizers=args.group_quantizers, oscillation_ratio=args.oscillation_ratio)
@@ -333,6 +334,8 @@ def parse_args(argv=None):
                    help="split convs that read a channel concat, one quantizer per operand (Q-Diffusion)")
     p.add_argument("--weight-rounding", default="nearest", choices=("nearest", "adaround", "brecq"))
     p.add_argument("--adaround-iters", type=int, default=1000, help="optimizer steps per layer / block")
+    p.add_argument("--keep-first-last-float", action="store_true",
+                   help="the first and last quantizable layer stay float (QuantConfig.keep_first_last_float)")
     p.add_argument("--act-scale-iters", type=int, default=0,
                    help="steps of the end-to-end activation scale tuning (QuantConfig.act_scale_iters; 0: off)")
     p.add_argument("--mixed-precision", type=float, default=None, metavar="BITS",

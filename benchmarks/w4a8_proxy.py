@@ -37,6 +37,7 @@ ROWS = {
     "plain": {},
     "bcg10": BCG10,
     "mse-bcg10": {"weight_estimator": "mse", **BCG10},
+    "mse-bcg10-fl": {"weight_estimator": "mse", "keep_first_last_float": True, **BCG10},
     "mse-lsq-bcg10": {"weight_estimator": "mse", "act_scale_iters": None, **BCG10},  # None: --act-scale-iters
     "mse": {"weight_estimator": "mse"},
     "mp-bcg10": {"mixed_precision": 4.5, **BCG10},

@@ -71,6 +71,9 @@ class QuantConfig:
       "*" requires every such op of the model. `fxq.report.float_ops(qmodel)` lists what stayed float otherwise.
     first_last_bits: the least bit-width of the first and last quantized layer (8 in the papers): they get
       max(weight_bits, first_last_bits) and max(act_bits, first_last_bits); None treats them like the rest.
+    keep_first_last_float: the first and last quantizable layer (as first_last_bits finds them) stay in float,
+      weights and input activations (on the benchmark model nearly all of W8A8's sample error comes from these two:
+      the 8-bit model input of the first conv, ~1 % noise near t = 0, and the layer that writes the prediction).
     percentile: the "percentile" estimator's range runs from the (100 - percentile)th to the percentile-th
       percentile of the activation values.
     lp_norm: p of the Lp error minimized by the "mse" estimators (2.4 as in PTQ4DM / Q-Diffusion).
@@ -128,6 +131,7 @@ class QuantConfig:
     leaf_modules: tuple = ()
     require: tuple = ()
     first_last_bits: int | None = 8
+    keep_first_last_float: bool = False
     percentile: float = 99.99
     lp_norm: float = 2.4
     timestep_groups: int = 1
@@ -189,6 +193,8 @@ class QuantConfig:
         if not isinstance(self.act_scale_iters, int) or isinstance(self.act_scale_iters, bool) \
                 or self.act_scale_iters < 0:
             raise ConfigError(f"act_scale_iters={self.act_scale_iters!r} must be a non-negative integer")
+        if not isinstance(self.keep_first_last_float, bool):
+            raise ConfigError(f"keep_first_last_float={self.keep_first_last_float!r} must be True or False")
         if not isinstance(self.split_shortcut, bool):
             raise ConfigError(f"split_shortcut={self.split_shortcut!r} must be True or False")
         if not isinstance(self.bias_correction, bool):

@@ -32,7 +32,8 @@ Config honored: `ops` (kinds switched off stay float), `keep_float` (fnmatch pat
 `require` (patterns whose ops must all be selected, else UnsupportedOpError naming node, module and reason);
 a keep_float / require pattern that matches no module warns with FxqWarning. `first_last_bits`: the first and
 last selected op (first = nearest the first input) get at least that weight and activation width: it only ever
-raises precision; weight_bits stays None for attn_matmul.
+raises precision; weight_bits stays None for attn_matmul. `keep_first_last_float`: those two ops stay float instead
+(reason "first_last").
 
 Guarantees afterwards: metadata exactly as described; the graph code is unchanged. Running it again with the same
 config changes nothing and reports modified=False.
@@ -62,6 +63,7 @@ FLOAT_KEY = "fxq_float"
 # Why a candidate stays in float: code -> short label (the report's column). The detail string says more.
 REASONS = {
     "keep_float": "keep_float pattern",
+    "first_last": "first or last layer kept in float (QuantConfig.keep_first_last_float)",
     "op_off": "op kind switched off (QuantConfig.ops)",
     "custom_module": "module with its own forward, hooks or parametrization",
     "opaque": "inside a module the tracer kept whole",
@@ -77,6 +79,15 @@ REASONS = {
     "no_reduction": "contracted size 1 (outer/elementwise product)",
     "keyword_operand": "operand passed by keyword",
 }
+
+
+def _first_last(gm: torch.fx.GraphModule, plan: dict) -> list:
+    """The first and the last selected op (one node if they coincide). First = the selected op nearest the first
+    input (the image), not the first in graph order: a time embedding that runs before conv_in is not the network's
+    first layer. Last = last in graph order."""
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    first = _nearest(plan, hops_from(inputs[0]) if inputs else {})
+    return list({first: None, list(plan)[-1]: None})
 
 
 @dataclass
@@ -301,13 +312,15 @@ class SelectOps:
                 else:
                     floats.setdefault(node, []).append(
                         {"kind": c.kind, "module": c.module, "reason": c.reason, "detail": c.detail})
+        if plan and cfg.keep_first_last_float:
+            for node in _first_last(gm, plan):
+                meta = plan.pop(node)
+                floats.setdefault(node, []).append(
+                    {"kind": meta["kind"], "module": meta["module"], "reason": "first_last",
+                     "detail": "the first or last quantizable layer, kept in float by QuantConfig.keep_first_last_float"})
         self._check_required(floats)
-        if plan and cfg.first_last_bits is not None:
-            # First = the selected op nearest the first input (the image), not the first in graph order: a time
-            # embedding that runs before conv_in is not the network's first layer. Last = last in graph order.
-            inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
-            first = _nearest(plan, hops_from(inputs[0]) if inputs else {})
-            for node in {first: None, list(plan)[-1]: None}:
+        if plan and cfg.first_last_bits is not None and not cfg.keep_first_last_float:
+            for node in _first_last(gm, plan):
                 meta = plan[node]
                 # only ever raises precision: a W16A16 model keeps its 16-bit first and last layers
                 meta["act_bits"] = max(meta["act_bits"], cfg.first_last_bits)

@@ -93,6 +93,8 @@ def expected_selection(gm, config):
     rows = []
     for i, (_, (kind, module, act_inputs, weight_input, weight_axis)) in enumerate(chosen):
         wb, ab = (None if kind == "attn_matmul" else config.weight_bits), config.act_bits
+        if config.keep_first_last_float and i in (first, len(chosen) - 1):
+            continue  # float, reason "first_last"
         if config.first_last_bits is not None and i in (first, len(chosen) - 1):
             wb, ab = (None if wb is None else max(wb, config.first_last_bits)), max(ab, config.first_last_bits)
         rows.append({"kind": kind, "module": module, "weight_bits": wb, "act_bits": ab, "act_inputs": act_inputs,
@@ -102,10 +104,12 @@ def expected_selection(gm, config):
 
 @settings(max_examples=25, deadline=None)
 @given(ops=st.sets(st.sampled_from(OP_KINDS)), keep=st.sets(st.sampled_from(PATTERNS), max_size=3),
-       bits=st.tuples(st.integers(2, 16), st.integers(2, 16)), first_last=st.none() | st.integers(2, 16))
-def test_selection_follows_config(traced, ops, keep, bits, first_last):
+       bits=st.tuples(st.integers(2, 16), st.integers(2, 16)), first_last=st.none() | st.integers(2, 16),
+       first_last_float=st.booleans())
+def test_selection_follows_config(traced, ops, keep, bits, first_last, first_last_float):
     config = QuantConfig(weight_bits=bits[0], act_bits=bits[1], ops=tuple(sorted(ops)),
-                         keep_float=tuple(sorted(keep)), first_last_bits=first_last)
+                         keep_float=tuple(sorted(keep)), first_last_bits=first_last,
+                         keep_first_last_float=first_last_float)
     gm = fresh(traced)
     code = gm.code
     with warnings.catch_warnings(record=True) as caught:
@@ -117,7 +121,7 @@ def test_selection_follows_config(traced, ops, keep, bits, first_last):
     assert result.modified  # a fresh graph always gets metadata: the unfolded matmul weights stay float
     # every candidate the config leaves out is recorded as float, with the config's reason
     config_floats = [f for n in gm.graph.nodes for f in n.meta.get("fxq_float", ())
-                     if f["reason"] in ("op_off", "keep_float")]
+                     if f["reason"] in ("op_off", "keep_float", "first_last")]
     assert len(got) + len(config_floats) == len(CANDIDATES)
     assert all((f["reason"] == "op_off") == (f["kind"] not in config.ops) for f in config_floats)
     assert all(type(m) is dict for m in got)
