@@ -38,6 +38,9 @@ ROWS = {
     "bcg10": BCG10,
     "mse-bcg10": {"weight_estimator": "mse", **BCG10},
     "mse-bcg10-fl": {"weight_estimator": "mse", "keep_first_last_float": True, **BCG10},
+    "mse-bcg10-fl16": {"weight_estimator": "mse", "first_last_bits": 16, **BCG10},
+    "mse-bcg10-in": {"weight_estimator": "mse", "keep_float": ("conv_in",), **BCG10},  # the DDPMUNet's names
+    "mse-bcg10-out": {"weight_estimator": "mse", "keep_float": ("conv_out",), **BCG10},
     "mse-lsq-bcg10": {"weight_estimator": "mse", "act_scale_iters": None, **BCG10},  # None: --act-scale-iters
     "mse": {"weight_estimator": "mse"},
     "mp-bcg10": {"mixed_precision": 4.5, **BCG10},
