@@ -24,7 +24,7 @@ from fxq.quant import quantizer as Q
 from fxq.calib import device_of
 from fxq.errors import InputError
 from fxq.quant.freeze import Frozen
-from fxq.backends import fake_ops
+from fxq.backends import fake_ops, float_layout
 from fxq.tracing.graph import free_name, reads_values
 from fxq.quant.ops import attr_of, weight_chain, weight_key
 
@@ -229,5 +229,7 @@ def lower(gm: fx.GraphModule, frozen: Frozen) -> fx.GraphModule:
         wobs = node.meta.get("fxq", {}).pop("weight_observer", None)
         if wobs:
             delattr(gm, wobs)
+    if device.type == "cpu":  # the layout the x86 lowering gives its float convs: the same values, bit for bit
+        float_layout.float_convs_channels_last(gm)
     gm.recompile()
     return gm

@@ -24,6 +24,8 @@ kernels' integer sums and float32 epilogue exactly, so int8 and fake-quant give 
   nearest-upsample, max-pool and view ops (fewer elements to quantize, integer data to move);
 - `fuse_residual_add`: conv2d/linear -> add(other): the add runs inside the kernel (conv: in place on `other`,
   only where `other` is a fresh tensor no later op reads).
+- float convs (kept float by the config, or not quantizable) read channels-last input (float_layout.py: torch's
+  fp32 conv is up to 10x faster so on a UNet's 3-channel ends; the fake lowering does the same on the CPU);
 - memory planning (x86_memplan.py), bit for bit too: `quantize_early` quantizes a float tensor right before its
   last other reader, so only its uint8 codes wait for the int8 op; `inplace_elementwise` writes the float glue
   (SiLU, adds, products) into an operand that owns its storage and that no later op reads.
@@ -43,6 +45,7 @@ from torch import nn
 from fxq.quant import quantizer as Q
 from fxq.backends import x86_forms as forms
 from fxq.backends import x86_glue as glue
+from fxq.backends import float_layout
 from fxq.backends import x86_dedupe
 from fxq.backends import x86_memplan as memplan
 from fxq.backends import x86_ops as ops
@@ -452,7 +455,7 @@ def fuse_residual_add(gm: fx.GraphModule) -> None:
 
 
 # In this order: a unary post-op first, so conv -> SiLU -> Quantize can then fuse the requantization too.
-FUSIONS = (x86_dedupe.drop_dropout, x86_dedupe.dedupe, fuse_unary, fuse_output_quant, fuse_residual_add, memplan.quantize_early,
+FUSIONS = (x86_dedupe.drop_dropout, float_layout.float_convs_channels_last, x86_dedupe.dedupe, fuse_unary, fuse_output_quant, fuse_residual_add, memplan.quantize_early,
            memplan.inplace_elementwise)
 
 

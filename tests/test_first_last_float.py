@@ -36,3 +36,20 @@ def test_first_and_last_layers_stay_float_and_int8_equals_fake():
     x, t = data(1)[0]
     with torch.no_grad():
         assert torch.equal(models["x86"](x, t), models["fake"](x, t))
+
+
+def test_float_convs_of_cpu_graphs_read_channels_last_and_results_come_back_contiguous():
+    from fxq.backends import float_layout
+
+    items = data()
+    for backend in ("fake", "x86"):
+        q = fxq.quantize(tiny(), items[0], items, fxq.QuantConfig(backend=backend, keep_first_last_float=True))
+        gm = q.graph_module
+        float_convs = [n for n in gm.graph.nodes if n.op == "call_module" and "fxq" not in n.meta
+                       and type(gm.get_submodule(n.target)) is torch.nn.Conv2d]
+        assert {n.target for n in float_convs} == {"conv_in", "conv_out"}
+        assert all(n.args[0].target is float_layout.channels_last for n in float_convs)
+        x, t = data(1)[0]
+        with torch.no_grad():
+            out = q(x, t)
+        assert out.is_contiguous()  # conv_out writes channels-last; the graph hands back the default layout
