@@ -25,7 +25,7 @@ kernels' integer sums and float32 epilogue exactly, so int8 and fake-quant give 
 - `fuse_residual_add`: conv2d/linear -> add(other): the add runs inside the kernel (conv: in place on `other`,
   only where `other` is a fresh tensor no later op reads).
 - float convs (kept float by the config, or not quantizable) read channels-last input (float_layout.py: torch's
-  fp32 conv is up to 10x faster so on a UNet's 3-channel ends; the fake lowering does the same on the CPU);
+  fp32 conv is up to 10x faster that way on a UNet's 3-channel ends; the fake lowering does the same on the CPU);
 - memory planning (x86_memplan.py), bit for bit too: `quantize_early` quantizes a float tensor right before its
   last other reader, so only its uint8 codes wait for the int8 op; `inplace_elementwise` writes the float glue
   (SiLU, adds, products) into an operand that owns its storage and that no later op reads.
