@@ -22,12 +22,10 @@ if __package__ in (None, ""):  # run as a script from a source checkout: use the
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fxq  # noqa: E402
-from fxq import calib  # noqa: E402
-from fxq.diffusion import DDIM  # noqa: E402
 from fxq.eval import analysis  # noqa: E402
 from fxq.eval.images import psnr_summary, sample_images  # noqa: E402
-from fxq.models.pretrained import load_model  # noqa: E402
 from benchmarks.speed_report import cpu_model, write_json  # noqa: E402
+from benchmarks.w4a8_proxy import setup  # noqa: E402
 
 BCG10 = dict(bias_correction=True, gain_correction=True, bias_correction_groups=10)
 
@@ -76,13 +74,7 @@ def units_by_kind(twin: analysis.Twin) -> dict[str, list[str]]:
 
 
 def run(args) -> dict:
-    device = torch.device(args.device)
-    model, name = load_model(args.model, ch=args.ch, seed=args.seed)
-    model = model.to(device).eval()
-    shape = (model.in_channels, model.resolution, model.resolution)
-    sampler = DDIM(steps=args.steps)
-    wb, ab = (int(v) for v in args.setting.upper().lstrip("W").split("A"))
-    data = calib.trajectory(model, sampler, n=args.calib, seed=args.seed + 1, shape=shape, device=device)
+    device, model, name, shape, sampler, (wb, ab), data = setup(args)
     example = (torch.randn(2, *shape, device=device), torch.tensor([999, 0], device=device))
     config = fxq.QuantConfig(weight_bits=wb, act_bits=ab, weight_estimator="mse", seed=args.seed,
                              **({} if args.no_bias_correction else BCG10))

@@ -105,16 +105,23 @@ def _write(doc: dict, args) -> str:
     return path
 
 
-def run(args) -> dict:
-    torch.manual_seed(args.seed)
+def setup(args):
+    """The CPU proxies' common start (also benchmarks/act_kinds.py): the device, the model on it and its label, the
+    sample shape, the DDIM sampler, the setting's (weight, act) bits, and the calibration set (seed + 1)."""
     device = torch.device(args.device)
     model, name = load_model(args.model, ch=args.ch, seed=args.seed)
     model = model.to(device).eval()
     shape = (model.in_channels, model.resolution, model.resolution)
     sampler = DDIM(steps=args.steps)
-    wb, ab = (int(v) for v in args.setting.upper().lstrip("W").split("A"))
-    t0 = time.perf_counter()
+    bits = tuple(int(v) for v in args.setting.upper().lstrip("W").split("A"))
     data = calib.trajectory(model, sampler, n=args.calib, seed=args.seed + 1, shape=shape, device=device)
+    return device, model, name, shape, sampler, bits, data
+
+
+def run(args) -> dict:
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    device, model, name, shape, sampler, (wb, ab), data = setup(args)
     reference = report.float_reference(model, sampler, (args.ref_batch, *shape), seed=args.seed + 2, device=device)
     x_T = initial_noise(args.seed + 3, 0, args.samples, shape).to(device)
     with torch.no_grad():
