@@ -37,6 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=int, default=8, help="images in the side-by-side PNG (0: none)")
     p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps for those images")
     p.add_argument("--png", default="fxq-samples.png")
+    p.add_argument("--keep-first-last-float", action="store_true",
+                   help="the first and last layer stay float (QuantConfig.keep_first_last_float)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="fake", choices=BACKENDS,
                    help="fake: simulated quantization; x86: real int8 kernels on this CPU (also times it)")
@@ -115,7 +117,8 @@ def main(argv=None) -> int:
           f"({args.timesteps} timesteps) in {t_traj:.1f} s")
 
     config = fxq.QuantConfig(weight_bits=args.weight_bits, act_bits=args.act_bits, backend=args.backend,
-                             act_estimator=args.estimator, seed=args.seed)
+                             act_estimator=args.estimator, seed=args.seed,
+                             keep_first_last_float=args.keep_first_last_float)
     example = (torch.randn(2, 3, 32, 32), torch.randint(0, 1000, (2,)))
     t0 = time.perf_counter()
     qunet = fxq.quantize(unet, example_inputs=example, calib_data=data, config=config, progress=True)
