@@ -653,3 +653,16 @@ def test_the_main_job_writes_a_file_that_fxq_load_reads(tmp_path):
     loaded = fxq.load(path)
     assert loaded.quant_config.weight_bits == 6
     assert json.loads(report_path.read_text())["saved"]["bytes"] == path.stat().st_size
+
+
+def test_the_main_job_keeps_the_first_and_last_layer_float_when_asked(tmp_path):
+    from fxq.__main__ import main
+
+    path = tmp_path / "q.safetensors"
+    assert main(["--model", "random", "--ch", "32", "--calib", "4", "--steps", "4", "--eval-batch", "1",
+                 "--samples", "0", "--keep-first-last-float", "--save", str(path)]) == 0
+    loaded = fxq.load(path)
+    assert loaded.quant_config.keep_first_last_float
+    gm = loaded.graph_module
+    assert type(gm.get_submodule("conv_in")) is torch.nn.Conv2d and type(gm.get_submodule("conv_out")) is torch.nn.Conv2d
+    assert type(gm.get_submodule("down.0.block.0.conv1")) is not torch.nn.Conv2d  # the rest is quantized
