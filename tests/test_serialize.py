@@ -666,3 +666,5 @@ def test_the_main_job_keeps_the_first_and_last_layer_float_when_asked(tmp_path):
     gm = loaded.graph_module
     assert type(gm.get_submodule("conv_in")) is torch.nn.Conv2d and type(gm.get_submodule("conv_out")) is torch.nn.Conv2d
     assert type(gm.get_submodule("down.0.block.0.conv1")) is not torch.nn.Conv2d  # the rest is quantized
+    from fxq import report  # the float report survives the file
+    assert {f.module for f in report.float_ops(loaded) if f.reason == "first_last"} == {"conv_in", "conv_out"}

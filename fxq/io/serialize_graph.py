@@ -358,7 +358,7 @@ _PLACEHOLDER = re.compile(r"^\*{0,2}[A-Za-z_][A-Za-z0-9_]*$")
 _ATTR_PATH = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
 # Node metadata kept: fxq's own decisions and module paths (reports and messages read them). Not stack traces:
 # they are most of the text and hold the saving machine's file paths.
-_KEPT_META = ("fxq",)
+_KEPT_META = ("fxq", "fxq_float")  # fxq_float: what stayed float and why (fxq.report.float_ops)
 
 
 def check_call(op: str, target, args, kwargs, where: str, error=ModelFileError) -> None:
