@@ -5,8 +5,9 @@ its channels-last path is several times faster than its NCHW one for the shapes 
 batch 4, 2 threads: conv_in 3 -> 128 at 32x32 takes 1.19 ms on the NCHW image and 0.11 ms channels-last;
 conv_out 128 -> 3, 0.55 vs 0.36 ms), and the int8 convs around them work channels-last anyway. Both CPU lowerings
 (x86, and fake-quant on the CPU, whose convs already return the int8 kernels' channels-last layout) apply it, so
-the int8 model and its fake-quant twin keep computing the same values bit for bit; a result the graph returns is
-made contiguous again.
+the int8 model and its fake-quant twin keep computing the same values bit for bit; a float conv's result that the
+graph returns as it is (directly or in a tuple/list/dict of the output) is made contiguous again. The rewrite is
+chosen when the graph is lowered: a fake-quant model lowered on the CPU keeps it after `.to("cuda")` (same values).
 """
 
 from __future__ import annotations

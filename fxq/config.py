@@ -71,8 +71,9 @@ class QuantConfig:
       "*" requires every such op of the model. `fxq.report.float_ops(qmodel)` lists what stayed float otherwise.
     first_last_bits: the least bit-width of the first and last quantized layer (8 in the papers): they get
       max(weight_bits, first_last_bits) and max(act_bits, first_last_bits); None treats them like the rest.
-    keep_first_last_float: the first and last quantizable layer (as first_last_bits finds them) stay in float,
-      weights and input activations (on the benchmark model nearly all of W8A8's sample error comes from these two:
+    keep_first_last_float: the network's first and last layer (of every conv/linear/matmul examined, selected or
+      not: first = nearest the image input, last = last in graph order) stay in float where they would have been
+      quantized, weights and input activations; first_last_bits then raises nothing (on the benchmark model nearly all of W8A8's sample error comes from these two:
       the 8-bit model input of the first conv, ~1 % noise near t = 0, and the layer that writes the prediction).
     percentile: the "percentile" estimator's range runs from the (100 - percentile)th to the percentile-th
       percentile of the activation values.

@@ -32,8 +32,8 @@ Config honored: `ops` (kinds switched off stay float), `keep_float` (fnmatch pat
 `require` (patterns whose ops must all be selected, else UnsupportedOpError naming node, module and reason);
 a keep_float / require pattern that matches no module warns with FxqWarning. `first_last_bits`: the first and
 last selected op (first = nearest the first input) get at least that weight and activation width: it only ever
-raises precision; weight_bits stays None for attn_matmul. `keep_first_last_float`: those two ops stay float instead
-(reason "first_last").
+raises precision; weight_bits stays None for attn_matmul. `keep_first_last_float`: the first and last of all the
+products examined (selected or not) stay float (reason "first_last") where they would have been selected.
 
 Guarantees afterwards: metadata exactly as described; the graph code is unchanged. Running it again with the same
 config changes nothing and reports modified=False.
@@ -313,7 +313,10 @@ class SelectOps:
                     floats.setdefault(node, []).append(
                         {"kind": c.kind, "module": c.module, "reason": c.reason, "detail": c.detail})
         if plan and cfg.keep_first_last_float:
-            for node in _first_last(gm, plan):
+            # the network's ends among every product examined: an end already float (keep_float, ops, no kernel)
+            # stays as it is, and the next layer inward is not floated in its place
+            examined = {n: None for n in gm.graph.nodes if n in plan or n in floats}
+            for node in [n for n in _first_last(gm, examined) if n in plan]:
                 meta = plan.pop(node)
                 floats.setdefault(node, []).append(
                     {"kind": meta["kind"], "module": meta["module"], "reason": "first_last",

@@ -53,3 +53,12 @@ def test_float_convs_of_cpu_graphs_read_channels_last_and_results_come_back_cont
         with torch.no_grad():
             out = q(x, t)
         assert out.is_contiguous()  # conv_out writes channels-last; the graph hands back the default layout
+
+
+def test_an_end_already_float_is_not_replaced_by_the_next_layer_inward():
+    items = data()
+    q = fxq.quantize(tiny(), items[0], items, fxq.QuantConfig(keep_float=("conv_in", "conv_out"),
+                                                              keep_first_last_float=True))
+    reasons = {f.module: f.reason for f in report.float_ops(q)}
+    assert reasons["conv_in"] == reasons["conv_out"] == "keep_float"
+    assert "first_last" not in reasons.values()

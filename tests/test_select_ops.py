@@ -90,12 +90,14 @@ def expected_selection(gm, config):
               if c[0] in config.ops and not any(fnmatchcase(c[1], p) for p in config.keep_float)]
     # first = the chosen op nearest the image input (ties: graph order); last = last in graph order
     first = min(range(len(chosen)), key=lambda i: (hops[chosen[i][0]], i)) if chosen else None
+    # keep_first_last_float: the ends among all candidates, whether the config selects them or not
+    ends = {min(names, key=lambda n: (hops[n], names.index(n))), names[-1]}
     rows = []
-    for i, (_, (kind, module, act_inputs, weight_input, weight_axis)) in enumerate(chosen):
+    for i, (name, (kind, module, act_inputs, weight_input, weight_axis)) in enumerate(chosen):
         wb, ab = (None if kind == "attn_matmul" else config.weight_bits), config.act_bits
-        if config.keep_first_last_float and i in (first, len(chosen) - 1):
+        if config.keep_first_last_float and name in ends:
             continue  # float, reason "first_last"
-        if config.first_last_bits is not None and i in (first, len(chosen) - 1):
+        if config.first_last_bits is not None and not config.keep_first_last_float and i in (first, len(chosen) - 1):
             wb, ab = (None if wb is None else max(wb, config.first_last_bits)), max(ab, config.first_last_bits)
         rows.append({"kind": kind, "module": module, "weight_bits": wb, "act_bits": ab, "act_inputs": act_inputs,
                      "weight_input": weight_input, "weight_axis": weight_axis})
