@@ -47,25 +47,51 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def _from_input(node, depth: int = 8) -> bool:
+    """Whether node is a model input, or one passed through single-tensor elementwise ops (2 * x - 1)."""
+    while depth and node.op != "placeholder":
+        tensors = [a for a in node.args if isinstance(a, torch.fx.Node)]
+        if node.op not in ("call_function", "call_method") or len(tensors) != 1:
+            return False
+        node, depth = tensors[0], depth - 1
+    return node.op == "placeholder"
+
+
+def _is_silu(gm, node) -> bool:
+    """SiLU as a module, a function, or written out: h * sigmoid(h)."""
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), torch.nn.SiLU)
+    name = getattr(node.target, "__name__", str(node.target))
+    if "silu" in name:
+        return True
+    if name in ("mul", "__mul__") and len(node.args) == 2 and all(isinstance(a, torch.fx.Node) for a in node.args):
+        a, b = node.args
+        return any(getattr(y.target, "__name__", str(y.target)) == "sigmoid" and y.args and y.args[0] is x
+                   for x, y in ((a, b), (b, a)))
+    return False
+
+
 def kind_of(gm, node) -> str:
     """A quantizer's kind: what it feeds, then what produced its tensor."""
     users = [u.meta.get("fxq", {}).get("kind") for u in node.users]
     if "attn_matmul" in users:
         return "attention matmul operands"
     src = node.args[0]
-    if src.op == "placeholder":
+    if _from_input(src):
         return "model input (conv_in)"
     if "linear" in users:
         return "linear inputs (time embedding)"
-    target = getattr(src.target, "__name__", str(src.target))
-    if "silu" in target or (src.op == "call_module" and "SiLU" in type(gm.get_submodule(src.target)).__name__):
+    if _is_silu(gm, src):
         return "conv inputs after SiLU (res-blocks)"
     return "other conv inputs (attention q/k/v/proj, skip halves, down/up-sampling, output)"
 
 
 def units_by_kind(twin: analysis.Twin) -> dict[str, list[str]]:
     gm = analysis._graph_module(twin.qmodel)
-    nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
+    nodes = {}
+    for n in gm.graph.nodes:  # a quantizer module called at several places: its first call names its kind
+        if n.op == "call_module":
+            nodes.setdefault(n.target, n)
     kinds: dict[str, list[str]] = {}
     for unit in twin.units:
         if unit.startswith("act:"):

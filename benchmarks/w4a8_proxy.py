@@ -46,6 +46,7 @@ ROWS = {
     "mp-bcg10": {"mixed_precision": 4.5, **BCG10},
     "mp": {"mixed_precision": 4.5},
     "mse-mp-bcg10": {"weight_estimator": "mse", "mixed_precision": 4.5, **BCG10},
+    "mse-mp-bcg10-fl": {"weight_estimator": "mse", "mixed_precision": 4.5, "keep_first_last_float": True, **BCG10},
     "mp-ada-bcg10": {"mixed_precision": 4.5, "weight_rounding": "adaround", **BCG10},
     "ada-bcg10": {"weight_rounding": "adaround", **BCG10},
     "ada": {"weight_rounding": "adaround"},
