@@ -344,8 +344,11 @@ class SelectOps:
             lines = [f"  node `{node.name}` ({ops.op_name(node)}{'' if f['kind'] is None else ': ' + f['kind']}) in "
                      f"module `{f['module'] or '<top level>'}` (require {pattern!r}): {f['detail']}"
                      for node, f, pattern in failed]
+            by_config = all(f["reason"] in ("keep_float", "op_off", "first_last") for _, f, _ in failed)
             raise UnsupportedOpError(
-                f"QuantConfig.require asks to quantize {len(failed)} op(s) that fxq cannot quantize:\n"
+                f"QuantConfig.require asks to quantize {len(failed)} op(s) that "
+                + ("the config itself keeps in float (require conflicts with keep_float / ops / "
+                   "keep_first_last_float)" if by_config else "fxq cannot quantize") + ":\n"
                 + "\n".join(lines)
                 + "\nChange the model (or the config) as the reason says, or take the module out of `require` "
                   "to leave these ops in float.")

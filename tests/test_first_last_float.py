@@ -62,3 +62,11 @@ def test_an_end_already_float_is_not_replaced_by_the_next_layer_inward():
     reasons = {f.module: f.reason for f in report.float_ops(q)}
     assert reasons["conv_in"] == reasons["conv_out"] == "keep_float"
     assert "first_last" not in reasons.values()
+
+
+def test_require_that_conflicts_with_keeping_the_ends_float_says_so():
+    import pytest
+
+    items = data()
+    with pytest.raises(fxq.FxqError, match=r"config itself keeps in float.*keep_first_last_float"):
+        fxq.quantize(tiny(), items[0], items, fxq.QuantConfig(require=("*",), keep_first_last_float=True))
