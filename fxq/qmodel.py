@@ -137,32 +137,39 @@ def _snapshot(model: nn.Module) -> tuple[dict, list, list]:
     return attrs, submodules, tensors
 
 
-def _ordinary(obj, depth: int = 0):
-    """obj with every inference tensor in it (through tuples, named tuples, lists, dicts and dataclasses such as
-    diffusers' outputs) replaced by an ordinary clone, which takes in-place updates and autograd outside inference
-    mode."""
+def _ordinary(obj, inference: bool = True, depth: int = 0):
+    """obj with every tensor in it (through tuples, named tuples, lists, dicts and dataclasses such as diffusers'
+    outputs) handed back as the original model would: a 4-d tensor that lowering left channels-last (the int8
+    convs' layout, which the CPU fake-quant graph copies) in the default layout, so that `.view` works on it as on
+    the original's; with `inference`, inference tensors replaced by ordinary clones, which take in-place updates
+    and autograd outside inference mode."""
     if isinstance(obj, torch.Tensor):
-        return obj.clone() if obj.is_inference() else obj
+        relaid = (obj.dim() == 4 and not obj.is_contiguous()
+                  and obj.is_contiguous(memory_format=torch.channels_last))
+        if inference and obj.is_inference():
+            return obj.clone(memory_format=torch.contiguous_format if relaid else torch.preserve_format)
+        return obj.contiguous() if relaid else obj
     if depth > 32:
         return obj
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        fields = {f.name: _ordinary(getattr(obj, f.name), depth + 1) for f in dataclasses.fields(obj) if f.init}
+        fields = {f.name: _ordinary(getattr(obj, f.name), inference, depth + 1)
+                  for f in dataclasses.fields(obj) if f.init}
         new = dataclasses.replace(obj, **fields)
         if isinstance(obj, Mapping):  # diffusers' BaseOutput: a dataclass that is also an OrderedDict
             for key in obj:
-                new[key] = fields[key] if key in fields else _ordinary(obj[key], depth + 1)
+                new[key] = fields[key] if key in fields else _ordinary(obj[key], inference, depth + 1)
         return new
     if isinstance(obj, dict):
         new = copy.copy(obj)
         for key, value in obj.items():
-            new[key] = _ordinary(value, depth + 1)
+            new[key] = _ordinary(value, inference, depth + 1)
         return new
     if isinstance(obj, tuple):
-        items = [_ordinary(v, depth + 1) for v in obj]
+        items = [_ordinary(v, inference, depth + 1) for v in obj]
         return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
     if isinstance(obj, list):
         new = copy.copy(obj)
-        new[:] = [_ordinary(v, depth + 1) for v in obj]
+        new[:] = [_ordinary(v, inference, depth + 1) for v in obj]
         return new
     return obj
 
@@ -207,9 +214,9 @@ class QuantizedModel(nn.Module):
             if inference:
                 with torch.inference_mode():
                     out = self._run_graph(args, kwargs)
-                out = _ordinary(out)
             else:
                 out = self._run_graph(args, kwargs)
+            out = _ordinary(out, inference)
         except (FxqError, torch.cuda.OutOfMemoryError):
             raise
         except Exception as e:

@@ -70,3 +70,25 @@ def test_require_that_conflicts_with_keeping_the_ends_float_says_so():
     items = data()
     with pytest.raises(fxq.FxqError, match=r"config itself keeps in float.*keep_first_last_float"):
         fxq.quantize(tiny(), items[0], items, fxq.QuantConfig(require=("*",), keep_first_last_float=True))
+
+
+class DataclassUNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.unet = tiny()
+
+    def forward(self, x, t):
+        from dataclasses import make_dataclass
+        return make_dataclass("Out", [("sample", torch.Tensor)])(self.unet(x, t))
+
+
+def test_outputs_come_back_in_the_default_layout_even_inside_dataclasses():
+    items = data()
+    for backend in ("fake", "x86"):
+        for flag in (False, True):
+            q = fxq.quantize(DataclassUNet().eval(), items[0], items,
+                             fxq.QuantConfig(backend=backend, keep_first_last_float=flag))
+            x, t = data(1)[0]
+            out = q(x, t)
+            assert out.sample.is_contiguous()
+            out.sample.view(out.sample.shape[0], -1)
