@@ -5,9 +5,9 @@ its channels-last path is several times faster than its NCHW one for the shapes 
 batch 4, 2 threads: conv_in 3 -> 128 at 32x32 takes 1.19 ms on the NCHW image and 0.11 ms channels-last;
 conv_out 128 -> 3, 0.55 vs 0.36 ms), and the int8 convs around them work channels-last anyway. Both CPU lowerings
 (x86, and fake-quant on the CPU, whose convs already return the int8 kernels' channels-last layout) apply it, so
-the int8 model and its fake-quant twin keep computing the same values bit for bit; a float conv's result that the
-graph returns as it is (directly or in a tuple/list/dict of the output) is made contiguous again. The rewrite is
-chosen when the graph is lowered: a fake-quant model lowered on the CPU keeps it after `.to("cuda")` (same values).
+the int8 model and its fake-quant twin keep computing the same values bit for bit. Results come back in the default
+layout as the other channels-last tensors do (QuantizedModel hands its outputs back so). The rewrite is chosen when
+the graph is lowered: a fake-quant model lowered on the CPU keeps it after `.to("cuda")` (same values).
 """
 
 from __future__ import annotations
@@ -24,10 +24,6 @@ def channels_last(x):
     return x
 
 
-def contiguous(x):
-    return x.contiguous() if isinstance(x, torch.Tensor) else x
-
-
 def float_convs_channels_last(gm: fx.GraphModule) -> int:
     """Rewrite in place: every float nn.Conv2d call reads channels_last(input); returns how many."""
     graph = gm.graph
@@ -39,12 +35,6 @@ def float_convs_channels_last(gm: fx.GraphModule) -> int:
             continue
         with graph.inserting_before(node):
             node.update_arg(0, graph.call_function(channels_last, (node.args[0],)))
-        returned = [u for u in node.users if u.op == "output"]
-        if returned:
-            with graph.inserting_after(node):
-                plain = graph.call_function(contiguous, (node,))
-            for out in returned:
-                out.replace_input_with(node, plain)
         count += 1
     if count:
         graph.lint()
