@@ -27,6 +27,7 @@ from fxq.quant.freeze import Frozen
 from fxq.backends import fake_ops, float_layout
 from fxq.tracing.graph import free_name, reads_values
 from fxq.quant.ops import attr_of, weight_chain, weight_key
+from fxq.passes.insert_observers import release_weight_observer
 
 
 class FakeQuantize(nn.Module):
@@ -226,7 +227,7 @@ def lower(gm: fx.GraphModule, frozen: Frozen) -> fx.GraphModule:
         else:
             _replace_constant_weight(gm, node, meta["weight_input"], qp)
     for node in gm.graph.nodes:  # weight observers have done their work
-        wobs = node.meta.get("fxq", {}).pop("weight_observer", None)
+        wobs = release_weight_observer(node)
         if wobs:
             delattr(gm, wobs)
     if device.type == "cpu":  # the layout the x86 lowering gives its float convs: the same values, bit for bit

@@ -58,7 +58,7 @@ from fxq.tracing.graph import free_name, node_order
 from fxq.tracing.meta import rank
 from fxq.passes.batch_axes import META_KEY as BATCH_KEY
 from fxq.quant.ops import weight_key
-from fxq.passes.insert_observers import is_act_observer
+from fxq.passes.insert_observers import is_act_observer, release_weight_observer
 
 FALLBACK_META = "fxq_float_fallback"
 
@@ -212,7 +212,7 @@ def lower(gm: fx.GraphModule, frozen: Frozen, config) -> fx.GraphModule:
                 node.target = name
             node.args = (node.args[0], group)
             node.kwargs = {}
-        meta.pop("weight_observer", None)
+        release_weight_observer(node)
 
     for obs in [n for n in graph.nodes if is_act_observer(gm, n)]:
         obs.replace_all_uses_with(obs.args[0])

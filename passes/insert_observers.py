@@ -35,6 +35,16 @@ def is_act_observer(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_module" and isinstance(gm.get_submodule(node.target), ActObserver)
 
 
+def release_weight_observer(node: fx.Node) -> str | None:
+    """Take the name of node's weight observer out of its fxq metadata (lowering, once the weight is quantized);
+    returns it, or None. The metadata dict is replaced, not edited: a deepcopy of the graph shares it."""
+    meta = node.meta.get("fxq")
+    if not meta or "weight_observer" not in meta:
+        return None
+    node.meta["fxq"] = {k: v for k, v in meta.items() if k != "weight_observer"}
+    return meta["weight_observer"]
+
+
 class InsertObservers:
     def __init__(self, config, timestep: str | None = None):
         self.config = config

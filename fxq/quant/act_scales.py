@@ -122,11 +122,7 @@ def tune_act_scales(gm: fx.GraphModule, frozen: Frozen, calib_data, example, ite
 
     device = calib.device_of(gm)
     targets_model = (reference if reference is not None else float_graph(gm)).eval()
-    work = copy.deepcopy(gm)
-    for node in work.graph.nodes:  # a graph's deepcopy shares each node's meta entries; lowering edits "fxq"
-        if "fxq" in node.meta:
-            node.meta["fxq"] = copy.deepcopy(node.meta["fxq"])
-    work = fake.lower(work, Frozen(dict(frozen.act), dict(frozen.weight))).eval()
+    work = fake.lower(copy.deepcopy(gm), Frozen(dict(frozen.act), dict(frozen.weight))).eval()
     learned = {}
     for target, qp in frozen.act.items():
         learned[target] = LearnedQuantize(qp).to(device)
