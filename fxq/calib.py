@@ -398,6 +398,11 @@ def device_of(model) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def to_device(item, device):
+    """Every tensor of item (any nesting of tuples, lists and dicts, e.g. an (args, kwargs) pair) moved to device."""
+    return tree_map(lambda v: v.to(device) if torch.is_tensor(v) else v, item)
+
+
 # --- running a calibration set ---------------------------------------------------------------------------
 
 def _describe(value):
@@ -487,7 +492,8 @@ def _concat(items: list[tuple[tuple, dict]]) -> tuple[tuple, dict]:
     return tree_unflatten(joined, spec)
 
 
-def _rows(args, kwargs) -> int:
+def item_rows(args, kwargs) -> int:
+    """Rows of a batch from `batches`: its tensors' shared batch size, or 1 (an item that runs alone)."""
     n = _batch_rows(args, kwargs)
     return 1 if n is None else n
 
@@ -503,10 +509,10 @@ def run(gm, calib_data: Iterable, example, batch_size: int = 32, progress: bool 
     bar = tqdm(desc="calibrating", unit="sample", disable=not progress)
     with reused_buffers():
         for args, kwargs in batches(calib_data, example, batch_size):
-            args, kwargs = tree_map(lambda v: v.to(device) if torch.is_tensor(v) else v, (args, kwargs))
+            args, kwargs = to_device((args, kwargs), device)
             gm(*args, **kwargs)
             check_finite(observers)
             done += 1
-            bar.update(_rows(args, kwargs))
+            bar.update(item_rows(args, kwargs))
     bar.close()
     return done

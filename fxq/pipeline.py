@@ -13,10 +13,9 @@ import warnings
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
 
 from fxq.api import quantize
-from fxq.calib import device_of, record
+from fxq.calib import device_of, record, to_device
 from fxq.config import QuantConfig
 from fxq.errors import ConfigError, FxqWarning, InputError
 from fxq.tracing.graph import cuda_devices
@@ -95,7 +94,7 @@ def quantize_pipeline(pipe, config: QuantConfig | None = None, *, calib_prompts=
     calib = record(module, run, n=n, timesteps=timesteps, seed=seed, num_timesteps=config.num_timesteps,
                    timestep_arg=config.timestep_arg)
     device = device_of(module)  # recorded on the CPU; the example must run the model where it lives
-    example = tree_map(lambda v: v.to(device) if torch.is_tensor(v) else v, calib[0])
+    example = to_device(calib[0], device)
     qmodel = quantize(module, example, calib, config, batch_size=batch_size, progress=progress)
     setattr(pipe, component, qmodel)
     return qmodel

@@ -27,7 +27,6 @@ import math
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
 from fxq import calib
@@ -78,11 +77,6 @@ def _outputs(out) -> list[torch.Tensor]:
     return [t for t in output_tensors(out) if t.is_floating_point()]
 
 
-def _rows(args, kwargs) -> int:
-    first = next((v for v in [*args, *kwargs.values()] if torch.is_tensor(v) and v.dim() > 0), None)
-    return 1 if first is None else first.shape[0]
-
-
 def _row_errors(out, target: list, rows: int) -> torch.Tensor:
     """Squared output error per row of the batch: each output's mean over its other dims where its dim 0 is the
     batch's, its mean over all of it (added to every row) where not; summed over the outputs."""
@@ -95,7 +89,7 @@ def _row_errors(out, target: list, rows: int) -> torch.Tensor:
 
 def _row_errors_of(qmodel: nn.Module, chunks: list, targets: list) -> list[torch.Tensor]:
     with torch.no_grad():
-        return [_row_errors(qmodel(*args, **kwargs), target, _rows(args, kwargs))
+        return [_row_errors(qmodel(*args, **kwargs), target, calib.item_rows(args, kwargs))
                 for (args, kwargs), target in zip(chunks, targets)]
 
 
@@ -139,7 +133,7 @@ def tune_act_scales(gm: fx.GraphModule, frozen: Frozen, calib_data, example, ite
     chunks, targets = [], []
     with torch.no_grad():
         for args, kwargs in calib.batches(calib_data, example, batch_size):
-            args, kwargs = tree_map(lambda v: v.to(device) if torch.is_tensor(v) else v, (args, kwargs))
+            args, kwargs = calib.to_device((args, kwargs), device)
             chunks.append((args, kwargs))
             targets.append([o.float() for o in _outputs(targets_model(*args, **kwargs))])
             if not targets[-1]:
@@ -160,7 +154,7 @@ def tune_act_scales(gm: fx.GraphModule, frozen: Frozen, calib_data, example, ite
                 order = torch.randperm(len(chunks), generator=gen).tolist()
             i = order.pop()
             args, kwargs = chunks[i]
-            loss = (_row_errors(work(*args, **kwargs), targets[i], _rows(args, kwargs)) / bases[i]).mean()
+            loss = (_row_errors(work(*args, **kwargs), targets[i], calib.item_rows(args, kwargs)) / bases[i]).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

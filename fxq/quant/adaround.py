@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from fxq.quant import quantizer as Q
 from fxq.quant.bias_correction import _fake_quant_act
-from fxq.calib import _rows as calib_rows
+from fxq.calib import item_rows
 from fxq.calib import batches, device_of
 from fxq.errors import ConfigError
 from fxq.quant.freeze import Frozen
@@ -310,7 +310,7 @@ def _record(gm, region, calib_data, example, batch_size, float_weights: dict, ac
             rec = _Recorder(gm, region, act)
             _run_to(rec, values)
         ins.append(rec.values(region.inputs))
-        samples.append(calib_rows(args, kwargs))
+        samples.append(item_rows(args, kwargs))
     return _join(gm, region.inputs, ins, samples), _join(gm, region.outputs, outs, samples)
 
 

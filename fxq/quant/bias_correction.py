@@ -29,7 +29,6 @@ import dataclasses
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.utils._pytree import tree_map
 
 from fxq.quant import quantizer as Q
 from fxq.errors import ConfigError, InputError
@@ -301,7 +300,7 @@ def correct_bias(gm: fx.GraphModule, frozen, calib_data, example, t_name: str | 
     binder = _placeholder_binder(gm)
     chunks = []
     for args, kwargs in calib.batches(items, example, batch_size):
-        args, kwargs = tree_map(lambda v: v.to(device) if torch.is_tensor(v) else v, (args, kwargs))
+        args, kwargs = calib.to_device((args, kwargs), device)
         chunks.append(list(binder(*args, **kwargs)))
     lockstep = _Lockstep(gm, frozen, t_name, groups, num_timesteps, gain, edges)
     with calib.eval_mode(gm):

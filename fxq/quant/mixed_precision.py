@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_leaves
 
 from fxq import calib
 from fxq.quant import quantizer as Q
@@ -122,7 +122,7 @@ def weight_sensitivity(model: nn.Module, example_inputs, calib_data, config: Qua
     example = as_args_kwargs(example_inputs)
     gm = _float_graph(model, example, config)
     device = calib.device_of(gm)
-    chunks = [tree_map(lambda v: v.to(device) if torch.is_tensor(v) else v, b)
+    chunks = [calib.to_device(b, device)
               for b in calib.batches(_subsample(list(calib_data), max_samples), example, batch_size)]
     units = _units(gm)
     params, bits, sens = {}, {}, {}
