@@ -75,43 +75,40 @@ class DirectCalls:
         self.code = gm.code
         graph = copy.deepcopy(gm.graph)
         self.compiled_code = graph.python_code(root_module="self").src == self.code
-        calls, edges, leaves = {}, [], []
-        seen_edges = set()
+        calls, edges, leaves = {}, {}, {}  # edges: (id(parent), name) -> (parent._modules, name, child)
         for node in graph.nodes:
             if node.op != "call_module":
                 continue
             parent = gm
             for name in node.target.split("."):
                 child = parent._modules[name]
-                if (id(parent), name) not in seen_edges:
-                    seen_edges.add((id(parent), name))
-                    edges.append((parent._modules, name, child))
+                edges.setdefault((id(parent), name), (parent._modules, name, child))
                 parent = child
             slot = f"_fxq_call_{len(calls)}"
             calls[slot] = type(parent).forward.__get__(parent)  # the class's: an instance's own forces the fallback
-            leaves.append((parent, type(parent), type(parent).forward))
+            leaves[id(parent)] = parent  # a module called at several places is checked once
             node.target = slot
         src = graph.python_code(root_module="self")
         namespace = dict(src.globals)
         exec(compile(src.src, "<fxq direct calls>", "exec"), namespace)  # noqa: S102  (fx's own code, as fx does)
         self._forward = namespace["forward"]
         self._self = _Self(gm, calls)
-        self._edge_dicts = [d for d, _, _ in edges]
-        self._edge_names = [name for _, name, _ in edges]
-        self._edge_children = [child for _, _, child in edges]
-        self._dicts = [gm.__dict__] + [m.__dict__ for m, _, _ in leaves]
-        self._leaves = [m for m, _, _ in leaves]
-        self._classes = [cls for _, cls, _ in leaves]
-        self._forwards = list({(cls, fwd) for _, cls, fwd in leaves})
-        # (the graph module's own class wraps __call__ for error messages only: fx's recompile sets it)
-        self._callers = list({type(m) for m in self._leaves})
+        self._edge_dicts = [d for d, _, _ in edges.values()]
+        self._edge_names = [name for _, name, _ in edges.values()]
+        self._edge_children = [child for _, _, child in edges.values()]
+        self._leaves = list(leaves.values())
+        self._dicts = [gm.__dict__] + [m.__dict__ for m in self._leaves]
+        self._classes = list(map(type, self._leaves))
+        # per class, the forward bound (the graph module's own class is left out: fx's recompile wraps its __call__
+        # for error messages only)
+        self._forwards = [(cls, cls.forward) for cls in set(self._classes)]
 
     def still_direct(self) -> bool:
         """Every call would reach the bound forward with nothing in between, as compiled."""
         if (not self.compiled_code or _global_hooks() or torch._C._get_tracing_state() or _hooked(self._dicts)
                 or list(map(type, self._leaves)) != self._classes):
             return False
-        return all(cls.forward is fwd for cls, fwd in self._forwards) and all(map(_plain_call, self._callers))
+        return all(cls.forward is fwd and _plain_call(cls) for cls, fwd in self._forwards)
 
     def same_tree(self) -> bool:
         return (self.gm.code is self.code
