@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-
 from torch import nn
 
 from fxq.backends import x86_ops as ops
