@@ -142,7 +142,7 @@ def parse_args(argv=None):
     p.add_argument("--seeds", default=None,
                    help="comma-separated seeds: every row (and the float model) at each, in <out-dir>/seed<S>, "
                         "and a summary of each row's paired ΔFID over the seeds (one N = 10,000 FID moves by "
-                        "several % between seeds)")
+                        "several %% between seeds)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--gpus", type=int, default=None, help="GPUs to use (default: all visible)")
     p.add_argument("--out-dir", default=None, help="default: benchmarks/results/ablation-n<N>")
