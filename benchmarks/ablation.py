@@ -6,6 +6,7 @@ serve every quantized row's PSNR. Not a test: it asserts nothing.
     python benchmarks/ablation.py --n 2000 --settings W8A8,W4A8 --device cuda
     python benchmarks/ablation.py --rows fxq,fxq-bc --settings W4A8 --n 10000   # a subset of the rows
     python benchmarks/ablation.py --rows fxq-mse-bcg10 --settings W8A8 --n 10000 --seeds 0,1,2   # ΔFID over seeds
+    python benchmarks/ablation.py --merge s0/ablation.json s1/ablation.json --out merged.json  # seeds run apart
 
 Rows (per bit setting): traditional PTQ (random t, pure-noise inputs, min/max ranges); the PTQ4DM recipe (DNTC
 normal timesteps, 1024 samples, Lp-search ranges, attention matmuls left in float); fxq variants, attention
@@ -340,7 +341,40 @@ def summary_markdown(rows) -> str:
     return "\n".join(lines)
 
 
+def merge(paths: list[str], out: str | None = None) -> dict:
+    """One seed summary from ablation.json files written by separate runs (one device call per seed): the rows
+    every file holds, paired per seed with that file's float row."""
+    tables, sources = {}, {}
+    for path in paths:
+        with open(path) as f:
+            doc = json.load(f)
+        for seed, rows in (doc.get("per_seed") or {str(doc["seeds"][0]): doc["rows"]}).items():
+            if seed in tables:
+                raise SystemExit(f"seed {seed} is in both {sources[seed]} and {path}")
+            tables[seed], sources[seed] = rows, path
+    common = set.intersection(*({r["row"] for r in rows} for rows in tables.values()))
+    if len(tables) < 2 or common == {"fp"}:
+        raise SystemExit(f"--merge needs two or more seeds sharing a quantized row; got seeds {sorted(tables)} "
+                         f"with rows in common {sorted(common)}")
+    tables = {seed: [r for r in rows if r["row"] in common] for seed, rows in sorted(tables.items())}
+    result = {"command": " ".join(["python", "benchmarks/ablation.py", "--merge", *paths]),
+              "sources": sources, "per_seed": tables, "seed_summary": seed_summary(tables)}
+    print(summary_markdown(result["seed_summary"]))
+    if out:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {out}")
+    return result
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--merge":
+        p = argparse.ArgumentParser(description="merge the seed runs of separate ablation.py calls")
+        p.add_argument("--merge", nargs="+", required=True, metavar="ABLATION_JSON")
+        p.add_argument("--out", default=None)
+        args = p.parse_args(argv)
+        return merge(args.merge, args.out)
     args = parse_args(argv)
     out = os.path.abspath(args.out_dir)
     gpus = _gpus(args)

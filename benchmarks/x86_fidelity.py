@@ -50,7 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: os.cpu_count())")
     p.add_argument("--fake-device", default="cpu", help="where the fake-quant twin samples (cpu or cuda)")
-    p.add_argument("--float", action="store_true", help="also sample the float model (PSNR of each against it)")
+    p.add_argument("--float", action="store_true",
+                   help="also sample the float model, on --fake-device (PSNR of each against it)")
     p.add_argument("--fid", action="store_true", help="FID/KID/IS of each model's samples (benchmarks/quality.py)")
     p.add_argument("--ref-n", type=int, default=None, help="reference images for --fid (default: the ref split)")
     p.add_argument("--ref-cache", default=None, help="reference cache folder for --fid (quality.py's default)")
@@ -112,7 +113,7 @@ def main(argv=None) -> dict:
     check_same_models(models, world)
     if args.float:
         models["float"] = unet
-    devices = {"int8": "cpu", "fake": args.fake_device, "float": "cpu"}
+    devices = {"int8": "cpu", "fake": args.fake_device, "float": args.fake_device}
     images = {}
     for label, model in models.items():
         t0 = time.perf_counter()

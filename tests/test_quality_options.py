@@ -154,3 +154,21 @@ def test_ablation_lists_each_seeds_rows_in_plan_order_whatever_finishes_first(mo
                             "--gpus", "2", "--out-dir", str(tmp_path), "--n", "16"])
     for rows in result["per_seed"].values():
         assert [r["row"] for r in rows] == ["fp", "w8a8-fxq", "w8a8-fxq-bc"]
+
+
+def test_ablation_merge_of_separate_seed_runs_equals_one_run_over_both(monkeypatch, tmp_path):
+    fids = {(0, "fp"): 10.0, (1, "fp"): 11.0, (0, "w8a8-fxq"): 10.5, (1, "w8a8-fxq"): 11.22,
+            (0, "w8a8-fxq-bc"): 10.1}
+    monkeypatch.setattr(ablation, "_run", _fake_quality_run(fids))
+    common = ["--settings", "W8A8", "--device", "cpu", "--n", "16"]
+    both = ablation.main([*common, "--rows", "fxq", "--seeds", "0,1", "--out-dir", str(tmp_path / "both")])
+    ablation.main([*common, "--rows", "fxq,fxq-bc", "--seed", "0", "--out-dir", str(tmp_path / "s0")])
+    ablation.main([*common, "--rows", "fxq", "--seed", "1", "--out-dir", str(tmp_path / "s1")])
+    merged = ablation.main(["--merge", str(tmp_path / "s0" / "ablation.json"), str(tmp_path / "s1" / "ablation.json"),
+                            "--out", str(tmp_path / "merged.json")])
+    assert merged["seed_summary"] == both["seed_summary"]  # the row only seed 0 has is left out
+    assert json.loads((tmp_path / "merged.json").read_text())["seed_summary"] == both["seed_summary"]
+    with pytest.raises(SystemExit, match="seed 0 is in both"):
+        ablation.merge([str(tmp_path / "s0" / "ablation.json"), str(tmp_path / "both" / "ablation.json")])
+    with pytest.raises(SystemExit, match="two or more seeds"):
+        ablation.merge([str(tmp_path / "s0" / "ablation.json")])
