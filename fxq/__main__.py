@@ -19,7 +19,7 @@ import fxq
 from fxq import calib, report
 from fxq.diffusion import DDIM
 from fxq.eval.images import psnr, sample_images, save_grid
-from fxq.config import ACT_ESTIMATORS, BACKENDS
+from fxq.config import ACT_ESTIMATORS, BACKENDS, RECIPES
 from fxq.models.pretrained import KNOWN, load_model
 
 
@@ -27,8 +27,12 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="fxq", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="ddpm32", help="a packaged model name, a save_pretrained file, or 'random'")
     p.add_argument("--ch", type=int, default=32, help="width of the 'random' model")
-    p.add_argument("--weight-bits", type=int, default=8)
-    p.add_argument("--act-bits", type=int, default=8)
+    p.add_argument("--recipe", type=str.upper, choices=tuple(RECIPES),
+                   help="the measured-best config of a bit setting (QuantConfig.recipe: Lp weight scales, bias & "
+                        "gain correction per 10 timestep groups, first and last layer float; W4A8 mixes in 8-bit "
+                        "layers to 4.5 average bits); it sets the bit-widths")
+    p.add_argument("--weight-bits", type=int, default=None, help="default 8")
+    p.add_argument("--act-bits", type=int, default=None, help="default 8")
     p.add_argument("--estimator", default="mse", choices=ACT_ESTIMATORS)
     p.add_argument("--calib", type=int, default=256, help="calibration samples")
     p.add_argument("--timesteps", default="uniform", choices=("uniform", "normal"))
@@ -46,7 +50,18 @@ def parse_args(argv=None):
     p.add_argument("--speed-rounds", type=int, default=10, help="interleaved timing rounds (x86)")
     p.add_argument("--json", help="also write the report here")
     p.add_argument("--save", metavar="PATH", help="write the quantized model here (fxq.load reads it back)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.recipe and (args.weight_bits is not None or args.act_bits is not None):
+        p.error(f"--recipe {args.recipe} sets the bit-widths: drop --weight-bits/--act-bits")
+    return args
+
+
+def make_config(args) -> fxq.QuantConfig:
+    common = {"backend": args.backend, "act_estimator": args.estimator, "seed": args.seed}
+    if args.recipe:
+        return fxq.QuantConfig.recipe(args.recipe, **common)
+    bits = {k: 8 if v is None else v for k, v in (("weight_bits", args.weight_bits), ("act_bits", args.act_bits))}
+    return fxq.QuantConfig(**bits, keep_first_last_float=args.keep_first_last_float, **common)
 
 
 def load(args):
@@ -116,16 +131,16 @@ def main(argv=None) -> int:
     print(f"calibration set: {len(data)} (x_t, t) pairs from the model's own DDIM-{args.steps} trajectories "
           f"({args.timesteps} timesteps) in {t_traj:.1f} s")
 
-    config = fxq.QuantConfig(weight_bits=args.weight_bits, act_bits=args.act_bits, backend=args.backend,
-                             act_estimator=args.estimator, seed=args.seed,
-                             keep_first_last_float=args.keep_first_last_float)
+    config = make_config(args)
+    setting = f"W{config.weight_bits}A{config.act_bits}"
     example = (torch.randn(2, 3, 32, 32), torch.randint(0, 1000, (2,)))
     t0 = time.perf_counter()
     qunet = fxq.quantize(unet, example_inputs=example, calib_data=data, config=config, progress=True)
     t_quant = time.perf_counter() - t0
     ops = report.quantized_ops(qunet)
     kernels = "fake-quant" if args.backend == "fake" else "int8 kernels on x86"
-    print(f"quantized W{args.weight_bits}A{args.act_bits} ({args.estimator} activation ranges, {kernels}): "
+    recipe = f"recipe {args.recipe}, " if args.recipe else ""
+    print(f"quantized {setting} ({recipe}{args.estimator} activation ranges, {kernels}): "
           + ", ".join(f"{k} x{v}" for k, v in sorted(ops.items())) + f"; trace + calibrate {t_quant:.1f} s")
 
     out_file = save_model(qunet, unet, example, args.save) if args.save else None
@@ -142,7 +157,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         fp_img, q_img = (sample_images(m, DDIM(steps=args.sample_steps), args.samples, args.samples, args.seed)
                          for m in (unet, qunet))
-        label = f"W{args.weight_bits}A{args.act_bits}" + (" int8" if args.backend == "x86" else "")
+        label = setting + (" int8" if args.backend == "x86" else "")
         save_grid(args.png, [("float", fp_img), (label, q_img)], nrow=4,
                   scale=3)
         per_image = psnr(fp_img, q_img)

@@ -17,6 +17,13 @@ GROUP_BOUNDARIES = ("uniform", "auto")
 GROUP_QUANTIZERS = ("all", "oscillating")
 MIN_BITS, MAX_BITS = 2, 16
 
+# The recipes the ablation measured best on the benchmark DDPM (README, "Results"): Lp-searched weight scales,
+# bias & gain correction per 10 timestep groups, first and last layer in float; W4A8 raises its most sensitive
+# layers to 8 bits within 4.5 average weight bits.
+_W8A8 = {"weight_estimator": "mse", "bias_correction": True, "gain_correction": True, "bias_correction_groups": 10,
+         "keep_first_last_float": True}
+RECIPES = {"W8A8": _W8A8, "W4A8": {**_W8A8, "weight_bits": 4, "mixed_precision": 4.5}}
+
 
 def _check_bits(name: str, value) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or not MIN_BITS <= value <= MAX_BITS:
@@ -226,6 +233,19 @@ class QuantConfig:
                         f"backend='x86' runs int8 kernels only: {name}={value} must be 8 (or use backend='fake' "
                         "to simulate other bit-widths)")
         self._check_mixed_precision()
+
+    @classmethod
+    def recipe(cls, name: str, **overrides) -> "QuantConfig":
+        """The measured-best config for a bit setting ("W8A8" or "W4A8", any case; fxq.config.RECIPES), with
+        `overrides` (any QuantConfig field, e.g. backend="x86") on top."""
+        key = name.upper() if isinstance(name, str) else name
+        if key not in RECIPES:
+            raise ConfigError(f"no recipe {name!r}; recipes: {', '.join(RECIPES)} (or build a QuantConfig yourself)")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ConfigError(f"QuantConfig has no field {', '.join(unknown)} (overriding recipe {key})")
+        return cls(**{**RECIPES[key], **overrides})
 
     def _check_group_boundaries(self) -> None:
         b, G, T = self.timestep_group_boundaries, self.timestep_groups, self.num_timesteps

@@ -1,6 +1,7 @@
 """QuantConfig(keep_first_last_float=True): the first layer (nearest the image input) and the last one stay float
 in both backends, reported with their reason, and the int8 model still computes its fake-quant twin bit for bit."""
 
+import pytest
 import torch
 
 import fxq
@@ -92,3 +93,16 @@ def test_outputs_come_back_in_the_default_layout_even_inside_dataclasses():
             out = q(x, t)
             assert out.sample.is_contiguous()
             out.sample.view(out.sample.shape[0], -1)
+
+
+def test_recipes_are_the_measured_configs_with_overrides_on_top():
+    w8, w4 = fxq.QuantConfig.recipe("w8a8"), fxq.QuantConfig.recipe("W4A8", seed=3)
+    assert (w8.weight_bits, w8.act_bits, w4.weight_bits, w4.mixed_precision, w4.seed) == (8, 8, 4, 4.5, 3)
+    for c in (w8, w4):
+        assert c.keep_first_last_float and c.bias_correction and c.gain_correction and c.bias_correction_groups == 10
+        assert c.weight_estimator == "mse"
+    assert fxq.QuantConfig.recipe("W8A8", backend="x86").backend == "x86"
+    for bad, match in ((("W2A2",), {}), "no recipe 'W2A2'"), ((("W8A8",), {"bits": 3}), "no field bits"), \
+            ((("W4A8",), {"backend": "x86"}), "int8 kernels only"):
+        with pytest.raises(fxq.errors.ConfigError, match=match):
+            fxq.QuantConfig.recipe(*bad[0], **bad[1])

@@ -668,3 +668,19 @@ def test_the_main_job_keeps_the_first_and_last_layer_float_when_asked(tmp_path):
     assert type(gm.get_submodule("down.0.block.0.conv1")) is not torch.nn.Conv2d  # the rest is quantized
     from fxq import report  # the float report survives the file
     assert {f.module for f in report.float_ops(loaded) if f.reason == "first_last"} == {"conv_in", "conv_out"}
+
+
+def test_the_main_job_runs_a_recipe_and_refuses_bit_widths_beside_it(tmp_path, capsys):
+    from fxq.__main__ import main
+
+    path = tmp_path / "q.safetensors"
+    assert main(["--model", "random", "--ch", "32", "--calib", "8", "--steps", "4", "--eval-batch", "1",
+                 "--samples", "0", "--recipe", "w4a8", "--save", str(path)]) == 0
+    got, want = fxq.load(path).quant_config.to_dict(), fxq.QuantConfig.recipe("W4A8").to_dict()
+    # mixed precision's budget became the map of the layers it raised to 8 bits
+    assert got.pop("weight_bits_map") and not want.pop("weight_bits_map")
+    assert got.pop("mixed_precision") is None and want.pop("mixed_precision") == 4.5
+    assert got == want
+    assert "quantized W4A8 (recipe W4A8" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--recipe", "W8A8", "--weight-bits", "4"])
