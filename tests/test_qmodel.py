@@ -289,7 +289,8 @@ def test_timestep_forms_other_than_per_sample_pass_through_unchanged():
     assert report.sqnr_db(m(x, torch.ones(2, 1)), q(x, torch.ones(2, 1))) > 25
     # the auto guess (second input) is not reshaped: a 0-d input there keeps its meaning
     data = [(x_of(2, s), torch.tensor(2.0)) for s in range(2)]
-    q = fxq.quantize(m, data[0], data)
+    with pytest.warns(fxq.errors.FxqWarning, match="takes the second input `noise_level`"):
+        q = fxq.quantize(m, data[0], data)
     seen = []
     q.graph_module.register_forward_pre_hook(lambda mod, a, kw: seen.append(kw["noise_level"].shape), with_kwargs=True)
     q(x, torch.tensor(2.0))
