@@ -106,3 +106,12 @@ def test_recipes_are_the_measured_configs_with_overrides_on_top():
             ((("W4A8",), {"backend": "x86"}), "int8 kernels only"):
         with pytest.raises(fxq.errors.ConfigError, match=match):
             fxq.QuantConfig.recipe(*bad[0], **bad[1])
+
+
+def test_the_w8a8_recipe_runs_on_int8_kernels_as_its_fake_quant_twin():
+    items = data(n=4)
+    models = {b: fxq.quantize(tiny(), items[0], items, fxq.QuantConfig.recipe("W8A8", backend=b))
+              for b in ("fake", "x86")}
+    x, t = items[1]
+    with torch.no_grad():
+        assert torch.equal(models["fake"](x, t), models["x86"](x, t))
