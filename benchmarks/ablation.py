@@ -16,7 +16,11 @@ BRECQ-style block reconstruction, Lp-searched weight scales, mixed-precision wei
 (run for settings below 8 weight bits only: nothing to mix at 8); timestep groups on top of the best recipes: 10
 uniform groups (tg10), 10 groups at boundaries chosen from the calibration statistics (tga10), per-group ranges for
 the oscillating quantizers only (tgo10: uniform boundaries; tgao10: auto); the Q-Diffusion recipe (uniform, split
-shortcuts, BRECQ; without its activation-range reconstruction).
+shortcuts, BRECQ; without its activation-range reconstruction). The recipe rows follow fxq.config.RECIPES:
+`recipe`, `recipe-no-<part>` for each part (lp, mp, bcg10, fl, split) and `recipe-tg4` / `recipe-tg10`:
+
+    python benchmarks/ablation.py --n 10000 --settings W8A8,W4A8 --rows recipe,recipe-no-lp,recipe-no-mp,\
+        recipe-no-bcg10,recipe-no-fl,recipe-no-split,recipe-tg4,recipe-tg10,traditional,ptq4dm,qdiffusion
 """
 
 from __future__ import annotations
@@ -128,6 +132,43 @@ ROWS = {
                    ["--weight-rounding", "brecq"]),
 }
 
+# fxq's recipe (QuantConfig.recipe, fxq.config.RECIPES) as quality.py arguments, one part each, and the rows around
+# it: the recipe, each part removed once, timestep groups added. Mixed precision is part of it below 8 weight bits.
+RECIPE_PARTS = {"lp": ("Lp weight scales", ["--weight-estimator", "mse"]),
+                "mp": ("mixed precision (4.5 bits)", ["--mixed-precision", "4.5"]),
+                "bcg10": ("bias & gain corr. per 10 groups", BCG10),
+                "fl": ("first and last layer in float", ["--keep-first-last-float"]),
+                "split": ("split shortcuts", [])}  # on by default in quality.py
+
+
+def recipe_args(weight_bits: int, without: str | None = None, extra: tuple = ()) -> list | None:
+    """quality.py arguments of the recipe at `weight_bits` without one part (None when it has no such part)."""
+    parts = [k for k in RECIPE_PARTS if not (k == "mp" and weight_bits >= 8)]
+    if without is not None and without not in parts:
+        return None
+    args = [a for k in parts if k != without for a in RECIPE_PARTS[k][1]]
+    return args + (["--no-split-shortcut"] if without == "split" else []) + list(extra)
+
+
+ROWS.update({
+    "recipe": ("fxq recipe (QuantConfig.recipe)", lambda bits: recipe_args(bits)),
+    **{f"recipe-no-{k}": (f"fxq recipe without {label}", lambda bits, k=k: recipe_args(bits, k))
+       for k, (label, _) in RECIPE_PARTS.items()},
+    **{f"recipe-tg{g}": (f"fxq recipe, {g} uniform timestep groups",
+                         lambda bits, g=g: recipe_args(bits, extra=("--timestep-groups", str(g)))) for g in (4, 10)},
+})
+
+
+def row_args(row: str, setting: str) -> list | None:
+    """A row's quality.py arguments at a bit setting; None where the row does not apply (mixed precision at 8
+    weight bits: nothing to mix; a recipe part the setting's recipe lacks)."""
+    bits = int(setting.upper().lstrip("W").split("A")[0])
+    args = ROWS[row][1]
+    args = args(bits) if callable(args) else args
+    if args is None or ("--mixed-precision" in args and bits >= 8):
+        return None
+    return args
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
@@ -237,8 +278,8 @@ def _plan(args) -> list[tuple[str, str]]:
     for setting in args.settings.split(","):
         for entry in args.rows.split(","):
             only, _, row = entry.rpartition(":")
-            if "--mixed-precision" in ROWS[row][1] and int(setting.upper().lstrip("W").split("A")[0]) >= 8:
-                continue  # mixed precision raises layers to 8 bits: nothing to mix at 8
+            if row_args(row, setting) is None:
+                continue
             if not only or only.upper() == setting.upper():
                 plan.append((setting, row))
     return plan
@@ -250,7 +291,7 @@ def quantized_rows(args, gpus, floats: dict) -> dict:
     queue = []
     for seed in args.seeds:
         for setting, row in _plan(args):
-            label, extra = ROWS[row]
+            label, extra = ROWS[row][0], row_args(row, setting)
             name = f"{setting.lower()}-{row}"
             row_dir = os.path.join(_seed_dir(args, seed), name)
             cmd = [sys.executable, QUALITY, *_common(args, seed), "--quantize", setting, "--no-with-fp",

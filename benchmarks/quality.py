@@ -211,22 +211,28 @@ def group_boundaries(text: str):
     return text if text in ("uniform", "auto") else tuple(int(e) for e in text.split(","))
 
 
+def quant_config(bits, args):
+    """The QuantConfig that the command line asks for."""
+    from fxq import QuantConfig
+
+    return QuantConfig(weight_bits=bits[0], act_bits=bits[1], act_estimator=args.estimator,
+                       weight_estimator=args.weight_estimator, timestep_groups=args.timestep_groups,
+                       ops=tuple(args.ops.split(",")), bias_correction=args.bias_correction,
+                       bias_correction_groups=args.bias_groups, gain_correction=args.gain_correction,
+                       keep_float=tuple(p for p in args.keep_float.split(",") if p), seed=args.seed,
+                       split_shortcut=args.split_shortcut, weight_rounding=args.weight_rounding,
+                       adaround_iters=args.adaround_iters, act_scale_iters=args.act_scale_iters,
+                       keep_first_last_float=args.keep_first_last_float,
+                       mixed_precision=args.mixed_precision,
+                       timestep_group_boundaries=group_boundaries(args.group_boundaries),
+                       timestep_group_quantizers=args.group_quantizers, oscillation_ratio=args.oscillation_ratio)
+
+
 def quantize_model(fp_model, sampler, bits, args, shape, device):
     """fxq fake-quantized copy of fp_model calibrated on --calib items; the config used; calibration time (s)."""
-    from fxq import QuantConfig
     from fxq.api import quantize
 
-    config = QuantConfig(weight_bits=bits[0], act_bits=bits[1], act_estimator=args.estimator,
-                         weight_estimator=args.weight_estimator, timestep_groups=args.timestep_groups,
-                         ops=tuple(args.ops.split(",")), bias_correction=args.bias_correction,
-                         bias_correction_groups=args.bias_groups, gain_correction=args.gain_correction,
-                         keep_float=tuple(p for p in args.keep_float.split(",") if p), seed=args.seed,
-                         split_shortcut=args.split_shortcut, weight_rounding=args.weight_rounding,
-                         adaround_iters=args.adaround_iters, act_scale_iters=args.act_scale_iters,
-                         keep_first_last_float=args.keep_first_last_float,
-                         mixed_precision=args.mixed_precision,
-                         timestep_group_boundaries=group_boundaries(args.group_boundaries),
-                         timestep_group_quantizers=args.group_quantizers, oscillation_ratio=args.oscillation_ratio)
+    config = quant_config(bits, args)
     data = calibration_set(fp_model, sampler, args, shape, device)
     g = torch.Generator().manual_seed(args.calib_seed)
     example = (torch.randn(2, *shape, generator=g).to(device), torch.tensor([999, 0], device=device))

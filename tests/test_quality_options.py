@@ -66,6 +66,29 @@ def test_mixed_precision_rows_run_below_8_weight_bits_only():
     assert quality.parse_args(["--quantize", "W4A8", "--mixed-precision", "4.5"]).mixed_precision == 4.5
 
 
+def test_recipe_rows_are_quantconfig_recipe_with_one_part_removed():
+    from fxq import QuantConfig
+
+    def config(setting, row):
+        argv = ["--quantize", setting, *ablation.row_args(row, setting)]
+        return quality.quant_config(quality.parse_quantize(setting), quality.parse_args(argv)).to_dict()
+
+    removes = {"recipe-no-lp": {"weight_estimator": "minmax"}, "recipe-no-bcg10": {
+        "bias_correction": False, "gain_correction": False, "bias_correction_groups": None},
+        "recipe-no-fl": {"keep_first_last_float": False}, "recipe-no-split": {"split_shortcut": False},
+        "recipe-no-mp": {"mixed_precision": None}, "recipe-tg10": {"timestep_groups": 10}}
+    for setting in ("W8A8", "W4A8"):
+        recipe = QuantConfig.recipe(setting).to_dict()
+        assert config(setting, "recipe") == recipe  # the row is the recipe users get
+        for row, changed in removes.items():
+            if row == "recipe-no-mp" and setting == "W8A8":
+                assert ablation.row_args(row, setting) is None  # the 8-bit recipe mixes nothing
+                continue
+            assert config(setting, row) == {**recipe, **changed}, row
+    args = ablation.parse_args(["--settings", "W8A8,W4A8", "--rows", "recipe,recipe-no-mp"])
+    assert ablation._plan(args) == [("W8A8", "recipe"), ("W4A8", "recipe"), ("W4A8", "recipe-no-mp")]
+
+
 def test_timestep_group_rows_and_flags(files, tmp_path):
     args = ablation.parse_args(["--settings", "W8A8,W4A8", "--rows", "fxq-mse-tga10-bcg10,fxq-mse-mp45-tgo10-bcg10"])
     assert ablation._plan(args) == [("W8A8", "fxq-mse-tga10-bcg10"), ("W4A8", "fxq-mse-tga10-bcg10"),
