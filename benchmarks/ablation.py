@@ -171,7 +171,9 @@ def row_args(row: str, setting: str) -> list | None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
+                                epilog="ablation.py --merge A.json B.json ... [--out F]: one seed summary from "
+                                       "the ablation.json of separate runs",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="ddpm32")
     p.add_argument("--settings", default="W8A8,W4A8")
@@ -385,21 +387,31 @@ def summary_markdown(rows) -> str:
 def merge(paths: list[str], out: str | None = None) -> dict:
     """One seed summary from ablation.json files written by separate runs (one device call per seed): the rows
     every file holds, paired per seed with that file's float row."""
-    tables, sources = {}, {}
+    tables, sources, settings = {}, {}, {}
     for path in paths:
         with open(path) as f:
             doc = json.load(f)
+        if "seeds" not in doc:
+            raise SystemExit(f"{path} was written before --seeds existed: its seed is not recorded, so its rows "
+                             "cannot be paired; run that seed again")
+        settings[path] = doc.get("settings", {"n": doc["n"]})  # older files record N only
         for seed, rows in (doc.get("per_seed") or {str(doc["seeds"][0]): doc["rows"]}).items():
             if seed in tables:
                 raise SystemExit(f"seed {seed} is in both {sources[seed]} and {path}")
             tables[seed], sources[seed] = rows, path
+    for key in set.intersection(*(set(v) for v in settings.values())):
+        values = {path: v[key] for path, v in settings.items()}
+        if len({json.dumps(v) for v in values.values()}) > 1:
+            raise SystemExit(f"the runs differ in {key}: {values}; only runs of one setup pair up")
     common = set.intersection(*({r["row"] for r in rows} for rows in tables.values()))
     if len(tables) < 2 or common == {"fp"}:
         raise SystemExit(f"--merge needs two or more seeds sharing a quantized row; got seeds {sorted(tables)} "
                          f"with rows in common {sorted(common)}")
-    tables = {seed: [r for r in rows if r["row"] in common] for seed, rows in sorted(tables.items())}
+    tables = {seed: [r for r in rows if r["row"] in common]
+              for seed, rows in sorted(tables.items(), key=lambda kv: int(kv[0]))}
     result = {"command": " ".join(["python", "benchmarks/ablation.py", "--merge", *paths]),
-              "sources": sources, "per_seed": tables, "seed_summary": seed_summary(tables)}
+              "settings": next(iter(settings.values())), "sources": sources, "per_seed": tables,
+              "seed_summary": seed_summary(tables)}
     print(summary_markdown(result["seed_summary"]))
     if out:
         with open(out, "w") as f:
@@ -410,7 +422,7 @@ def merge(paths: list[str], out: str | None = None) -> dict:
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "--merge":
+    if "--merge" in argv:
         p = argparse.ArgumentParser(description="merge the seed runs of separate ablation.py calls")
         p.add_argument("--merge", nargs="+", required=True, metavar="ABLATION_JSON")
         p.add_argument("--out", default=None)
@@ -424,7 +436,8 @@ def main(argv=None):
     rows = quantized_rows(args, gpus, floats)
     tables = {seed: table(_load(floats[seed]["dirs"]["fp"]), rows[seed]) for seed in args.seeds}
     result = {"command": " ".join(["python", "benchmarks/ablation.py", *(argv or sys.argv[1:])]), "gpus": gpus,
-              "n": args.n, "seeds": args.seeds, "rows": tables[args.seeds[0]]}
+              "n": args.n, "settings": {"model": args.model, "n": args.n, "steps": args.steps, "extra": args.extra},
+              "seeds": args.seeds, "rows": tables[args.seeds[0]]}
     if len(args.seeds) > 1:
         result["per_seed"] = {str(seed): t for seed, t in tables.items()}
         result["seed_summary"] = seed_summary(tables)

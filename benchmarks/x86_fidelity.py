@@ -99,6 +99,8 @@ def check_same_models(models: dict, world: int) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if torch.device(args.fake_device).type == "cuda":  # true fp32 on the GPU, as quality.py by default
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     rank, world = join_group()
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
     grid_path = args.grid or os.path.splitext(args.out)[0] + ".png"
@@ -112,7 +114,7 @@ def main(argv=None) -> dict:
     times["calibrate_and_quantize_s"] = time.perf_counter() - t0
     check_same_models(models, world)
     if args.float:
-        models["float"] = unet
+        models["float"] = unet.to(args.fake_device)  # calibrated and quantized already: the twins are copies
     devices = {"int8": "cpu", "fake": args.fake_device, "float": args.fake_device}
     images = {}
     for label, model in models.items():

@@ -53,6 +53,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.recipe and (args.weight_bits is not None or args.act_bits is not None):
         p.error(f"--recipe {args.recipe} sets the bit-widths: drop --weight-bits/--act-bits")
+    try:  # a config the backend cannot run fails here, before minutes of calibration
+        make_config(args)
+    except fxq.errors.ConfigError as e:
+        p.error(str(e))
     return args
 
 

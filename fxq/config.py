@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 from fnmatch import fnmatchcase
+from types import MappingProxyType
 
 from fxq.errors import ConfigError
 
@@ -22,7 +23,8 @@ MIN_BITS, MAX_BITS = 2, 16
 # layers to 8 bits within 4.5 average weight bits.
 _W8A8 = {"weight_estimator": "mse", "bias_correction": True, "gain_correction": True, "bias_correction_groups": 10,
          "keep_first_last_float": True}
-RECIPES = {"W8A8": _W8A8, "W4A8": {**_W8A8, "weight_bits": 4, "mixed_precision": 4.5}}
+RECIPES = MappingProxyType({"W8A8": MappingProxyType(_W8A8),
+                            "W4A8": MappingProxyType({**_W8A8, "weight_bits": 4, "mixed_precision": 4.5})})
 
 
 def _check_bits(name: str, value) -> None:
@@ -235,10 +237,10 @@ class QuantConfig:
         self._check_mixed_precision()
 
     @classmethod
-    def recipe(cls, name: str, **overrides) -> "QuantConfig":
+    def recipe(cls, name: str, /, **overrides) -> "QuantConfig":
         """The measured-best config for a bit setting ("W8A8" or "W4A8", any case; fxq.config.RECIPES), with
         `overrides` (any QuantConfig field, e.g. backend="x86") on top."""
-        key = name.upper() if isinstance(name, str) else name
+        key = name.upper() if isinstance(name, str) else None
         if key not in RECIPES:
             raise ConfigError(f"no recipe {name!r}; recipes: {', '.join(RECIPES)} (or build a QuantConfig yourself)")
         known = {f.name for f in fields(cls)}

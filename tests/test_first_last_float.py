@@ -103,7 +103,7 @@ def test_recipes_are_the_measured_configs_with_overrides_on_top():
         assert c.weight_estimator == "mse"
     assert fxq.QuantConfig.recipe("W8A8", backend="x86").backend == "x86"
     for bad, match in ((("W2A2",), {}), "no recipe 'W2A2'"), ((("W8A8",), {"bits": 3}), "no field bits"), \
-            ((("W4A8",), {"backend": "x86"}), "int8 kernels only"):
+            ((("W4A8",), {"backend": "x86"}), "int8 kernels only"), (((["W8A8"],), {}), "no recipe"):
         with pytest.raises(fxq.errors.ConfigError, match=match):
             fxq.QuantConfig.recipe(*bad[0], **bad[1])
 

@@ -195,3 +195,21 @@ def test_ablation_merge_of_separate_seed_runs_equals_one_run_over_both(monkeypat
         ablation.merge([str(tmp_path / "s0" / "ablation.json"), str(tmp_path / "both" / "ablation.json")])
     with pytest.raises(SystemExit, match="two or more seeds"):
         ablation.merge([str(tmp_path / "s0" / "ablation.json")])
+    ablation.main([*common, "--n", "32", "--rows", "fxq", "--seed", "10", "--out-dir", str(tmp_path / "s10")])
+    with pytest.raises(SystemExit, match="differ in n"):  # an N = 32 FID does not pair with N = 16 ones
+        ablation.merge([str(tmp_path / "s0" / "ablation.json"), str(tmp_path / "s10" / "ablation.json")])
+    old = json.loads((tmp_path / "s1" / "ablation.json").read_text())
+    del old["seeds"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    with pytest.raises(SystemExit, match="written before --seeds"):
+        ablation.merge([str(tmp_path / "s0" / "ablation.json"), str(tmp_path / "old.json")])
+
+
+def test_ablation_merge_orders_seeds_by_number_and_takes_merge_anywhere(monkeypatch, tmp_path):
+    monkeypatch.setattr(ablation, "_run", _fake_quality_run({}))
+    for seed in (2, 10, 9):
+        ablation.main(["--settings", "W8A8", "--device", "cpu", "--n", "16", "--rows", "fxq", "--seed", str(seed),
+                       "--out-dir", str(tmp_path / f"s{seed}")])
+    paths = [str(tmp_path / f"s{seed}" / "ablation.json") for seed in (10, 2, 9)]
+    merged = ablation.main(["--out", str(tmp_path / "m.json"), "--merge", *paths])
+    assert list(merged["per_seed"]) == ["2", "9", "10"] and (tmp_path / "m.json").is_file()

@@ -682,5 +682,10 @@ def test_the_main_job_runs_a_recipe_and_refuses_bit_widths_beside_it(tmp_path, c
     assert got.pop("mixed_precision") is None and want.pop("mixed_precision") == 4.5
     assert got == want
     assert "quantized W4A8 (recipe W4A8" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        main(["--recipe", "W8A8", "--weight-bits", "4"])
+    from fxq.__main__ import parse_args
+
+    for argv, message in ((["--recipe", "W8A8", "--weight-bits", "4"], "sets the bit-widths"),
+                          (["--recipe", "W4A8", "--backend", "x86"], "int8 kernels only")):
+        with pytest.raises(SystemExit):
+            parse_args(argv)  # before any calibration
+        assert message in capsys.readouterr().err
