@@ -9,7 +9,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxq import calib
+from fxq.quant import calibrate
 from fxq.tracing.callspec import RETURN_DICT, TIMESTEP_NAMES, CallSpec, timestep_input  # noqa: F401  (TIMESTEP_NAMES: API)
 from fxq.quant.adaround import adaround
 from fxq.config import QuantConfig
@@ -51,7 +51,7 @@ def prepare(model: nn.Module, example_inputs, config: QuantConfig, *,
     error)."""
     _check_model_and_config(model, config)
     # trace() works on its own deep copy, taken here in eval mode; the user's flags are restored right after.
-    with calib.eval_mode(model):
+    with calibrate.eval_mode(model):
         gm = trace(model, example_inputs, leaf_modules=config.leaf_modules)
     t_name = timestep_placeholder(gm, config.timestep_arg, config.timestep_groups)
     if config.timestep_groups > 1 and t_name is None:
@@ -116,7 +116,7 @@ def quantize(model: nn.Module, example_inputs, calib_data: Iterable, config: Qua
     # Seeded for stochastic layers; the caller's RNGs are restored after.
     with torch.random.fork_rng(devices=cuda_devices(gm)):
         torch.manual_seed(config.seed)
-        calib.run(gm, items, example, batch_size=batch_size, progress=progress)
+        calibrate.run(gm, items, example, batch_size=batch_size, progress=progress)
         group_plan = None
         if plan_groups:
             from fxq.quant.timestep_groups import plan_groups as plan
@@ -155,7 +155,7 @@ def _tuple_len(model: nn.Module, call: CallSpec, example) -> int | None:
     quantized model converts its traced return_dict=True output to that form."""
     bound = call.signature.bind(*example[0], **example[1])
     bound.arguments[RETURN_DICT] = False
-    with calib.eval_mode(model), torch.no_grad(), torch.random.fork_rng(devices=cuda_devices(model, example)):
+    with calibrate.eval_mode(model), torch.no_grad(), torch.random.fork_rng(devices=cuda_devices(model, example)):
         try:
             out = model(*bound.args, **bound.kwargs)
         except Exception as e:

@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxq import calib
+from fxq.quant import calibrate
 from fxq.quant import quantizer as Q
 from fxq.tracing.inputs import as_args_kwargs
 from fxq.passes.batch_axes import META_KEY as BATCH_KEY
@@ -266,8 +266,8 @@ def activation_ranges(model: nn.Module, example_inputs, calib_data, config,
             users = [u.meta.get("fxq", {}).get("module") or u.target for u in node.users]
             labels[node.target] = ", ".join(map(str, users))
     try:
-        with calib.eval_mode(gm):
-            calib.run(gm, list(calib_data), as_args_kwargs(example_inputs), batch_size=batch_size)
+        with calibrate.eval_mode(gm):
+            calibrate.run(gm, list(calib_data), as_args_kwargs(example_inputs), batch_size=batch_size)
     finally:
         for h in handles:
             h.remove()

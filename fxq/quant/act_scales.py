@@ -29,7 +29,7 @@ import torch.fx as fx
 from torch import nn
 from tqdm.auto import tqdm
 
-from fxq import calib
+from fxq.quant import calibrate
 from fxq.quant import quantizer as Q
 from fxq.errors import InputError
 from fxq.quant.freeze import Frozen
@@ -89,7 +89,7 @@ def _row_errors(out, target: list, rows: int) -> torch.Tensor:
 
 def _row_errors_of(qmodel: nn.Module, chunks: list, targets: list) -> list[torch.Tensor]:
     with torch.no_grad():
-        return [_row_errors(qmodel(*args, **kwargs), target, calib.item_rows(args, kwargs))
+        return [_row_errors(qmodel(*args, **kwargs), target, calibrate.item_rows(args, kwargs))
                 for (args, kwargs), target in zip(chunks, targets)]
 
 
@@ -114,7 +114,7 @@ def tune_act_scales(gm: fx.GraphModule, frozen: Frozen, calib_data, example, ite
     weight rounding does); None: float_graph(gm) now."""
     from fxq.backends import fake, fake_ops
 
-    device = calib.device_of(gm)
+    device = calibrate.device_of(gm)
     targets_model = (reference if reference is not None else float_graph(gm)).eval()
     work = fake.lower(copy.deepcopy(gm), Frozen(dict(frozen.act), dict(frozen.weight))).eval()
     learned = {}
@@ -132,8 +132,8 @@ def tune_act_scales(gm: fx.GraphModule, frozen: Frozen, calib_data, example, ite
 
     chunks, targets = [], []
     with torch.no_grad():
-        for args, kwargs in calib.batches(calib_data, example, batch_size):
-            args, kwargs = calib.to_device((args, kwargs), device)
+        for args, kwargs in calibrate.batches(calib_data, example, batch_size):
+            args, kwargs = calibrate.to_device((args, kwargs), device)
             chunks.append((args, kwargs))
             targets.append([o.float() for o in _outputs(targets_model(*args, **kwargs))])
             if not targets[-1]:
@@ -154,7 +154,7 @@ def tune_act_scales(gm: fx.GraphModule, frozen: Frozen, calib_data, example, ite
                 order = torch.randperm(len(chunks), generator=gen).tolist()
             i = order.pop()
             args, kwargs = chunks[i]
-            loss = (_row_errors(work(*args, **kwargs), targets[i], calib.item_rows(args, kwargs)) / bases[i]).mean()
+            loss = (_row_errors(work(*args, **kwargs), targets[i], calibrate.item_rows(args, kwargs)) / bases[i]).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -38,8 +38,7 @@ from tqdm.auto import tqdm
 
 from fxq.quant import quantizer as Q
 from fxq.quant.bias_correction import _fake_quant_act
-from fxq.calib import item_rows
-from fxq.calib import batches, device_of
+from fxq.quant.calibrate import batches, device_of, item_rows
 from fxq.errors import ConfigError
 from fxq.quant.freeze import Frozen
 from fxq.tracing.graph import stack_entry_path

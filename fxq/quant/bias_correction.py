@@ -34,6 +34,7 @@ from fxq.quant import quantizer as Q
 from fxq.errors import ConfigError, InputError
 from fxq.tracing.graph import free_name
 from fxq.passes.batch_axes import META_KEY as BATCH_KEY
+from fxq.quant import calibrate
 
 MAX_SAMPLES = 512  # calibration rows used at most (every activation of them is held in memory, twice)
 PREFIX = "fxq_bias_"
@@ -290,20 +291,19 @@ def correct_bias(gm: fx.GraphModule, frozen, calib_data, example, t_name: str | 
     [0.5, 2]). Without it, only the mean: y_q - E y_q + E y. edges: the groups' interior timestep edges (None:
     uniform groups; see fxq.quant.quantizer.timestep_group).
     """
-    from fxq import calib
 
     if groups > 1 and t_name is None:
         raise ConfigError("bias correction per timestep group needs a timestep input: set "
                           "QuantConfig(timestep_arg=...) or bias_correction_groups=1")
     items = _subsample(list(calib_data), max_samples)
-    device = calib.device_of(gm)
+    device = calibrate.device_of(gm)
     binder = _placeholder_binder(gm)
     chunks = []
-    for args, kwargs in calib.batches(items, example, batch_size):
-        args, kwargs = calib.to_device((args, kwargs), device)
+    for args, kwargs in calibrate.batches(items, example, batch_size):
+        args, kwargs = calibrate.to_device((args, kwargs), device)
         chunks.append(list(binder(*args, **kwargs)))
     lockstep = _Lockstep(gm, frozen, t_name, groups, num_timesteps, gain, edges)
-    with calib.eval_mode(gm):
+    with calibrate.eval_mode(gm):
         lockstep.run(chunks)
     _insert(gm, lockstep.corrections, lockstep.t_node, Q.timestep_group_args(groups, num_timesteps, edges))
     return len(lockstep.corrections)

@@ -24,7 +24,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from fxq import calib
+from fxq.quant import calibrate
 from fxq.quant import quantizer as Q
 from fxq.config import QuantConfig
 from fxq.errors import ConfigError
@@ -121,9 +121,9 @@ def weight_sensitivity(model: nn.Module, example_inputs, calib_data, config: Qua
 
     example = as_args_kwargs(example_inputs)
     gm = _float_graph(model, example, config)
-    device = calib.device_of(gm)
-    chunks = [calib.to_device(b, device)
-              for b in calib.batches(_subsample(list(calib_data), max_samples), example, batch_size)]
+    device = calibrate.device_of(gm)
+    chunks = [calibrate.to_device(b, device)
+              for b in calibrate.batches(_subsample(list(calib_data), max_samples), example, batch_size)]
     units = _units(gm)
     params, bits, sens = {}, {}, {}
     for name, nodes in units.items():
@@ -133,7 +133,7 @@ def weight_sensitivity(model: nn.Module, example_inputs, calib_data, config: Qua
             seen[id(w)] = w.numel()
         params[name] = sum(seen.values())
         bits[name] = max(n.meta["fxq"]["weight_bits"] for n in nodes)
-    with calib.eval_mode(gm):
+    with calibrate.eval_mode(gm):
         reference = _outputs(gm, chunks)
         for name, nodes in tqdm(units.items(), desc="weight sensitivity", unit="layer", disable=not progress):
             slots = [_weight_slot(gm, n) for n in nodes]

@@ -8,7 +8,7 @@ grows, so memory is fixed however many samples calibration runs, counts are exac
 depends only on the final min and max: the ranges do not depend on the order of the calibration data.
 
 Everything stays on the data's device: a calibration step never waits for the host. Non-finite values are
-flagged, not raised, inside the step; `fxq.calib.run` checks the flags once per batch and `qparams()` at freeze.
+flagged, not raised, inside the step; `fxq.quant.calibrate.run` checks the flags once per batch and `qparams()` at freeze.
 """
 
 from __future__ import annotations

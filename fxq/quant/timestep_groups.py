@@ -37,6 +37,7 @@ import torch.fx as fx
 from fxq.errors import ConfigError, InputError
 from fxq.quant import quantizer as Q
 from fxq.quant.observers import ActObserver
+from fxq.quant import calibrate
 
 MAX_FINE_BINS = 100
 # a bin whose range is below this fraction of the quantizer's overall range counts as that narrow (log of 0)
@@ -69,7 +70,6 @@ def calibration_timesteps(gm: fx.GraphModule, items: list, example, t_name: str,
                           batch_size: int = 32) -> torch.Tensor:
     """The distinct integer timesteps (sorted, clamped to [0, T - 1], as timestep_group reads them) that the
     calibration items give gm's timestep input."""
-    from fxq import calib
 
     graph = fx.Graph()
     outs = [graph.node_copy(n) for n in gm.graph.nodes if n.op == "placeholder"]
@@ -79,7 +79,7 @@ def calibration_timesteps(gm: fx.GraphModule, items: list, example, t_name: str,
     graph.output(tuple(outs))
     binder = fx.GraphModule(gm, graph)  # the inputs as gm binds them: defaults, keywords, normalization
     seen = []
-    for args, kwargs in calib.batches(items, example, batch_size):
+    for args, kwargs in calibrate.batches(items, example, batch_size):
         t = binder(*args, **kwargs)[names.index(t_name)]
         seen.append(torch.as_tensor(t).reshape(-1).long().cpu())
     return torch.unique(torch.cat(seen).clamp(0, num_timesteps - 1))
