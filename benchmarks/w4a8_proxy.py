@@ -29,6 +29,7 @@ from fxq import calib, report  # noqa: E402
 from fxq.eval import analysis  # noqa: E402
 from fxq.diffusion import DDIM  # noqa: E402
 from fxq.eval.images import initial_noise  # noqa: E402
+from fxq.config import RECIPES  # noqa: E402
 from fxq.models.pretrained import load_model  # noqa: E402
 
 BCG10 = {"bias_correction": True, "gain_correction": True, "bias_correction_groups": 10}
@@ -67,13 +68,28 @@ for _g in (4, 10):
     ROWS[f"mse-tgo{_g}r15-bcg10"] = {"weight_estimator": "mse", "timestep_groups": _g,
                                      "timestep_group_quantizers": "oscillating", "oscillation_ratio": 1.5, **BCG10}
 
+# fxq's recipe (fxq.config.RECIPES; the W4A8 one below 8 weight bits, bits from --setting) and the rows around it:
+# each part removed once, timestep groups added. name -> the fields that change
+RECIPE_ROWS = {"recipe": {}, "recipe-no-lp": {"weight_estimator": "minmax"}, "recipe-no-mp": {"mixed_precision": None},
+               "recipe-no-bcg10": {"bias_correction": False, "gain_correction": False, "bias_correction_groups": None},
+               "recipe-no-fl": {"keep_first_last_float": False}, "recipe-no-split": {"split_shortcut": False},
+               "recipe-tg4": {"timestep_groups": 4}, "recipe-tg10": {"timestep_groups": 10}}
+
+
+def row_fields(row: str, weight_bits: int) -> dict:
+    """QuantConfig fields of a row on top of W<w>A<a> (act_estimator="mse")."""
+    if row not in RECIPE_ROWS:
+        return dict(ROWS[row])
+    recipe = {k: v for k, v in RECIPES["W8A8" if weight_bits >= 8 else "W4A8"].items() if k != "weight_bits"}
+    return {**recipe, **RECIPE_ROWS[row]}
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="ddpm32", help="packaged model, save_pretrained file, or 'random'")
     p.add_argument("--ch", type=int, default=32, help="width of the 'random' model")
     p.add_argument("--setting", default="W4A8")
-    p.add_argument("--rows", default="bcg10", help=f"comma-separated, of: {', '.join(ROWS)}")
+    p.add_argument("--rows", default="bcg10", help=f"comma-separated, of: {', '.join([*ROWS, *RECIPE_ROWS])}")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps of the calibration set, reference, samples")
     p.add_argument("--calib", type=int, default=128, help="calibration items (uniform over the trajectory)")
     p.add_argument("--ref-batch", type=int, default=8, help="float trajectories the SQNR is measured on")
@@ -86,9 +102,9 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", default="benchmarks/results/w4a8-proxy")
     p.add_argument("--tag", default="", help="suffix of the JSON file name (proxy<tag>.json)")
     args = p.parse_args(argv)
-    unknown = [r for r in args.rows.split(",") if r not in ROWS]
+    unknown = [r for r in args.rows.split(",") if r not in ROWS and r not in RECIPE_ROWS]
     if unknown:
-        p.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
+        p.error(f"unknown rows {unknown}; known: {', '.join([*ROWS, *RECIPE_ROWS])}")
     return args
 
 
@@ -133,7 +149,7 @@ def run(args) -> dict:
            "float_s": time.perf_counter() - t0, "rows": {},
            "command": " ".join(["python", "benchmarks/w4a8_proxy.py", *sys.argv[1:]])}
     for row in args.rows.split(","):
-        fields = dict(ROWS[row])
+        fields = row_fields(row, wb)
         if "mixed_precision" in fields and args.mp_budget is not None:
             fields["mixed_precision"] = args.mp_budget
         if fields.get("act_scale_iters", 0) is None:

@@ -89,6 +89,19 @@ def test_recipe_rows_are_quantconfig_recipe_with_one_part_removed():
     assert ablation._plan(args) == [("W8A8", "recipe"), ("W4A8", "recipe"), ("W4A8", "recipe-no-mp")]
 
 
+def test_the_cpu_proxys_recipe_rows_follow_the_recipes():
+    from benchmarks import w4a8_proxy
+    from fxq import QuantConfig
+
+    for setting, wb in (("W8A8", 8), ("W4A8", 4)):
+        recipe = QuantConfig.recipe(setting)
+        got = QuantConfig(weight_bits=wb, act_bits=8, act_estimator="mse", **w4a8_proxy.row_fields("recipe", wb))
+        assert got == recipe
+        fl = QuantConfig(weight_bits=wb, act_bits=8, **w4a8_proxy.row_fields("recipe-no-fl", wb))
+        assert fl.to_dict() == {**recipe.to_dict(), "keep_first_last_float": False}
+    assert w4a8_proxy.row_fields("mse", 4) == {"weight_estimator": "mse"}  # the named rows as before
+
+
 def test_timestep_group_rows_and_flags(files, tmp_path):
     args = ablation.parse_args(["--settings", "W8A8,W4A8", "--rows", "fxq-mse-tga10-bcg10,fxq-mse-mp45-tgo10-bcg10"])
     assert ablation._plan(args) == [("W8A8", "fxq-mse-tga10-bcg10"), ("W4A8", "fxq-mse-tga10-bcg10"),
