@@ -213,6 +213,8 @@ def test_items_whose_tensors_disagree_on_batch_size_run_alone(unet):
     items = [(x, t[:1]), (x, t[:1])]  # t broadcasts over the batch inside the model; not joinable
     batches = list(calib.batches(items, ((x, t), {}), batch_size=8))
     assert len(batches) == 2 and batches[0][0][0].shape[0] == 2
+    moved = list(calib.batches(items, ((x, t), {}), batch_size=8, device="meta"))  # every tensor on the device
+    assert [v.device.type for (args, _) in moved for v in args] == ["meta"] * 4
 
 
 class _Nested(torch.nn.Module):

@@ -132,8 +132,7 @@ def tune_act_scales(gm: fx.GraphModule, frozen: Frozen, calib_data, example, ite
 
     chunks, targets = [], []
     with torch.no_grad():
-        for args, kwargs in calibrate.batches(calib_data, example, batch_size):
-            args, kwargs = calibrate.to_device((args, kwargs), device)
+        for args, kwargs in calibrate.batches(calib_data, example, batch_size, device):
             chunks.append((args, kwargs))
             targets.append([o.float() for o in _outputs(targets_model(*args, **kwargs))])
             if not targets[-1]:

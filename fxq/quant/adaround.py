@@ -291,9 +291,7 @@ def _record(gm, region, calib_data, example, batch_size, float_weights: dict, ac
     device = device_of(gm)
     mods = {t: gm.get_submodule(t) for t in float_weights}
     ins, outs, samples = [], [], []
-    for args, kwargs in batches(calib_data, example, batch_size):
-        args, kwargs = torch.utils._pytree.tree_map(
-            lambda v: v.to(device) if torch.is_tensor(v) else v, (args, kwargs))
+    for args, kwargs in batches(calib_data, example, batch_size, device):
         values = _positional(gm, args, kwargs)
         current = {t: m.weight for t, m in mods.items()}
         try:

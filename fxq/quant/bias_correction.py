@@ -299,8 +299,7 @@ def correct_bias(gm: fx.GraphModule, frozen, calib_data, example, t_name: str | 
     device = calibrate.device_of(gm)
     binder = _placeholder_binder(gm)
     chunks = []
-    for args, kwargs in calibrate.batches(items, example, batch_size):
-        args, kwargs = calibrate.to_device((args, kwargs), device)
+    for args, kwargs in calibrate.batches(items, example, batch_size, device):
         chunks.append(list(binder(*args, **kwargs)))
     lockstep = _Lockstep(gm, frozen, t_name, groups, num_timesteps, gain, edges)
     with calibrate.eval_mode(gm):

@@ -94,12 +94,18 @@ def _batch_rows(args, kwargs) -> int | None:
     return sizes.pop() if len(sizes) == 1 else None
 
 
-def batches(calib_data: Iterable, example, batch_size: int) -> Iterator[tuple[tuple, dict]]:
-    """Validated items concatenated along the batch dim into batches of at most batch_size rows.
+def batches(calib_data: Iterable, example, batch_size: int, device=None) -> Iterator[tuple[tuple, dict]]:
+    """Validated items concatenated along the batch dim into batches of at most batch_size rows, as (args,
+    kwargs) pairs, every tensor moved to `device` when one is given.
 
     Items are joined only when all their tensors share one leading size (a 0-d timestep, say, cannot be
     concatenated); other items run one by one.
     """
+    for batch in _joined(calib_data, example, batch_size):
+        yield batch if device is None else to_device(batch, device)
+
+
+def _joined(calib_data: Iterable, example, batch_size: int) -> Iterator[tuple[tuple, dict]]:
     pending: list[tuple[tuple, dict]] = []
     rows = count = 0
     for index, item in enumerate(calib_data):
@@ -144,8 +150,7 @@ def run(gm, calib_data: Iterable, example, batch_size: int = 32, progress: bool 
     done = 0
     bar = tqdm(desc="calibrating", unit="sample", disable=not progress)
     with reused_buffers():
-        for args, kwargs in batches(calib_data, example, batch_size):
-            args, kwargs = to_device((args, kwargs), device)
+        for args, kwargs in batches(calib_data, example, batch_size, device):
             gm(*args, **kwargs)
             check_finite(observers)
             done += 1

@@ -122,8 +122,7 @@ def weight_sensitivity(model: nn.Module, example_inputs, calib_data, config: Qua
     example = as_args_kwargs(example_inputs)
     gm = _float_graph(model, example, config)
     device = calibrate.device_of(gm)
-    chunks = [calibrate.to_device(b, device)
-              for b in calibrate.batches(_subsample(list(calib_data), max_samples), example, batch_size)]
+    chunks = list(calibrate.batches(_subsample(list(calib_data), max_samples), example, batch_size, device))
     units = _units(gm)
     params, bits, sens = {}, {}, {}
     for name, nodes in units.items():
