@@ -25,9 +25,7 @@ import fxq  # noqa: E402
 from fxq.eval import analysis  # noqa: E402
 from fxq.eval.images import psnr_summary, sample_images  # noqa: E402
 from benchmarks.speed_report import cpu_model, write_json  # noqa: E402
-from benchmarks.w4a8_proxy import setup  # noqa: E402
-
-BCG10 = dict(bias_correction=True, gain_correction=True, bias_correction_groups=10)
+from benchmarks.w4a8_proxy import BCG10, setup  # noqa: E402
 
 
 def parse_args(argv=None):
