@@ -54,7 +54,7 @@ def parse_args(argv=None):
     if args.recipe and (args.weight_bits is not None or args.act_bits is not None):
         p.error(f"--recipe {args.recipe} sets the bit-widths: drop --weight-bits/--act-bits")
     try:  # a config the backend cannot run fails here, before minutes of calibration
-        make_config(args)
+        args.config = make_config(args)
     except fxq.errors.ConfigError as e:
         p.error(str(e))
     return args
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     print(f"calibration set: {len(data)} (x_t, t) pairs from the model's own DDIM-{args.steps} trajectories "
           f"({args.timesteps} timesteps) in {t_traj:.1f} s")
 
-    config = make_config(args)
+    config = args.config
     setting = f"W{config.weight_bits}A{config.act_bits}"
     example = (torch.randn(2, 3, 32, 32), torch.randint(0, 1000, (2,)))
     t0 = time.perf_counter()
