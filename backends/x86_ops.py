@@ -420,6 +420,11 @@ class QLinear(_WeightedInt8):
                 f"out_quant={self.out_quant}{_rows_repr(self)}")
 
 
+def _wrap32(v: int) -> int:
+    """v as int32 arithmetic wraps it (the general path's int32 tensors do)."""
+    return (v + 2**31) % 2**32 - 2**31
+
+
 def _unambiguous(m: torch.Tensor) -> torch.Tensor:
     """A matrix operand of `torch._int_mm` with a size-1 dim, copied to plain row-major strides: a [1, k] row with
     strides (1, 1) reads as column-major as well, and oneDNN's int8 matmul on AMX (Intel Xeon, torch 2.11) then
@@ -456,7 +461,13 @@ class QMatmul(SpecFields, _Lazy):
         return module
 
     def _build(self):
-        return None
+        """Per group: each operand's 0-d float32 scale and its zero point shifted to int8 codes, as a Python int
+        (the int32 correction terms then cost no tensor ops on tiny tensors: ~5 us each, ~40 us a call)."""
+        out = {}
+        for prefix in ("a", "b"):
+            scales = getattr(self, f"{prefix}_scale").reshape(-1)
+            out[prefix] = [(scales[i].clone(), z - _U8_TO_S8) for i, (_, z) in enumerate(_ActParams.floats(self, prefix))]
+        return out
 
     def _axes(self, prefix: str) -> tuple[int | None, bool]:
         """(batch axis, batch_major) of operand `prefix` as forward receives it."""
@@ -491,8 +502,33 @@ class QMatmul(SpecFields, _Lazy):
                              f"and {tuple(b.shape)}; keep this op in float (QuantConfig(keep_float=...))")
         batch = broadcast_shapes(a.shape[:-2], b.shape[:-2])
         m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+        if self.groups == 1 or type(g) is int:  # one (scale, zero point) per operand: the common, lean path
+            d = self._derived or self.derived()
+            (sa, za8), (sb, zb8) = d["a"][g or 0], d["b"][g or 0]
+            a8, b8, acc = self._int_sums(a, b, batch, m, k, n)
+            # the exact int32 sum_k (a - za)(b - zb), as in the general path below
+            acc -= a8.sum(-1, keepdim=True, dtype=torch.int32).mul_(zb8).sub_(_wrap32(k * za8 * zb8))
+            acc -= b8.sum(-2, keepdim=True, dtype=torch.int32).mul_(za8)
+            # float(acc) * s in one pass (torch.mul converts as it multiplies: the same float32 products)
+            if S.kernel_scale_order() == "product":
+                y = torch.mul(acc, sa * sb)
+            else:
+                y = torch.mul(acc, sa).mul_(sb)
+            return y.reshape(tuple(batch) + (m, n))
         sa, za = self._row_params("a", g, a, tuple(batch) + (m, 1), -1)
         sb, zb = self._row_params("b", g, b, tuple(batch) + (1, n), -2)
+        a8, b8, acc = self._int_sums(a, b, batch, m, k, n)
+        # sum_k (a - za)(b - zb) with a, za shifted by 128 alike: the shift cancels in each difference; exact in
+        # int32, the row term (with the constant) and the column term subtracted in one pass each
+        za8 = (za - _U8_TO_S8).to(torch.int32)
+        zb8 = (zb - _U8_TO_S8).to(torch.int32)
+        acc -= zb8 * a8.sum(-1, keepdim=True, dtype=torch.int32) - k * za8 * zb8
+        acc -= za8 * b8.sum(-2, keepdim=True, dtype=torch.int32)
+        return S.scale_accumulator(acc, sa, sb).reshape(tuple(batch) + (m, n))
+
+    @staticmethod
+    def _int_sums(a, b, batch, m, k, n):
+        """(a, b as int8 codes shifted by 128, flattened to [N, ., .]; their int32 products a8 @ b8)."""
         a8 = a.expand(tuple(batch) + (m, k)).reshape(-1, m, k).bitwise_xor(_U8_TO_S8).view(torch.int8)
         b8 = b.expand(tuple(batch) + (k, n)).reshape(-1, k, n).bitwise_xor(_U8_TO_S8).view(torch.int8)
         if a8.stride(-2) == 1 and m > 1 and k > 1:
@@ -505,13 +541,7 @@ class QMatmul(SpecFields, _Lazy):
             acc = torch.empty((a8.shape[0], m, n), dtype=torch.int32)
             for i in range(a8.shape[0]):
                 torch._int_mm(_unambiguous(a8[i]), _unambiguous(b8[i]), out=acc[i])
-        # sum_k (a - za)(b - zb) with a, za shifted by 128 alike: the shift cancels in each difference; exact in
-        # int32, the row term (with the constant) and the column term subtracted in one pass each
-        za8 = (za - _U8_TO_S8).to(torch.int32)
-        zb8 = (zb - _U8_TO_S8).to(torch.int32)
-        acc -= zb8 * a8.sum(-1, keepdim=True, dtype=torch.int32) - k * za8 * zb8
-        acc -= za8 * b8.sum(-2, keepdim=True, dtype=torch.int32)
-        return S.scale_accumulator(acc, sa, sb).reshape(tuple(batch) + (m, n))
+        return a8, b8, acc
 
     def extra_repr(self) -> str:
         rows = "" if self.groups == 1 else (f", a_axis={self.a_axis}, a_major={self.a_major}, b_axis={self.b_axis}, "
