@@ -24,6 +24,9 @@ kernels' integer sums and float32 epilogue exactly, so int8 and fake-quant give 
   nearest-upsample, max-pool and view ops (fewer elements to quantize, integer data to move);
 - `fuse_residual_add`: conv2d/linear -> add(other): the add runs inside the kernel (conv: in place on `other`,
   only where `other` is a fresh tensor no later op reads).
+- `merge_siblings` (x86_siblings.py): int8 convs/linears reading the same codes become one kernel call whose
+  output slices are theirs (a UNet's per-block time-embedding projections, attention's q/k/v), where a probe
+  shows the merged kernel gives every bit.
 - float convs (kept float by the config, or not quantizable) read channels-last input (float_layout.py: torch's
   fp32 conv is up to 10x faster that way on a UNet's 3-channel ends; the fake lowering does the same on the CPU);
 - memory planning (x86_memplan.py), bit for bit too: `quantize_early` quantizes a float tensor right before its
@@ -47,6 +50,7 @@ from fxq.backends import x86_forms as forms
 from fxq.backends import x86_glue as glue
 from fxq.backends import float_layout
 from fxq.backends import x86_dedupe
+from fxq.backends import x86_siblings
 from fxq.backends import x86_memplan as memplan
 from fxq.backends import x86_ops as ops
 from fxq.backends.fake import FakeQuantize
@@ -455,7 +459,8 @@ def fuse_residual_add(gm: fx.GraphModule) -> None:
 
 
 # In this order: a unary post-op first, so conv -> SiLU -> Quantize can then fuse the requantization too.
-FUSIONS = (x86_dedupe.drop_dropout, float_layout.float_convs_channels_last, x86_dedupe.dedupe, fuse_unary, fuse_output_quant, fuse_residual_add, memplan.quantize_early,
+FUSIONS = (x86_dedupe.drop_dropout, float_layout.float_convs_channels_last, x86_dedupe.dedupe, fuse_unary, fuse_output_quant, fuse_residual_add,
+           x86_siblings.merge_siblings, memplan.quantize_early,
            memplan.inplace_elementwise)
 
 

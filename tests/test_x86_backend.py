@@ -487,8 +487,9 @@ def test_mixed_timestep_batch_maps_rows_along_each_activations_batch_axis(layout
     torch.manual_seed(0)
     cfg = dict(timestep_groups=4, timestep_arg="t")
     fake, int8 = _pair(Attention(layout).eval(), _example(), _calibration(), **cfg)
-    tokens = [m for m in _modules(int8, x86_ops.QLinear) if m.in_features == 8]  # q, k, v, out
-    assert len(tokens) == 4 and {m.batch_axis for m in tokens} == ({1} if layout == "seq_first" else {0})
+    tokens = [m for m in _modules(int8, x86_ops.QLinear) if m.in_features == 8]  # q, k, v (merged: 24), out
+    assert sum(m.out_features for m in tokens) == 32
+    assert {m.batch_axis for m in tokens} == ({1} if layout == "seq_first" else {0})
     assert {(m.a_major, m.b_major) for m in _modules(int8, x86_ops.QMatmul)} == {(layout != "head_major",) * 2}
     x, t = _example(4)
     x = x * (1 + 4 * (t // 250)).float()[:, None, None, None]  # each group's own range

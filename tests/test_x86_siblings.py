@@ -1,0 +1,159 @@
+"""Sibling int8 kernels merged into one call (backends/x86_siblings.py): the merged graph computes the unmerged
+graph's function bit for bit (and so the fake-quant twin's), at any batch and timestep group; siblings whose
+merge the probe cannot confirm, or that read different codes or parameters, stay apart; a merged model saves and
+loads."""
+
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import fxq
+from fxq.backends import x86, x86_glue, x86_ops, x86_siblings
+from fxq.quant import quantizer as Q
+from fxq.tracing.meta import VAL_KEY, TensorMeta
+
+pytestmark = pytest.mark.skipif(x86_glue.cpu_int8_support() is not None, reason="no int8 x86 kernels here")
+
+X86 = dict(backend="x86", timestep_arg=None)
+
+
+class _Siblings(nn.Module):
+    """Convs and linears reading one tensor each (q/k/v-like convs, time-embedding-like projections), a conv with
+    another kernel size among them (not a sibling: other geometry), and one conv reading another tensor."""
+
+    def __init__(self, widths, kernel, features):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.convs = nn.ModuleList(nn.Conv2d(8, w, kernel, padding=kernel // 2) for w in widths)
+        self.odd = nn.Conv2d(8, 4, kernel + 2, padding=kernel // 2 + 1)
+        self.lins = nn.ModuleList(nn.Linear(6, f) for f in features)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x, e):
+        h = self.stem(x)
+        out = sum(c(h).mean((1, 2, 3)) for c in self.convs) + self.odd(h).mean((1, 2, 3))
+        out = out + sum(lin(e).sum(-1) for lin in self.lins)
+        return out[:, None, None, None] + self.head(torch.relu(h))
+
+
+def _lowered(model, example, calib, merge: bool, **cfg):
+    fusions = x86.FUSIONS if merge else tuple(f for f in x86.FUSIONS if f is not x86_siblings.merge_siblings)
+    with mock.patch.object(x86, "FUSIONS", fusions):
+        return fxq.quantize(model, example, calib, fxq.QuantConfig(**{**X86, **cfg}))
+
+
+def _kernels(qmodel, cls):
+    return [m for m in qmodel.modules() if type(m) is cls]
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 10_000), widths=st.lists(st.integers(1, 12), min_size=2, max_size=4),
+       kernel=st.sampled_from([1, 3]), features=st.lists(st.integers(1, 9), min_size=2, max_size=4),
+       groups=st.sampled_from([1, 3]))
+def test_merged_siblings_compute_the_unmerged_graph_bit_for_bit(seed, widths, kernel, features, groups):
+    torch.manual_seed(seed)
+    model = _Siblings(widths, kernel, features).eval()
+    calib = [(torch.randn(4, 3, 6, 6), torch.randn(4, 6), torch.randint(0, 1000, (4,))) for _ in range(3)]
+    cfg = dict(timestep_groups=groups, timestep_arg="t") if groups > 1 else {}
+    wrap = _WithT(model) if groups > 1 else model
+    example = calib[0] if groups > 1 else calib[0][:2]
+    data = calib if groups > 1 else [c[:2] for c in calib]
+    merged, apart = _lowered(wrap, example, data, True, **cfg), _lowered(wrap, example, data, False, **cfg)
+    convs, linears = _kernels(merged, x86_ops.QConv), _kernels(merged, x86_ops.QLinear)
+    assert len(convs) == 4 and sum(c.out_channels for c in convs) == 8 + sum(widths) + 4 + 4
+    assert len(linears) == 1 and linears[0].out_features == sum(features)
+    assert len(_kernels(apart, x86_ops.QConv)) == 3 + len(widths)
+    for batch in (1, 4, 5):  # the example's batch, and others
+        x, e, t = torch.randn(batch, 3, 6, 6) * 2, torch.randn(batch, 6), torch.randint(0, 1000, (batch,))
+        args = (x, e, t) if groups > 1 else (x, e)
+        with torch.no_grad():
+            assert torch.equal(merged(*args), apart(*args)), batch
+
+
+class _WithT(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x, e, t):
+        return self.inner(x, e)
+
+
+def test_siblings_the_probe_cannot_confirm_stay_apart():
+    torch.manual_seed(0)
+    model = _Siblings([4, 5], 3, [3, 2]).eval()
+    calib = [(torch.randn(4, 3, 6, 6), torch.randn(4, 6)) for _ in range(2)]
+    with mock.patch.object(x86_siblings, "_probe", return_value=None):
+        apart = _lowered(model, calib[0], calib, True)
+    assert len(_kernels(apart, x86_ops.QConv)) == 5 and len(_kernels(apart, x86_ops.QLinear)) == 2
+
+
+def _conv(out, zp=3.0, seed=0):
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(4, out, 3, padding=1)
+    wqp = Q.QParams(conv.weight.detach().abs().amax((1, 2, 3)) / 127, torch.zeros(out), 8, True, 0)
+    xqp = Q.QParams(torch.tensor(0.05), torch.tensor(zp), 8, False)
+    return x86_ops.QConv.from_float(conv, wqp, xqp)
+
+
+class _Pair(nn.Module):
+    def __init__(self, a, b):
+        super().__init__()
+        self.a, self.b = a, b
+
+    def forward(self, x):
+        return self.a(x, None), self.b(x, None)
+
+
+class _KernelsAsLeaves(torch.fx.Tracer):
+    def is_leaf_module(self, m, qualname):
+        return isinstance(m, x86_ops.QConv) or super().is_leaf_module(m, qualname)
+
+
+def _traced(a, b):
+    root = _Pair(a, b)
+    gm = torch.fx.GraphModule(root, _KernelsAsLeaves().trace(root))
+    x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    x.meta[VAL_KEY] = TensorMeta((2, 4, 5, 5), torch.uint8, torch.device("cpu"))
+    return gm
+
+
+def test_probe_refuses_a_merge_that_changes_outputs():
+    a, b = _conv(3, seed=1), _conv(5, seed=2)
+    merged = x86_siblings._merged_module([a, b])
+    assert x86_siblings._probe([a, b], merged, (2, 4, 5, 5), 1) == [True, True]  # both channels-last
+    merged.bias[0] += 1e-3  # one output channel off
+    assert x86_siblings._probe([a, b], merged, (2, 4, 5, 5), 1) is None
+
+
+@pytest.mark.parametrize("same_params", [True, False])
+@pytest.mark.parametrize("probe", ["real", "agrees"])
+def test_siblings_with_other_input_parameters_stay_apart(same_params, probe):
+    gm = _traced(_conv(3, seed=1), _conv(5, zp=3.0 if same_params else 4.0, seed=2))
+    x = torch.randint(0, 256, (2, 4, 5, 5), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    expected = gm(x)
+    with mock.patch.object(x86_siblings, "_probe", wraps=x86_siblings._probe) as probed:
+        if probe == "agrees":  # the parameter check alone must keep them apart
+            probed.side_effect = lambda *args, **kwargs: [True, True]
+        x86_siblings.merge_siblings(gm)
+    gm.recompile()
+    called = [n for n in gm.graph.nodes if n.op == "call_module"]
+    assert len(called) == (1 if same_params else 2)
+    assert all(torch.equal(y, e) and y.stride() == e.stride() for y, e in zip(gm(x), expected))
+
+
+def test_a_merged_model_saves_and_loads_bit_for_bit(tmp_path):
+    torch.manual_seed(0)
+    model = _Siblings([4, 5, 6], 1, [3, 2]).eval()
+    calib = [(torch.randn(4, 3, 6, 6), torch.randn(4, 6)) for _ in range(2)]
+    qmodel = _lowered(model, calib[0], calib, True)
+    assert len(_kernels(qmodel, x86_ops.QLinear)) == 1
+    fxq.save(qmodel, tmp_path / "m.fxq")
+    loaded = fxq.load(tmp_path / "m.fxq")
+    x, e = torch.randn(3, 3, 6, 6), torch.randn(3, 6)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, e), qmodel(x, e))
