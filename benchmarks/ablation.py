@@ -7,6 +7,7 @@ serve every quantized row's PSNR. Not a test: it asserts nothing.
     python benchmarks/ablation.py --rows fxq,fxq-bc --settings W4A8 --n 10000   # a subset of the rows
     python benchmarks/ablation.py --rows fxq-mse-bcg10 --settings W8A8 --n 10000 --seeds 0,1,2   # ΔFID over seeds
     python benchmarks/ablation.py --merge s0/ablation.json s1/ablation.json --out merged.json  # seeds run apart
+    python benchmarks/ablation.py --join a/ablation.json b/ablation.json --out t.json  # one seed's rows run apart
 
 Rows (per bit setting): traditional PTQ (random t, pure-noise inputs, min/max ranges); the PTQ4DM recipe (DNTC
 normal timesteps, 1024 samples, Lp-search ranges, attention matmuls left in float); fxq variants, attention
@@ -173,7 +174,8 @@ def row_args(row: str, setting: str) -> list | None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
                                 epilog="ablation.py --merge A.json B.json ... [--out F]: one seed summary from "
-                                       "the ablation.json of separate runs",
+                                       "the ablation.json of separate runs; ablation.py --join A.json B.json ... "
+                                       "[--out F]: one table of one seed's rows run in separate calls",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="ddpm32")
     p.add_argument("--settings", default="W8A8,W4A8")
@@ -420,8 +422,51 @@ def merge(paths: list[str], out: str | None = None) -> dict:
     return result
 
 
+def join(paths: list[str], out: str | None = None) -> dict:
+    """One seed's table from the ablation.json files of separate calls at that seed (rows too many for one
+    device call): the float rows must agree to the last digit (the same float images), the rows are listed once
+    each, in file order, each with the extra quality.py arguments its call used."""
+    docs = []
+    for path in paths:
+        with open(path) as f:
+            docs.append((path, json.load(f)))
+    seeds = {path: doc.get("seeds") for path, doc in docs}
+    if any(v is None or len(v) != 1 for v in seeds.values()) or len({v[0] for v in seeds.values()}) != 1:
+        raise SystemExit(f"--join takes runs of one and the same seed each; got seeds {seeds}")
+    settings = {path: doc.get("settings", {"n": doc["n"]}) for path, doc in docs}  # older files record N only
+    for key in ("model", "n", "steps"):
+        values = {path: v[key] for path, v in settings.items() if key in v}
+        if len({json.dumps(v) for v in values.values()}) > 1:
+            raise SystemExit(f"the runs differ in {key}: {values}; only runs of one setup join")
+    floats = {path: {k: doc["rows"][0][k] for k in ("fid", "kid", "is")} for path, doc in docs}
+    if len({json.dumps(v) for v in floats.values()}) > 1:
+        raise SystemExit(f"the runs' float rows differ ({floats}): they did not sample the same float images")
+    rows, sources = [docs[0][1]["rows"][0]], {}
+    for path, doc in docs:
+        for row in doc["rows"][1:]:
+            if row["row"] in sources:
+                raise SystemExit(f"row {row['row']} is in both {sources[row['row']]} and {path}")
+            sources[row["row"]] = path
+            rows.append({**row, "extra": settings[path].get("extra", [])})
+    common = {k: v for path in paths for k, v in settings[path].items() if k != "extra"}
+    result = {"command": " ".join(["python", "benchmarks/ablation.py", "--join", *paths]), "settings": common,
+              "n": common["n"], "seeds": docs[0][1]["seeds"], "sources": sources, "rows": rows}
+    print(markdown(rows))
+    if out:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {out}")
+    return result
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if "--join" in argv:
+        p = argparse.ArgumentParser(description="one seed's table from separate ablation.py calls at that seed")
+        p.add_argument("--join", nargs="+", required=True, metavar="ABLATION_JSON")
+        p.add_argument("--out", default=None)
+        args = p.parse_args(argv)
+        return join(args.join, args.out)
     if "--merge" in argv:
         p = argparse.ArgumentParser(description="merge the seed runs of separate ablation.py calls")
         p.add_argument("--merge", nargs="+", required=True, metavar="ABLATION_JSON")

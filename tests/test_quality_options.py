@@ -218,6 +218,30 @@ def test_ablation_merge_of_separate_seed_runs_equals_one_run_over_both(monkeypat
         ablation.merge([str(tmp_path / "s0" / "ablation.json"), str(tmp_path / "old.json")])
 
 
+def test_ablation_join_of_one_seeds_rows_run_apart_equals_one_run(monkeypatch, tmp_path):
+    fids = {(0, "fp"): 10.0, (0, "w8a8-fxq"): 10.5, (0, "w8a8-fxq-bc"): 10.1, (1, "fp"): 11.0}
+    monkeypatch.setattr(ablation, "_run", _fake_quality_run(fids))
+    common = ["--settings", "W8A8", "--device", "cpu", "--n", "16", "--seed", "0"]
+    one = ablation.main([*common, "--rows", "fxq,fxq-bc", "--out-dir", str(tmp_path / "one")])
+    ablation.main([*common, "--rows", "fxq", "--out-dir", str(tmp_path / "a")])
+    ablation.main([*common, "--rows", "fxq-bc", "--out-dir", str(tmp_path / "b"), "--extra", "--adaround-iters 5"])
+    paths = [str(tmp_path / d / "ablation.json") for d in ("a", "b")]
+    joined = ablation.main(["--join", *paths, "--out", str(tmp_path / "j.json")])
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "extra"} for r in rows]  # noqa: E731
+    assert strip(joined["rows"]) == one["rows"] and joined["rows"][2]["extra"] == ["--adaround-iters", "5"]
+    assert json.loads((tmp_path / "j.json").read_text())["rows"] == joined["rows"]
+    with pytest.raises(SystemExit, match="row w8a8-fxq is in both"):
+        ablation.join([paths[0], str(tmp_path / "one" / "ablation.json")])
+    ablation.main([*common[:-1], "1", "--rows", "fxq-bc", "--out-dir", str(tmp_path / "s1")])
+    with pytest.raises(SystemExit, match="one and the same seed"):
+        ablation.join([paths[0], str(tmp_path / "s1" / "ablation.json")])
+    other = json.loads((tmp_path / "b" / "ablation.json").read_text())
+    other["rows"][0]["fid"] += 1e-9  # another float sample set
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="float rows differ"):
+        ablation.join([paths[0], str(tmp_path / "other.json")])
+
+
 def test_ablation_merge_orders_seeds_by_number_and_takes_merge_anywhere(monkeypatch, tmp_path):
     monkeypatch.setattr(ablation, "_run", _fake_quality_run({}))
     for seed in (2, 10, 9):
