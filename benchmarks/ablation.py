@@ -461,18 +461,15 @@ def join(paths: list[str], out: str | None = None) -> dict:
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if "--join" in argv:
-        p = argparse.ArgumentParser(description="one seed's table from separate ablation.py calls at that seed")
-        p.add_argument("--join", nargs="+", required=True, metavar="ABLATION_JSON")
-        p.add_argument("--out", default=None)
-        args = p.parse_args(argv)
-        return join(args.join, args.out)
-    if "--merge" in argv:
-        p = argparse.ArgumentParser(description="merge the seed runs of separate ablation.py calls")
-        p.add_argument("--merge", nargs="+", required=True, metavar="ABLATION_JSON")
-        p.add_argument("--out", default=None)
-        args = p.parse_args(argv)
-        return merge(args.merge, args.out)
+    for flag, combine, description in (("--join", join, "one seed's table from separate ablation.py calls at "
+                                                          "that seed"),
+                                       ("--merge", merge, "merge the seed runs of separate ablation.py calls")):
+        if flag in argv:
+            p = argparse.ArgumentParser(description=description)
+            p.add_argument(flag, nargs="+", required=True, metavar="ABLATION_JSON")
+            p.add_argument("--out", default=None)
+            args = p.parse_args(argv)
+            return combine(getattr(args, flag[2:]), args.out)
     args = parse_args(argv)
     out = os.path.abspath(args.out_dir)
     gpus = _gpus(args)
