@@ -67,8 +67,10 @@ def per_group(fn, g, x: torch.Tensor, *others, axis: int | None = 0, batch_major
         if out is None:
             shape = list(part.shape)
             shape[axis] = x.shape[axis]
-            fmt = torch.channels_last if part.dim() == 4 and channels_last(part) else torch.contiguous_format
-            out = part.new_empty(shape).contiguous(memory_format=fmt)
+            # the layout one call gives (a one-channel map is both: its strides say which)
+            cl = part.dim() == 4 and part.stride() == dense_strides(tuple(part.shape), True)
+            fmt = torch.channels_last if cl else torch.contiguous_format
+            out = torch.empty(shape, dtype=part.dtype, device=part.device, memory_format=fmt)
         out.index_copy_(axis, idx, part)
     return out
 

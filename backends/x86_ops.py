@@ -320,6 +320,10 @@ class QConv(_WeightedInt8):
             y = self._conv(d, g or 0, x, None)
         else:
             y = per_group(lambda gi, xx: self._conv(d, gi, xx, None), g, x, batch_major=self.batch_major)
+        if y.dim() != 4:
+            # oneDNN writes 1-d/3-d outputs channels-last; the float (and fake-quant) conv's are contiguous, and
+            # a reduction or normalization that reads them sums in memory order (size-1 dims' strides included)
+            y = canonical(y)
         return y if accum is None else y + accum
 
     def _conv(self, d: dict, gi: int, x: torch.Tensor, acc: torch.Tensor | None) -> torch.Tensor:
@@ -504,7 +508,8 @@ class QMatmul(SpecFields, _Lazy):
         m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
         if self.groups == 1 or type(g) is int:  # one (scale, zero point) per operand: the common, lean path
             d = self._derived or self.derived()
-            (sa, za8), (sb, zb8) = d["a"][g or 0], d["b"][g or 0]
+            gi = 0 if self.groups == 1 else g
+            (sa, za8), (sb, zb8) = d["a"][gi], d["b"][gi]
             a8, b8, acc = self._int_sums(a, b, batch, m, k, n)
             # the exact int32 sum_k (a - za)(b - zb), as in the general path below
             acc -= a8.sum(-1, keepdim=True, dtype=torch.int32).mul_(zb8).sub_(_wrap32(k * za8 * zb8))

@@ -8,8 +8,9 @@ block's q, k and v read the same normalized input.
 
 oneDNN picks its kernel, and with it the order in which it applies the two scales (fxq.quant.int_sums), by shape:
 a merged kernel has more output channels than its parts. So each merge is checked when it is made: on random codes
-of the example's shape (and of one sample), the merged kernel's slices must equal every part's own output bit for
-bit, or the siblings stay apart.
+of the example's shape (at its batch and at 1, 2, 3 and 5 rows), the merged kernel's slices must equal every
+part's own output bit for bit, or the siblings stay apart. The check holds for the machine that lowered the model:
+a file loaded on another CPU runs the merged kernel as saved.
 
 A slice of the merged output holds the values of its sibling's output, not its strides (a channel slice of a
 channels-last tensor is not dense). Elementwise ops, quantization and views give the same values at any strides,
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from fxq.backends import x86_glue as glue
 from fxq.backends import x86_memplan as memplan
 from fxq.backends import x86_ops as ops
+from fxq.errors import FxqError
 from fxq.tracing.meta import tensor_meta
 
 _MERGEABLE = (ops.QConv, ops.QLinear)  # exact classes: subclasses (einsum forms) reshape around the kernel
@@ -110,24 +112,36 @@ def _input_shape(gm: fx.GraphModule, codes: fx.Node) -> tuple[int, ...] | None:
     return None if meta is None or not hasattr(meta, "shape") else tuple(meta.shape)
 
 
-def _probe(modules, merged, shape: tuple[int, ...], dim: int) -> list[bool] | None:
-    """Whether each module's output is channels-last, if merged's slices equal every module's output on random
-    codes shaped like the example (all its rows, and one row) in every timestep group; None if they differ."""
+_PROBE_ROWS = (1, 2, 3, 5)  # besides the example's batch: oneDNN may pick kernels by row count (AMX hosts)
+
+
+def _probe(modules, merged, shape: tuple[int, ...], dim: int) -> bool:
+    """Whether merged's slices equal every module's output bit for bit on random codes shaped like the example, at
+    the example's batch and a few others, in every timestep group, each module's output laid out as
+    `_memory_format` says; False if any differs or a kernel refuses the probe."""
     gen = torch.Generator().manual_seed(_PROBE_SEED)
     groups = modules[0].groups
-    layouts = None
-    for rows in sorted({shape[0], 1}):
+    fmt = _memory_format(merged, len(shape))
+    for rows in sorted({shape[0], *_PROBE_ROWS}):
         x = torch.randint(0, 256, (rows,) + shape[1:], dtype=torch.uint8, generator=gen)
         if x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         for g in ([None] if groups == 1 else range(groups)):
-            with torch.no_grad():
-                whole = merged(x, g)
-                parts = [m(x, g) for m in modules]
-            if not torch.equal(whole, torch.cat(parts, dim)):
-                return None
-            layouts = [p.dim() == 4 and glue.channels_last(p) for p in parts]
-    return layouts
+            try:
+                with torch.no_grad():
+                    whole = merged(x, g)
+                    parts = [m(x, g) for m in modules]
+            except (FxqError, RuntimeError):  # the siblings stay apart: their own calls raise what they raise
+                return False
+            if not (torch.equal(whole, torch.cat(parts, dim)) and all(p.is_contiguous(memory_format=fmt)
+                                                                      for p in parts)):
+                return False
+    return True
+
+
+def _memory_format(module, rank: int) -> torch.memory_format:
+    """How a kernel lays out its output: an int8 2-d conv channels-last, every other one contiguous."""
+    return torch.channels_last if isinstance(module, ops.QConv) and rank == 4 else torch.contiguous_format
 
 
 def merge_siblings(gm: fx.GraphModule) -> None:
@@ -147,9 +161,9 @@ def merge_siblings(gm: fx.GraphModule) -> None:
             continue
         merged = _merged_module(modules)
         dim = 1 if isinstance(merged, ops.QConv) else -1
-        channels_last = _probe(modules, merged, shape, dim)
-        if channels_last is None:
+        if not _probe(modules, merged, shape, dim):
             continue
+        fmt = _memory_format(merged, len(shape))
         name = nodes[0].target.replace(".", "_") + "_merged"
         while hasattr(gm, name):
             name += "_"
@@ -157,13 +171,12 @@ def merge_siblings(gm: fx.GraphModule) -> None:
         with gm.graph.inserting_before(nodes[0]):
             whole = gm.graph.call_module(name, nodes[0].args)
         start = 0
-        for node, module, cl in zip(nodes, modules, channels_last, strict=True):
+        for node, module in zip(nodes, modules):
             width = module.out_channels if dim == 1 else module.out_features
             with gm.graph.inserting_before(node):
                 part = gm.graph.call_function(torch.narrow, (whole, dim, start, width))
                 if not _strides_free(gm, node):  # a copy in the sibling's own layout
-                    layout = torch.channels_last if cl else torch.contiguous_format
-                    part = gm.graph.call_method("contiguous", (part,), {"memory_format": layout})
+                    part = gm.graph.call_function(glue.canonical, (part, fmt is torch.channels_last))
             part.meta = dict(node.meta)
             node.replace_all_uses_with(part)
             gm.graph.erase_node(node)

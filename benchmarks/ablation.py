@@ -438,7 +438,7 @@ def join(paths: list[str], out: str | None = None) -> dict:
         values = {path: v[key] for path, v in settings.items() if key in v}
         if len({json.dumps(v) for v in values.values()}) > 1:
             raise SystemExit(f"the runs differ in {key}: {values}; only runs of one setup join")
-    floats = {path: {k: doc["rows"][0][k] for k in ("fid", "kid", "is")} for path, doc in docs}
+    floats = {path: {k: doc["rows"][0].get(k) for k in ("fid", "kid", "is")} for path, doc in docs}
     if len({json.dumps(v) for v in floats.values()}) > 1:
         raise SystemExit(f"the runs' float rows differ ({floats}): they did not sample the same float images")
     rows, sources = [docs[0][1]["rows"][0]], {}
@@ -447,7 +447,7 @@ def join(paths: list[str], out: str | None = None) -> dict:
             if row["row"] in sources:
                 raise SystemExit(f"row {row['row']} is in both {sources[row['row']]} and {path}")
             sources[row["row"]] = path
-            rows.append({**row, "extra": settings[path].get("extra", [])})
+            rows.append({**row, "extra": row.get("extra", settings[path].get("extra", []))})  # joined before
     common = {k: v for path in paths for k, v in settings[path].items() if k != "extra"}
     result = {"command": " ".join(["python", "benchmarks/ablation.py", "--join", *paths]), "settings": common,
               "n": common["n"], "seeds": docs[0][1]["seeds"], "sources": sources, "rows": rows}

@@ -230,6 +230,8 @@ def test_ablation_join_of_one_seeds_rows_run_apart_equals_one_run(monkeypatch, t
     strip = lambda rows: [{k: v for k, v in r.items() if k != "extra"} for r in rows]  # noqa: E731
     assert strip(joined["rows"]) == one["rows"] and joined["rows"][2]["extra"] == ["--adaround-iters", "5"]
     assert json.loads((tmp_path / "j.json").read_text())["rows"] == joined["rows"]
+    rejoined = ablation.join([str(tmp_path / "j.json")])  # a joined file joins again, each row's extra kept
+    assert rejoined["rows"] == joined["rows"]
     with pytest.raises(SystemExit, match="row w8a8-fxq is in both"):
         ablation.join([paths[0], str(tmp_path / "one" / "ablation.json")])
     ablation.main([*common[:-1], "1", "--rows", "fxq-bc", "--out-dir", str(tmp_path / "s1")])

@@ -170,6 +170,30 @@ def test_attention_matmul_is_exact_in_any_operand_layout_and_keeps_a_column_majo
         assert y.stride(-2) == 1
 
 
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), m=st.integers(1, 9), k=st.integers(1, 12), n=st.integers(1, 9),
+       batch=st.integers(2, 4), a_cols=st.booleans(), order=st.sampled_from(S.SCALE_ORDERS))
+def test_attention_matmul_one_group_path_is_the_per_row_path_bit_for_bit(seed, m, k, n, batch, a_cols, order):
+    # one (scale, zero point) per operand takes a lean path; a 2-group module whose groups hold the same
+    # parameters, called with a mixed batch, takes the per-row path: the two must agree, whatever t looks like
+    g = torch.Generator().manual_seed(seed)
+    s_a, z_a = 0.001 + torch.rand((), generator=g).item(), float(torch.randint(0, 256, (), generator=g))
+    s_b, z_b = 0.001 + torch.rand((), generator=g).item(), float(torch.randint(0, 256, (), generator=g))
+    one = x86_ops.QMatmul.from_qparams(Q.QParams(torch.tensor(s_a), torch.tensor(z_a), 8, False),
+                                       Q.QParams(torch.tensor(s_b), torch.tensor(z_b), 8, False))
+    two = x86_ops.QMatmul.from_qparams(Q.QParams(torch.tensor([s_a, s_a]), torch.tensor([z_a, z_a]), 8, False),
+                                       Q.QParams(torch.tensor([s_b, s_b]), torch.tensor([z_b, z_b]), 8, False))
+    a = torch.randint(0, 256, (batch, m, k), dtype=torch.uint8, generator=g)
+    b = torch.randint(0, 256, (batch, k, n), dtype=torch.uint8, generator=g)
+    a = a.mT.contiguous().mT if a_cols else a
+    mixed = torch.tensor([0, 1] * (batch // 2) + [0] * (batch % 2))
+    with mock.patch.object(S, "_scale_order", order):
+        y = one(a, b)
+        for group in (None, 0, mixed):  # a groups=1 module ignores the group it is handed
+            assert torch.equal(one(a, b, group), y)
+        assert torch.equal(two(a, b, mixed), y) and torch.equal(two(a, b, 1), y)
+
+
 def _int_mm_as_on_amx(a, b, out=None):
     """torch._int_mm as oneDNN computes it on AMX (Intel Xeon, torch 2.11, measured over all m, n < 20, k < 40):
     right for operands with plain strides, wrong sums when an operand with a size-1 dim has other strides (a [1, k]
@@ -478,6 +502,26 @@ class _SamplesAlongH(nn.Module):
         b, c, h, w = x.shape
         side = (x * (1 + t.float().reshape(-1, 1, 1, 1) / 50)).permute(1, 0, 2, 3).reshape(1, c, b * h, w)
         return self.l(self.c(side).permute(0, 2, 3, 1))
+
+
+class _OneChannel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.conv, self.norm = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 1, 1), nn.GroupNorm(1, 1)
+
+    def forward(self, x, t):
+        return self.norm(self.conv(self.stem(x)))
+
+
+def test_a_mixed_timestep_batch_keeps_the_layout_one_call_gives_a_one_channel_map_too():
+    # a one-channel map is contiguous and channels-last at once, and GroupNorm picks its kernel (and its
+    # rounding) by the strides: the rows of a mixed batch, re-joined, must have those of one kernel call
+    torch.manual_seed(0)
+    calib = [(torch.randn(4, 3, 6, 6), torch.randint(0, 1000, (4,))) for _ in range(3)]
+    fake, int8 = _pair(_OneChannel().eval(), calib[0], calib, timestep_groups=3, timestep_arg="t")
+    for _ in range(4):
+        x, t = torch.randn(6, 3, 6, 6) * 2, torch.randint(0, 1000, (6,))
+        assert torch.equal(int8(x, t), fake(x, t))
 
 
 @pytest.mark.parametrize("layout", ["batch_first", "seq_first", "head_major"])
