@@ -175,9 +175,10 @@ def merge_siblings(gm: fx.GraphModule) -> None:
             width = module.out_channels if dim == 1 else module.out_features
             with gm.graph.inserting_before(node):
                 part = gm.graph.call_function(torch.narrow, (whole, dim, start, width))
+                part.meta = dict(node.meta)  # the op's own record (fxq.report, average_bits) stays on its slice
                 if not _strides_free(gm, node):  # a copy in the sibling's own layout
                     part = gm.graph.call_function(glue.canonical, (part, fmt is torch.channels_last))
-            part.meta = dict(node.meta)
+                    part.meta = {k: v for k, v in node.meta.items() if k != "fxq"}
             node.replace_all_uses_with(part)
             gm.graph.erase_node(node)
             start += width

@@ -184,3 +184,18 @@ def test_a_merged_model_saves_and_loads_bit_for_bit(tmp_path):
     x, e = torch.randn(3, 3, 6, 6), torch.randn(3, 6)
     with torch.no_grad():
         assert torch.equal(loaded(x, e), qmodel(x, e))
+
+
+def test_reports_count_a_merged_models_ops_and_bits_as_the_fake_twins():
+    from fxq import report
+    from fxq.eval.analysis import average_bits
+    from fxq.models import DDPMUNet
+
+    torch.manual_seed(0)
+    model = DDPMUNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,)).eval()
+    calib = [(torch.randn(2, 3, 32, 32), torch.randint(0, 1000, (2,))) for _ in range(2)]
+    fake = fxq.quantize(model, calib[0], calib, fxq.QuantConfig(seed=0))
+    int8 = fxq.quantize(model, calib[0], calib, fxq.QuantConfig(seed=0, backend="x86"))
+    assert len(_kernels(int8, x86_ops.QLinear)) < 4  # the time-embedding projections merged
+    assert report.quantized_ops(int8) == report.quantized_ops(fake)
+    assert average_bits(int8) == pytest.approx(average_bits(fake))

@@ -103,7 +103,9 @@ class Twin:
 
 def average_bits(qmodel) -> dict:
     """Bit-widths of a quantized model: weight bits averaged over the quantized weights' elements, and over all
-    parameters counting float ones as 32; activation bits averaged over the quantized op inputs."""
+    parameters counting float ones as 32; activation bits averaged over the quantized op inputs. Int8 kernels
+    (backend="x86") hold weights and biases as buffers, not parameters: counted as parameters here; an op the
+    lowering merged into one kernel call with its siblings (a slice of that call's output) counts its own rows."""
     gm = _graph_module(qmodel)
     wbits = welems = abits = ninputs = 0
     seen = set()
@@ -113,16 +115,38 @@ def average_bits(qmodel) -> dict:
             continue
         abits += meta["act_bits"] * len(meta["act_inputs"])
         ninputs += len(meta["act_inputs"])
-        if meta["weight_bits"] is not None and node.op == "call_module" and node.target not in seen:
-            seen.add(node.target)
-            n = gm.get_submodule(node.target).weight.numel()
-            wbits += meta["weight_bits"] * n
-            welems += n
-    total = sum(p.numel() for p in gm.parameters())
+        n = _weight_elements(gm, node, seen) if meta["weight_bits"] is not None else 0
+        wbits += meta["weight_bits"] * n if n else 0
+        welems += n
+    total = sum(p.numel() for p in gm.parameters()) + sum(_kernel_elements(m) for m in gm.modules())
     return {"weight_bits_quantized": wbits / welems if welems else None,
             "weight_bits_all_params": (wbits + 32 * (total - welems)) / total if total else None,
             "quantized_weight_fraction": welems / total if total else 0.0,
             "act_bits": abits / ninputs if ninputs else None}
+
+
+def _kernel_elements(module) -> int:
+    """Weight and bias elements an x86 int8 kernel module holds as buffers (its weight possibly packed), else 0."""
+    from fxq.backends.x86_packed import PackedWeight
+
+    if not isinstance(module, PackedWeight):
+        return 0
+    bias = module._buffers.get("bias")
+    return module._codes().numel() + (0 if bias is None else bias.numel())
+
+
+def _weight_elements(gm, node, seen: set) -> int:
+    """Weight elements of the quantized op at node, once per module: its module's weight, or for a slice of a
+    merged kernel call (torch.narrow of the call's output) the rows of the merged weight it reads."""
+    if node.op == "call_module":
+        if node.target in seen:
+            return 0
+        seen.add(node.target)
+        return gm.get_submodule(node.target).weight.numel()
+    if node.op == "call_function" and node.target is torch.narrow and node.args[0].op == "call_module":
+        weight = gm.get_submodule(node.args[0].target).weight
+        return node.args[3] * weight[0].numel()
+    return 0
 
 
 def _stack(reference, steps):
