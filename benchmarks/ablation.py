@@ -386,6 +386,26 @@ def summary_markdown(rows) -> str:
     return "\n".join(lines)
 
 
+def _settings(doc: dict) -> dict:
+    return doc.get("settings", {"n": doc["n"]})  # older files record N only
+
+
+def _require_same(settings: dict, keys, verb: str) -> None:
+    """SystemExit unless the runs (path -> settings) that record a key agree on it."""
+    for key in keys:
+        values = {path: v[key] for path, v in settings.items() if key in v}
+        if len({json.dumps(v) for v in values.values()}) > 1:
+            raise SystemExit(f"the runs differ in {key}: {values}; only runs of one setup {verb}")
+
+
+def _write(result: dict, out: str | None) -> dict:
+    if out:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {out}")
+    return result
+
+
 def merge(paths: list[str], out: str | None = None) -> dict:
     """One seed summary from ablation.json files written by separate runs (one device call per seed): the rows
     every file holds, paired per seed with that file's float row."""
@@ -396,15 +416,12 @@ def merge(paths: list[str], out: str | None = None) -> dict:
         if "seeds" not in doc:
             raise SystemExit(f"{path} was written before --seeds existed: its seed is not recorded, so its rows "
                              "cannot be paired; run that seed again")
-        settings[path] = doc.get("settings", {"n": doc["n"]})  # older files record N only
+        settings[path] = _settings(doc)
         for seed, rows in (doc.get("per_seed") or {str(doc["seeds"][0]): doc["rows"]}).items():
             if seed in tables:
                 raise SystemExit(f"seed {seed} is in both {sources[seed]} and {path}")
             tables[seed], sources[seed] = rows, path
-    for key in set.intersection(*(set(v) for v in settings.values())):
-        values = {path: v[key] for path, v in settings.items()}
-        if len({json.dumps(v) for v in values.values()}) > 1:
-            raise SystemExit(f"the runs differ in {key}: {values}; only runs of one setup pair up")
+    _require_same(settings, set.intersection(*(set(v) for v in settings.values())), "pair up")
     common = set.intersection(*({r["row"] for r in rows} for rows in tables.values()))
     if len(tables) < 2 or common == {"fp"}:
         raise SystemExit(f"--merge needs two or more seeds sharing a quantized row; got seeds {sorted(tables)} "
@@ -415,11 +432,7 @@ def merge(paths: list[str], out: str | None = None) -> dict:
               "settings": next(iter(settings.values())), "sources": sources, "per_seed": tables,
               "seed_summary": seed_summary(tables)}
     print(summary_markdown(result["seed_summary"]))
-    if out:
-        with open(out, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {out}")
-    return result
+    return _write(result, out)
 
 
 def join(paths: list[str], out: str | None = None) -> dict:
@@ -433,11 +446,8 @@ def join(paths: list[str], out: str | None = None) -> dict:
     seeds = {path: doc.get("seeds") for path, doc in docs}
     if any(v is None or len(v) != 1 for v in seeds.values()) or len({v[0] for v in seeds.values()}) != 1:
         raise SystemExit(f"--join takes runs of one and the same seed each; got seeds {seeds}")
-    settings = {path: doc.get("settings", {"n": doc["n"]}) for path, doc in docs}  # older files record N only
-    for key in ("model", "n", "steps"):
-        values = {path: v[key] for path, v in settings.items() if key in v}
-        if len({json.dumps(v) for v in values.values()}) > 1:
-            raise SystemExit(f"the runs differ in {key}: {values}; only runs of one setup join")
+    settings = {path: _settings(doc) for path, doc in docs}
+    _require_same(settings, ("model", "n", "steps"), "join")
     floats = {path: {k: doc["rows"][0].get(k) for k in ("fid", "kid", "is")} for path, doc in docs}
     if len({json.dumps(v) for v in floats.values()}) > 1:
         raise SystemExit(f"the runs' float rows differ ({floats}): they did not sample the same float images")
@@ -452,11 +462,7 @@ def join(paths: list[str], out: str | None = None) -> dict:
     result = {"command": " ".join(["python", "benchmarks/ablation.py", "--join", *paths]), "settings": common,
               "n": common["n"], "seeds": docs[0][1]["seeds"], "sources": sources, "rows": rows}
     print(markdown(rows))
-    if out:
-        with open(out, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {out}")
-    return result
+    return _write(result, out)
 
 
 def main(argv=None):
