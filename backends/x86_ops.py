@@ -514,12 +514,7 @@ class QMatmul(SpecFields, _Lazy):
             # the exact int32 sum_k (a - za)(b - zb), as in the general path below
             acc -= a8.sum(-1, keepdim=True, dtype=torch.int32).mul_(zb8).sub_(_wrap32(k * za8 * zb8))
             acc -= b8.sum(-2, keepdim=True, dtype=torch.int32).mul_(za8)
-            # float(acc) * s in one pass (torch.mul converts as it multiplies: the same float32 products)
-            if S.kernel_scale_order() == "product":
-                y = torch.mul(acc, sa * sb)
-            else:
-                y = torch.mul(acc, sa).mul_(sb)
-            return y.reshape(tuple(batch) + (m, n))
+            return S.scale_accumulator_(acc, sa, sb).reshape(tuple(batch) + (m, n))
         sa, za = self._row_params("a", g, a, tuple(batch) + (m, 1), -1)
         sb, zb = self._row_params("b", g, b, tuple(batch) + (1, n), -2)
         a8, b8, acc = self._int_sums(a, b, batch, m, k, n)

@@ -155,13 +155,19 @@ def _onednn_linear(x, x_scale, zp, w, w_scale):
 def scale_accumulator_(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
                        order: str | None = None) -> torch.Tensor:
     """`scale_accumulator`, the same roundings, written over acc where it is float32 and the scales broadcast to
-    its shape (no fresh tensor: on the CPU a fresh multi-MB tensor costs page faults as long as the pass itself)."""
-    y = acc if acc.dtype == torch.float32 else acc.float()
-    if not (_broadcasts_to(x_scale, y.shape) and _broadcasts_to(w_scale, y.shape)):
+    its shape (no fresh tensor: on the CPU a fresh multi-MB tensor costs page faults as long as the pass itself); an
+    integer acc is converted as it is multiplied (one pass)."""
+    if not (_broadcasts_to(x_scale, acc.shape) and _broadcasts_to(w_scale, acc.shape)):
         return scale_accumulator(acc, x_scale, w_scale, order)
-    if (order or kernel_scale_order()) == "product":
-        return y.mul_(x_scale.float() * w_scale.float())
-    return y.mul_(x_scale).mul_(w_scale)
+    product = (order or kernel_scale_order()) == "product"
+    first = x_scale.float() * w_scale.float() if product else x_scale
+    if acc.dtype == torch.float32:
+        y = acc.mul_(first)
+    elif not acc.is_floating_point() and first.dtype == torch.float32:
+        y = torch.mul(acc, first)  # float32(acc) * first, the same products as acc.float() * first
+    else:
+        y = acc.float().mul_(first)
+    return y if product else y.mul_(w_scale)
 
 
 def _broadcasts_to(t: torch.Tensor, shape) -> bool:
