@@ -27,19 +27,19 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from fxq.backends import x86_glue as glue
-from fxq.backends import x86_memplan as memplan
 from fxq.backends import x86_ops as ops
 from fxq.errors import FxqError
 from fxq.tracing.meta import tensor_meta
 
-_MERGEABLE = (ops.QConv, ops.QLinear)  # exact classes: subclasses (einsum forms) reshape around the kernel
+# exact classes (subclasses, the einsum forms, reshape around the kernel) -> the spec field of their output width
+_OUT_WIDTH = {ops.QConv: "out_channels", ops.QLinear: "out_features"}
 _PROBE_SEED = 0
 
 
 # ops whose result's values do not depend on their inputs' strides (their result's strides may)
+# (memory planning's in-place forms come after this pass)
 _ELEMENTWISE = {operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, torch.add, torch.sub,
-                torch.mul, torch.div, torch.neg, torch.relu, torch.sigmoid, torch.tanh, F.relu, F.silu, F.gelu,
-                memplan.add_, memplan.mul_, memplan.silu_}
+                torch.mul, torch.div, torch.neg, torch.relu, torch.sigmoid, torch.tanh, F.relu, F.silu, F.gelu}
 _VIEWS = {operator.getitem, torch.narrow, torch.reshape, torch.flatten, torch.permute, torch.transpose,
           torch.squeeze, torch.unsqueeze}
 _VIEW_METHODS = {"view", "reshape", "permute", "transpose", "flatten", "squeeze", "unsqueeze", "narrow", "mT"}
@@ -66,7 +66,7 @@ def _strides_free(gm: fx.GraphModule, node: fx.Node) -> bool:
 def _shape_key(module) -> tuple:
     """What siblings must share (all but the output channels)."""
     spec = module.fxq_spec()
-    spec.pop("out_channels" if isinstance(module, ops.QConv) else "out_features")
+    spec.pop(_OUT_WIDTH[type(module)])
     return type(module), repr(sorted(spec.items()))
 
 
@@ -76,7 +76,7 @@ def _candidate(gm: fx.GraphModule, node: fx.Node):
     if node.op != "call_module" or node.kwargs or len(node.args) != 2:
         return None
     module = gm.get_submodule(node.target)
-    if type(module) not in _MERGEABLE or module.out_quant:
+    if type(module) not in _OUT_WIDTH or module.out_quant:
         return None
     if isinstance(module, ops.QConv) and (module.conv_groups != 1 or module.accum):
         return None
@@ -92,7 +92,7 @@ def _merged_module(modules):
     """One module holding every sibling's output channels, in order."""
     first = modules[0]
     spec = first.fxq_spec()
-    out_key = "out_channels" if isinstance(first, ops.QConv) else "out_features"
+    out_key = _OUT_WIDTH[type(first)]
     spec[out_key] = sum(getattr(m, out_key) for m in modules)
     merged = type(first).from_fxq_spec(spec)
     merged.weight.copy_(torch.cat([m._codes() for m in modules]))
@@ -172,7 +172,7 @@ def merge_siblings(gm: fx.GraphModule) -> None:
             whole = gm.graph.call_module(name, nodes[0].args)
         start = 0
         for node, module in zip(nodes, modules):
-            width = module.out_channels if dim == 1 else module.out_features
+            width = getattr(module, _OUT_WIDTH[type(module)])
             with gm.graph.inserting_before(node):
                 part = gm.graph.call_function(torch.narrow, (whole, dim, start, width))
                 part.meta = dict(node.meta)  # the op's own record (fxq.report, average_bits) stays on its slice
