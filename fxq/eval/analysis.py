@@ -106,7 +106,16 @@ def average_bits(qmodel) -> dict:
     parameters counting float ones as 32; activation bits averaged over the quantized op inputs. Int8 kernels
     (backend="x86") hold weights and biases as buffers, not parameters: counted as parameters here; an op the
     lowering merged into one kernel call with its siblings (a slice of that call's output) counts its own rows."""
+    from fxq.backends.x86_packed import PackedWeight
+
     gm = _graph_module(qmodel)
+    shapes: dict[str, torch.Size] = {}  # an int8 kernel unpacks its weight to tell its shape: once per module
+
+    def weight_shape(target: str) -> torch.Size:
+        if target not in shapes:
+            shapes[target] = gm.get_submodule(target).weight.shape
+        return shapes[target]
+
     wbits = welems = abits = ninputs = 0
     seen = set()
     for node in gm.graph.nodes:
@@ -115,37 +124,31 @@ def average_bits(qmodel) -> dict:
             continue
         abits += meta["act_bits"] * len(meta["act_inputs"])
         ninputs += len(meta["act_inputs"])
-        n = _weight_elements(gm, node, seen) if meta["weight_bits"] is not None else 0
+        n = _weight_elements(node, seen, weight_shape) if meta["weight_bits"] is not None else 0
         wbits += meta["weight_bits"] * n if n else 0
         welems += n
-    total = sum(p.numel() for p in gm.parameters()) + sum(_kernel_elements(m) for m in gm.modules())
+    total = sum(p.numel() for p in gm.parameters())
+    for name, module in gm.named_modules():
+        if isinstance(module, PackedWeight):
+            bias = module._buffers.get("bias")
+            total += weight_shape(name).numel() + (0 if bias is None else bias.numel())
     return {"weight_bits_quantized": wbits / welems if welems else None,
             "weight_bits_all_params": (wbits + 32 * (total - welems)) / total if total else None,
             "quantized_weight_fraction": welems / total if total else 0.0,
             "act_bits": abits / ninputs if ninputs else None}
 
 
-def _kernel_elements(module) -> int:
-    """Weight and bias elements an x86 int8 kernel module holds as buffers (its weight possibly packed), else 0."""
-    from fxq.backends.x86_packed import PackedWeight
-
-    if not isinstance(module, PackedWeight):
-        return 0
-    bias = module._buffers.get("bias")
-    return module._codes().numel() + (0 if bias is None else bias.numel())
-
-
-def _weight_elements(gm, node, seen: set) -> int:
+def _weight_elements(node, seen: set, weight_shape) -> int:
     """Weight elements of the quantized op at node, once per module: its module's weight, or for a slice of a
     merged kernel call (torch.narrow of the call's output) the rows of the merged weight it reads."""
     if node.op == "call_module":
         if node.target in seen:
             return 0
         seen.add(node.target)
-        return gm.get_submodule(node.target).weight.numel()
+        return weight_shape(node.target).numel()
     if node.op == "call_function" and node.target is torch.narrow and node.args[0].op == "call_module":
-        weight = gm.get_submodule(node.args[0].target).weight
-        return node.args[3] * weight[0].numel()
+        shape = weight_shape(node.args[0].target)
+        return node.args[3] * shape[1:].numel()
     return 0
 
 
