@@ -15,6 +15,7 @@ int8 model and this simulation give the same codes, not codes one rounding apart
 from __future__ import annotations
 
 import operator
+from types import SimpleNamespace
 
 import torch
 import torch.fx as fx
@@ -152,7 +153,11 @@ def _exact_module(gm: fx.GraphModule, node: fx.Node, frozen: Frozen):
         if node.target not in _MATMULS or len(quantizers) != 2:
             return None
         return fake_ops.ExactMatmul.from_qparams(quantizers[0].qparams(), quantizers[1].qparams())
-    if node.op != "call_module" or weight_key(node) not in frozen.weight or len(node.args) != 1 or node.kwargs:
+    if weight_key(node) not in frozen.weight:
+        return None
+    if node.op != "call_module":
+        return _exact_functional(gm, node, frozen.weight[weight_key(node)], quantizers[0].qparams())
+    if len(node.args) != 1 or node.kwargs:
         return None
     module, wqp = gm.get_submodule(node.target), frozen.weight[weight_key(node)]
     if wqp.axis != 0 or not wqp.signed:
@@ -163,6 +168,39 @@ def _exact_module(gm: fx.GraphModule, node: fx.Node, frozen: Frozen):
     if type(module) is nn.Linear:
         return fake_ops.ExactLinear.from_float(module, _fake_quantized(module.weight, wqp), wqp, xqp)
     return None
+
+
+_LINEAR_FORMS = {torch.nn.functional.linear, *_MATMULS}
+
+
+def _exact_functional(gm: fx.GraphModule, node: fx.Node, wqp: Q.QParams, xqp: Q.QParams):
+    """The fake_ops module of a functional conv / linear with a constant weight (F.conv2d(x, w), F.linear,
+    x @ W) that the x86 backend runs on the same int8 kernel as the module form, or None. Add forms (addmm,
+    baddbmm), einsums and transposed convs keep the float op on fake-quantized operands."""
+    from fxq.backends import x86_forms  # the forms the x86 lowering reads, read the same way here
+
+    if not wqp.signed:
+        return None
+    kind = node.meta["fxq"]["kind"]
+    groups = xqp.scale.numel() if xqp.scale.dim() == 1 else 1
+    if kind == "conv":
+        spec = x86_forms.conv_spec(gm, node)
+        if isinstance(spec, str) or spec.transposed or wqp.axis != 0:
+            return None
+        w = spec.weight
+        exact = {1: fake_ops.ExactConv1d, 2: fake_ops.ExactConv2d, 3: fake_ops.ExactConv3d}[w.dim() - 2]
+        module = exact(w.shape[1] * spec.groups, w.shape[0], tuple(w.shape[2:]), spec.stride, spec.padding,
+                       spec.dilation, spec.groups, spec.bias is not None, wqp.bits, xqp.bits, groups)
+        bias = spec.bias
+    elif kind == "linear" and node.target in _LINEAR_FORMS and x86_forms.linear_reason(gm, node) is None:
+        w, bias = x86_forms.linear_operands(gm, node)  # [out, in]: x @ W reads W transposed
+        wqp = Q.QParams(wqp.scale, wqp.zero_point, wqp.bits, wqp.signed, 0)
+        module = fake_ops.ExactLinear(w.shape[1], w.shape[0], bias is not None, wqp.bits, xqp.bits, groups)
+    else:
+        return None
+    bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+    weight = _fake_quantized(w.float(), wqp)
+    return module.to(weight.device)._set_exact(SimpleNamespace(bias=bias), weight, wqp, xqp)
 
 
 def _exact_ops(gm: fx.GraphModule, frozen: Frozen) -> set:

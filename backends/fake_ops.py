@@ -135,6 +135,10 @@ class _ExactWeighted(_ExactBase):
 
     _acts = ("x",)
 
+    def reset_parameters(self) -> None:
+        """No random initialisation (Conv*d / Linear.__init__ calls this): the weight and bias are set right after
+        (`_set_exact`, or a file's tensors), and the caller's random state stays untouched."""
+
     def _init_exact(self, weight_bits: int, act_bits: int, timestep_groups: int, batch_axes=None):
         Q.int_range(weight_bits, True)  # refuses a width outside 2-16
         self.weight_bits = weight_bits

@@ -178,13 +178,13 @@ def _scalars(node: fx.Node) -> tuple[float, float]:
 def linear_reason(gm: fx.GraphModule, node: fx.Node) -> str | None:
     """Why a node select_ops marked "linear" (not an nn.Linear) has no int8 form here, or None."""
     try:
-        _linear_operands(gm, node)
+        linear_operands(gm, node)
     except _Refuse as why:
         return str(why)
     return None
 
 
-def _linear_operands(gm, node):
+def linear_operands(gm, node):
     """(weight [out, in], bias or None) of a functional linear / a matmul with a constant."""
     meta = node.meta["fxq"]
     weight = catalogue.weight_tensor(gm, node)
@@ -433,7 +433,7 @@ def lower_weighted(gm: fx.GraphModule, node: fx.Node, wqp: Q.QParams, xqp: Q.QPa
                        spec.groups, spec.bias is not None, groups, batch_major=xqp.batch_major)
         module.set_weight(w, wqp, spec.bias, xqp)
         return module
-    weight, bias = _linear_operands(gm, node)
+    weight, bias = linear_operands(gm, node)
     groups = xqp.scale.numel() if xqp.scale.dim() == 1 else 1
     if node.target is torch.einsum:
         module = QEinsumLinear(weight.shape[1], weight.shape[0], False, groups, equation=node.args[0],

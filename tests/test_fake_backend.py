@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 import fxq
 from fxq.quant import quantizer as Q
+from fxq.backends import fake_ops
 from fxq.backends.fake import FakeQuantize
 from fxq.quant.observers import WeightObserver
 
@@ -101,9 +102,10 @@ def test_functional_weight_is_the_fake_quantized_folded_constant_and_other_reade
     q = _quantize(model, x, bits=3)
     folded = (v - v.mean(1, keepdim=True)) * 3.0
     qp = WeightObserver(3, axis=0).qparams(folded)
-    linear = next(n for n in q.graph.nodes if n.target is F.linear)
-    src = linear.args[1].args[0]  # the weight slot reads a constant through the cast to x's dtype
-    lowered = getattr(q.graph_module, src.target)
+    # the functional linear runs as the int8 kernel would (as nn.Linear's does), on the fake-quantized constant
+    exact = [m for m in q.graph_module.modules() if isinstance(m, fake_ops.ExactLinear)]
+    assert len(exact) == 1 and not any(n.target is F.linear for n in q.graph.nodes)
+    lowered = exact[0].weight
     assert torch.equal(lowered, Q.fake_quantize(folded, qp))
     assert max(_codes_per_channel(lowered, qp, 0)) <= 2 ** 3
     # the other reader sees the float weight, so the output is float linear of the quantized weight + w.sum()
@@ -130,7 +132,8 @@ def test_a_weight_shared_with_a_module_kept_float_stays_float_there():
     config = fxq.QuantConfig(weight_bits=3, act_bits=16, first_last_bits=None, timestep_arg=None,
                              keep_float=("lin",))
     q = fxq.quantize(model, (x,), [(x,)], config)
-    assert [n.target for n in q.graph.nodes if "fxq" in n.meta] == [F.linear]
+    exact = [m for m in q.graph_module.modules() if isinstance(m, fake_ops.ExactLinear)]
+    assert len(exact) == 1 and [n.op for n in q.graph.nodes if "fxq" in n.meta] == ["call_module"]
     assert torch.equal(q.get_submodule("lin").weight, model.lin.weight)  # the module call still reads float
     qp = WeightObserver(3, axis=0).qparams(model.lin.weight)
     expected = F.linear(x, Q.fake_quantize(model.lin.weight, qp)) + model.lin(x)

@@ -69,6 +69,18 @@ def test_input_model_is_never_modified(unet):
     assert model.training
 
 
+@pytest.mark.parametrize("backend", ["fake", "x86"])
+def test_quantize_and_load_leave_the_callers_random_state_alone(unet, backend, tmp_path):
+    # a sampler seeded before quantizing draws the same noise as without it
+    torch.manual_seed(7)
+    state = torch.get_rng_state()
+    qmodel = fxq.quantize(unet, example(), calib_set(2), fxq.QuantConfig(backend=backend))
+    assert torch.equal(torch.get_rng_state(), state)
+    fxq.save(qmodel, tmp_path / "q.fxq")
+    fxq.load(tmp_path / "q.fxq")
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_same_seed_gives_the_same_model_bit_for_bit(unet):
     cfg = fxq.QuantConfig(weight_bits=4, act_bits=6, weight_estimator="mse", timestep_groups=4)
     a = fxq.quantize(unet, example(), calib_set(), cfg)

@@ -93,6 +93,19 @@ def test_ddpm_unet_with_timestep_groups_and_keep_float_comes_back_bit_for_bit(qu
     assert torch.equal(torch.load(copied, weights_only=False)(x, t), loaded.graph_module(x, t))
 
 
+@pytest.mark.skipif(x86_glue.cpu_int8_support() is not None, reason="no x86 int8 kernels on this CPU")
+def test_an_int8_model_with_timestep_groups_survives_pickling():
+    # unpickling rebuilds the graph by tracing its code: the call's group must be recorded, not computed
+    import pickle
+
+    unet, calib = _small_unet(), _calib()
+    q = fxq.quantize(unet, calib[0], calib, fxq.QuantConfig(backend="x86", timestep_groups=2))
+    x, t = _inputs()
+    again = pickle.loads(pickle.dumps(q))
+    with torch.no_grad():
+        assert torch.equal(again(x, t), q(x, t)) and torch.equal(again(x[:1], t[:1]), q(x[:1], t[:1]))
+
+
 def test_loaded_model_keeps_the_guards_of_its_trace(qunet, saved):
     loaded = fxq.load(saved)
     x, t = _inputs()

@@ -121,6 +121,39 @@ def test_conv_equals_fake_quant_bit_for_bit(seed, dims, cin, cout, k, stride, pa
     assert torch.equal(y8, yf)
 
 
+class _FunctionalWeighted(nn.Module):
+    """A conv or a linear written as a function call on constants the model holds."""
+
+    def __init__(self, form: str, cin: int, cout: int, dims: int, bias: bool):
+        super().__init__()
+        shape = (cout, cin) + (3,) * dims if form == "conv" else (cin, cout) if form.startswith("matmul") \
+            else (cout, cin)
+        self.form, self.dims = form, dims
+        self.w = nn.Parameter(torch.randn(shape) * 0.3)
+        self.b = nn.Parameter(torch.randn(cout) * 0.1) if bias and form in ("conv", "linear") else None
+
+    def forward(self, x):
+        if self.form == "conv":
+            return [F.conv1d, F.conv2d, F.conv3d][self.dims - 1](x, self.w, self.b, padding=1)
+        if self.form == "linear":
+            return F.linear(x, self.w, self.b)
+        return x @ self.w if self.form == "matmul@" else torch.matmul(x, self.w)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), form=st.sampled_from(["conv", "linear", "matmul@", "matmul"]),
+       dims=st.sampled_from([1, 2, 3]), cin=st.integers(2, 6), cout=st.integers(1, 6), bias=st.booleans())
+def test_functional_conv_and_linear_equal_fake_quant_bit_for_bit(seed, form, dims, cin, cout, bias):
+    # the fake twin computes F.conv2d(x, w) / F.linear / x @ W as the int8 kernel does, as it does nn.Conv2d's
+    torch.manual_seed(seed)
+    shape = (2, cin) + (5,) * dims if form == "conv" else (2, 3, cin)
+    model = _FunctionalWeighted(form, cin, cout, dims, bias).eval()
+    fake, int8 = _pair(model, (torch.randn(shape),), [(torch.randn(shape) * 2,)])
+    assert _modules(int8, x86_ops.QConv if form == "conv" else x86_ops.QLinear)
+    x = torch.randn(shape) * 2
+    assert torch.equal(int8(x), fake(x))
+
+
 @settings(max_examples=15, deadline=None)
 @given(seed=st.integers(0, 10_000), m=st.integers(1, 9), k=st.integers(2, 40), n=st.integers(1, 9),
        batch=st.integers(1, 3), shift=st.floats(-3, 3))  # k >= 2: a one-term product stays float (select_ops)

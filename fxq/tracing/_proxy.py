@@ -12,6 +12,7 @@ import functools
 import math
 import operator
 import sys
+import types
 from dataclasses import fields, is_dataclass
 
 import torch
@@ -142,6 +143,13 @@ class ReplayTracer(torch.fx.Tracer):
         return super().create_arg(a)
 
     def trace(self, root, concrete_args=None):
+        # every function the code calls by a global name was one node of the graph: record it again rather than
+        # run it on proxies (a lowered graph's glue reads values: strides, int(t)); torch's own are traced as ever
+        fn = type(root).forward if isinstance(root, torch.nn.Module) else root
+        called = tuple(v for v in getattr(fn, "__globals__", {}).values()
+                       if isinstance(v, types.FunctionType) and not (v.__module__ or "").startswith("torch"))
+        if called:
+            torch.fx.Tracer.__init__(self, (math,), self.opaque_functions + called)
         with patched_factories():
             return super().trace(root, concrete_args)
 
