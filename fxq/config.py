@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+from difflib import get_close_matches
 from dataclasses import dataclass, fields
 from fnmatch import fnmatchcase
 from types import MappingProxyType
@@ -243,10 +245,7 @@ class QuantConfig:
         key = name.upper() if isinstance(name, str) else None
         if key not in RECIPES:
             raise ConfigError(f"no recipe {name!r}; recipes: {', '.join(RECIPES)} (or build a QuantConfig yourself)")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ConfigError(f"QuantConfig has no field {', '.join(unknown)} (overriding recipe {key})")
+        _check_fields(overrides, f" (overriding recipe {key})")
         return cls(**{**RECIPES[key], **overrides})
 
     def _check_group_boundaries(self) -> None:
@@ -320,3 +319,25 @@ class QuantConfig:
     def to_dict(self) -> dict:
         """Plain-data form (for saving next to a quantized model)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _check_fields(kwargs: dict, context: str = "") -> None:
+    """ConfigError naming each keyword that is no QuantConfig field, with the nearest field names."""
+    known = [f.name for f in fields(QuantConfig)]
+    unknown = sorted(set(kwargs) - set(known))
+    if unknown:
+        hints = [f"{u} (did you mean {', '.join(close)}?)" if (close := get_close_matches(u, known, 2)) else u
+                 for u in unknown]
+        raise ConfigError(f"QuantConfig has no field {'; '.join(hints)}{context}")
+
+
+_dataclass_init = QuantConfig.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _init_checking_names(self, *args, **kwargs):
+    _check_fields(kwargs)  # a misspelt field gets a ConfigError naming it, not the dataclass's TypeError
+    _dataclass_init(self, *args, **kwargs)
+
+
+QuantConfig.__init__ = _init_checking_names

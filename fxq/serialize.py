@@ -232,12 +232,18 @@ def save(model: nn.Module, path) -> None:
     text = json.dumps(desc, separators=(",", ":"), allow_nan=False)
     metadata = {"fxq_format": desc["format"], "fxq_model": text, "fxq_sha256": _digest(text, w.stored)}
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise SaveError(f"fxq.save writes one file; {path!r} is a directory: pass a file path such as "
+                        f"{os.path.join(path, 'model.fxq.safetensors')!r}")
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     try:  # written whole, then renamed: a crash never leaves a half file under `path`
+        os.makedirs(directory, exist_ok=True)
         _write_safetensors(tmp, w.stored, metadata)
         os.replace(tmp, path)
+    except OSError as e:
+        raise SaveError(f"fxq.save cannot write {path!r}: {e.strerror or e}; pass a path in a directory you can "
+                        "write to") from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -142,3 +142,11 @@ def test_timestep_groups_without_a_timestep_input():
 def test_config_must_be_a_quantconfig():
     with pytest.raises(ConfigError, match="QuantConfig"):
         fxq.quantize(Tiny(), ex(), calib(), {"weight_bits": 8})
+
+
+def test_a_misspelt_config_field_is_named_with_the_nearest_fields():
+    with pytest.raises(ConfigError, match=r"no field weight_bit \(did you mean weight_bits"):
+        fxq.QuantConfig(weight_bit=4)
+    with pytest.raises(ConfigError, match=r"no field bakend \(did you mean backend\?\) \(overriding recipe W8A8\)"):
+        fxq.QuantConfig.recipe("W8A8", bakend="x86")
+    assert fxq.QuantConfig(weight_bits=4).weight_bits == 4  # the fields themselves still pass

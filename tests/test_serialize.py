@@ -702,3 +702,13 @@ def test_the_main_job_runs_a_recipe_and_refuses_bit_widths_beside_it(tmp_path, c
         with pytest.raises(SystemExit):
             parse_args(argv)  # before any calibration
         assert message in capsys.readouterr().err
+
+
+def test_saving_to_a_directory_or_an_unwritable_place_is_a_save_error(qunet, tmp_path):
+    with pytest.raises(SaveError, match="is a directory: pass a file path"):
+        fxq.save(qunet, tmp_path)
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    with pytest.raises(SaveError, match="cannot write"):  # a path under a file: no directory can be made there
+        fxq.save(qunet, blocked / "model.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # no temporary file left behind
