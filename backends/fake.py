@@ -15,7 +15,6 @@ int8 model and this simulation give the same codes, not codes one rounding apart
 from __future__ import annotations
 
 import operator
-from types import SimpleNamespace
 
 import torch
 import torch.fx as fx
@@ -182,25 +181,22 @@ def _exact_functional(gm: fx.GraphModule, node: fx.Node, wqp: Q.QParams, xqp: Q.
     if not wqp.signed:
         return None
     kind = node.meta["fxq"]["kind"]
-    groups = xqp.scale.numel() if xqp.scale.dim() == 1 else 1
     if kind == "conv":
         spec = x86_forms.conv_spec(gm, node)
         if isinstance(spec, str) or spec.transposed or wqp.axis != 0:
             return None
-        w = spec.weight
-        exact = {1: fake_ops.ExactConv1d, 2: fake_ops.ExactConv2d, 3: fake_ops.ExactConv3d}[w.dim() - 2]
-        module = exact(w.shape[1] * spec.groups, w.shape[0], tuple(w.shape[2:]), spec.stride, spec.padding,
-                       spec.dilation, spec.groups, spec.bias is not None, wqp.bits, xqp.bits, groups)
-        bias = spec.bias
-    elif kind == "linear" and node.target in _LINEAR_FORMS and x86_forms.linear_reason(gm, node) is None:
-        w, bias = x86_forms.linear_operands(gm, node)  # [out, in]: x @ W reads W transposed
+        return fake_ops._ExactConv.from_parts(_fake_quantized(spec.weight.float(), wqp), _constant_bias(spec.bias),
+                                              spec.stride, spec.padding, spec.dilation, spec.groups, wqp, xqp)
+    if kind == "linear" and node.target in _LINEAR_FORMS and x86_forms.linear_reason(gm, node) is None:
+        weight, bias = x86_forms.linear_operands(gm, node)  # [out, in]: x @ W reads W transposed
         wqp = Q.QParams(wqp.scale, wqp.zero_point, wqp.bits, wqp.signed, 0)
-        module = fake_ops.ExactLinear(w.shape[1], w.shape[0], bias is not None, wqp.bits, xqp.bits, groups)
-    else:
-        return None
-    bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
-    weight = _fake_quantized(w.float(), wqp)
-    return module.to(weight.device)._set_exact(SimpleNamespace(bias=bias), weight, wqp, xqp)
+        return fake_ops.ExactLinear.from_parts(_fake_quantized(weight.float(), wqp), _constant_bias(bias), wqp, xqp)
+    return None
+
+
+def _constant_bias(bias: torch.Tensor | None) -> nn.Parameter | None:
+    """A functional op's constant bias as the exact module's own parameter (the graph's constant is left as is)."""
+    return None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
 
 
 def _exact_ops(gm: fx.GraphModule, frozen: Frozen) -> set:

@@ -127,6 +127,10 @@ class _ExactBase(SpecFields, nn.Module):
         return super().from_fxq_spec(spec)
 
 
+def _timestep_groups(xqp: Q.QParams) -> int:
+    return xqp.scale.numel() if xqp.scale.dim() == 1 else 1
+
+
 class _ExactWeighted(_ExactBase):
     """A conv / linear whose weight is fake-quantized per output channel (axis 0, symmetric), with a float bias,
     and one activation input. It stays a Conv*d / Linear with its float Parameter (what fxq.eval.analysis swaps and
@@ -149,12 +153,12 @@ class _ExactWeighted(_ExactBase):
         self._orders = {}  # input shape -> the scale order of this CPU's int8 kernel for this op at that shape
         self._mixed_orders = {}  # (input shape, groups of a mixed batch) -> _group_orders's answer
 
-    def _set_exact(self, float_module, weight: torch.Tensor, wqp: Q.QParams, xqp: Q.QParams):
+    def _set_exact(self, weight: torch.Tensor, bias: nn.Parameter | None, wqp: Q.QParams, xqp: Q.QParams):
         if not wqp.signed or wqp.axis != 0 or wqp.bits != self.weight_bits:
             raise InputError(f"weights are signed {self.weight_bits}-bit per output channel here, got "
                              f"bits={wqp.bits} signed={wqp.signed} axis={wqp.axis}")
         self.weight = weight
-        self.bias = float_module.bias
+        self.bias = bias
         self.w_scale.copy_(wqp.scale.reshape(-1))
         self._set_act("x", xqp)
         return self
@@ -338,11 +342,17 @@ class _ExactConv(_ExactWeighted):
     @classmethod
     def from_float(cls, conv: nn.modules.conv._ConvNd, weight: nn.Parameter, wqp: Q.QParams, xqp: Q.QParams):
         """The exact form of `conv` with `weight`, its fake-quantized weight (parameters wqp)."""
-        exact = {1: ExactConv1d, 2: ExactConv2d, 3: ExactConv3d}[len(conv.kernel_size)]
-        groups = xqp.scale.numel() if xqp.scale.dim() == 1 else 1
-        module = exact(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                       conv.dilation, conv.groups, conv.bias is not None, wqp.bits, xqp.bits, groups)
-        return module.to(weight.device)._set_exact(conv, weight, wqp, xqp)
+        return cls.from_parts(weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups, wqp, xqp)
+
+    @classmethod
+    def from_parts(cls, weight: nn.Parameter, bias: nn.Parameter | None, stride, padding, dilation, groups: int,
+                   wqp: Q.QParams, xqp: Q.QParams):
+        """The exact conv of a fake-quantized weight [out, in / groups, *kernel] (parameters wqp) and a bias: a
+        module's, or the constants of a functional conv."""
+        exact = {1: ExactConv1d, 2: ExactConv2d, 3: ExactConv3d}[weight.dim() - 2]
+        module = exact(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), stride, padding,
+                       dilation, groups, bias is not None, wqp.bits, xqp.bits, _timestep_groups(xqp))
+        return module.to(weight.device)._set_exact(weight, bias, wqp, xqp)
 
     def _product(self, codes: torch.Tensor, wcodes: torch.Tensor) -> torch.Tensor:
         """The conv of input codes with weight codes, no bias (the integer sums, in the codes' float dtype)."""
@@ -389,9 +399,14 @@ class ExactLinear(_ExactWeighted, nn.Linear):
 
     @classmethod
     def from_float(cls, linear: nn.Linear, weight: nn.Parameter, wqp: Q.QParams, xqp: Q.QParams) -> "ExactLinear":
-        groups = xqp.scale.numel() if xqp.scale.dim() == 1 else 1
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None, wqp.bits, xqp.bits, groups)
-        return module.to(weight.device)._set_exact(linear, weight, wqp, xqp)
+        return cls.from_parts(weight, linear.bias, wqp, xqp)
+
+    @classmethod
+    def from_parts(cls, weight: nn.Parameter, bias: nn.Parameter | None, wqp: Q.QParams,
+                   xqp: Q.QParams) -> "ExactLinear":
+        """The exact linear of a fake-quantized weight [out, in] (parameters wqp) and a bias."""
+        module = cls(weight.shape[1], weight.shape[0], bias is not None, wqp.bits, xqp.bits, _timestep_groups(xqp))
+        return module.to(weight.device)._set_exact(weight, bias, wqp, xqp)
 
     def forward(self, x: torch.Tensor, group=None) -> torch.Tensor:
         exact = self._exact_inputs(x, group)
