@@ -252,11 +252,13 @@ class _ExactWeighted(_ExactBase):
         codes with the backend's own int8 module; None (the process default) where no int8 kernel serves the
         op (weights or activations above 8 bits, a form the x86 backend refuses, a CPU without int8 kernels)."""
         orders = self._orders
-        if in_shape not in orders:
+        order = orders.get(in_shape, _UNPROBED)
+        if order is _UNPROBED:  # racing threads may both probe: they find the same order
+            order = _probe_kernel_order(self, in_shape, channel_dim)
             if len(orders) >= _MAX_ORDERS:
-                orders.pop(next(iter(orders)))  # the oldest shape
-            orders[in_shape] = _probe_kernel_order(self, in_shape, channel_dim)
-        return orders[in_shape]
+                orders.pop(next(iter(orders)), None)  # the oldest shape
+            orders[in_shape] = order
+        return order
 
     def __getstate__(self):
         # the orders belong to this CPU: a copy or pickle probes again where it runs
@@ -275,6 +277,7 @@ class _ExactWeighted(_ExactBase):
 
 
 _MAX_ORDERS = 64  # input shapes whose kernel order an op keeps
+_UNPROBED = object()
 _PROBE_TRIES = 8  # random inputs tried at one shape until exactly one order fits
 
 

@@ -14,6 +14,7 @@ held only in its pack; state_dict and copies unpack it (x86_packed.py).
 
 from __future__ import annotations
 
+import threading
 import warnings
 
 import torch
@@ -30,6 +31,10 @@ from fxq.io.spec_fields import SpecFields
 
 _PACKS = 2  # packed weights kept per conv, one per input shape (batch aside): a UNet's conv sees one
 _U8_TO_S8 = 128  # uint8 code c and int8 code c - 128 share a bit pattern: (c ^ 0x80).view(int8)
+# Derived state is built by the first call that needs it; calls from several threads may race into that (a server's
+# worker pool): they build one at a time (packing releases the plain weight: twice would fail). Built state is
+# only read, so calls after it take no lock.
+_BUILD_LOCK = threading.RLock()
 
 
 # --- modules -------------------------------------------------------------------------------------------------
@@ -84,9 +89,13 @@ class _Lazy(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     def derived(self):
-        if self._derived is None:
-            self._derived = self._build()
-        return self._derived
+        d = self._derived
+        if d is None:
+            with _BUILD_LOCK:
+                d = self._derived
+                if d is None:
+                    d = self._derived = self._build()
+        return d
 
     def _build(self):
         raise NotImplementedError
@@ -289,14 +298,18 @@ class QConv(_WeightedInt8):
         call: 3x slower for a 512-channel 8x8 input (1.6x at batch 4). At most `_PACKS` shapes are kept."""
         key = tuple(x.shape[1:])
         packs = d["packs"]
-        if key not in packs:
-            codes = self._codes()
-            if len(packs) >= _PACKS:
-                packs.pop(next(iter(packs)))  # the oldest shape
-            xs, xz = d["x"][0]
-            packs[key] = self._adopt(torch.ops.onednn.qconv_prepack(codes, self.w_scale, xs, xz, *d["geometry"],
-                                                                    [1, *key]))
-        return packs[key]
+        pack = packs.get(key)
+        if pack is None:
+            with _BUILD_LOCK:
+                pack = packs.get(key)
+                if pack is None:
+                    codes = self._codes()
+                    if len(packs) >= _PACKS:
+                        packs.pop(next(iter(packs)))  # the oldest shape (a racing call holds its own reference)
+                    xs, xz = d["x"][0]
+                    pack = packs[key] = self._adopt(torch.ops.onednn.qconv_prepack(
+                        codes, self.w_scale, xs, xz, *d["geometry"], [1, *key]))
+        return pack
 
     def _held_packs(self):
         return list(self._derived["packs"].values())
