@@ -73,6 +73,22 @@ def prepare(model: nn.Module, example_inputs, config: QuantConfig, *,
     return gm, t_name
 
 
+def _check_groups_reached(gm: fx.GraphModule, config: QuantConfig) -> None:
+    """Timestep groups that calibration filled all but one of would run the model on one set of ranges while it
+    says it has G: refused, naming the likely cause (a model whose t is not an integer step)."""
+    from fxq.quant.observers import ActObserver
+
+    reached = [torch.isfinite(m.hist.min).nonzero().reshape(-1).tolist() for m in gm.modules()
+               if isinstance(m, ActObserver) and m.groups > 1 and not m.hist.empty]
+    if reached and max(len(r) for r in reached) == 1:
+        G, T = config.timestep_groups, config.num_timesteps
+        raise ConfigError(
+            f"timestep_groups={G}: every calibration timestep fell in group {reached[0][0]} (groups split the "
+            f"integer part of t over [0, num_timesteps={T})). A model whose t runs over [0, 1) (continuous time) "
+            f"needs t passed as integer steps (e.g. a wrapper that takes t * {T}); otherwise set num_timesteps to "
+            "the model's timestep range, calibrate over the timesteps it samples at, or set timestep_groups=1")
+
+
 def quantize(model: nn.Module, example_inputs, calib_data: Iterable, config: QuantConfig | None = None, *,
              batch_size: int = 32, progress: bool = False) -> QuantizedModel:
     """Quantized copy of `model` (a `fxq.QuantizedModel`), callable like it: same parameters and defaults, same
@@ -117,6 +133,8 @@ def quantize(model: nn.Module, example_inputs, calib_data: Iterable, config: Qua
     with torch.random.fork_rng(devices=cuda_devices(gm)):
         torch.manual_seed(config.seed)
         calibrate.run(gm, items, example, batch_size=batch_size, progress=progress)
+        if config.timestep_groups > 1 and not auto_groups:  # (auto groups check their timesteps themselves)
+            _check_groups_reached(gm, config)
         group_plan = None
         if plan_groups:
             from fxq.quant.timestep_groups import plan_groups as plan

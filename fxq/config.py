@@ -100,7 +100,7 @@ class QuantConfig:
       those whose range in some group is at least `oscillation_ratio` times narrower than their range over all
       timesteps (sharing one range would cost that group log2(ratio) bits); the rest keep one shared range.
     oscillation_ratio: the threshold of "oscillating" (> 1).
-    num_timesteps: T of the diffusion process, to map a timestep to its group.
+    num_timesteps: T of the diffusion process, to map a timestep to its group (by t's integer part).
     timestep_arg: which model input is the timestep: its name, its position, None for a model without one,
       or "auto": an input named t / timestep / timesteps / time, else the second input with an FxqWarning (and a
       ConfigError when timestep_groups > 1: per-group ranges keyed by a guess could be silently wrong).

@@ -378,3 +378,17 @@ def test_bad_group_options_are_refused():
         with pytest.raises(ConfigError, match="oscillation_ratio"):
             fxq.QuantConfig(oscillation_ratio=ratio)
     assert fxq.QuantConfig(timestep_groups=3, timestep_group_boundaries=[0, 10, 20, 1000]).group_edges == (10, 20)
+
+
+@pytest.mark.parametrize("boundaries", ["uniform", (250, 500, 750)])
+def test_groups_that_calibration_left_all_but_one_empty_are_refused_naming_continuous_time(boundaries):
+    """A continuous-time model (t in [0, 1)) puts every t in group 0: it would run on one set of ranges while
+    claiming G; the same timesteps as integer steps fill the groups."""
+    g = torch.Generator().manual_seed(0)
+    fractional = [(torch.randn(2, 3, 6, 6, generator=g), torch.full((2,), t / 1000)) for t in range(0, 1000, 50)]
+    config = fxq.QuantConfig(timestep_groups=4, timestep_group_boundaries=boundaries)
+    with pytest.raises(ConfigError, match=r"timestep_groups=4: every calibration timestep fell in group 0 .*"
+                                          r"continuous time.*t \* 1000"):
+        _quantize(config, fractional)
+    steps = [(x, t * 1000) for x, t in fractional]
+    _quantize(config, steps)
