@@ -7,8 +7,9 @@ module gets a new weight Parameter, a functional op (F.conv2d, F.linear, a matmu
 constant in its weight slot. Biases stay in float, as the int8
 kernels add them (in float32, after scaling the integer sum).
 
-Conv / linear modules (zero padding) and matmul / bmm / @ attention matmuls become `fake_ops.Exact*` modules: the
-integer sum and its scaling exactly as the int8 kernels compute them (see fake_ops), so that the x86 backend's
+Conv / linear modules (zero padding), their functional forms, matmul / bmm / @, the add forms (baddbmm, addmm:
+their product) and einsums (of two activations, or a linear one of a constant) become `fake_ops.Exact*` modules:
+the integer sum and its scaling exactly as the int8 kernels compute them (see fake_ops), so that the x86 backend's
 int8 model and this simulation give the same codes, not codes one rounding apart.
 """
 
@@ -148,10 +149,17 @@ def _exact_module(gm: fx.GraphModule, node: fx.Node, frozen: Frozen):
     quantizers = [_fake_quantized_input(gm, n) for n in inputs]
     if not quantizers or any(q is None for q in quantizers) or any(q.signed for q in quantizers):
         return None
-    if meta["kind"] == "attn_matmul":
-        if node.target not in _MATMULS or len(quantizers) != 2:
+    if meta["kind"] == "attn_matmul" and node.target is not torch.einsum:
+        if node.target not in _MATMULS and node.target not in _ADD_FORMS or len(quantizers) != 2:
+            return None
+        if node.target in _ADD_FORMS and _add_form_reason(node) is not None:
             return None
         return fake_ops.ExactMatmul.from_qparams(quantizers[0].qparams(), quantizers[1].qparams())
+    if meta["kind"] == "attn_matmul" and node.target is torch.einsum:
+        aqp, bqp = (q.qparams() for q in quantizers)
+        if len(quantizers) != 2 or _add_form_reason(node) is not None or _grouped(aqp) or _grouped(bqp):
+            return None
+        return fake_ops.ExactEinsum.from_qparams(aqp, bqp, equation=node.args[0])
     if weight_key(node) not in frozen.weight:
         return None
     if node.op != "call_module":
@@ -169,13 +177,21 @@ def _exact_module(gm: fx.GraphModule, node: fx.Node, frozen: Frozen):
     return None
 
 
-_LINEAR_FORMS = {torch.nn.functional.linear, *_MATMULS}
+_LINEAR_FORMS = {torch.nn.functional.linear, *_MATMULS, torch.addmm, "addmm"}
+# baddbmm(input, b1, b2) = beta * input + alpha * (b1 @ b2) (addbmm: the product summed over its batch): the x86
+# backend runs the product on int8 and the rest in float after it (x86_forms.product_epilogue); so does this twin
+_ADD_FORMS = {torch.baddbmm, torch.addbmm, torch.addmm, "baddbmm", "addbmm", "addmm"}
+
+
+def _add_form_reason(node: fx.Node) -> str | None:
+    from fxq.backends import x86_forms
+    return x86_forms.matmul_reason(node)
 
 
 def _exact_functional(gm: fx.GraphModule, node: fx.Node, wqp: Q.QParams, xqp: Q.QParams):
     """The fake_ops module of a functional conv / linear with a constant weight (F.conv2d(x, w), F.linear,
-    x @ W) that the x86 backend runs on the same int8 kernel as the module form, or None. Add forms (addmm,
-    baddbmm), einsums and transposed convs keep the float op on fake-quantized operands."""
+    x @ W, addmm's product) that the x86 backend runs on the same int8 kernel as the module form, or None.
+    Einsums and transposed convs keep the float op on fake-quantized operands."""
     from fxq.backends import x86_forms  # the forms the x86 lowering reads, read the same way here
 
     if not wqp.signed:
@@ -187,11 +203,22 @@ def _exact_functional(gm: fx.GraphModule, node: fx.Node, wqp: Q.QParams, xqp: Q.
             return None
         return fake_ops._ExactConv.from_parts(_fake_quantized(spec.weight.float(), wqp), _constant_bias(spec.bias),
                                               spec.stride, spec.padding, spec.dilation, spec.groups, wqp, xqp)
-    if kind == "linear" and node.target in _LINEAR_FORMS and x86_forms.linear_reason(gm, node) is None:
+    einsum = node.target is torch.einsum
+    if (kind == "linear" and (node.target in _LINEAR_FORMS or einsum and not _grouped(xqp))
+            and x86_forms.linear_reason(gm, node) is None):
         weight, bias = x86_forms.linear_operands(gm, node)  # [out, in]: x @ W reads W transposed
         wqp = Q.QParams(wqp.scale, wqp.zero_point, wqp.bits, wqp.signed, 0)
+        if einsum:
+            return fake_ops.ExactEinsumLinear.from_parts(
+                _fake_quantized(weight.float(), wqp), None, wqp, xqp, equation=node.args[0],
+                weight_first=node.meta["fxq"]["act_inputs"][0] == 2)
         return fake_ops.ExactLinear.from_parts(_fake_quantized(weight.float(), wqp), _constant_bias(bias), wqp, xqp)
     return None
+
+
+def _grouped(qp: Q.QParams) -> bool:
+    """Per-timestep-group parameters: an einsum moves the batch axis, which the exact modules do not follow."""
+    return qp.scale.dim() == 1
 
 
 def _constant_bias(bias: torch.Tensor | None) -> nn.Parameter | None:
@@ -228,7 +255,11 @@ def _exact_ops(gm: fx.GraphModule, frozen: Frozen) -> set:
         with graph.inserting_before(node):
             new = graph.call_module(name, (*inputs, group))
         new.meta = node.meta
-        node.replace_all_uses_with(new)
+        last = new
+        if node.target in _ADD_FORMS:
+            from fxq.backends.x86_forms import product_epilogue
+            last = product_epilogue(graph, node, new)
+        node.replace_all_uses_with(last)
         graph.erase_node(node)
     if any(isinstance(m, fake_ops.ExactConv2d) for m in gm.modules()):  # CPU outputs are channels-last
         from fxq.backends.x86_glue import dense

@@ -406,9 +406,11 @@ class ExactLinear(_ExactWeighted, nn.Linear):
 
     @classmethod
     def from_parts(cls, weight: nn.Parameter, bias: nn.Parameter | None, wqp: Q.QParams,
-                   xqp: Q.QParams) -> "ExactLinear":
-        """The exact linear of a fake-quantized weight [out, in] (parameters wqp) and a bias."""
-        module = cls(weight.shape[1], weight.shape[0], bias is not None, wqp.bits, xqp.bits, _timestep_groups(xqp))
+                   xqp: Q.QParams, **form) -> "ExactLinear":
+        """The exact linear of a fake-quantized weight [out, in] (parameters wqp) and a bias; `form`: a
+        subclass's own constructor arguments."""
+        module = cls(weight.shape[1], weight.shape[0], bias is not None, wqp.bits, xqp.bits, _timestep_groups(xqp),
+                     **form)
         return module.to(weight.device)._set_exact(weight, bias, wqp, xqp)
 
     def forward(self, x: torch.Tensor, group=None) -> torch.Tensor:
@@ -434,8 +436,8 @@ class ExactMatmul(_ExactBase):
         self._init_acts(timestep_groups, act_bits, batch_axes)
 
     @classmethod
-    def from_qparams(cls, aqp: Q.QParams, bqp: Q.QParams) -> "ExactMatmul":
-        module = cls(aqp.bits, aqp.scale.numel() if aqp.scale.dim() == 1 else 1)
+    def from_qparams(cls, aqp: Q.QParams, bqp: Q.QParams, **form) -> "ExactMatmul":
+        module = cls(aqp.bits, aqp.scale.numel() if aqp.scale.dim() == 1 else 1, **form)
         module = module.to(aqp.scale.device)
         module._set_act("a", aqp)
         module._set_act("b", bqp)
@@ -455,3 +457,48 @@ class ExactMatmul(_ExactBase):
 
     def extra_repr(self) -> str:
         return f"A{self.act_bits}, timestep_groups={self.timestep_groups}"
+
+
+def _einsum_plan(plan_cls, *args):
+    from fxq.backends import x86_forms  # the plan the int8 einsum follows: the same permutes of the same values
+    try:
+        return getattr(x86_forms, plan_cls)(*args)
+    except x86_forms._Refuse as why:
+        raise InputError(str(why)) from None
+
+
+class ExactEinsum(ExactMatmul):
+    """torch.einsum(equation, a, b) of two fake-quantized activations as one batched exact matmul, the operands
+    moved as the int8 einsum moves their codes (x86_forms.EinsumPlan)."""
+
+    _spec_fields = ExactMatmul._spec_fields + ("equation",)
+
+    def __init__(self, act_bits: int = 8, timestep_groups: int = 1, batch_axes=None, equation: str = ""):
+        super().__init__(act_bits, timestep_groups, batch_axes)
+        self.equation, self.plan = equation, _einsum_plan("EinsumPlan", equation)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, group=None) -> torch.Tensor:
+        a3, b3, size = self.plan.operands(a, b)
+        return self.plan.result(super().forward(a3, b3, group), size)
+
+    def extra_repr(self) -> str:
+        return f"{self.equation!r}, " + super().extra_repr()
+
+
+class ExactEinsumLinear(ExactLinear):
+    """torch.einsum(equation, x, W) with a constant W (or W first) as an exact linear over x with the contracted
+    letters moved last, as the int8 einsum linear (x86_forms.EinsumLinearPlan); the weight is W as [out, in]."""
+
+    _spec_fields = ExactLinear._spec_fields + ("equation", "weight_first")
+
+    def __init__(self, *args, equation: str = "", weight_first: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.equation, self.weight_first = equation, weight_first
+        self.plan = _einsum_plan("EinsumLinearPlan", equation, weight_first)
+
+    def forward(self, x: torch.Tensor, group=None) -> torch.Tensor:
+        rows, lead = self.plan.rows(x)
+        return self.plan.result(super().forward(rows, group), lead)
+
+    def extra_repr(self) -> str:
+        return f"{self.equation!r}, " + super().extra_repr()

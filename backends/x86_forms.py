@@ -260,6 +260,24 @@ class EinsumPlan:
         self.n = [c for c in b if c in out and c not in a]
         self.k = [c for c in a if c in b and c not in out]
 
+    def operands(self, a: torch.Tensor, b: torch.Tensor):
+        """(a as [batch..., M, K], b as [batch..., K, N], each letter's size) for one batched matmul."""
+        size = {c: n for c, n in zip(self.a, a.shape)}
+        for c, n in zip(self.b, b.shape):
+            size[c] = max(size.get(c, n), n)  # a batch letter of size 1 in one operand broadcasts
+        a3 = a.permute([self.a.index(c) for c in self.batch + self.m + self.k])
+        a3 = a3.reshape([a3.shape[i] for i in range(len(self.batch))] + [math.prod(size[c] for c in self.m),
+                                                                         math.prod(size[c] for c in self.k)])
+        b3 = b.permute([self.b.index(c) for c in self.batch + self.k + self.n])
+        b3 = b3.reshape([b3.shape[i] for i in range(len(self.batch))] + [math.prod(size[c] for c in self.k),
+                                                                         math.prod(size[c] for c in self.n)])
+        return a3, b3, size
+
+    def result(self, y: torch.Tensor, size: dict) -> torch.Tensor:
+        """The batched matmul's [batch..., M, N] product in the equation's output order."""
+        order = self.batch + self.m + self.n
+        return y.reshape([size[c] for c in order]).permute([order.index(c) for c in self.out])
+
 
 class QEinsum(QMatmul):
     """torch.einsum(equation, a, b) of two uint8-coded activations, as QMatmul on the codes moved into
@@ -305,19 +323,8 @@ class QEinsum(QMatmul):
         if isinstance(g, torch.Tensor) and not (rows in p.batch and rows == self._letter("b")):
             raise InputError(f"einsum {self.equation!r}: its operands' rows do not map to samples, so a batch of "
                              "mixed timestep groups cannot be served; call the model with one timestep for the batch")
-        size = {c: n for c, n in zip(p.a, a.shape)}
-        for c, n in zip(p.b, b.shape):
-            size[c] = max(size.get(c, n), n)  # a batch letter of size 1 in one operand broadcasts
-        a3 = a.permute([p.a.index(c) for c in p.batch + p.m + p.k])
-        a3 = a3.reshape([a3.shape[i] for i in range(len(p.batch))] + [math.prod(size[c] for c in p.m),
-                                                                      math.prod(size[c] for c in p.k)])
-        b3 = b.permute([p.b.index(c) for c in p.batch + p.k + p.n])
-        b3 = b3.reshape([b3.shape[i] for i in range(len(p.batch))] + [math.prod(size[c] for c in p.k),
-                                                                      math.prod(size[c] for c in p.n)])
-        y = super().forward(a3, b3, g)
-        order = p.batch + p.m + p.n
-        y = y.reshape([size[c] for c in order])
-        return y.permute([order.index(c) for c in p.out])
+        a3, b3, size = p.operands(a, b)
+        return p.result(super().forward(a3, b3, g), size)
 
     def extra_repr(self) -> str:
         return f"{self.equation!r}, groups={self.groups}"
@@ -345,6 +352,17 @@ class EinsumLinearPlan:
             raise _Refuse(f"einsum {equation!r} is not a linear layer of the activation (the constant must hold the "
                           "contracted letters and one output letter, and nothing else)")
         self.o = outs[0]
+
+    def rows(self, x: torch.Tensor):
+        """(x as [pass-through letters..., contracted] (one row for none), the pass-through sizes) for a linear."""
+        xs = x.permute([self.a.index(c) for c in self.free + self.k])
+        lead = list(xs.shape[:len(self.free)])
+        return (xs.reshape(lead + [-1]) if lead else xs.reshape(1, -1)), lead
+
+    def result(self, y: torch.Tensor, lead: list) -> torch.Tensor:
+        """The linear's [rows, out] result in the equation's output order."""
+        order = self.free + [self.o]
+        return y.reshape(lead + [y.shape[-1]]).permute([order.index(c) for c in self.out])
 
     def weight_matrix(self, weight: torch.Tensor) -> torch.Tensor:
         """The constant as a [out, contracted] matrix (contracted letters in the activation's order)."""
@@ -376,12 +394,8 @@ class QEinsumLinear(QLinear):
         if isinstance(g, torch.Tensor) and self._row_axis(x) is None:
             raise InputError(f"einsum {self.equation!r}: its rows do not map to samples, so a batch of mixed "
                              "timestep groups cannot be served; call the model with one timestep for the batch")
-        xs = x.permute([p.a.index(c) for c in p.free + p.k])
-        lead = list(xs.shape[:len(p.free)])
-        y = super().forward(xs.reshape(lead + [-1]) if lead else xs.reshape(1, -1), g)  # [*free, out]
-        y = y.reshape(lead + [y.shape[-1]])
-        order = p.free + [p.o]
-        y = y.permute([order.index(c) for c in p.out])
+        rows, lead = p.rows(x)
+        y = p.result(super().forward(rows, g), lead)
         return y if other is None else y + other
 
     def extra_repr(self) -> str:

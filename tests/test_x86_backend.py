@@ -154,6 +154,47 @@ def test_functional_conv_and_linear_equal_fake_quant_bit_for_bit(seed, form, dim
     assert torch.equal(int8(x), fake(x))
 
 
+class _ProductForms(nn.Module):
+    """The products the x86 backend runs on int8 beyond matmul/bmm/@ and F.linear: the add forms (a float
+    epilogue after the int8 product) and einsums, of two activations or of an activation and a constant."""
+
+    def __init__(self, form: str, d: int, e: int):
+        super().__init__()
+        self.form = form
+        self.w = nn.Parameter(torch.randn(d, e) * 0.3)  # [d, e]; the einsums read it as either
+        self.base = nn.Parameter(torch.randn(e) * 0.1)
+
+    def forward(self, x, y):  # x [B, L, d], y [B, M, d]
+        f = self.form
+        if f == "baddbmm":
+            return torch.baddbmm(torch.ones(x.shape[0], x.shape[1], y.shape[1]), x, y.transpose(1, 2), beta=0.5,
+                                 alpha=0.3)
+        if f == "addbmm":
+            return torch.addbmm(torch.ones(x.shape[1], y.shape[1]), x, y.transpose(1, 2), alpha=0.7)
+        if f == "addmm":
+            return torch.addmm(self.base, x.reshape(-1, x.shape[-1]), self.w, beta=2.0, alpha=0.5)
+        if f == "einsum attention":
+            return torch.einsum("bld,bmd->bml", x, y)
+        if f == "einsum linear":
+            return torch.einsum("bld,de->ble", x, self.w)
+        return torch.einsum("ed,bld->bel", self.w.t(), x)  # the constant first, the output letter first in it
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), form=st.sampled_from(["baddbmm", "addbmm", "addmm", "einsum attention",
+                                                          "einsum linear", "einsum linear, constant first"]),
+       length=st.integers(1, 5), d=st.integers(2, 9), e=st.integers(1, 6), shift=st.floats(-2, 2))
+def test_add_form_and_einsum_products_equal_fake_quant_bit_for_bit(seed, form, length, d, e, shift):
+    # the fake twin runs each as the int8 model does: the same exact product, the same float epilogue after it
+    torch.manual_seed(seed)
+    x, y = torch.randn(2, length, d) + shift, torch.rand(2, 3, d)
+    model = _ProductForms(form, d, e).eval()
+    fake, int8 = _pair(model, (x, y), [(x * 1.2, y * 1.2)])
+    assert _modules(int8, x86_ops.QMatmul if form in ("baddbmm", "addbmm", "einsum attention") else x86_ops.QLinear)
+    x, y = torch.randn(3, length, d) * 1.5 + shift, torch.rand(3, 3, d)
+    assert torch.equal(int8(x, y), fake(x, y))
+
+
 @settings(max_examples=15, deadline=None)
 @given(seed=st.integers(0, 10_000), m=st.integers(1, 9), k=st.integers(2, 40), n=st.integers(1, 9),
        batch=st.integers(1, 3), shift=st.floats(-3, 3))  # k >= 2: a one-term product stays float (select_ops)
