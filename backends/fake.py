@@ -8,7 +8,8 @@ constant in its weight slot. Biases stay in float, as the int8
 kernels add them (in float32, after scaling the integer sum).
 
 Conv / linear modules (zero padding), their functional forms, matmul / bmm / @, the add forms (baddbmm, addmm:
-their product) and einsums (of two activations, or a linear one of a constant) become `fake_ops.Exact*` modules:
+their product), einsums (of two activations, or a linear one of a constant) and transposed convs
+(fake_transposed.py) become `fake_ops.Exact*` modules:
 the integer sum and its scaling exactly as the int8 kernels compute them (see fake_ops), so that the x86 backend's
 int8 model and this simulation give the same codes, not codes one rounding apart.
 """
@@ -167,6 +168,8 @@ def _exact_module(gm: fx.GraphModule, node: fx.Node, frozen: Frozen):
     if len(node.args) != 1 or node.kwargs:
         return None
     module, wqp = gm.get_submodule(node.target), frozen.weight[weight_key(node)]
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return _exact_transposed(gm, node, wqp, quantizers[0].qparams())
     if wqp.axis != 0 or not wqp.signed:
         return None
     xqp = quantizers[0].qparams()
@@ -190,8 +193,8 @@ def _add_form_reason(node: fx.Node) -> str | None:
 
 def _exact_functional(gm: fx.GraphModule, node: fx.Node, wqp: Q.QParams, xqp: Q.QParams):
     """The fake_ops module of a functional conv / linear with a constant weight (F.conv2d(x, w), F.linear,
-    x @ W, addmm's product) that the x86 backend runs on the same int8 kernel as the module form, or None.
-    Einsums and transposed convs keep the float op on fake-quantized operands."""
+    x @ W, addmm's product, an einsum linear, a transposed conv) that the x86 backend runs on the int8 kernel
+    of the module form, or None."""
     from fxq.backends import x86_forms  # the forms the x86 lowering reads, read the same way here
 
     if not wqp.signed:
@@ -199,7 +202,9 @@ def _exact_functional(gm: fx.GraphModule, node: fx.Node, wqp: Q.QParams, xqp: Q.
     kind = node.meta["fxq"]["kind"]
     if kind == "conv":
         spec = x86_forms.conv_spec(gm, node)
-        if isinstance(spec, str) or spec.transposed or wqp.axis != 0:
+        if not isinstance(spec, str) and spec.transposed:
+            return _exact_transposed(gm, node, wqp, xqp)
+        if isinstance(spec, str) or wqp.axis != 0:
             return None
         return fake_ops._ExactConv.from_parts(_fake_quantized(spec.weight.float(), wqp), _constant_bias(spec.bias),
                                               spec.stride, spec.padding, spec.dilation, spec.groups, wqp, xqp)
@@ -219,6 +224,20 @@ def _exact_functional(gm: fx.GraphModule, node: fx.Node, wqp: Q.QParams, xqp: Q.
 def _grouped(qp: Q.QParams) -> bool:
     """Per-timestep-group parameters: an einsum moves the batch axis, which the exact modules do not follow."""
     return qp.scale.dim() == 1
+
+
+def _exact_transposed(gm: fx.GraphModule, node: fx.Node, wqp: Q.QParams, xqp: Q.QParams):
+    """The exact transposed conv (a module's or a functional call's), or None where the x86 backend has no int8
+    form for it."""
+    from fxq.backends import x86_forms
+    from fxq.backends.fake_transposed import _ExactConvTranspose
+
+    spec = x86_forms.conv_spec(gm, node)
+    if isinstance(spec, str) or not spec.transposed or wqp.axis != 1 or not wqp.signed:
+        return None
+    return _ExactConvTranspose.from_parts(_fake_quantized(spec.weight.float(), wqp), _constant_bias(spec.bias),
+                                          spec.stride, spec.padding, spec.output_padding, spec.dilation, spec.groups,
+                                          wqp, xqp)
 
 
 def _constant_bias(bias: torch.Tensor | None) -> nn.Parameter | None:

@@ -138,6 +138,7 @@ class _ExactWeighted(_ExactBase):
     otherwise (a quantizer switched off) the plain float op."""
 
     _acts = ("x",)
+    _w_axis = 0  # the weight's output-channel axis (a transposed conv's: 1)
 
     def reset_parameters(self) -> None:
         """No random initialisation (Conv*d / Linear.__init__ calls this): the weight and bias are set right after
@@ -147,19 +148,19 @@ class _ExactWeighted(_ExactBase):
         Q.int_range(weight_bits, True)  # refuses a width outside 2-16
         self.weight_bits = weight_bits
         self._init_acts(timestep_groups, act_bits, batch_axes)
-        self.register_buffer("w_scale", torch.ones(self.weight.shape[0]))
+        self.register_buffer("w_scale", torch.ones(self.weight.shape[self._w_axis] * self._w_repeats()))
         self._codes_of = None  # (weight tensor, its version, its codes, float32 or float64 for the sums)
         self._chunks = None  # input-channel slices summed exactly in float32 where float64 would be needed
         self._orders = {}  # input shape -> the scale order of this CPU's int8 kernel for this op at that shape
         self._mixed_orders = {}  # (input shape, groups of a mixed batch) -> _group_orders's answer
 
     def _set_exact(self, weight: torch.Tensor, bias: nn.Parameter | None, wqp: Q.QParams, xqp: Q.QParams):
-        if not wqp.signed or wqp.axis != 0 or wqp.bits != self.weight_bits:
-            raise InputError(f"weights are signed {self.weight_bits}-bit per output channel here, got "
-                             f"bits={wqp.bits} signed={wqp.signed} axis={wqp.axis}")
+        if not wqp.signed or wqp.axis != self._w_axis or wqp.bits != self.weight_bits:
+            raise InputError(f"weights are signed {self.weight_bits}-bit per output channel (axis {self._w_axis}) "
+                             f"here, got bits={wqp.bits} signed={wqp.signed} axis={wqp.axis}")
         self.weight = weight
         self.bias = bias
-        self.w_scale.copy_(wqp.scale.reshape(-1))
+        self.w_scale.copy_(wqp.scale.reshape(-1).repeat(self._w_repeats()))
         self._set_act("x", xqp)
         return self
 
@@ -168,19 +169,33 @@ class _ExactWeighted(_ExactBase):
         w = self.weight
         key = (w, w._version, w.device)
         if self._codes_of is None or self._codes_of[0] is not w or self._codes_of[1:3] != key[1:]:
-            shape = (-1,) + (1,) * (w.dim() - 1)
-            scale = self.w_scale.reshape(shape)
+            shape = [1] * w.dim()
+            shape[self._w_axis] = -1
+            scale = self.w_scale[:w.shape[self._w_axis]].reshape(shape)  # (a transposed conv's repeat per group)
             codes = torch.round(w.detach().float() * torch.reciprocal(scale))
             ok = w.dtype == torch.float32 and torch.equal(codes * scale, w.detach())
             max_code = S.max_abs_centered_code(self._qparams("x"))
-            bound = float(codes.abs().flatten(1).sum(1).max()) * max_code
+            bound = float(codes.abs().transpose(0, self._w_axis).flatten(1).sum(1).max()) * max_code
             # where float32 could round, slices of the input channels that sum exactly in float32 (groups == 1)
             per_input = codes.abs().flatten(2).sum(2) if codes.dim() > 2 else codes.abs()
-            self._chunks = S.exact_chunks(per_input, max_code, w.device) if getattr(self, "groups", 1) == 1 else None
+            self._chunks = S.exact_chunks(per_input, max_code, w.device) \
+                if getattr(self, "groups", 1) == 1 and self._w_axis == 0 else None
             self._codes_of = (w, w._version, w.device, codes if ok else None,
                               S.exact_accumulation_dtype(bound, w.device))
         _, _, _, codes, dtype = self._codes_of
         return None if codes is None else (codes, dtype)
+
+    def _w_repeats(self) -> int:
+        """How often the weight's output-channel scales repeat along the output (a transposed conv: per group)."""
+        return 1
+
+    def _int8_wqp(self) -> Q.QParams:
+        return Q.QParams(self.w_scale[:self.weight.shape[self._w_axis]].detach().clone(),
+                         torch.zeros(self.weight.shape[self._w_axis]), self.weight_bits, True, self._w_axis)
+
+    def _int8_twin(self, xqp: Q.QParams) -> nn.Module:
+        """The x86 backend's int8 module for this op with input parameters xqp (to probe its kernel's order)."""
+        raise NotImplementedError
 
     def _accumulate(self, op, codes: torch.Tensor, wcodes: torch.Tensor, dtype: torch.dtype, axis: int):
         """The exact integer sum op(codes, wcodes) (no bias), reducing over `axis` of codes and axis 1 of wcodes:
@@ -284,23 +299,15 @@ _PROBE_TRIES = 8  # random inputs tried at one shape until exactly one order fit
 def _probe_kernel_order(module: "_ExactWeighted", in_shape: tuple, channel_dim: int) -> str | None:
     if module.weight_bits > 8 or module.act_bits > 8 or module.weight.dtype != torch.float32:
         return None
-    from fxq.backends import x86_forms, x86_glue, x86_ops  # the backend whose kernels the simulation follows
+    from fxq.backends import x86_glue
     weight = module._weight_codes()
     if weight is None or x86_glue.cpu_int8_support() is not None:
         return None
-    conv = isinstance(module, _ExactConv)
+    conv = isinstance(module, nn.modules.conv._ConvNd)
     zp, xs = 117, torch.tensor(0.0173)
     xqp = Q.QParams(xs, torch.tensor(float(zp)), 8, False, None)
-    wqp = Q.QParams(module.w_scale.detach().clone(), torch.zeros_like(module.w_scale), module.weight_bits, True, 0)
     try:
-        if conv:
-            dims = len(module.kernel_size)
-            padding = x86_forms.conv_padding(module.padding, module.kernel_size, module.dilation, module.stride, dims)
-            int8 = x86_ops.QConv(module.in_channels, module.out_channels, module.kernel_size, module.stride, padding,
-                                 module.dilation, module.groups, module.bias is not None)
-            int8.set_weight(module.weight, wqp, module.bias, xqp)
-        else:
-            int8 = x86_ops.QLinear.from_float(module, wqp, xqp)
+        int8 = module._int8_twin(xqp)
     except FxqError:  # a form the x86 backend refuses (e.g. asymmetric 'same' padding): nothing to follow
         return None
     shape = [1] * len(in_shape)
@@ -356,6 +363,15 @@ class _ExactConv(_ExactWeighted):
         module = exact(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), stride, padding,
                        dilation, groups, bias is not None, wqp.bits, xqp.bits, _timestep_groups(xqp))
         return module.to(weight.device)._set_exact(weight, bias, wqp, xqp)
+
+    def _int8_twin(self, xqp: Q.QParams) -> nn.Module:
+        from fxq.backends import x86_forms, x86_ops
+        dims = len(self.kernel_size)
+        padding = x86_forms.conv_padding(self.padding, self.kernel_size, self.dilation, self.stride, dims)
+        int8 = x86_ops.QConv(self.in_channels, self.out_channels, self.kernel_size, self.stride, padding,
+                             self.dilation, self.groups, self.bias is not None)
+        int8.set_weight(self.weight, self._int8_wqp(), self.bias, xqp)
+        return int8
 
     def _product(self, codes: torch.Tensor, wcodes: torch.Tensor) -> torch.Tensor:
         """The conv of input codes with weight codes, no bias (the integer sums, in the codes' float dtype)."""
@@ -419,6 +435,10 @@ class ExactLinear(_ExactWeighted, nn.Linear):
             return super().forward(x)
         qp, codes, wcodes, dtype = exact
         return self._scaled(self._accumulate(self._product, codes, wcodes, dtype, -1), qp, -1, codes.shape, group)
+
+    def _int8_twin(self, xqp: Q.QParams) -> nn.Module:
+        from fxq.backends import x86_ops
+        return x86_ops.QLinear.from_float(self, self._int8_wqp(), xqp)
 
     def _product(self, codes: torch.Tensor, wcodes: torch.Tensor) -> torch.Tensor:
         """The linear of input codes with weight codes, no bias (the integer sums, in the codes' float dtype)."""

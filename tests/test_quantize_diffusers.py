@@ -75,12 +75,13 @@ def test_classic_attn_processor_quantizes_both_matmuls_including_baddbmm():
     calib = [(torch.randn(2, 6, 16, generator=g),) for _ in range(4)]
     q = fxq.quantize(attn, calib[0], calib, fxq.QuantConfig(timestep_arg=None))
     from fxq.backends.fake_ops import ExactMatmul
-    # the bmm, which has an int8 kernel, is simulated as that kernel computes it (an ExactMatmul module)
-    products = {torch.bmm if n.op == "call_module" and isinstance(q.graph_module.get_submodule(n.target),
-                                                                 ExactMatmul) else n.target: n.meta["fxq"]
-                for n in q.graph.nodes if "fxq" in n.meta and n.meta["fxq"]["kind"] == "attn_matmul"}
-    assert set(products) == {torch.baddbmm, torch.bmm}
-    assert products[torch.baddbmm]["act_inputs"] == (1, 2)  # q and k^T; the `empty` input stays as it is
+    # both products are simulated as their int8 kernel computes them (ExactMatmul modules); baddbmm's beta/alpha
+    # follow in float, as in the int8 model
+    products = [n for n in q.graph.nodes if "fxq" in n.meta and n.meta["fxq"]["kind"] == "attn_matmul"]
+    assert all(n.op == "call_module" and isinstance(q.graph_module.get_submodule(n.target), ExactMatmul)
+               for n in products)
+    # the bmm's operands, and baddbmm's q and k^T: its `empty` input stays as it is
+    assert sorted(n.meta["fxq"]["act_inputs"] for n in products) == [(0, 1), (1, 2)]
     assert report.quantized_ops(q) == {"linear": 4, "attn_matmul": 2} and not report.float_ops(q)
     x = torch.randn(3, 5, 16, generator=g)
     assert report.sqnr_db(attn(x), q(x)) > 25
