@@ -9,6 +9,8 @@ import sys
 import warnings
 
 import pytest
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -655,3 +657,38 @@ def test_a_nan_output_neither_crashes_nor_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error", FxqWarning)
         trace(_NaNOutput(), (torch.randn(2, 3),))
+
+
+def attention_helper(q, k, v):  # a public module-level helper (fx wraps only names without a leading _)
+    w = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    return w.softmax(-1) @ v
+
+
+def conv_block(x, conv):  # a helper handed a submodule
+    return conv(F.silu(x))
+
+
+class _HelperModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.conv = nn.Linear(8, 24), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        h = conv_block(x, self.conv)
+        seq = h.flatten(2).transpose(1, 2)
+        q, k, v = self.qkv(seq).chunk(3, dim=-1)
+        return h + attention_helper(q, k, v).transpose(1, 2).reshape(h.shape)
+
+
+def test_the_models_own_helper_functions_are_traced_through(tmp_path):
+    # their convs, linears and matmuls are ops like any (an opaque call would leave the matmuls in float unreported)
+    import fxq
+    from fxq import report
+    torch.manual_seed(0)
+    model = _HelperModel().eval()
+    calib = [(torch.randn(2, 8, 4, 4),) for _ in range(2)]
+    q = fxq.quantize(model, calib[0], calib, fxq.QuantConfig(timestep_arg=None))
+    assert report.quantized_ops(q) == {"conv": 1, "linear": 1, "attn_matmul": 2} and not report.float_ops(q)
+    fxq.save(q, tmp_path / "m.fxq")  # no opaque user function in the graph to refuse
+    x = torch.randn(1, 8, 4, 4)
+    assert torch.equal(fxq.load(tmp_path / "m.fxq")(x), q(x))

@@ -142,13 +142,16 @@ class ReplayTracer(torch.fx.Tracer):
             return create_dataclass_arg(self, a)
         return super().create_arg(a)
 
+    # Only fxq's own generated code is replayed so: a subclass tracing a user's model traces through its helpers.
+    records_globals = True
+
     def trace(self, root, concrete_args=None):
         # every function the code calls by a global name was one node of the graph: record it again rather than
         # run it on proxies (a lowered graph's glue reads values: strides, int(t)); torch's own are traced as ever
         fn = type(root).forward if isinstance(root, torch.nn.Module) else root
         called = tuple(v for v in getattr(fn, "__globals__", {}).values()
                        if isinstance(v, types.FunctionType) and not (v.__module__ or "").startswith("torch"))
-        if called:
+        if called and self.records_globals:
             torch.fx.Tracer.__init__(self, (math,), self.opaque_functions + called)
         with patched_factories():
             return super().trace(root, concrete_args)

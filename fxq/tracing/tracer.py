@@ -66,8 +66,10 @@ class _ValueTracer(ReplayTracer):
     """
 
     # Guard calls in model code (a graph fxq generated, traced again) run on the example values, so they are
-    # re-specialized for this trace's inputs instead of copied as nodes.
+    # re-specialized for this trace's inputs instead of copied as nodes; the model's own helper functions are
+    # traced through (their convs, linears and matmuls are ops to quantize).
     opaque_functions = ()
+    records_globals = False
 
     def __init__(self, leaf_patterns: tuple[str, ...]):
         super().__init__()
