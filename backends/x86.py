@@ -59,7 +59,7 @@ from fxq.calib import device_of
 from fxq.errors import ConfigError, FxqError
 from fxq.quant.freeze import Frozen
 from fxq.tracing.graph import free_name, node_order
-from fxq.tracing.meta import rank
+from fxq.tracing.meta import rank, tensor_meta
 from fxq.passes.batch_axes import META_KEY as BATCH_KEY
 from fxq.quant.ops import weight_key
 from fxq.passes.insert_observers import is_act_observer, release_weight_observer
@@ -431,6 +431,11 @@ def _fresh_and_dead_after(gm: fx.GraphModule, other: fx.Node, add: fx.Node, orde
     return fresh and all(order[u] < order[add] for u in other.users if u is not add)
 
 
+def _same_shape(a: fx.Node, b: fx.Node) -> bool:
+    ma, mb = tensor_meta(a), tensor_meta(b)
+    return ma is not None and mb is not None and tuple(getattr(ma, "shape", ())) == tuple(getattr(mb, "shape", ()))
+
+
 def fuse_residual_add(gm: fx.GraphModule) -> None:
     """conv2d/linear y (only user: add) -> y + other ==> one kernel call computing conv(x) + other."""
     order = node_order(gm.graph)
@@ -446,7 +451,8 @@ def fuse_residual_add(gm: fx.GraphModule) -> None:
         if not isinstance(other, fx.Node) or other is node:
             continue
         if isinstance(module, ops.QConv):
-            if len(module.kernel_size) != 2 or not _fresh_and_dead_after(gm, other, add, order):
+            if (len(module.kernel_size) != 2 or not _fresh_and_dead_after(gm, other, add, order)
+                    or not _same_shape(node, other)):  # a broadcast add stays an add
                 continue
             module.accum = True
         with gm.graph.inserting_before(add):

@@ -323,7 +323,8 @@ class QConv(_WeightedInt8):
         d = self._derived or self.derived()
         x = canonical(x, channels_last=x.dim() == 4)
         fused = (accum is not None and self.accum and x.dim() == 4 and accum.dtype == torch.float32
-                 and channels_last(accum) and isinstance(g, (int, type(None))))
+                 and channels_last(accum) and isinstance(g, (int, type(None)))
+                 and tuple(accum.shape) == self._out_shape(x))  # one that broadcasts is added after the kernel
         if fused:
             y = self._conv(d, g or 0, x, canonical(accum, channels_last=True))
             if y.shape == accum.shape:
@@ -338,6 +339,11 @@ class QConv(_WeightedInt8):
             # a reduction or normalization that reads them sums in memory order (size-1 dims' strides included)
             y = canonical(y)
         return y if accum is None else y + accum
+
+    def _out_shape(self, x: torch.Tensor) -> tuple[int, ...]:
+        return (x.shape[0], self.out_channels) + tuple(
+            (n + 2 * p - d * (k - 1) - 1) // s + 1
+            for n, p, d, k, s in zip(x.shape[2:], self.padding, self.dilation, self.kernel_size, self.stride))
 
     def _conv(self, d: dict, gi: int, x: torch.Tensor, acc: torch.Tensor | None) -> torch.Tensor:
         """One kernel call with group gi's input parameters; acc: a residual the kernel adds (in place)."""

@@ -391,3 +391,36 @@ def test_a_conv_form_that_corrupts_onednn_is_refused(transposed):
         _close(fallback(x), fake(x))  # the fallback's float conv of fake-quantized values: up to summation order
     with pytest.raises(FxqError, match="corrupts memory"):
         x86_ops.QConv(2, 2, (3, 3, 3), (1, 1, 1), (2, 2, 2), (2, 2, 2), conv_groups=2)
+
+
+class _BroadcastResidual(nn.Module):
+    """conv(h) + r where r broadcasts: a global-context 1x1 conv [B, C, 1, 1], a scaled embedding [B, C, 1, 1],
+    a conv of the first sample [1, C, H, W] (the same shape as conv(h) when the batch is 1)."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.c1, self.c2, self.pc = nn.Conv2d(4, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1), nn.Conv2d(6, 6, 1)
+
+    def forward(self, x):
+        h = self.c1(x)
+        if self.kind == "global context":
+            r = self.pc(h.mean((2, 3), keepdim=True))
+        elif self.kind == "embedding":
+            r = h.mean((2, 3))[:, :, None, None] * 0.5
+        else:
+            r = self.c1(x[:1])
+        return self.c2(h) + r
+
+
+@pytest.mark.parametrize("kind, example_batch", [("global context", 2), ("embedding", 2), ("first sample", 2),
+                                                 ("first sample", 1)])
+def test_a_residual_that_broadcasts_is_added_after_the_conv(kind, example_batch):
+    # the kernel's in-place residual needs the output's shape: a broadcasting one (also one that only matches at
+    # the example's batch) is added after the kernel, as the float graph adds it
+    torch.manual_seed(0)
+    x = torch.randn(example_batch, 4, 5, 5)
+    fake, int8 = _pair(_BroadcastResidual(kind).eval(), (x,), [(x * 1.5,)])
+    for batch in (1, 3):
+        x = torch.randn(batch, 4, 5, 5)
+        assert torch.equal(int8(x), fake(x))
