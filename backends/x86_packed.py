@@ -23,6 +23,8 @@ from fxq.errors import FxqError
 class PackedWeight:
     """Mixin (before nn.Module in the MRO) for a module whose int8 `weight` buffer is packed for oneDNN."""
 
+    _fxq_state_tensors = ("weight",)  # in state_dict whether held plain or packed (what fxq.save asks)
+
     def _held_packs(self) -> list[torch.Tensor]:
         raise NotImplementedError
 

@@ -141,7 +141,8 @@ class _Writer:
             value = getattr(owner, attr)
         except AttributeError:
             raise SaveError(f"{where} reads attribute {target!r}, which the module does not have") from None
-        if isinstance(value, nn.Module) or attr in owner._parameters or attr in owner._buffers:
+        if isinstance(value, nn.Module) or attr in owner._parameters or attr in owner._buffers \
+                or attr in getattr(owner, "_fxq_state_tensors", ()):  # (an int8 weight held packed: state_dict's)
             return
         full = prefix + target
         if isinstance(value, torch.Tensor):

@@ -296,3 +296,24 @@ def test_fake_quant_runs_under_inference_mode():
     want = fake(x)
     with torch.inference_mode():
         assert torch.equal(fake(x), want)
+
+
+class _WeightReadByTheGraph(nn.Module):
+    """A linear whose weight the forward also reads itself (weight reuse): the graph holds a get_attr of it."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.lin = nn.Linear(8, 16), nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.lin(self.inp(x)) + self.lin.weight.sum()
+
+
+def test_a_file_saved_after_a_call_loads_when_the_graph_reads_a_packed_weight(tmp_path):
+    # once called, the int8 weight is held packed (no plain buffer): the file must still list it as the module's
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    qmodel = fxq.quantize(_WeightReadByTheGraph().eval(), (x,), [(x,)], fxq.QuantConfig(**X86))
+    y = qmodel(x)
+    fxq.save(qmodel, tmp_path / "m.fxq")
+    assert torch.equal(fxq.load(tmp_path / "m.fxq")(x), y)
