@@ -299,14 +299,14 @@ def test_fake_quant_runs_under_inference_mode():
 
 
 class _WeightReadByTheGraph(nn.Module):
-    """A linear whose weight the forward also reads itself (weight reuse): the graph holds a get_attr of it."""
+    """A linear whose weight a functional linear reuses: the lowered graph reads the module's weight."""
 
     def __init__(self):
         super().__init__()
         self.inp, self.lin = nn.Linear(8, 16), nn.Linear(16, 16)
 
     def forward(self, x):
-        return self.lin(self.inp(x)) + self.lin.weight.sum()
+        return self.lin(F.linear(self.inp(x), self.lin.weight))
 
 
 def test_a_file_saved_after_a_call_loads_when_the_graph_reads_a_packed_weight(tmp_path):
