@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import fxq
 from fxq.tracing.graph import owning_module
 from fxq.passes.decompose_attention import SDPA_TARGETS, add_attn_mask, decompose_attention
 from fxq.passes.manager import PassError, PassManager
@@ -241,3 +242,19 @@ def test_add_attn_mask_dispatches_on_dtype():
     assert torch.equal(add_attn_mask(scores, keep), torch.zeros(2, 3).masked_fill(~keep, float("-inf")))
     bias = torch.randn(2, 3)
     assert torch.equal(add_attn_mask(scores, bias), bias)
+
+
+@pytest.mark.parametrize("backend", ["fake", "x86"])
+@pytest.mark.parametrize("mask_kind", ["float", "bool"])
+def test_a_model_with_an_attention_mask_saves_and_loads(tmp_path, backend, mask_kind):
+    # the mask's graph node (add_attn_mask) is one fxq.load resolves
+    from fxq.backends import x86_glue
+    if backend == "x86" and x86_glue.cpu_int8_support() is not None:
+        pytest.skip("no int8 x86 kernels here")
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 2, 5, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    mask = torch.randn(5, 6) if mask_kind == "float" else torch.rand(5, 6) > 0.3
+    qmodel = fxq.quantize(Sdpa().eval(), (q, k, v, mask), [(q, k, v, mask)],
+                          fxq.QuantConfig(backend=backend, timestep_arg=None))
+    fxq.save(qmodel, tmp_path / "m.fxq")
+    assert torch.equal(fxq.load(tmp_path / "m.fxq")(q, k, v, mask), qmodel(q, k, v, mask))

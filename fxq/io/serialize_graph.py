@@ -505,8 +505,9 @@ def decode_graph(desc, where: str) -> fx.Graph:
 def _register_fxq_functions() -> None:
     from fxq.tracing import _guards
     from fxq.quant.quantizer import timestep_group
-    # stable names, so files keep loading wherever the guards' (and the quantizer's) module moves
-    for fn in (*_guards.GUARD_FUNCTIONS, timestep_group):
+    from fxq.passes.decompose_attention import add_attn_mask
+    # stable names, so files keep loading wherever the guards' (and the quantizer's, the passes') module moves
+    for fn in (*_guards.GUARD_FUNCTIONS, timestep_group, add_attn_mask):
         register_function(fn, f"fxq:{fn.__name__}")
 
 
