@@ -136,6 +136,10 @@ def check_input(x, name: str):
         if x.is_floating_point() and x.dtype != torch.float32:
             raise InputError(f"input {name!r} is {x.dtype}; the x86 int8 model takes float32 inputs: pass "
                              "x.float()")
+        if x.is_floating_point() and bool(torch.isnan(x).any()):  # a code cannot carry NaN: it would vanish
+            raise InputError(f"input {name!r} holds NaN; the int8 model's codes cannot carry it (its fake-quant "
+                             "twin and the float model would return NaN): check what produced it, e.g. a sampler "
+                             "that diverged")
     return x
 
 

@@ -708,6 +708,10 @@ def test_calls_the_int8_model_cannot_serve():
         int8(x.double())
     with pytest.raises(InputError, match="CPU"):
         int8(x.to("meta"))
+    nan = x.clone()
+    nan[1, 2, 3, 4] = float("nan")
+    with pytest.raises(InputError, match="'x' holds NaN"):  # no code carries it: the int8 output would hide it
+        int8(nan)
     groups = fxq.quantize(_TimeFree().eval(), (x, torch.tensor([1, 900])), [(x, torch.tensor([1, 900]))],
                           fxq.QuantConfig(**{**X86, "timestep_groups": 2, "timestep_arg": "t"}))
     with pytest.raises(InputError, match="timestep"):  # 4 rows, 3 timesteps: the wrapper says so first
