@@ -27,7 +27,7 @@ from torch import nn
 from fxq.tracing.callspec import CallSpec
 from fxq import direct_calls
 from fxq.config import QuantConfig
-from fxq.errors import FxqError, FxqWarning, InputError, ModelFileError, ReadOnlyError
+from fxq.errors import ConfigError, FxqError, FxqWarning, InputError, ModelFileError, ReadOnlyError
 
 SPEC_FORMAT = "fxq.QuantizedModel"
 SPEC_VERSION = 1
@@ -202,14 +202,39 @@ class QuantizedModel(nn.Module):
         attrs, submodules, tensors = _snapshot(model)
         return cls(graph_module, call, quant_config, config, attrs, submodules, tensors)
 
+    # ------------------------------------------------------------------------------------------------ casts
+    def _int8(self) -> bool:
+        return self.quant_config is not None and self.quant_config.backend == "x86"
+
+    def _refuse_cast(self, dtype) -> None:
+        if self._int8() and dtype is not None and dtype != torch.float32:
+            raise ConfigError(f"an int8 (x86) model computes in float32 around its int8 kernels and cannot be cast "
+                              f"to {dtype} (its scales and biases would round): keep it float32 and pass float32 "
+                              "inputs, or quantize with backend='fake' for other dtypes")
+
+    def to(self, *args, **kwargs):
+        self._refuse_cast(torch._C._nn._parse_to(*args, **kwargs)[1])
+        return super().to(*args, **kwargs)
+
+    def half(self):
+        self._refuse_cast(torch.float16)
+        return super().half()
+
+    def bfloat16(self):
+        self._refuse_cast(torch.bfloat16)
+        return super().bfloat16()
+
+    def double(self):
+        self._refuse_cast(torch.float64)
+        return super().double()
+
     # ------------------------------------------------------------------------------------------------ calls
     def forward(self, *args, **kwargs):
         call = self.__dict__["_fxq_call"]
         args, kwargs, return_dict = call.canonical(args, kwargs)
         # int8 kernels have no gradient: run them in inference mode (no version counters or autograd metadata
         # for ~600 ops a call: ~1-2 ms at batch 1) and hand back ordinary tensors (clones of the small outputs)
-        inference = (self.quant_config is not None and self.quant_config.backend == "x86"
-                     and not torch.is_inference_mode_enabled())
+        inference = self._int8() and not torch.is_inference_mode_enabled()
         try:
             if inference:
                 with torch.inference_mode():
