@@ -188,6 +188,7 @@ class QuantizedModel(nn.Module):
         d["_fxq_attributes"] = dict(attributes or {})
         d["_fxq_submodules"] = tuple(submodules)
         d["_fxq_tensors"] = tuple(tensors)
+        self.train(False)  # made for inference, as its graph was traced (in eval mode)
 
     @classmethod
     def around(cls, model: nn.Module, graph_module: fx.GraphModule, call: CallSpec,
@@ -211,6 +212,12 @@ class QuantizedModel(nn.Module):
             raise ConfigError(f"an int8 (x86) model computes in float32 around its int8 kernels and cannot be cast "
                               f"to {dtype} (its scales and biases would round): keep it float32 and pass float32 "
                               "inputs, or quantize with backend='fake' for other dtypes")
+
+    def train(self, mode: bool = True):
+        if mode and self._int8():
+            raise ConfigError("an int8 (x86) model has no training mode: its kernels have no gradient and its idle "
+                              "dropouts were lowered away; train the float model (or a backend='fake' one)")
+        return super().train(mode)
 
     def to(self, *args, **kwargs):
         self._refuse_cast(torch._C._nn._parse_to(*args, **kwargs)[1])

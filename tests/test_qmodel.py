@@ -13,7 +13,7 @@ from torch import nn
 
 import fxq
 from fxq import report
-from fxq.errors import FxqError, InputError, ModelFileError, ReadOnlyError
+from fxq.errors import ConfigError, FxqError, InputError, ModelFileError, ReadOnlyError
 
 
 @dataclass
@@ -303,3 +303,23 @@ def test_calibration_items_take_any_timestep_form_and_bad_ones_name_the_item(flo
     assert math.isfinite(float(q(x_of(2), 5).sample.detach().sum()))
     with pytest.raises(InputError, match="calibration item 1.*timestep"):
         fxq.quantize(float_model, items[0], [items[0], (x_of(2), "late")])
+
+
+@pytest.mark.parametrize("backend", ["fake", "x86"])
+def test_a_quantized_model_is_in_eval_mode_and_an_int8_one_stays_there(tmp_path, backend):
+    from fxq.backends import x86_glue
+    if backend == "x86" and x86_glue.cpu_int8_support() is not None:
+        pytest.skip("no int8 x86 kernels here")
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Dropout(0.2), nn.Conv2d(4, 3, 1)).eval()
+    calib = [(torch.randn(2, 3, 6, 6),) for _ in range(2)]
+    q = fxq.quantize(plain, calib[0], calib, fxq.QuantConfig(backend=backend, timestep_arg=None))
+    fxq.save(q, tmp_path / "m.fxq")
+    for m in (q, fxq.load(tmp_path / "m.fxq")):
+        assert not m.training and not m.graph_module.training
+    if backend == "x86":  # its dropouts are gone and its kernels have no gradient: no mode to differ from eval
+        with pytest.raises(ConfigError, match="no training mode"):
+            q.train()
+        assert q.eval() is q and not q.training
+    else:
+        assert q.train().training and q.graph_module.training
