@@ -232,10 +232,12 @@ def save(model: nn.Module, path) -> None:
     }
     text = json.dumps(desc, separators=(",", ":"), allow_nan=False)
     metadata = {"fxq_format": desc["format"], "fxq_model": text, "fxq_sha256": _digest(text, w.stored)}
-    path = os.fspath(path)
+    path = os.path.realpath(_path_arg(path, "save"))  # a symlink is written through, to its target
     if os.path.isdir(path):
         raise SaveError(f"fxq.save writes one file; {path!r} is a directory: pass a file path such as "
                         f"{os.path.join(path, 'model.fxq.safetensors')!r}")
+    if os.path.exists(path) and not os.path.isfile(path):  # a device, a FIFO: the rename would replace it
+        raise SaveError(f"fxq.save writes a regular file; {path!r} is a special file (a device or a pipe)")
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     try:  # written whole, then renamed: a crash never leaves a half file under `path`
@@ -279,6 +281,20 @@ def _write_safetensors(path: str, tensors: dict, metadata: dict) -> None:
             f.write(tensors[key].reshape(-1).view(torch.uint8).numpy().data)
 
 
+def _path_arg(path, verb: str) -> str:
+    """A file path argument as a string, or the FxqError of the call (save: SaveError, load: InputError)."""
+    error = SaveError if verb == "save" else InputError
+    try:
+        path = os.fspath(path)
+    except TypeError:
+        raise error(f"fxq.{verb} takes a file path (str or os.PathLike), got {type(path).__name__}") from None
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if not path or "\0" in path:
+        raise error(f"fxq.{verb} takes a file path; {path!r} is not one")
+    return path
+
+
 # ------------------------------------------------------------------------------------------------------ loading
 
 def _read(path: str) -> tuple[dict, bytes]:
@@ -299,8 +315,9 @@ def _read(path: str) -> tuple[dict, bytes]:
         meta = header.get("__metadata__") or {}
         if not isinstance(meta, dict):
             raise TypeError("metadata is not an object")
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError) as e:
-        raise ModelFileError(f"{path} has a damaged header or is not a safetensors file ({e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError, ValueError, RecursionError) as e:
+        raise ModelFileError(f"{path} has a damaged header or is not a safetensors file ({type(e).__name__}: "
+                             f"{str(e)[:200]})") from None
     fmt = meta.get("fxq_format")
     hint = "fxq.load reads files written by fxq.save"
     if fmt is None:
@@ -326,11 +343,12 @@ def load(path, device="cpu") -> nn.Module:
     from safetensors import SafetensorError
     from safetensors.torch import load as load_bytes
 
-    path = os.fspath(path)
+    path = _path_arg(path, "load")
     try:
         device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise InputError(f"device={device!r} is not a torch device ({e})") from None
+        torch.empty(0, device=device)  # a device this machine has
+    except (RuntimeError, TypeError, AssertionError) as e:
+        raise InputError(f"device={device!r} is not a torch device this machine can use ({e})") from None
     meta, data = _read(path)
     try:
         tensors = load_bytes(data)
@@ -347,7 +365,8 @@ def load(path, device="cpu") -> nn.Module:
         model = _Reader(desc, tensors, path).build()
     except ModelFileError:
         raise
-    except (FxqError, KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
+    except (FxqError, KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError, SyntaxError,
+            RecursionError) as e:  # (SyntaxError: code fx generates from a malformed graph)
         raise ModelFileError(f"{path}: the model description is malformed ({type(e).__name__}: {e})") from None
     return model.to(device)
 

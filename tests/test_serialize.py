@@ -21,7 +21,7 @@ from fxq import report, serialize
 from fxq.backends import x86_glue
 from fxq.backends.fake import FakeQuantize
 from fxq.quant.bias_correction import BiasCorrection
-from fxq.errors import ModelFileError, SaveError, SpecializationError
+from fxq.errors import InputError, ModelFileError, SaveError, SpecializationError
 from fxq.models.pretrained import save_pretrained
 from fxq.io.serialize_graph import decode_value, encode_value
 from fxq.io.serialize_modules import STOCK
@@ -505,6 +505,59 @@ def test_keyword_names_that_would_become_code_are_refused(saved, tmp_path):
         node["kwargs"]["dim=1); import os; os.system('true'); (x"] = 1
     with pytest.raises(ModelFileError, match="keyword"):
         fxq.load(_rewrite(saved, tmp_path / "k.safetensors", edit=edit))
+
+
+@pytest.mark.parametrize("where", ["argument name", "input dict key", "argument with a space"])
+def test_input_structure_names_that_would_become_code_are_refused(saved, tmp_path, where):
+    # fx writes the argument names and the input spec's dict keys into the forward it generates and runs
+    from torch.utils._pytree import tree_structure, treespec_dumps
+    marker = tmp_path / "ran"
+    payload = f"__import__('pathlib').Path({str(marker)!r}).touch()"
+
+    def edit(desc):
+        graph = next(m for m in desc["modules"] if m["kind"] == "graph")["graph"]
+        names = [n["target"] for n in graph["nodes"] if n["op"] == "placeholder"]
+        args, key = list(names), "k"
+        if where == "argument name":
+            args[-1] += "=" + payload
+        elif where == "input dict key":
+            key = f"k':{payload}}}), self._in_spec)#"
+        else:
+            args[0] = "x y"
+        in_spec = treespec_dumps(tree_structure(((0,) * (len(names) - 1), {key: 0})))
+        graph["codegen"] = {"pytree": {"orig_args": args, "in_spec": in_spec, "out_spec": None}}
+    with pytest.raises(ModelFileError, match="not a plain argument name"):
+        fxq.load(_rewrite(saved, tmp_path / "c.safetensors", edit=edit))
+    assert not marker.exists()
+
+
+def test_a_header_too_deep_or_too_long_for_json_is_a_damaged_file(tmp_path):
+    for name, header in (("deep", b"[" * 100_000 + b"]" * 100_000), ("bigint", b'{"a":' + b"9" * 5000 + b"}")):
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(len(header).to_bytes(8, "little") + header)
+        with pytest.raises(ModelFileError, match="damaged header"):
+            fxq.load(path)
+
+
+def test_paths_and_devices_that_cannot_be_used_are_named(saved, tmp_path):
+    for bad in (None, 3, "", "a\0b"):
+        with pytest.raises(InputError, match="file path"):
+            fxq.load(bad)
+    with pytest.raises(InputError, match="this machine can use"):
+        fxq.load(saved, device="cuda:99" if torch.cuda.is_available() else "cuda")
+    model = fxq.load(saved)
+    with pytest.raises(SaveError, match="file path"):
+        fxq.save(model, None)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(SaveError, match="special file"):  # renaming over it would replace the pipe
+        fxq.save(model, fifo)
+    target, link = tmp_path / "target.fxq", tmp_path / "link.fxq"
+    link.symlink_to(target)
+    fxq.save(model, link)  # written through the link, which stays a link
+    assert link.is_symlink() and target.is_file()
+    x, t = _inputs()
+    assert torch.equal(fxq.load(link)(x, t), model(x, t))
 
 
 def test_getattr_of_a_private_attribute_is_refused(saved, tmp_path):

@@ -460,11 +460,32 @@ def _decode_codegen(graph: fx.Graph, spec) -> None:
         info = spec["pytree"]
         in_spec = treespec_loads(info["in_spec"]) if info["in_spec"] else None
         out_spec = treespec_loads(info["out_spec"]) if info["out_spec"] else None
-        orig_args = [str(a) for a in info["orig_args"]]
+        orig_args = list(info["orig_args"])
     except Exception as e:  # treespec_loads raises whatever its JSON walk meets
         raise ModelFileError(f"the graph's input/output structure is malformed ({type(e).__name__}: {e})") \
             from None
+    # fx writes the argument names and the input spec's dict keys into the code it generates and runs: each must
+    # be a plain identifier, or a file could write code
+    names = orig_args + (_spec_keys(in_spec) if in_spec is not None else [])
+    bad = [a for a in names if not (isinstance(a, str) and a.isidentifier() and not keyword.iskeyword(a)
+                                    and not a.startswith("__"))]
+    if bad:
+        raise ModelFileError(f"the graph's input structure names {bad[0]!r:.60}, not a plain argument name")
     graph._codegen = fx.graph._PyTreeCodeGen(fx.graph._PyTreeInfo(orig_args, in_spec, out_spec))
+
+
+def _spec_keys(spec) -> list:
+    """Every dict key in an input treespec (what fx's generated signature spells out); a non-container node's
+    context (its type's own data) is refused outright."""
+    keys = []
+    if spec.type is dict:
+        keys += list(spec.context)
+    elif spec.type not in (tuple, list, None) and spec.context is not None:
+        raise ModelFileError(f"the graph's input structure holds a {getattr(spec.type, '__name__', spec.type)!s:.40}"
+                             " node, which fxq files do not describe inputs with")
+    for child in (spec.children() if hasattr(spec, "children") else spec.children_specs):
+        keys += _spec_keys(child)
+    return keys
 
 
 def decode_graph(desc, where: str) -> fx.Graph:
