@@ -101,6 +101,8 @@ def quantize(model: nn.Module, example_inputs, calib_data: Iterable, config: Qua
     """
     config = config or QuantConfig()
     _check_model_and_config(model, config)
+    from fxq.eval.images import check_count
+    check_count("batch_size", batch_size)
     if config.backend == "x86":  # before any work: this CPU, and a CPU model
         from fxq.backends import x86
         x86.check_model(model)

@@ -63,6 +63,17 @@ def _as_tuple(name: str, value) -> tuple:
         raise ConfigError(f"{name} must be a string or a sequence of strings, got {value!r}") from None
 
 
+_MAX_TIMESTEPS = 2 ** 31  # a timestep's group is computed in int64 from t * groups
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """How a model is quantized.
@@ -183,15 +194,18 @@ class QuantConfig:
         for name in ("keep_float", "require"):
             if not all(isinstance(p, str) for p in getattr(self, name)):
                 raise ConfigError(f"{name} must hold fnmatch patterns (strings), got {getattr(self, name)!r}")
-        if not 50.0 < float(self.percentile) <= 100.0:
-            raise ConfigError(f"percentile={self.percentile!r} must lie in (50, 100]")
-        if not float(self.lp_norm) > 0:
-            raise ConfigError(f"lp_norm={self.lp_norm!r} must be positive")
-        if not isinstance(self.num_timesteps, int) or self.num_timesteps < 1:
-            raise ConfigError(f"num_timesteps={self.num_timesteps!r} must be a positive integer")
-        if not isinstance(self.timestep_groups, int) or not 1 <= self.timestep_groups <= self.num_timesteps:
+        if not _is_number(self.percentile) or not 50.0 < self.percentile <= 100.0:
+            raise ConfigError(f"percentile={self.percentile!r} must be a number in (50, 100]")
+        if not _is_number(self.lp_norm) or not 0 < self.lp_norm < math.inf:
+            raise ConfigError(f"lp_norm={self.lp_norm!r} must be a positive finite number")
+        if not _is_int(self.num_timesteps) or not 1 <= self.num_timesteps <= _MAX_TIMESTEPS:
+            raise ConfigError(f"num_timesteps={self.num_timesteps!r} must be an integer from 1 to {_MAX_TIMESTEPS}")
+        if not _is_int(self.timestep_groups) or not 1 <= self.timestep_groups <= self.num_timesteps:
             raise ConfigError(
                 f"timestep_groups={self.timestep_groups!r} must be an integer from 1 to num_timesteps")
+        if not (self.timestep_arg is None or isinstance(self.timestep_arg, str) or _is_int(self.timestep_arg)):
+            raise ConfigError(f"timestep_arg={self.timestep_arg!r} must be an input's name, its position, None or "
+                              "'auto'")
         self._check_group_boundaries()
         _check_choice("timestep_group_quantizers", self.timestep_group_quantizers, GROUP_QUANTIZERS)
         ratio = self.oscillation_ratio
@@ -218,8 +232,8 @@ class QuantConfig:
         g = self.bias_correction_groups
         if g is not None and (not isinstance(g, int) or isinstance(g, bool) or not 1 <= g <= self.num_timesteps):
             raise ConfigError(f"bias_correction_groups={g!r} must be None or an integer from 1 to num_timesteps")
-        if not isinstance(self.seed, int):
-            raise ConfigError(f"seed={self.seed!r} must be an integer")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2 ** 63:
+            raise ConfigError(f"seed={self.seed!r} must be an integer from 0 to 2**63 - 1 (torch.manual_seed's range)")
         if not isinstance(self.float_fallback, bool):
             raise ConfigError(f"float_fallback={self.float_fallback!r} must be True or False")
         object.__setattr__(self, "weight_bits_map", _bits_map(self.weight_bits_map))
@@ -239,7 +253,7 @@ class QuantConfig:
         self._check_mixed_precision()
 
     @classmethod
-    def recipe(cls, name: str, /, **overrides) -> "QuantConfig":
+    def recipe(cls, name: str = None, /, **overrides) -> "QuantConfig":
         """The measured-best config for a bit setting ("W8A8" or "W4A8", any case; fxq.config.RECIPES), with
         `overrides` (any QuantConfig field, e.g. backend="x86") on top."""
         key = name.upper() if isinstance(name, str) else None
@@ -337,6 +351,12 @@ _dataclass_init = QuantConfig.__init__
 @functools.wraps(_dataclass_init)
 def _init_checking_names(self, *args, **kwargs):
     _check_fields(kwargs)  # a misspelt field gets a ConfigError naming it, not the dataclass's TypeError
+    if len(args) > len(fields(QuantConfig)):
+        raise ConfigError(f"QuantConfig takes at most {len(fields(QuantConfig))} fields, got {len(args)} positional "
+                          "arguments: name them (QuantConfig(weight_bits=8, ...))")
+    duplicated = [f.name for f in fields(QuantConfig)[:len(args)] if f.name in kwargs]
+    if duplicated:
+        raise ConfigError(f"QuantConfig got {duplicated[0]} both by position and by name")
     _dataclass_init(self, *args, **kwargs)
 
 

@@ -150,3 +150,27 @@ def test_a_misspelt_config_field_is_named_with_the_nearest_fields():
     with pytest.raises(ConfigError, match=r"no field bakend \(did you mean backend\?\) \(overriding recipe W8A8\)"):
         fxq.QuantConfig.recipe("W8A8", bakend="x86")
     assert fxq.QuantConfig(weight_bits=4).weight_bits == 4  # the fields themselves still pass
+
+
+@pytest.mark.parametrize("field, value", [
+    ("percentile", None), ("percentile", "99.9"), ("lp_norm", "2"), ("lp_norm", float("inf")), ("lp_norm", True),
+    ("timestep_groups", True), ("num_timesteps", True), ("num_timesteps", 10 ** 30), ("seed", 2 ** 64),
+    ("seed", -1), ("seed", 1.5), ("timestep_arg", {"a": 1}), ("timestep_arg", 1.0)])
+def test_config_values_of_the_wrong_type_or_range_are_refused_when_made(field, value):
+    # not accepted here to fail later inside fxq.quantize with a raw error (or quantize wrongly)
+    with pytest.raises(ConfigError, match=field):
+        fxq.QuantConfig(**{field: value})
+
+
+def test_config_positional_arguments_beyond_the_fields_or_twice_given_are_refused():
+    with pytest.raises(ConfigError, match="positional"):
+        fxq.QuantConfig(*range(60))
+    with pytest.raises(ConfigError, match="both by position and by name"):
+        fxq.QuantConfig(8, weight_bits=4)
+    assert fxq.QuantConfig(4, 8).weight_bits == 4
+
+
+@pytest.mark.parametrize("batch_size", ["a", None, 0, -1, 1.5])
+def test_a_calibration_batch_size_that_is_not_a_positive_integer_is_refused(batch_size):
+    with pytest.raises(InputError, match="batch_size"):
+        fxq.quantize(Tiny(), ex(), calib(), batch_size=batch_size)
