@@ -53,11 +53,39 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.recipe and (args.weight_bits is not None or args.act_bits is not None):
         p.error(f"--recipe {args.recipe} sets the bit-widths: drop --weight-bits/--act-bits")
+    # counts and output paths are checked here, not after minutes of calibration
+    for flag, minimum in (("calib", 1), ("steps", 1), ("eval_batch", 1), ("samples", 0), ("sample_steps", 1),
+                          ("speed_batch", 1), ("speed_rounds", 1)):
+        if getattr(args, flag) < minimum:
+            p.error(f"--{flag.replace('_', '-')} must be at least {minimum}, got {getattr(args, flag)}")
+    for flag in ("json", "save", "png"):
+        path = getattr(args, flag)
+        if path is None or (flag == "png" and args.samples == 0):
+            continue
+        why = _unwritable(path)
+        if why:
+            p.error(f"--{flag} {path!r}: {why}")
+    if args.samples and not args.png.lower().endswith((".png", ".jpg", ".jpeg")):
+        p.error(f"--png {args.png!r}: name a .png (or .jpg) file")
     try:  # a config the backend cannot run fails here, before minutes of calibration
         args.config = make_config(args)
     except fxq.errors.ConfigError as e:
         p.error(str(e))
     return args
+
+
+def _unwritable(path: str) -> str | None:
+    """Why a file could not be written at path, or None."""
+    if not path:
+        return "an empty path"
+    if os.path.isdir(path):
+        return "a directory; name a file in it"
+    directory = os.path.dirname(os.path.abspath(path)) or "."
+    while not os.path.exists(directory):  # made on writing: the nearest existing parent must take it
+        directory = os.path.dirname(directory)
+    if not os.access(directory, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        return "not writable here"
+    return None
 
 
 def make_config(args) -> fxq.QuantConfig:
@@ -147,7 +175,7 @@ def main(argv=None) -> int:
     print(f"quantized {setting} ({recipe}{args.estimator} activation ranges, {kernels}): "
           + ", ".join(f"{k} x{v}" for k, v in sorted(ops.items())) + f"; trace + calibrate {t_quant:.1f} s")
 
-    out_file = save_model(qunet, unet, example, args.save) if args.save else None
+    out_file = save_model(qunet, unet, example, args.save) if args.save is not None else None
 
     reference = report.float_reference(unet, sampler, (args.eval_batch, 3, 32, 32), seed=args.seed + 1)
     per_t = report.sqnr_against(reference, qunet)
@@ -175,4 +203,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except fxq.FxqError as e:  # what the user can fix, said as the argument errors are
+        print(f"fxq: error: {e}", file=sys.stderr)
+        sys.exit(2)

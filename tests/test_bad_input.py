@@ -174,3 +174,14 @@ def test_config_positional_arguments_beyond_the_fields_or_twice_given_are_refuse
 def test_a_calibration_batch_size_that_is_not_a_positive_integer_is_refused(batch_size):
     with pytest.raises(InputError, match="batch_size"):
         fxq.quantize(Tiny(), ex(), calib(), batch_size=batch_size)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--save", ""], "--save '': an empty path"), (["--json", "."], "a directory"),
+    (["--speed-batch", "0"], "--speed-batch must be at least 1"), (["--speed-rounds", "0"], "--speed-rounds"),
+    (["--calib", "0"], "--calib"), (["--samples", "-1"], "--samples"), (["--png", "x.notanimage"], "name a .png")])
+def test_the_main_job_refuses_bad_counts_and_output_paths_before_any_work(argv, message, capsys):
+    from fxq.__main__ import parse_args
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    assert message in capsys.readouterr().err
