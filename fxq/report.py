@@ -20,6 +20,10 @@ from fxq.qmodel import QuantizedModel
 
 def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio, 10 log10(|ref|^2 / |ref - test|^2), in dB (inf if identical)."""
+    if not (isinstance(reference, torch.Tensor) and isinstance(test, torch.Tensor)) or reference.shape != test.shape:
+        raise InputError(f"sqnr_db compares two tensors of one shape, got "
+                         f"{tuple(getattr(reference, 'shape', ()))} and {tuple(getattr(test, 'shape', ()))} (a "
+                         "broadcast would measure something else)")
     ref = reference.detach().double()
     noise = (ref - test.detach().double()).pow(2).sum()
     if noise == 0:
@@ -30,8 +34,7 @@ def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
 def quantized_ops(model: QuantizedModel | fx.GraphModule) -> dict[str, int]:
     """Count of quantized ops by kind ("conv", "linear", "attn_matmul") in a quantized model or a prepared or
     lowered graph, kinds with none left out."""
-    gm = model.graph_module if isinstance(model, QuantizedModel) else model
-    return {kind: n for kind, n in summary(gm).items() if n}
+    return {kind: n for kind, n in summary(_graph_of(model)).items() if n}
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,8 @@ def per_timestep_sqnr(fp_model, q_model, sampler, shape, seed: int = 0, device=N
 
 def summarize_sqnr(per_t: dict[int, float], buckets: int = 5) -> list[tuple[int, int, float]]:
     """(t_low, t_high, mean dB) over `buckets` equal slices of the visited timesteps, high t (noise) first."""
+    if isinstance(buckets, bool) or not isinstance(buckets, int) or buckets < 1:
+        raise InputError(f"buckets={buckets!r} must be a positive integer")
     items = sorted(per_t.items(), reverse=True)
     size = max(1, len(items) // buckets)
     rows = []
@@ -146,6 +151,9 @@ def interleaved_latency(models: dict, inputs: tuple, rounds: int = 10, warmup: i
     """Time of one call of each model on `inputs`, measured in interleaved rounds (every model once per round,
     so load on the machine hits all alike): {name: {"median_ms", "min_ms", "max_ms"}}. `clock`: wall time by
     default; `time.thread_time` (CPU time of this thread, with 1 torch thread) is steadier on a loaded machine."""
+    for name, value, minimum in (("rounds", rounds, 1), ("warmup", warmup, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise InputError(f"{name}={value!r} must be an integer >= {minimum}")
     for fn in models.values():
         for _ in range(warmup):
             fn(*inputs)

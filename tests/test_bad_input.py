@@ -185,3 +185,17 @@ def test_the_main_job_refuses_bad_counts_and_output_paths_before_any_work(argv, 
     with pytest.raises(SystemExit):
         parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+def test_report_helpers_refuse_what_they_cannot_measure():
+    from fxq import report
+    ref = torch.randn(4, 3)
+    with pytest.raises(InputError, match="one shape"):  # a broadcast would give a number for something else
+        report.sqnr_db(ref, ref[:1])
+    assert report.sqnr_db(ref, ref) == float("inf")
+    with pytest.raises(InputError, match="not a model made by fxq.quantize"):
+        report.quantized_ops(Tiny())
+    with pytest.raises(InputError, match="buckets"):
+        report.summarize_sqnr({1: 2.0}, buckets=0)
+    with pytest.raises(InputError, match="rounds"):
+        report.interleaved_latency({"m": lambda x: x}, (ref,), rounds=0)
