@@ -61,6 +61,10 @@ def quantize_pipeline(pipe, config: QuantConfig | None = None, *, calib_prompts=
         raise InputError(f"{type(pipe).__name__} cannot be called to sample")
     check_count("num_inference_steps", num_inference_steps)
     check_count("images_per_run", images_per_run)
+    check_count("batch_size", batch_size)
+    check_count("seed", seed, 0)
+    if seed >= 2 ** 63:
+        raise InputError(f"seed={seed} must be below 2**63 (torch.manual_seed's range)")
     clash = sorted(set(pipe_kwargs) & set(_SET_HERE))
     if clash:
         raise InputError(f"{clash} are set by quantize_pipeline; pass calib_prompts / num_images / seed instead")

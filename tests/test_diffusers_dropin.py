@@ -273,6 +273,9 @@ def test_quantize_pipeline_bad_input(tmp_path):
         fxq.quantize_pipeline(pipe, generator=torch.Generator())
     with pytest.raises(fxq.errors.ConfigError, match="QuantConfig"):
         fxq.quantize_pipeline(pipe, {"weight_bits": 8})
+    for name, value in (("seed", "a"), ("seed", 1.5), ("seed", 2 ** 64), ("seed", -1), ("batch_size", 0)):
+        with pytest.raises(InputError, match=name):
+            fxq.quantize_pipeline(pipe, **{name: value})
     sd = tiny_sd(tmp_path)
     for prompts in (None, [], [1, 2], "x" and 3):
         with pytest.raises(InputError, match="calib_prompts"):
