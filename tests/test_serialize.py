@@ -531,6 +531,14 @@ def test_input_structure_names_that_would_become_code_are_refused(saved, tmp_pat
     assert not marker.exists()
 
 
+def test_a_graph_without_its_output_node_is_refused(saved, tmp_path):
+    def edit(desc):
+        nodes = _graph_nodes(desc)
+        nodes[:] = [n for n in nodes if n["op"] != "output"]
+    with pytest.raises(ModelFileError, match="0 output nodes"):
+        fxq.load(_rewrite(saved, tmp_path / "o.safetensors", edit=edit))
+
+
 def test_a_header_too_deep_or_too_long_for_json_is_a_damaged_file(tmp_path):
     for name, header in (("deep", b"[" * 100_000 + b"]" * 100_000), ("bigint", b'{"a":' + b"9" * 5000 + b"}")):
         path = tmp_path / f"{name}.safetensors"
