@@ -294,6 +294,7 @@ class _ExactWeighted(_ExactBase):
 _MAX_ORDERS = 64  # input shapes whose kernel order an op keeps
 _UNPROBED = object()
 _PROBE_TRIES = 8  # random inputs tried at one shape until exactly one order fits
+_PROBE_VALUES, _MAX_PROBE_TRIES = 512, 512  # ... and until this many outputs were compared, at most this many tries
 
 
 def _probe_kernel_order(module: "_ExactWeighted", in_shape: tuple, channel_dim: int) -> str | None:
@@ -314,7 +315,8 @@ def _probe_kernel_order(module: "_ExactWeighted", in_shape: tuple, channel_dim: 
     shape[channel_dim] = -1
     bias = None if module.bias is None else module.bias.detach().float().reshape(shape)
     w_scale = module.w_scale.reshape(shape)
-    for seed in range(_PROBE_TRIES):
+    seed, tries = 0, _PROBE_TRIES
+    while seed < tries:
         codes = torch.randint(0, 256, in_shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
         if conv and codes.dim() == 4:
             codes = codes.contiguous(memory_format=torch.channels_last)
@@ -326,6 +328,10 @@ def _probe_kernel_order(module: "_ExactWeighted", in_shape: tuple, channel_dim: 
         fits = S.fitting_orders(y, acc, xs, w_scale, bias)
         if len(fits) != len(S.SCALE_ORDERS):  # one order fits, or none: this data tells them apart
             break
+        # the orders agree on ~70 % of values: an op with few outputs (a 6 -> 1 linear) needs more tries to be
+        # told apart, or the process default (another kernel's order) would stand in for its own
+        tries = max(tries, min(_MAX_PROBE_TRIES, -(-_PROBE_VALUES // max(1, y.numel()))))
+        seed += 1
     else:
         return None  # every try fits both orders: they agree on what this kernel computes
     if not fits:
