@@ -171,12 +171,22 @@ class _Sampler(ABC):
         for i, t in enumerate(steps):
             if callback is not None:
                 callback(i, t, x)
-            eps = model(x, torch.full((shape[0],), t, dtype=torch.int64, device=device))
+            eps = eps_of(model(x, torch.full((shape[0],), t, dtype=torch.int64, device=device)))
             if tuple(eps.shape) != shape:
                 raise InputError(f"model returned shape {tuple(eps.shape)} for input {shape}; it must predict eps")
             eps = eps.to(dtype)
             x = self._step(i, x, eps, self._x0(x, eps, t, clip_x0), noise)
         return x
+
+
+def eps_of(out) -> torch.Tensor:
+    """The noise prediction in a model's output: the tensor itself, a diffusers output's `.sample`, or the first
+    item of a tuple (diffusers' return_dict=False)."""
+    eps = out.sample if hasattr(out, "sample") else (out[0] if isinstance(out, (tuple, list)) and out else out)
+    if not isinstance(eps, torch.Tensor):
+        raise InputError(f"the model returned {type(out).__name__}; a sampler needs its noise prediction: a tensor, "
+                         "an output with .sample, or a tuple whose first item is one")
+    return eps
 
 
 class DDPM(_Sampler):

@@ -11,7 +11,7 @@ import torch.fx as fx
 
 import time
 
-from fxq.diffusion import _model_device_dtype
+from fxq.diffusion import _model_device_dtype, eps_of
 from fxq.errors import InputError
 from fxq.quant.ops import op_name
 from fxq.passes.select_ops import FLOAT_KEY, META_KEY, REASONS, float_nodes, summary
@@ -90,10 +90,6 @@ def float_summary(qmodel) -> str:
     return "\n".join(lines)
 
 
-def _eps(out):
-    return out.sample if hasattr(out, "sample") else (out[0] if isinstance(out, (tuple, list)) else out)
-
-
 @torch.no_grad()
 def float_reference(fp_model, sampler, shape, seed: int = 0,
                     device=None) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
@@ -107,7 +103,7 @@ def float_reference(fp_model, sampler, shape, seed: int = 0,
 
     def recording(x, t):
         out = fp_model(x, t)
-        outputs.append(_eps(out))
+        outputs.append(eps_of(out))
         return out
 
     sampler.sample(recording, shape, seed=seed, device=device, dtype=dtype,
@@ -122,7 +118,7 @@ def sqnr_against(reference, q_model) -> dict[int, float]:
     result = {}
     for t, x_t, eps_fp in reference:
         tt = torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device)
-        result[t] = sqnr_db(eps_fp, _eps(q_model(x_t, tt)))
+        result[t] = sqnr_db(eps_fp, eps_of(q_model(x_t, tt)))
     return result
 
 

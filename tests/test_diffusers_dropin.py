@@ -284,3 +284,17 @@ def test_quantize_pipeline_bad_input(tmp_path):
         fxq.quantize_pipeline(sd, calib_prompts=["a"], num_images=4)
     with pytest.raises(InputError, match="gave 2 samples over 1 calls; n=256"):
         fxq.quantize_pipeline(sd, calib_prompts=["a"], num_inference_steps=1)
+
+
+def test_fxq_samplers_and_calibration_take_a_diffusers_unet_as_the_readme_says():
+    # a UNet2DModel returns UNet2DOutput (or a tuple): the samplers read its .sample, float and quantized alike
+    unet = tiny_unet2d()
+    sampler = fxq.diffusion.DDIM(steps=3)
+    shape = (1, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    calib = fxq.calib.trajectory(unet, sampler, n=3, seed=0)
+    q = fxq.quantize(unet, calib[0], calib)
+    for model in (unet, q, lambda x, t: unet(x, t, return_dict=False)):
+        assert sampler.sample(model, shape).shape == shape
+    assert len(report.per_timestep_sqnr(unet, q, sampler, shape)) == 3
+    with pytest.raises(InputError, match="noise prediction"):
+        sampler.sample(lambda x, t: {"eps": x}, shape)

@@ -27,7 +27,8 @@ from fxq.quant import quantizer as Q
 from fxq.tracing.inputs import as_args_kwargs
 from fxq.passes.batch_axes import META_KEY as BATCH_KEY
 from fxq.quant.mixed_precision import propose_weight_bits  # noqa: F401  (re-exported: a diagnosis users look for here)
-from fxq.report import _eps, sqnr_db
+from fxq.diffusion import eps_of
+from fxq.report import sqnr_db
 
 
 class _Float(nn.Module):
@@ -163,7 +164,7 @@ def _stack(reference, steps):
 
 @torch.no_grad()
 def _predict(model, x, t, batch_size):
-    return torch.cat([_eps(model(x[i:i + batch_size], t[i:i + batch_size])) for i in range(0, x.shape[0], batch_size)])
+    return torch.cat([eps_of(model(x[i:i + batch_size], t[i:i + batch_size])) for i in range(0, x.shape[0], batch_size)])
 
 
 def _per_t_sqnr(eps_fp, eps_q, layout) -> dict[int, float]:
