@@ -207,33 +207,23 @@ class QuantizedModel(nn.Module):
     def _int8(self) -> bool:
         return self.quant_config is not None and self.quant_config.backend == "x86"
 
-    def _refuse_cast(self, dtype) -> None:
-        if self._int8() and dtype is not None and dtype != torch.float32:
-            raise ConfigError(f"an int8 (x86) model computes in float32 around its int8 kernels and cannot be cast "
-                              f"to {dtype} (its scales and biases would round): keep it float32 and pass float32 "
-                              "inputs, or quantize with backend='fake' for other dtypes")
+    def _apply(self, fn, *args, **kwargs):
+        # every cast reaches here (.half(), .to(dtype), .type(), a parent module's cast): tried on a float32 and an
+        # int8 tensor first, as the module's own would be
+        if self._int8():
+            for dtype in (torch.float32, torch.int8):
+                out = fn(torch.zeros(1, dtype=dtype))
+                if isinstance(out, torch.Tensor) and out.dtype != dtype:
+                    raise ConfigError(f"an int8 (x86) model computes in float32 around its int8 kernels and cannot be "
+                                      f"cast to {out.dtype} (its scales, biases and codes would change): keep it as it "
+                                      "is and pass float32 inputs, or quantize with backend='fake' for other dtypes")
+        return super()._apply(fn, *args, **kwargs)
 
     def train(self, mode: bool = True):
         if mode and self._int8():
             raise ConfigError("an int8 (x86) model has no training mode: its kernels have no gradient and its idle "
                               "dropouts were lowered away; train the float model (or a backend='fake' one)")
         return super().train(mode)
-
-    def to(self, *args, **kwargs):
-        self._refuse_cast(torch._C._nn._parse_to(*args, **kwargs)[1])
-        return super().to(*args, **kwargs)
-
-    def half(self):
-        self._refuse_cast(torch.float16)
-        return super().half()
-
-    def bfloat16(self):
-        self._refuse_cast(torch.bfloat16)
-        return super().bfloat16()
-
-    def double(self):
-        self._refuse_cast(torch.float64)
-        return super().double()
 
     # ------------------------------------------------------------------------------------------------ calls
     def forward(self, *args, **kwargs):

@@ -710,7 +710,8 @@ def test_calls_the_int8_model_cannot_serve():
         int8(x.to("meta"))
     y = int8(x)
     for cast in (lambda m: m.half(), lambda m: m.bfloat16(), lambda m: m.double(), lambda m: m.to(torch.float16),
-                 lambda m: m.to("cpu", torch.bfloat16), lambda m: m.to(dtype=torch.float64)):
+                 lambda m: m.to("cpu", torch.bfloat16), lambda m: m.to(dtype=torch.float64),
+                 lambda m: m.type(torch.float16), lambda m: nn.Sequential(m).half()):  # (a parent's cast too)
         with pytest.raises(ConfigError, match="cannot be cast"):  # its scales and biases would round
             cast(int8)
     assert torch.equal(int8.to("cpu").float().to(torch.float32)(x), y)  # what leaves it float32 on the CPU
