@@ -150,3 +150,10 @@ def test_ties_round_half_to_even():
     qp = Q.QParams(torch.tensor(1.0), torch.tensor(0.0), 8, True)
     x = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5])
     assert Q.fake_quantize(x, qp).tolist() == [0.0, 2.0, 2.0, -0.0, -2.0]
+
+
+@pytest.mark.parametrize("edges", [None, (250, 500, 750)])
+def test_a_timestep_beyond_the_range_falls_in_the_last_group_however_large(edges):
+    # computed after clamping into [0, T): t * G in int64 wrapped around for t >= 2**61 (and 1e30 as a float)
+    for t, group in ((-5, 0), (0, 0), (999, 3), (1000, 3), (2 ** 62, 3), (1e30, 3), (-1e30, 0)):
+        assert Q.timestep_group(torch.tensor([t]), 4, 1000, edges).tolist() == [group], t

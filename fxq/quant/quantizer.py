@@ -194,7 +194,8 @@ def timestep_group(t, groups: int, num_timesteps: int, edges: tuple | None = Non
     t is a 0-d/1-element tensor or a python number (one group for the whole batch) or one entry per sample.
     Quantized graphs compute this once per call, in one node, and feed it to every per-group quantizer.
     """
-    t = torch.as_tensor(t).reshape(-1)
+    # into [0, T - 1] before the integer arithmetic: a huge t (1e30, 2**62) must not wrap around into group 0
+    t = torch.as_tensor(t).reshape(-1).clamp(0, num_timesteps - 1)
     if edges is None:
         g = torch.div(t.long() * groups, num_timesteps, rounding_mode="floor")
         return torch.clamp(g, 0, groups - 1)
