@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from fxq.tracing.callspec import timestep_input
 from fxq.errors import InputError
-from fxq.eval.images import check_count
+from fxq.eval.images import check_count, check_seed, derived_seed
 from fxq.tracing.inputs import as_args_kwargs
 # running a set: machinery in fxq.quant.calibrate, reachable here as fxq.calib.run etc. (the public names)
 from fxq.quant.calibrate import (batches, check_item, device_of, eval_mode, item_rows, run,  # noqa: F401
@@ -93,8 +93,8 @@ def _mean_std(timesteps: str, mean, std) -> tuple[float, float]:
         raise InputError("mean/std only apply to timesteps='normal'")
     mean = PTQ4DM_MEAN if mean is None else float(mean)
     std = PTQ4DM_STD if std is None else float(std)
-    if std <= 0:
-        raise InputError(f"std={std}: must be positive (a fraction of T)")
+    if not math.isfinite(mean) or not math.isfinite(std) or std <= 0:
+        raise InputError(f"mean={mean}, std={std}: must be finite, std positive (fractions of T)")
     return mean, std
 
 
@@ -113,7 +113,13 @@ def trajectory(model, sampler, n: int, timesteps: str = "uniform", mean: float |
     """
     check_count("n", n)
     check_count("steps_per_run", steps_per_run)
+    if batch_size is not None:
+        check_count("batch_size", batch_size)
+    seed = check_seed(seed)
     mean, std = _mean_std(timesteps, mean, std)
+    if not hasattr(sampler, "timesteps") or not callable(getattr(sampler, "sample", None)):
+        raise InputError(f"sampler must be an fxq.diffusion sampler (DDIM(steps=...), DDPM()), got "
+                         f"{type(sampler).__name__}")
     shape = tuple(shape) if shape is not None else _sample_shape(model)
     steps = list(sampler.timesteps)
     gen = torch.Generator().manual_seed(seed)
@@ -133,7 +139,7 @@ def trajectory(model, sampler, n: int, timesteps: str = "uniform", mean: float |
                     if i in kept[j]:
                         pool[j].append((x_t[j:j + 1].detach().float().cpu(), torch.tensor([t], dtype=torch.long)))
 
-            sampler.sample(model, (b, *shape), seed=seed * 1_000_003 + start, device=device, callback=record)
+            sampler.sample(model, (b, *shape), seed=derived_seed(seed, start), device=device, callback=record)
             for items in pool:
                 out.extend(items)
             bar.update(b)

@@ -154,7 +154,8 @@ class _Sampler(ABC):
         if callback is not None and not callable(callback):
             raise InputError(f"callback must be callable as callback(step_index, t, x_t), got {type(callback)}")
         device, dtype = _model_device_dtype(model, device, dtype)
-        gen = torch.Generator(device="cpu").manual_seed(int(seed))
+        from fxq.eval.images import check_seed
+        gen = torch.Generator(device="cpu").manual_seed(check_seed(seed))
 
         def noise() -> torch.Tensor:
             return torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)

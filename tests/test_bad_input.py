@@ -199,3 +199,22 @@ def test_report_helpers_refuse_what_they_cannot_measure():
         report.summarize_sqnr({1: 2.0}, buckets=0)
     with pytest.raises(InputError, match="rounds"):
         report.interleaved_latency({"m": lambda x: x}, (ref,), rounds=0)
+
+
+def test_calibration_and_sampling_arguments_are_checked_before_they_mislead():
+    # batch_size=-1 returned no calibration at all; a huge seed overflowed; seed=1.7 sampled as seed 1
+    from fxq.calib import trajectory
+    from fxq.diffusion import DDIM
+    from fxq.models import DDPMUNet
+    unet = DDPMUNet(ch=32, ch_mult=(1,), attn_resolutions=(), num_res_blocks=1, resolution=8).eval()
+    sampler = DDIM(steps=4)
+    for kwargs, message in ((dict(batch_size=-1), "batch_size"), (dict(batch_size="4"), "batch_size"),
+                            (dict(seed=None), "seed"), (dict(seed=1.5), "seed"), (dict(seed=2 ** 64), "seed"),
+                            (dict(timesteps="normal", mean=float("nan")), "finite"),
+                            (dict(sampler=None), "sampler")):
+        with pytest.raises(InputError, match=message):
+            trajectory(unet, **{"sampler": sampler, "n": 4, **kwargs})
+    assert len(trajectory(unet, sampler, n=4, seed=2 ** 62)) == 4  # a seed torch takes, however large
+    for seed in (None, 1.7, -1):
+        with pytest.raises(InputError, match="seed"):
+            sampler.sample(unet, (1, 3, 8, 8), seed=seed)

@@ -7,6 +7,7 @@ from the same x_T, whatever the batch size.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 
 import numpy as np
@@ -23,9 +24,21 @@ def check_count(name, value, minimum=1):
         raise InputError(f"{name}={value!r}: must be an integer >= {minimum}")
 
 
+def check_seed(seed, name: str = "seed") -> int:
+    """seed as an int, if it is one torch's generators take (0 <= seed < 2**63); InputError otherwise."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2 ** 63:
+        raise InputError(f"{name}={seed!r}: must be an integer from 0 to 2**63 - 1")
+    return int(seed)
+
+
+def derived_seed(seed: int, k: int) -> int:
+    """The seed of run / batch k of a seeded job (the same as seed * 1_000_003 + k wherever that fits)."""
+    return (seed * 1_000_003 + k) % 2 ** 63
+
+
 def initial_noise(seed: int, start: int, count: int, shape) -> torch.Tensor:
     """x_T of samples start .. start+count-1, float32 on the CPU; sample k's noise depends only on (seed, k)."""
-    check_count("seed", seed, 0)
+    check_seed(seed)
     out = torch.empty((count, *shape), dtype=torch.float32)
     for j in range(count):
         k_seed = int(np.random.SeedSequence([NOISE_TAG, seed, start + j]).generate_state(1, np.uint64)[0])
@@ -55,7 +68,7 @@ def sample_images(model, sampler, n: int, batch_size: int, seed: int, device=Non
 
     check_count("n", n)
     check_count("batch_size", batch_size)
-    check_count("seed", seed, 0)
+    check_seed(seed)
     shape = tuple(shape)
     rank, world = _shard()
     out = torch.zeros((n, *shape), dtype=torch.uint8)
@@ -64,7 +77,7 @@ def sample_images(model, sampler, n: int, batch_size: int, seed: int, device=Non
     bar = tqdm(total=sum(min(batch_size, n - s) for _, s in mine), desc=desc, unit="img", disable=not progress)
     for b, start in mine:
         count = min(batch_size, n - start)
-        x0 = sampler.sample(model, (count, *shape), seed=seed * 1_000_003 + b, device=device,
+        x0 = sampler.sample(model, (count, *shape), seed=derived_seed(seed, b), device=device,
                             x_T=initial_noise(seed, start, count, shape))
         bad = (~torch.isfinite(x0)).flatten(1).any(1)
         if bad.any():
