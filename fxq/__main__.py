@@ -83,6 +83,8 @@ def _unwritable(path: str) -> str | None:
     directory = os.path.dirname(os.path.abspath(path)) or "."
     while not os.path.exists(directory):  # made on writing: the nearest existing parent must take it
         directory = os.path.dirname(directory)
+    if not os.path.isdir(directory):
+        return f"{directory!r} is a file, not a folder"
     if not os.access(directory, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
         return "not writable here"
     return None
@@ -197,6 +199,7 @@ def main(argv=None) -> int:
         print(f"{args.samples} samples (DDIM-{args.sample_steps}, same noise): PSNR quantized vs float "
               f"{float(per_image.mean()):.1f} dB; wrote {args.png} ({time.perf_counter() - t0:.1f} s)")
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)  # as --save and --png do
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
     return 0

@@ -178,6 +178,7 @@ def test_a_calibration_batch_size_that_is_not_a_positive_integer_is_refused(batc
 
 @pytest.mark.parametrize("argv, message", [
     (["--save", ""], "--save '': an empty path"), (["--json", "."], "a directory"),
+    (["--json", "README.md/x.json"], "is a file, not a folder"),
     (["--speed-batch", "0"], "--speed-batch must be at least 1"), (["--speed-rounds", "0"], "--speed-rounds"),
     (["--calib", "0"], "--calib"), (["--samples", "-1"], "--samples"), (["--png", "x.notanimage"], "name a .png")])
 def test_the_main_job_refuses_bad_counts_and_output_paths_before_any_work(argv, message, capsys):

@@ -157,3 +157,9 @@ def test_packaged_ddpm32():
     x, t = inputs(b=1, res=32)
     with torch.no_grad():
         assert torch.isfinite(model(x, t)).all()
+
+
+def test_save_pretrained_is_reachable_where_the_docs_name_it():
+    # fxq.models.pretrained is the loading function (it hides its module): save_pretrained sits beside it
+    import fxq.models
+    assert fxq.models.save_pretrained is save_pretrained

@@ -83,7 +83,7 @@ def read_safetensors(path, format_key: str, want: str, what: str, hint: str) -> 
 def read_pretrained(path) -> tuple[dict, dict]:
     """(metadata, state dict) of an fxq DDPMUNet file (as written by save_pretrained), or ModelFileError."""
     return read_safetensors(os.fspath(path), "fxq_format", FORMAT, "fxq DDPMUNet",
-                            "fxq models are written by fxq.models.pretrained.save_pretrained")
+                            "fxq models are written by fxq.models.save_pretrained")
 
 
 def _build(path: str, meta: dict) -> DDPMUNet:
