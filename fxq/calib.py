@@ -156,19 +156,32 @@ def traditional(n: int, shape: tuple, T: int = 1000, data: torch.Tensor | None =
 
     check_count("n", n)
     check_count("T", T)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(check_seed(seed))
+    try:
+        shape = tuple(int(d) for d in shape)
+    except (TypeError, ValueError):
+        raise InputError(f"shape must be a sample's (C, H, W), got {shape!r}") from None
     t = torch.randint(0, T, (n,), generator=gen)
     if data is None:
         x = torch.randn((n, *shape), generator=gen)
     else:
         if not torch.is_tensor(data) or not data.is_floating_point() or tuple(data.shape[1:]) != tuple(shape):
             raise InputError(f"data must be a float tensor [N, {', '.join(map(str, shape))}] in the model's range")
+        if data.shape[0] == 0:
+            raise InputError("data holds no samples to noise")
         schedule = schedule or Schedule(linear_betas(T))
         if schedule.T != T:
             raise InputError(f"the schedule has {schedule.T} steps but T={T}")
         x0 = data[torch.randint(0, data.shape[0], (n,), generator=gen)].float()
         x = schedule.q_sample(x0, t, torch.randn(x0.shape, generator=gen))
     return [(x[i:i + 1].clone(), t[i:i + 1].clone()) for i in range(n)]
+
+
+def _feature(features, item) -> torch.Tensor:
+    f = features(item)
+    if not isinstance(f, torch.Tensor):
+        raise InputError(f"features(item) must return a tensor, got {type(f).__name__}")
+    return f.detach().double().reshape(-1).cpu()
 
 
 def representative(items: list, n: int, features=None, timestep=None) -> list:
@@ -200,7 +213,7 @@ def representative(items: list, n: int, features=None, timestep=None) -> list:
     chosen: list[int] = []
     for key, members in groups.items():
         if quota[key]:
-            feats = torch.stack([features(items[i]).detach().double().reshape(-1).cpu() for i in members])
+            feats = torch.stack([_feature(features, items[i]) for i in members])
             chosen += [members[j] for j in _greedy_medoids(feats, quota[key])]
     return [items[i] for i in sorted(chosen)]
 
@@ -279,8 +292,12 @@ def record(module, run, n: int | None = None, timesteps: str = "uniform", mean: 
     if n is not None:
         check_count("n", n)
     check_count("num_timesteps", num_timesteps)
+    seed = check_seed(seed)
     mean, std = _mean_std(timesteps, mean, std)
-    unbatched = (unbatched,) if isinstance(unbatched, str) else tuple(unbatched)
+    unbatched = (unbatched,) if isinstance(unbatched, str) else unbatched
+    if not isinstance(unbatched, (tuple, list)) or not all(isinstance(u, str) for u in unbatched):
+        raise InputError(f"unbatched names inputs (a name or a sequence of names), got {unbatched!r}")
+    unbatched = tuple(unbatched)
     calls: list[tuple[tuple, dict]] = []
 
     def hook(_module, args, kwargs):

@@ -41,7 +41,11 @@ class Schedule:
     """
 
     def __init__(self, betas: torch.Tensor | None = None):
-        betas = linear_betas() if betas is None else torch.as_tensor(betas, dtype=torch.float64).cpu()
+        try:
+            betas = linear_betas() if betas is None else torch.as_tensor(betas, dtype=torch.float64).cpu()
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ConfigError(f"Schedule: betas must be a 1-D sequence of numbers (fxq.diffusion.linear_betas(T) "
+                              f"makes Ho et al.'s), got {type(betas).__name__} ({e})") from None
         if betas.dim() != 1 or betas.numel() == 0:
             raise ConfigError(f"Schedule: betas must be a non-empty 1-D sequence, got shape {tuple(betas.shape)}")
         if not bool(((betas > 0) & (betas < 1)).all()):
@@ -110,9 +114,12 @@ def _model_device_dtype(model, device, dtype) -> tuple[torch.device, torch.dtype
         device = param.device if param is not None else torch.device("cpu")
     if dtype is None:
         dtype = param.dtype if param is not None else torch.float32
-    if not dtype.is_floating_point:
-        raise InputError(f"dtype={dtype}: samples need a floating dtype")
-    return torch.device(device), dtype
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise InputError(f"dtype={dtype!r}: samples need a floating torch.dtype (e.g. torch.float32)")
+    try:
+        return torch.device(device), dtype
+    except (RuntimeError, TypeError) as e:
+        raise InputError(f"device={device!r} is not a torch device ({e})") from None
 
 
 class _Sampler(ABC):

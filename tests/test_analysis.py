@@ -11,6 +11,7 @@ import fxq
 from fxq import report
 from fxq.eval import analysis
 from fxq.diffusion import DDIM
+from fxq.errors import InputError
 
 
 class Net(nn.Module):
@@ -53,7 +54,7 @@ def test_twin_switches_every_quantizer(setup):
     assert torch.allclose(off, model(x, t), atol=1e-6)
     assert torch.equal(on, ref_q) and torch.equal(again, on)
     assert not torch.allclose(one, off) and not torch.allclose(one, on)
-    with pytest.raises(KeyError, match="unknown quantizer"):
+    with pytest.raises(InputError, match="unknown quantizer"):
         with twin.enabled(["act:nope"]):
             pass
 

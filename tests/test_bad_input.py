@@ -219,3 +219,35 @@ def test_calibration_and_sampling_arguments_are_checked_before_they_mislead():
     for seed in (None, 1.7, -1):
         with pytest.raises(InputError, match="seed"):
             sampler.sample(unet, (1, 3, 8, 8), seed=seed)
+
+
+def test_helpers_around_quantization_refuse_bad_arguments_with_input_errors():
+    import fxq.calib as C
+    from fxq.diffusion import DDIM, Schedule
+    from fxq.eval import images
+    from fxq.eval.analysis import average_bits
+    from fxq.models import DDPMUNet, pretrained
+    unet = DDPMUNet(ch=32, ch_mult=(1,), attn_resolutions=(), num_res_blocks=1, resolution=8).eval()
+    cases = [
+        (lambda: C.record(unet, lambda: None, seed=None), InputError, "seed"),  # before running the pipeline
+        (lambda: C.record(unet, lambda: None, unbatched=5), InputError, "unbatched"),
+        (lambda: C.traditional(4, shape=None), InputError, "shape"),
+        (lambda: C.traditional(4, (3, 8, 8), data=torch.zeros(0, 3, 8, 8)), InputError, "no samples"),
+        (lambda: C.representative([(torch.randn(1, 3), torch.tensor([1]))] * 3, 2, features=lambda i: [1.0]),
+         InputError, "tensor"),
+        (lambda: DDIM(steps=2).sample(unet, (1, 3, 8, 8), dtype="float32"), InputError, "dtype"),
+        (lambda: DDIM(steps=2).sample(unet, (1, 3, 8, 8), device="nonsense"), InputError, "device"),
+        (lambda: Schedule("cosine"), ConfigError, "betas"),
+        (lambda: pretrained(weights_path=3), InputError, "weights_path"),
+        (lambda: pretrained(["ddpm32"]), fxq.errors.ModelFileError, "unknown pretrained"),
+        (lambda: average_bits(unet), InputError, "fxq.quantize"),
+        (lambda: images.save_grid("g.png", [("a", torch.zeros(1, 3, 4, 4, dtype=torch.uint8))], nrow=0),
+         InputError, "nrow"),
+        (lambda: images.save_grid("g.png", []), InputError, "panel"),
+        (lambda: images.save_grid("g.notanimage", [("a", torch.zeros(1, 3, 4, 4, dtype=torch.uint8))]),
+         InputError, ".png"),
+        (lambda: images.psnr_summary(torch.zeros(0, 3, 4, 4), torch.zeros(0, 3, 4, 4)), InputError, "image"),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match=message):
+            call()

@@ -28,6 +28,8 @@ from fxq.tracing.inputs import as_args_kwargs
 from fxq.passes.batch_axes import META_KEY as BATCH_KEY
 from fxq.quant.mixed_precision import propose_weight_bits  # noqa: F401  (re-exported: a diagnosis users look for here)
 from fxq.diffusion import eps_of
+from fxq.errors import InputError
+from fxq.eval.images import check_count
 from fxq.report import sqnr_db
 
 
@@ -44,7 +46,7 @@ def _graph_module(qmodel) -> fx.GraphModule:
     inner = getattr(qmodel, "graph_module", None)
     if isinstance(inner, fx.GraphModule):
         return inner
-    raise TypeError(f"expected a model made by fxq.quantize, got {type(qmodel).__name__}")
+    raise InputError(f"expected a model made by fxq.quantize, got {type(qmodel).__name__}")
 
 
 class Twin:
@@ -88,7 +90,7 @@ class Twin:
         on = set(self.units if units is None else units)
         unknown = on - set(self.units)
         if unknown:
-            raise KeyError(f"unknown quantizer(s) {sorted(unknown)[:3]}; see Twin.units")
+            raise InputError(f"unknown quantizer(s) {sorted(unknown)[:3]}; see Twin.units")
         try:
             for unit, fq in self._act.items():
                 self._gm.set_submodule(unit[4:], fq if unit in on else _Float())
@@ -164,6 +166,7 @@ def _stack(reference, steps):
 
 @torch.no_grad()
 def _predict(model, x, t, batch_size):
+    check_count("batch_size", batch_size)
     return torch.cat([eps_of(model(x[i:i + batch_size], t[i:i + batch_size])) for i in range(0, x.shape[0], batch_size)])
 
 
@@ -184,7 +187,7 @@ def sensitivity(twin: Twin, reference, mode: str = "only", steps=None, units=Non
     fxq.report.float_reference; steps: the timesteps to use (default: all of the reference's).
     """
     if mode not in ("only", "all_but"):
-        raise ValueError(f"mode={mode!r}: choose 'only' or 'all_but'")
+        raise InputError(f"mode={mode!r}: choose 'only' or 'all_but'")
     from tqdm.auto import tqdm
 
     x, t, eps_fp, layout = _stack(reference, steps)
@@ -254,7 +257,7 @@ def activation_ranges(model: nn.Module, example_inputs, calib_data, config,
 
     gm, t_name = prepare(model, example_inputs, config, batch_axes=True)
     if t_name is None:
-        raise ValueError("activation_ranges needs the model's timestep input: set QuantConfig(timestep_arg=...)")
+        raise InputError("activation_ranges needs the model's timestep input: set QuantConfig(timestep_arg=...)")
     ranges: dict[str, dict[int, list[float]]] = {}
     labels: dict[str, str] = {}
     call: dict[str, torch.Tensor] = {}

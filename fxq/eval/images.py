@@ -134,6 +134,8 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def psnr_summary(a: torch.Tensor, b: torch.Tensor) -> dict:
     """Mean / median / min of the per-image PSNR, and the PSNR of the MSE pooled over all images."""
     mse = _mse_per_image(a, b)
+    if mse.numel() == 0:
+        raise InputError("psnr_summary needs at least one image in each batch")
     per = _psnr_of(mse)
     # every image has the same size, so the mean of the per-image MSEs is the pooled MSE
     return {"mean": float(per.mean()), "median": float(per.median()), "min": float(per.min()),
@@ -143,6 +145,15 @@ def psnr_summary(a: torch.Tensor, b: torch.Tensor) -> dict:
 def save_grid(path, panels, nrow: int = 8, pad: int = 2, scale: int = 1) -> None:
     """PNG of the first nrow*nrow images of each (title, uint8 [N, 3, H, W]) panel, panels side by side."""
     from PIL import Image, ImageDraw  # pillow: a dependency of fxq's image reports only
+
+    check_count("nrow", nrow)
+    check_count("scale", scale)
+    check_count("pad", pad, 0)
+    panels = list(panels)
+    if not panels:
+        raise InputError("save_grid needs at least one (title, images) panel")
+    if not str(path).lower().endswith((".png", ".jpg", ".jpeg")) or os.path.isdir(path):
+        raise InputError(f"save_grid writes a .png (or .jpg) file, got {str(path)!r}")
 
     tiles = []
     for title, images in panels:

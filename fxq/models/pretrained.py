@@ -120,14 +120,21 @@ def pretrained(name: str = "ddpm32", weights_path=None, device="cpu") -> DDPMUNe
     name: one of KNOWN; its file ships inside the package (fxq/weights/). weights_path: read this file instead
     (any file written by save_pretrained; its own metadata decides the architecture).
     """
-    if name not in KNOWN:
+    if not isinstance(name, str) or name not in KNOWN:
         raise ModelFileError(f"unknown pretrained model {name!r}; known: {', '.join(sorted(KNOWN))}")
+    try:
+        device = torch.device(device)
+        torch.empty(0, device=device)  # a device this machine has
+    except (RuntimeError, TypeError, AssertionError) as e:
+        raise InputError(f"device={device!r} is not a torch device this machine can use ({e})") from None
     if weights_path is None:
         path = os.path.join(WEIGHTS_DIR, KNOWN[name])
         if not os.path.isfile(path):
             raise ModelFileError(f"the {name} weights are not at {path}; they ship with the fxq package "
                                  "(reinstall it), or pass weights_path= a file written by save_pretrained")
     else:
+        if not isinstance(weights_path, (str, os.PathLike)):
+            raise InputError(f"weights_path takes a file path, got {type(weights_path).__name__}")
         path = os.fspath(weights_path)
         if not os.path.isfile(path):
             raise ModelFileError(f"weights_path {path} does not exist (or is not a file)")
