@@ -197,7 +197,7 @@ def _exact_functional(gm: fx.GraphModule, node: fx.Node, wqp: Q.QParams, xqp: Q.
     of the module form, or None."""
     from fxq.backends import x86_forms  # the forms the x86 lowering reads, read the same way here
 
-    if not wqp.signed:
+    if not wqp.signed or catalogue_weight_dtype(gm, node) != torch.float32:  # (other dtypes: the float op)
         return None
     kind = node.meta["fxq"]["kind"]
     if kind == "conv":
@@ -221,6 +221,13 @@ def _exact_functional(gm: fx.GraphModule, node: fx.Node, wqp: Q.QParams, xqp: Q.
     return None
 
 
+def catalogue_weight_dtype(gm: fx.GraphModule, node: fx.Node):
+    """The dtype of a functional op's constant weight (None where it has none)."""
+    from fxq.quant.ops import weight_tensor
+    weight = weight_tensor(gm, node)
+    return None if weight is None else weight.dtype
+
+
 def _grouped(qp: Q.QParams) -> bool:
     """Per-timestep-group parameters: an einsum moves the batch axis, which the exact modules do not follow."""
     return qp.scale.dim() == 1
@@ -233,7 +240,8 @@ def _exact_transposed(gm: fx.GraphModule, node: fx.Node, wqp: Q.QParams, xqp: Q.
     from fxq.backends.fake_transposed import _ExactConvTranspose
 
     spec = x86_forms.conv_spec(gm, node)
-    if isinstance(spec, str) or not spec.transposed or wqp.axis != 1 or not wqp.signed:
+    if isinstance(spec, str) or not spec.transposed or wqp.axis != 1 or not wqp.signed \
+            or spec.weight.dtype != torch.float32:  # (other dtypes: the float op, as the modules' own)
         return None
     return _ExactConvTranspose.from_parts(_fake_quantized(spec.weight.float(), wqp), _constant_bias(spec.bias),
                                           spec.stride, spec.padding, spec.output_padding, spec.dilation, spec.groups,

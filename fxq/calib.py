@@ -295,8 +295,8 @@ def record(module, run, n: int | None = None, timesteps: str = "uniform", mean: 
     seed = check_seed(seed)
     mean, std = _mean_std(timesteps, mean, std)
     unbatched = (unbatched,) if isinstance(unbatched, str) else unbatched
-    if not isinstance(unbatched, (tuple, list)) or not all(isinstance(u, str) for u in unbatched):
-        raise InputError(f"unbatched names inputs (a name or a sequence of names), got {unbatched!r}")
+    if not isinstance(unbatched, (tuple, list, set, frozenset)) or not all(isinstance(u, str) for u in unbatched):
+        raise InputError(f"unbatched names inputs (a name or a collection of names), got {unbatched!r}")
     unbatched = tuple(unbatched)
     calls: list[tuple[tuple, dict]] = []
 

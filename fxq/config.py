@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from difflib import get_close_matches
 from dataclasses import dataclass, fields
 from fnmatch import fnmatchcase
@@ -71,7 +72,7 @@ def _is_int(value) -> bool:
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)  # (numpy's floats too)
 
 
 @dataclass(frozen=True)
@@ -232,8 +233,9 @@ class QuantConfig:
         g = self.bias_correction_groups
         if g is not None and (not isinstance(g, int) or isinstance(g, bool) or not 1 <= g <= self.num_timesteps):
             raise ConfigError(f"bias_correction_groups={g!r} must be None or an integer from 1 to num_timesteps")
-        if not _is_int(self.seed) or not 0 <= self.seed < 2 ** 63:
-            raise ConfigError(f"seed={self.seed!r} must be an integer from 0 to 2**63 - 1 (torch.manual_seed's range)")
+        if not _is_int(self.seed) or not -2 ** 63 <= self.seed < 2 ** 64:
+            raise ConfigError(f"seed={self.seed!r} must be an integer from -2**63 to 2**64 - 1 (torch.manual_seed's "
+                              "range)")
         if not isinstance(self.float_fallback, bool):
             raise ConfigError(f"float_fallback={self.float_fallback!r} must be True or False")
         object.__setattr__(self, "weight_bits_map", _bits_map(self.weight_bits_map))

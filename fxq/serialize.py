@@ -363,6 +363,8 @@ def load(path, device="cpu") -> nn.Module:
         if not isinstance(desc, dict) or desc.get("format") != meta["fxq_format"]:
             raise ValueError("the description does not match the file's format")
         model = _Reader(desc, tensors, path).build()
+        if getattr(model, "_int8", lambda: False)() and model.training:  # a file from before int8 had no train mode
+            model.train(False)
     except ModelFileError:
         raise
     except (FxqError, KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError, SyntaxError,

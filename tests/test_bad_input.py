@@ -155,7 +155,7 @@ def test_a_misspelt_config_field_is_named_with_the_nearest_fields():
 @pytest.mark.parametrize("field, value", [
     ("percentile", None), ("percentile", "99.9"), ("lp_norm", "2"), ("lp_norm", float("inf")), ("lp_norm", True),
     ("timestep_groups", True), ("num_timesteps", True), ("num_timesteps", 10 ** 30), ("seed", 2 ** 64),
-    ("seed", -1), ("seed", 1.5), ("timestep_arg", {"a": 1}), ("timestep_arg", 1.0)])
+    ("seed", -2 ** 63 - 1), ("seed", 1.5), ("timestep_arg", {"a": 1}), ("timestep_arg", 1.0)])
 def test_config_values_of_the_wrong_type_or_range_are_refused_when_made(field, value):
     # not accepted here to fail later inside fxq.quantize with a raw error (or quantize wrongly)
     with pytest.raises(ConfigError, match=field):
@@ -216,7 +216,7 @@ def test_calibration_and_sampling_arguments_are_checked_before_they_mislead():
         with pytest.raises(InputError, match=message):
             trajectory(unet, **{"sampler": sampler, "n": 4, **kwargs})
     assert len(trajectory(unet, sampler, n=4, seed=2 ** 62)) == 4  # a seed torch takes, however large
-    for seed in (None, 1.7, -1):
+    for seed in (None, 1.7, 2 ** 64):
         with pytest.raises(InputError, match="seed"):
             sampler.sample(unet, (1, 3, 8, 8), seed=seed)
 
@@ -251,3 +251,14 @@ def test_helpers_around_quantization_refuse_bad_arguments_with_input_errors():
     for call, error, message in cases:
         with pytest.raises(error, match=message):
             call()
+
+
+def test_values_torch_and_numpy_users_pass_stay_accepted():
+    # the checks above refuse wrong types, not these: negative seeds (torch takes them), numpy floats, name sets
+    import numpy as np
+    assert fxq.QuantConfig(seed=-1, percentile=np.float32(99.9), lp_norm=np.float64(2.4)).seed == -1
+    from fxq.calib import record
+    from fxq.eval.images import derived_seed
+    assert derived_seed(-1, 3) == -1_000_003 + 3 and derived_seed(2 ** 63, 0) == (2 ** 63 * 1_000_003) % 2 ** 64
+    with pytest.raises(InputError, match="never called the module"):  # the set of names passes its check
+        record(Tiny(), lambda: None, unbatched={"x"})

@@ -1,6 +1,7 @@
 """FakeQuantize: per-group parameters are chosen per row by the samples' timestep groups; the lowered weights are
 the fake-quantized originals."""
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -138,3 +139,33 @@ def test_a_weight_shared_with_a_module_kept_float_stays_float_there():
     qp = WeightObserver(3, axis=0).qparams(model.lin.weight)
     expected = F.linear(x, Q.fake_quantize(model.lin.weight, qp)) + model.lin(x)
     torch.testing.assert_close(q(x), expected, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("form", ["ConvTranspose2d", "conv_transpose2d", "einsum", "addmm"])
+def test_a_float64_model_with_the_newer_exact_forms_runs_its_float_ops_and_analysis_takes_it(form):
+    # the exact forms serve float32 weights; another dtype keeps the float op (as the module forms do), and
+    # fxq.eval.analysis's twin builds on the functional ones (they have no float module to swap weights with)
+    import torch.nn.functional as F
+    from fxq.eval.analysis import Twin
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.t, self.w = nn.ConvTranspose2d(3, 4, 4, stride=2, padding=1), nn.Parameter(torch.randn(3, 5))
+
+        def forward(self, x):
+            if form == "ConvTranspose2d":
+                return self.t(x)
+            if form == "conv_transpose2d":
+                return F.conv_transpose2d(x, self.t.weight, self.t.bias, stride=2, padding=1)
+            seq = x.flatten(2).transpose(1, 2)
+            return torch.einsum("bnc,cd->bnd", seq, self.w) if form == "einsum" else torch.addmm(
+                self.w[0], seq.reshape(-1, 3), self.w)
+
+    torch.manual_seed(0)
+    calib = [(torch.randn(2, 3, 4, 4),) for _ in range(2)]
+    twin = Twin(M().eval(), calib[0], calib, fxq.QuantConfig(timestep_arg=None))  # builds
+    assert twin.units
+    double = fxq.quantize(M().double().eval(), (calib[0][0].double(),), [(c.double(),) for c, in calib],
+                          fxq.QuantConfig(timestep_arg=None))
+    assert double(calib[0][0].double()).dtype == torch.float64

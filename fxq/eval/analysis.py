@@ -78,7 +78,8 @@ class Twin:
                 self._act[unit] = module
                 users = [u.meta.get("fxq", {}).get("module") or u.target for u in node.users]
                 self.labels[unit] = f"input of {', '.join(map(str, users))}"
-            elif "fxq" in node.meta and getattr(module, "weight", None) is not None:
+            elif "fxq" in node.meta and getattr(module, "weight", None) is not None \
+                    and _has_submodule(float_gm, node.target):  # (a functional op's exact module has no float twin)
                 unit = f"weight:{node.target}"
                 self._weights[unit] = (float_gm.get_submodule(node.target).weight, module.weight)
                 self.labels[unit] = f"weight of {node.target}"
@@ -165,6 +166,14 @@ def _stack(reference, steps):
 
 
 @torch.no_grad()
+def _has_submodule(gm: nn.Module, target: str) -> bool:
+    try:
+        gm.get_submodule(target)
+    except AttributeError:
+        return False
+    return True
+
+
 def _predict(model, x, t, batch_size):
     check_count("batch_size", batch_size)
     return torch.cat([eps_of(model(x[i:i + batch_size], t[i:i + batch_size])) for i in range(0, x.shape[0], batch_size)])

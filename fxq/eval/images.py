@@ -25,15 +25,16 @@ def check_count(name, value, minimum=1):
 
 
 def check_seed(seed, name: str = "seed") -> int:
-    """seed as an int, if it is one torch's generators take (0 <= seed < 2**63); InputError otherwise."""
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2 ** 63:
-        raise InputError(f"{name}={seed!r}: must be an integer from 0 to 2**63 - 1")
+    """seed as an int, if it is one torch's generators take (-2**63 <= seed < 2**64); InputError otherwise."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -2 ** 63 <= seed < 2 ** 64:
+        raise InputError(f"{name}={seed!r}: must be an integer from -2**63 to 2**64 - 1")
     return int(seed)
 
 
 def derived_seed(seed: int, k: int) -> int:
-    """The seed of run / batch k of a seeded job (the same as seed * 1_000_003 + k wherever that fits)."""
-    return (seed * 1_000_003 + k) % 2 ** 63
+    """The seed of run / batch k of a seeded job: seed * 1_000_003 + k, wrapped where torch would refuse it."""
+    value = seed * 1_000_003 + k
+    return value if -2 ** 63 <= value < 2 ** 64 else value % 2 ** 64
 
 
 def initial_noise(seed: int, start: int, count: int, shape) -> torch.Tensor:

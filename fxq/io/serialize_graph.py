@@ -466,7 +466,7 @@ def _decode_codegen(graph: fx.Graph, spec) -> None:
             from None
     # fx writes the argument names and the input spec's dict keys into the code it generates and runs: each must
     # be a plain identifier, or a file could write code
-    names = orig_args + (_spec_keys(in_spec) if in_spec is not None else [])
+    names = orig_args + (_kwarg_names(in_spec) if in_spec is not None else [])
     bad = [a for a in names if not (isinstance(a, str) and a.isidentifier() and not keyword.iskeyword(a)
                                     and not a.startswith("__"))]
     if bad:
@@ -474,18 +474,13 @@ def _decode_codegen(graph: fx.Graph, spec) -> None:
     graph._codegen = fx.graph._PyTreeCodeGen(fx.graph._PyTreeInfo(orig_args, in_spec, out_spec))
 
 
-def _spec_keys(spec) -> list:
-    """Every dict key in an input treespec (what fx's generated signature spells out); a non-container node's
-    context (its type's own data) is refused outright."""
-    keys = []
-    if spec.type is dict:
-        keys += list(spec.context)
-    elif spec.type not in (tuple, list, None) and spec.context is not None:
-        raise ModelFileError(f"the graph's input structure holds a {getattr(spec.type, '__name__', spec.type)!s:.40}"
-                             " node, which fxq files do not describe inputs with")
-    for child in (spec.children() if hasattr(spec, "children") else spec.children_specs):
-        keys += _spec_keys(child)
-    return keys
+def _kwarg_names(spec) -> list:
+    """The keyword names fx spells out in the generated signature: those of an (args, kwargs) input spec's dict
+    (nested structure stays in the spec object, not in the code)."""
+    children = spec.children() if hasattr(spec, "children") else spec.children_specs
+    if spec.type is tuple and len(children) == 2 and children[0].type is tuple and children[1].type is dict:
+        return list(children[1].context)
+    return []
 
 
 def decode_graph(desc, where: str) -> fx.Graph:
