@@ -19,7 +19,7 @@ from fxq.calib import device_of, record, to_device
 from fxq.config import QuantConfig
 from fxq.errors import ConfigError, FxqWarning, InputError
 from fxq.tracing.graph import cuda_devices
-from fxq.eval.images import check_count
+from fxq.eval.images import check_count, check_seed
 from fxq.qmodel import QuantizedModel
 
 _SET_HERE = ("prompt", "batch_size", "generator")
@@ -62,13 +62,20 @@ def quantize_pipeline(pipe, config: QuantConfig | None = None, *, calib_prompts=
     check_count("num_inference_steps", num_inference_steps)
     check_count("images_per_run", images_per_run)
     check_count("batch_size", batch_size)
-    check_count("seed", seed, 0)
-    if seed >= 2 ** 63:
-        raise InputError(f"seed={seed} must be below 2**63 (torch.manual_seed's range)")
+    check_seed(seed)
     clash = sorted(set(pipe_kwargs) & set(_SET_HERE))
     if clash:
         raise InputError(f"{clash} are set by quantize_pipeline; pass calib_prompts / num_images / seed instead")
     params = inspect.signature(pipe.__call__).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(pipe_kwargs) - set(params))
+        if unknown:
+            raise InputError(f"{type(pipe).__name__}.__call__ takes no {', '.join(unknown)}; it takes "
+                             f"{', '.join(p for p in params if p != 'self')}")
+    train_steps = getattr(getattr(getattr(pipe, "scheduler", None), "config", None), "num_train_timesteps", None)
+    if isinstance(train_steps, int) and num_inference_steps > train_steps:
+        raise InputError(f"num_inference_steps={num_inference_steps} exceeds the scheduler's "
+                         f"{train_steps} training timesteps")
     if "prompt" in params:
         if num_images is not None:
             raise InputError(f"{type(pipe).__name__} makes one image per prompt: pass calib_prompts, not num_images")
