@@ -262,7 +262,9 @@ def _exact_ops(gm: fx.GraphModule, frozen: Frozen) -> set:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
     replaced = set()
-    for node in list(graph.nodes):
+    # functional ops first: they read their weight from the graph, and a module replaced in place (below) holds
+    # its fake-quantized weight under the same attribute, which a functional op sharing the parameter would read
+    for node in sorted(graph.nodes, key=lambda n: n.op == "call_module"):
         if "fxq" not in node.meta:
             continue
         exact = _exact_module(gm, node, frozen)
@@ -307,7 +309,7 @@ def lower(gm: fx.GraphModule, frozen: Frozen) -> fx.GraphModule:
     for target, qp in frozen.act.items():
         gm.set_submodule(target, FakeQuantize(qp).to(device))
     done = _exact_ops(gm, frozen)
-    for node in list(gm.graph.nodes):
+    for node in sorted(gm.graph.nodes, key=lambda n: n.op == "call_module"):  # (functional first, as there)
         meta = node.meta.get("fxq")
         if not meta or weight_key(node) not in frozen.weight or weight_key(node) in done:
             continue

@@ -179,7 +179,11 @@ def lower(gm: fx.GraphModule, frozen: Frozen, config) -> fx.GraphModule:
     originals = {n.target: gm.get_submodule(n.target) for n in selected if n.op == "call_module"}
     calls = {t: sum(n.op == "call_module" and n.target == t for n in graph.nodes) for t in originals}
     report = []
-    for node in selected:
+    # ops that read a float weight from the graph (functional forms, fallbacks) first: a module swapped for its int8
+    # form holds codes under the same attribute, which a functional op sharing the parameter would read
+    swapped_last = sorted(selected, key=lambda n: n not in reasons and n.meta["fxq"]["kind"] != "attn_matmul"
+                          and _plain_module(gm, n))
+    for node in swapped_last:
         meta = node.meta["fxq"]
         lowered = node not in reasons
         for pos in meta["act_inputs"]:
