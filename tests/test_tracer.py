@@ -692,3 +692,48 @@ def test_the_models_own_helper_functions_are_traced_through(tmp_path):
     fxq.save(q, tmp_path / "m.fxq")  # no opaque user function in the graph to refuse
     x = torch.randn(1, 8, 4, 4)
     assert torch.equal(fxq.load(tmp_path / "m.fxq")(x), q(x))
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self, reentrant):
+        super().__init__()
+        self.reentrant, self.a, self.b = reentrant, nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 3, 3, padding=1)
+
+    def forward(self, x):
+        import torch.utils.checkpoint as checkpointing
+        return self.b(checkpointing.checkpoint(self.a, x, use_reentrant=self.reentrant))
+
+
+class _Doubled(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 2
+
+
+def test_checkpointed_calls_are_traced_and_custom_autograd_functions_named_not_a_crash():
+    # both handed the proxy to C++, which killed the interpreter (exit 139)
+    import torch.utils.checkpoint as checkpointing
+    import fxq
+    from fxq import report
+    from fxq.errors import TraceError
+    x = torch.randn(2, 3, 6, 6)
+    saved = (checkpointing.checkpoint, torch.autograd.Function.apply)
+    for reentrant in (False, True):
+        q = fxq.quantize(_Checkpointed(reentrant).eval(), (x,), [(x,)], fxq.QuantConfig(timestep_arg=None))
+        assert report.quantized_ops(q) == {"conv": 2}
+
+    class UsesFunction(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            return _Doubled.apply(self.a(x))
+
+    with pytest.raises(TraceError, match="custom autograd Function _Doubled"):
+        fxq.quantize(UsesFunction().eval(), (x,), [(x,)], fxq.QuantConfig(timestep_arg=None))
+    assert (checkpointing.checkpoint, torch.autograd.Function.apply) == saved  # restored after tracing

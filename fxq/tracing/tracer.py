@@ -59,6 +59,37 @@ class _Pending:
         return innermost_module(self.module_stack)
 
 
+@contextlib.contextmanager
+def _calls_proxies_would_crash():
+    """torch.utils.checkpoint and custom autograd Functions hand their tensor arguments to C++, which a proxy
+    (that passes for a tensor) crashes, taking the interpreter with it. While tracing: a checkpoint runs its
+    function directly (the same values: it only saves memory in backward), and a custom Function with a traced
+    argument is a TraceError naming it."""
+    import torch.utils.checkpoint as checkpointing
+
+    saved_checkpoint, saved_apply = checkpointing.checkpoint, torch.autograd.Function.__dict__["apply"]
+    original_apply = torch.autograd.Function.apply
+
+    def checkpoint(function, *args, use_reentrant=None, context_fn=None, determinism_check=None, debug=None,
+                   preserve_rng_state=True, **kwargs):
+        return function(*args, **kwargs)
+
+    def apply(cls, *args, **kwargs):
+        if any(isinstance(a, torch.fx.Proxy) for a in (*args, *kwargs.values())):
+            raise TraceError(f"the custom autograd Function {cls.__qualname__} cannot be traced (torch hands its "
+                             "inputs to C++): keep the module that calls it opaque (QuantConfig(leaf_modules=[...])"
+                             ", it stays in float), or call its forward's ops directly")
+        return original_apply.__func__(cls, *args, **kwargs)
+
+    checkpointing.checkpoint = checkpoint
+    torch.autograd.Function.apply = classmethod(apply)
+    try:
+        yield
+    finally:
+        checkpointing.checkpoint = saved_checkpoint
+        torch.autograd.Function.apply = saved_apply
+
+
 class _ValueTracer(ReplayTracer):
     """Traces a model, running every op on the example values as it records it.
 
@@ -330,7 +361,8 @@ class _ValueTracer(ReplayTracer):
     def trace_inputs(self, root: torch.nn.Module, args: tuple, kwargs: dict) -> torch.fx.Graph:
         self.example_args, self.example_kwargs = args, kwargs
         try:
-            return self.trace(root)  # ReplayTracer.trace patches the torch factories
+            with _calls_proxies_would_crash():
+                return self.trace(root)  # ReplayTracer.trace patches the torch factories
         except FxqError:
             raise
         except Exception as e:
