@@ -111,6 +111,9 @@ def conv_spec(gm: fx.GraphModule, node: fx.Node) -> ConvSpec | str:
                 raise _Refuse(f"{type(conv).__name__} has no int8 kernel here")
             if conv.padding_mode != "zeros":
                 raise _Refuse(f"padding_mode={conv.padding_mode!r} (the int8 conv pads with zeros only)")
+            if len(node.args) > 1 or node.kwargs:  # a transposed conv's output_size: its output_padding per call
+                raise _Refuse(f"{type(conv).__name__} called with output_size (its int8 form takes the output_padding "
+                              "it was built with)")
             dims = conv.weight.dim() - 2
             stride, dilation = _tuple(conv.stride, dims, "stride"), _tuple(conv.dilation, dims, "dilation")
             padding = _padding(conv.padding, conv.kernel_size, dilation, stride, dims)

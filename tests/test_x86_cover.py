@@ -446,3 +446,21 @@ def test_a_parameter_shared_by_a_module_and_a_functional_op_is_quantized_from_it
     model = Tied().eval()
     fake, int8 = _pair(model, (x,), [(x,)])
     assert torch.equal(int8(x), fake(x)) and sqnr_db(model(x), int8(x)) > 30
+
+
+def test_a_transposed_conv_called_with_output_size_is_refused_or_falls_back():
+    # its int8 form has the output_padding it was built with: every call failed on the shape
+    class Up(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.up = nn.Conv2d(3, 4, 1), nn.ConvTranspose2d(4, 3, 3, stride=2, padding=1)
+
+        def forward(self, x):
+            return self.up(self.inp(x), output_size=[2 * x.shape[2], 2 * x.shape[3]])
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(FxqError, match="output_size"):
+        fxq.quantize(Up().eval(), (x,), [(x,)], fxq.QuantConfig(**X86))
+    fake, int8 = _pair(Up().eval(), (x,), [(x,)], float_fallback=True)
+    assert int8(x).shape == (2, 3, 8, 8) and torch.equal(int8(x), fake(x))
