@@ -127,10 +127,6 @@ class _ExactBase(SpecFields, nn.Module):
         return super().from_fxq_spec(spec)
 
 
-def _timestep_groups(xqp: Q.QParams) -> int:
-    return xqp.scale.numel() if xqp.scale.dim() == 1 else 1
-
-
 class _ExactWeighted(_ExactBase):
     """A conv / linear whose weight is fake-quantized per output channel (axis 0, symmetric), with a float bias,
     and one activation input. It stays a Conv*d / Linear with its float Parameter (what fxq.eval.analysis swaps and
@@ -367,7 +363,7 @@ class _ExactConv(_ExactWeighted):
         module's, or the constants of a functional conv."""
         exact = {1: ExactConv1d, 2: ExactConv2d, 3: ExactConv3d}[weight.dim() - 2]
         module = exact(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), stride, padding,
-                       dilation, groups, bias is not None, wqp.bits, xqp.bits, _timestep_groups(xqp))
+                       dilation, groups, bias is not None, wqp.bits, xqp.bits, xqp.timestep_groups)
         return module.to(weight.device)._set_exact(weight, bias, wqp, xqp)
 
     def _int8_twin(self, xqp: Q.QParams) -> nn.Module:
@@ -431,7 +427,7 @@ class ExactLinear(_ExactWeighted, nn.Linear):
                    xqp: Q.QParams, **form) -> "ExactLinear":
         """The exact linear of a fake-quantized weight [out, in] (parameters wqp) and a bias; `form`: a
         subclass's own constructor arguments."""
-        module = cls(weight.shape[1], weight.shape[0], bias is not None, wqp.bits, xqp.bits, _timestep_groups(xqp),
+        module = cls(weight.shape[1], weight.shape[0], bias is not None, wqp.bits, xqp.bits, xqp.timestep_groups,
                      **form)
         return module.to(weight.device)._set_exact(weight, bias, wqp, xqp)
 
@@ -463,7 +459,7 @@ class ExactMatmul(_ExactBase):
 
     @classmethod
     def from_qparams(cls, aqp: Q.QParams, bqp: Q.QParams, **form) -> "ExactMatmul":
-        module = cls(aqp.bits, aqp.scale.numel() if aqp.scale.dim() == 1 else 1, **form)
+        module = cls(aqp.bits, aqp.timestep_groups, **form)
         module = module.to(aqp.scale.device)
         module._set_act("a", aqp)
         module._set_act("b", bqp)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxq.quant import quantizer as Q
-from fxq.backends.fake_ops import _ExactWeighted, _timestep_groups
+from fxq.backends.fake_ops import _ExactWeighted
 
 _CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
@@ -40,7 +40,7 @@ class _ExactConvTranspose(_ExactWeighted):
         and a bias: a module's, or the constants of a functional call."""
         exact = {1: ExactConvTranspose1d, 2: ExactConvTranspose2d, 3: ExactConvTranspose3d}[weight.dim() - 2]
         module = exact(weight.shape[0], weight.shape[1] * groups, tuple(weight.shape[2:]), stride, padding,
-                       output_padding, groups, bias is not None, dilation, wqp.bits, xqp.bits, _timestep_groups(xqp))
+                       output_padding, groups, bias is not None, dilation, wqp.bits, xqp.bits, xqp.timestep_groups)
         return module.to(weight.device)._set_exact(weight, bias, wqp, xqp)
 
     def _w_repeats(self) -> int:

@@ -69,7 +69,7 @@ class QConvTranspose(QConv):
         else:
             conv_kernel, conv_out = kernel, cout
             codes = codes.flip(list(range(2, 2 + dims)))
-        groups = xqp.scale.numel() if xqp.scale.dim() == 1 else 1
+        groups = xqp.timestep_groups
         if groups > 1 and xqp.batch_axis != 0:  # as QConv: the rows of dim 0 are mapped to timestep groups
             raise FxqError(f"an int8 transposed conv maps the rows of dim 0 to timestep groups, got batch axis "
                            f"{xqp.batch_axis}")

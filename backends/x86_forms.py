@@ -300,7 +300,7 @@ class QEinsum(QMatmul):
 
     @classmethod
     def from_qparams(cls, aqp: Q.QParams, bqp: Q.QParams, equation: str = "") -> "QEinsum":
-        module = cls(aqp.scale.numel() if aqp.scale.dim() == 1 else 1, equation, aqp.batch_axis, aqp.batch_major,
+        module = cls(aqp.timestep_groups, equation, aqp.batch_axis, aqp.batch_major,
                      bqp.batch_axis, bqp.batch_major)
         _ActParams.set(module, "a", aqp)
         _ActParams.set(module, "b", bqp)
@@ -441,7 +441,7 @@ def lower_weighted(gm: fx.GraphModule, node: fx.Node, wqp: Q.QParams, xqp: Q.QPa
         spec = conv_spec(gm, node)
         if spec.transposed:
             return QConvTranspose.from_spec(spec, wqp, xqp)
-        groups = xqp.scale.numel() if xqp.scale.dim() == 1 else 1
+        groups = xqp.timestep_groups
         w = spec.weight
         if groups > 1 and xqp.batch_axis != 0:  # as QConv.from_float
             raise FxqError(f"an int8 conv maps the rows of dim 0 to timestep groups, got batch axis "
@@ -451,7 +451,7 @@ def lower_weighted(gm: fx.GraphModule, node: fx.Node, wqp: Q.QParams, xqp: Q.QPa
         module.set_weight(w, wqp, spec.bias, xqp)
         return module
     weight, bias = linear_operands(gm, node)
-    groups = xqp.scale.numel() if xqp.scale.dim() == 1 else 1
+    groups = xqp.timestep_groups
     if node.target is torch.einsum:
         module = QEinsumLinear(weight.shape[1], weight.shape[0], False, groups, equation=node.args[0],
                                weight_first=meta["act_inputs"][0] == 2, **_rows_spec(xqp))

@@ -128,7 +128,7 @@ class Quantize(SpecFields, _Lazy):
 
     @classmethod
     def from_qparams(cls, qp: Q.QParams) -> "Quantize":
-        module = cls(qp.scale.numel() if qp.scale.dim() == 1 else 1, **_rows_spec(qp))
+        module = cls(qp.timestep_groups, **_rows_spec(qp))
         _ActParams.set(module, "x", qp)
         return module
 
@@ -267,7 +267,7 @@ class QConv(_WeightedInt8):
 
     @classmethod
     def from_float(cls, conv: nn.modules.conv._ConvNd, wqp: Q.QParams, xqp: Q.QParams) -> "QConv":
-        groups = xqp.scale.numel() if xqp.scale.dim() == 1 else 1
+        groups = xqp.timestep_groups
         if groups > 1 and xqp.batch_axis != 0:  # x86.unsupported_reason keeps such convs off this path
             raise FxqError(f"an int8 conv maps the rows of dim 0 to timestep groups, got batch axis {xqp.batch_axis}")
         module = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
@@ -389,7 +389,7 @@ class QLinear(_WeightedInt8):
 
     @classmethod
     def from_float(cls, linear: nn.Linear, wqp: Q.QParams, xqp: Q.QParams) -> "QLinear":
-        groups = xqp.scale.numel() if xqp.scale.dim() == 1 else 1
+        groups = xqp.timestep_groups
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, groups, **_rows_spec(xqp))
         module.set_weight(linear.weight, wqp, linear.bias, xqp)
         return module
@@ -477,7 +477,7 @@ class QMatmul(SpecFields, _Lazy):
 
     @classmethod
     def from_qparams(cls, aqp: Q.QParams, bqp: Q.QParams) -> "QMatmul":
-        module = cls(aqp.scale.numel() if aqp.scale.dim() == 1 else 1, aqp.batch_axis, aqp.batch_major,
+        module = cls(aqp.timestep_groups, aqp.batch_axis, aqp.batch_major,
                      bqp.batch_axis, bqp.batch_major)
         _ActParams.set(module, "a", aqp)
         _ActParams.set(module, "b", bqp)

@@ -54,6 +54,11 @@ class QParams:
     batch_major: bool = True
 
     @property
+    def timestep_groups(self) -> int:
+        """G of activation parameters kept per timestep group (a [G] scale), else 1."""
+        return self.scale.numel() if self.scale.dim() == 1 else 1
+
+    @property
     def qmin(self) -> int:
         return int_range(self.bits, self.signed)[0]
 
