@@ -30,6 +30,7 @@ from torch import nn
 
 from fxq.quant import quantizer as Q
 from fxq.errors import FxqError, FxqWarning, InputError, ModelFileError, SaveError
+from fxq.eval.images import usable_device
 from fxq.io.serialize_graph import (
     Unencodable, decode_graph, decode_value, encode_graph, encode_value, register_function,
 )
@@ -344,11 +345,7 @@ def load(path, device="cpu") -> nn.Module:
     from safetensors.torch import load as load_bytes
 
     path = _path_arg(path, "load")
-    try:
-        device = torch.device(device)
-        torch.empty(0, device=device)  # a device this machine has
-    except (RuntimeError, TypeError, AssertionError) as e:
-        raise InputError(f"device={device!r} is not a torch device this machine can use ({e})") from None
+    device = usable_device(device)
     meta, data = _read(path)
     try:
         tensors = load_bytes(data)

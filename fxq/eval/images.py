@@ -31,6 +31,16 @@ def check_seed(seed, name: str = "seed") -> int:
     return int(seed)
 
 
+def usable_device(device) -> torch.device:
+    """device as a torch.device this machine has (a tensor can be made on it); InputError otherwise."""
+    try:
+        device = torch.device(device)
+        torch.empty(0, device=device)
+    except (RuntimeError, TypeError, AssertionError) as e:
+        raise InputError(f"device={device!r} is not a torch device this machine can use ({e})") from None
+    return device
+
+
 def derived_seed(seed: int, k: int) -> int:
     """The seed of run / batch k of a seeded job: seed * 1_000_003 + k, wrapped where torch would refuse it."""
     value = seed * 1_000_003 + k

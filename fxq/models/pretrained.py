@@ -14,6 +14,7 @@ import os
 import torch
 
 from fxq.errors import ConfigError, InputError, ModelFileError
+from fxq.eval.images import usable_device
 from fxq.models.ddpm_unet import DDPMUNet, reinit_zero_layers
 
 FORMAT = "ddpm-unet/1"
@@ -122,11 +123,7 @@ def pretrained(name: str = "ddpm32", weights_path=None, device="cpu") -> DDPMUNe
     """
     if not isinstance(name, str) or name not in KNOWN:
         raise ModelFileError(f"unknown pretrained model {name!r}; known: {', '.join(sorted(KNOWN))}")
-    try:
-        device = torch.device(device)
-        torch.empty(0, device=device)  # a device this machine has
-    except (RuntimeError, TypeError, AssertionError) as e:
-        raise InputError(f"device={device!r} is not a torch device this machine can use ({e})") from None
+    device = usable_device(device)
     if weights_path is None:
         path = os.path.join(WEIGHTS_DIR, KNOWN[name])
         if not os.path.isfile(path):
