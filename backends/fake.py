@@ -28,7 +28,7 @@ from fxq.errors import InputError
 from fxq.quant.freeze import Frozen
 from fxq.backends import fake_ops, float_layout
 from fxq.tracing.graph import free_name, reads_values
-from fxq.quant.ops import attr_of, weight_chain, weight_key
+from fxq.quant.ops import attr_of, weight_chain, weight_key, weight_tensor
 from fxq.passes.insert_observers import release_weight_observer
 
 
@@ -150,17 +150,16 @@ def _exact_module(gm: fx.GraphModule, node: fx.Node, frozen: Frozen):
     quantizers = [_fake_quantized_input(gm, n) for n in inputs]
     if not quantizers or any(q is None for q in quantizers) or any(q.signed for q in quantizers):
         return None
-    if meta["kind"] == "attn_matmul" and node.target is not torch.einsum:
-        if node.target not in _MATMULS and node.target not in _ADD_FORMS or len(quantizers) != 2:
+    if meta["kind"] == "attn_matmul":
+        einsum = node.target is torch.einsum
+        if len(quantizers) != 2 or node.target not in _MATMULS and (
+                node.target not in _ADD_FORMS and not einsum or _matmul_reason(node) is not None):
             return None
-        if node.target in _ADD_FORMS and _add_form_reason(node) is not None:
-            return None
-        return fake_ops.ExactMatmul.from_qparams(quantizers[0].qparams(), quantizers[1].qparams())
-    if meta["kind"] == "attn_matmul" and node.target is torch.einsum:
         aqp, bqp = (q.qparams() for q in quantizers)
-        if len(quantizers) != 2 or _add_form_reason(node) is not None or _grouped(aqp) or _grouped(bqp):
-            return None
-        return fake_ops.ExactEinsum.from_qparams(aqp, bqp, equation=node.args[0])
+        if not einsum:
+            return fake_ops.ExactMatmul.from_qparams(aqp, bqp)
+        return None if _grouped(aqp) or _grouped(bqp) else fake_ops.ExactEinsum.from_qparams(
+            aqp, bqp, equation=node.args[0])
     if weight_key(node) not in frozen.weight:
         return None
     if node.op != "call_module":
@@ -186,7 +185,8 @@ _LINEAR_FORMS = {torch.nn.functional.linear, *_MATMULS, torch.addmm, "addmm"}
 _ADD_FORMS = {torch.baddbmm, torch.addbmm, torch.addmm, "baddbmm", "addbmm", "addmm"}
 
 
-def _add_form_reason(node: fx.Node) -> str | None:
+def _matmul_reason(node: fx.Node) -> str | None:
+    """Why an attention matmul form (an add form, an einsum) has no int8 form, as the x86 lowering reads it."""
     from fxq.backends import x86_forms
     return x86_forms.matmul_reason(node)
 
@@ -197,7 +197,7 @@ def _exact_functional(gm: fx.GraphModule, node: fx.Node, wqp: Q.QParams, xqp: Q.
     of the module form, or None."""
     from fxq.backends import x86_forms  # the forms the x86 lowering reads, read the same way here
 
-    if not wqp.signed or catalogue_weight_dtype(gm, node) != torch.float32:  # (other dtypes: the float op)
+    if not wqp.signed or getattr(weight_tensor(gm, node), "dtype", None) != torch.float32:  # (else the float op)
         return None
     kind = node.meta["fxq"]["kind"]
     if kind == "conv":
@@ -219,13 +219,6 @@ def _exact_functional(gm: fx.GraphModule, node: fx.Node, wqp: Q.QParams, xqp: Q.
                 weight_first=node.meta["fxq"]["act_inputs"][0] == 2)
         return fake_ops.ExactLinear.from_parts(_fake_quantized(weight.float(), wqp), _constant_bias(bias), wqp, xqp)
     return None
-
-
-def catalogue_weight_dtype(gm: fx.GraphModule, node: fx.Node):
-    """The dtype of a functional op's constant weight (None where it has none)."""
-    from fxq.quant.ops import weight_tensor
-    weight = weight_tensor(gm, node)
-    return None if weight is None else weight.dtype
 
 
 def _grouped(qp: Q.QParams) -> bool:
@@ -253,6 +246,13 @@ def _constant_bias(bias: torch.Tensor | None) -> nn.Parameter | None:
     return None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
 
 
+def _functional_first(graph: fx.Graph) -> list[fx.Node]:
+    """The graph's nodes, module calls last: a functional op reads its weight from the graph, and a module replaced
+    in place (or given its fake-quantized weight) holds it under the same attribute, which a functional op sharing
+    the parameter would then read."""
+    return sorted(graph.nodes, key=lambda n: n.op == "call_module")
+
+
 def _exact_ops(gm: fx.GraphModule, frozen: Frozen) -> set:
     """Replace every quantized op that has an int8 kernel by its fake_ops module; returns the weight keys of the
     modules done (their weights need no fake-quantized copy)."""
@@ -262,9 +262,7 @@ def _exact_ops(gm: fx.GraphModule, frozen: Frozen) -> set:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
     replaced = set()
-    # functional ops first: they read their weight from the graph, and a module replaced in place (below) holds
-    # its fake-quantized weight under the same attribute, which a functional op sharing the parameter would read
-    for node in sorted(graph.nodes, key=lambda n: n.op == "call_module"):
+    for node in _functional_first(graph):
         if "fxq" not in node.meta:
             continue
         exact = _exact_module(gm, node, frozen)
@@ -309,7 +307,7 @@ def lower(gm: fx.GraphModule, frozen: Frozen) -> fx.GraphModule:
     for target, qp in frozen.act.items():
         gm.set_submodule(target, FakeQuantize(qp).to(device))
     done = _exact_ops(gm, frozen)
-    for node in sorted(gm.graph.nodes, key=lambda n: n.op == "call_module"):  # (functional first, as there)
+    for node in _functional_first(gm.graph):
         meta = node.meta.get("fxq")
         if not meta or weight_key(node) not in frozen.weight or weight_key(node) in done:
             continue

@@ -514,9 +514,9 @@ def decode_graph(desc, where: str) -> fx.Graph:
         nodes[name] = node
         if "meta" in entry:
             _decode_meta(node, entry["meta"])
-    if sum(n.op == "output" for n in graph.nodes) != 1:  # without one the model would return None
-        raise ModelFileError(f"{where}: the graph has {sum(n.op == 'output' for n in graph.nodes)} output nodes, "
-                             "not one")
+    outputs = sum(n.op == "output" for n in graph.nodes)
+    if outputs != 1:  # without one the model would return None
+        raise ModelFileError(f"{where}: the graph has {outputs} output nodes, not one")
     _decode_codegen(graph, desc.get("codegen"))
     return graph
 
