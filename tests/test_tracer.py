@@ -736,4 +736,12 @@ def test_checkpointed_calls_are_traced_and_custom_autograd_functions_named_not_a
 
     with pytest.raises(TraceError, match="custom autograd Function _Doubled"):
         fxq.quantize(UsesFunction().eval(), (x,), [(x,)], fxq.QuantConfig(timestep_arg=None))
+
+    class FunctionOfAConstant(UsesFunction):  # nothing traced goes in: torch's own apply runs it
+        def forward(self, x):
+            return self.a(x) * _Doubled.apply(torch.full((1,), 3.0))
+
+    model = FunctionOfAConstant().eval()
+    q = fxq.quantize(model, (x,), [(x,)], fxq.QuantConfig(timestep_arg=None))
+    assert report.sqnr_db(model(x), q(x)) > 20
     assert (checkpointing.checkpoint, torch.autograd.Function.apply) == saved  # restored after tracing

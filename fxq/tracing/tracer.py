@@ -68,7 +68,6 @@ def _calls_proxies_would_crash():
     import torch.utils.checkpoint as checkpointing
 
     saved_checkpoint, saved_apply = checkpointing.checkpoint, torch.autograd.Function.__dict__["apply"]
-    original_apply = torch.autograd.Function.apply
 
     def checkpoint(function, *args, use_reentrant=None, context_fn=None, determinism_check=None, debug=None,
                    preserve_rng_state=True, **kwargs):
@@ -79,7 +78,7 @@ def _calls_proxies_would_crash():
             raise TraceError(f"the custom autograd Function {cls.__qualname__} cannot be traced (torch hands its "
                              "inputs to C++): keep the module that calls it opaque (QuantConfig(leaf_modules=[...])"
                              ", it stays in float), or call its forward's ops directly")
-        return original_apply.__func__(cls, *args, **kwargs)
+        return saved_apply.__get__(None, cls)(*args, **kwargs)  # torch's own, bound to the Function called
 
     checkpointing.checkpoint = checkpoint
     torch.autograd.Function.apply = classmethod(apply)
