@@ -26,7 +26,7 @@ from fxq.quant import quantizer as Q
 from fxq.calib import device_of
 from fxq.errors import InputError
 from fxq.quant.freeze import Frozen
-from fxq.backends import fake_ops, float_layout
+from fxq.backends import fake_ops, float_layout, group_norm
 from fxq.tracing.graph import free_name, reads_values
 from fxq.quant.ops import attr_of, weight_chain, weight_key, weight_tensor
 from fxq.passes.insert_observers import release_weight_observer
@@ -304,6 +304,7 @@ def lower(gm: fx.GraphModule, frozen: Frozen) -> fx.GraphModule:
     """Rewrite a calibrated graph in place into its fake-quant form; returns it. The graph's modules must be its
     own (fxq.quantize works on a copy of the user's model)."""
     device = device_of(gm)
+    group_norm.native_group_norms(gm)  # as the x86 lowering: the same norms on the same kernel
     for target, qp in frozen.act.items():
         gm.set_submodule(target, FakeQuantize(qp).to(device))
     done = _exact_ops(gm, frozen)

@@ -50,6 +50,8 @@ from fxq.backends import x86_forms as forms
 from fxq.backends import x86_glue as glue
 from fxq.backends import float_layout
 from fxq.backends import x86_dedupe
+from fxq.backends import x86_norm
+from fxq.backends import group_norm
 from fxq.backends import x86_siblings
 from fxq.backends import x86_memplan as memplan
 from fxq.backends import x86_ops as ops
@@ -147,6 +149,7 @@ def lower(gm: fx.GraphModule, frozen: Frozen, config) -> fx.GraphModule:
     if device_of(gm).type != "cpu":
         raise FxqError(f"backend='x86' runs on the CPU but the model is on {device_of(gm)}: quantize model.cpu()")
     graph = gm.graph
+    group_norm.native_group_norms(gm)
     selected = [n for n in graph.nodes if "fxq" in n.meta]
     reasons = {n: r for n in selected if (r := unsupported_reason(gm, n)) is not None}
     if reasons and not config.float_fallback:
@@ -469,7 +472,8 @@ def fuse_residual_add(gm: fx.GraphModule) -> None:
 
 
 # In this order: a unary post-op first, so conv -> SiLU -> Quantize can then fuse the requantization too.
-FUSIONS = (x86_dedupe.drop_dropout, float_layout.float_convs_channels_last, x86_dedupe.dedupe, fuse_unary, fuse_output_quant, fuse_residual_add,
+FUSIONS = (x86_dedupe.drop_dropout, float_layout.float_convs_channels_last, x86_dedupe.dedupe,
+           x86_norm.fuse_norm_quantize, fuse_unary, fuse_output_quant, fuse_residual_add,
            x86_siblings.merge_siblings, memplan.quantize_early,
            memplan.inplace_elementwise)
 

@@ -1,0 +1,132 @@
+"""GroupNorm (+ SiLU) + Quantize as one kernel call: `NormQuantize` and the fusion that makes it.
+
+`group_norm.native_group_norms` gave both lowerings the kernel's GroupNorm; here a norm call whose only reader is
+a Quantize becomes one call writing uint8 codes (kernels/group_norm.cpp), which are the Quantize's codes of the
+norm's float output, bit for bit. Where the kernel does not take a call (see group_norm_codes) the module runs
+the two steps.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from fxq.quant import quantizer as Q
+from fxq.backends import group_norm as gn
+from fxq.backends import x86_ops as ops
+
+
+class _Params(list):
+    """Quantize's (scale, zero point) per group, with the kernel's float32 tensors of them (`inv`, `zp`)."""
+
+
+class NormQuantize(ops.Quantize):
+    """x -> uint8 codes of Quantize(group_norm_act(x, ...)): the norm's parameters are its own."""
+
+    _spec_fields = ("groups", "batch_axis", "batch_major", "num_groups", "num_channels", "eps", "affine", "silu")
+
+    def __init__(self, groups: int = 1, batch_axis: int | None = 0, batch_major: bool = True, num_groups: int = 1,
+                 num_channels: int = 1, eps: float = 1e-5, affine: bool = True, silu: bool = False):
+        super().__init__(groups, batch_axis, batch_major)
+        self.num_groups, self.num_channels, self.eps, self.affine, self.silu = (
+            num_groups, num_channels, eps, affine, silu)
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_channels))
+            self.bias = nn.Parameter(torch.zeros(num_channels))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def fuse(cls, norm: nn.GroupNorm, silu: bool, quantize: ops.Quantize) -> "NormQuantize":
+        new = cls(quantize.groups, quantize.batch_axis, quantize.batch_major, norm.num_groups, norm.num_channels,
+                  norm.eps, norm.affine, silu)
+        new.load_state_dict({**quantize.state_dict(), **{k: v.detach().clone() for k, v in norm.state_dict().items()}})
+        for name in ("weight", "bias"):  # a call under autograd takes torch's ops when the norm's would
+            if getattr(norm, name) is not None:
+                getattr(new, name).requires_grad_(getattr(norm, name).requires_grad)
+        return new
+
+    def _build(self):
+        floats = _Params(super()._build())
+        # the reciprocal that fxq.quant.quantizer.quantize multiplies by, in float32
+        floats.inv = torch.reciprocal(torch.tensor([s for s, _ in floats], dtype=torch.float32))
+        floats.zp = torch.tensor([z for _, z in floats], dtype=torch.float32)
+        return floats
+
+    def forward(self, x: torch.Tensor, g=None) -> torch.Tensor:
+        d = self.derived()
+        inv, zp = d.inv, d.zp
+        if self.groups > 1 and g is None:
+            return super().forward(x, g)  # (its error)
+        if isinstance(g, torch.Tensor):  # mixed groups: each sample's parameters (rows of the batch axis 0)
+            rows = Q.rows_group(g.to(x.device), x.shape[0], self.batch_major)
+            inv_n, zp_n = inv[rows], zp[rows]
+        else:
+            inv_n, zp_n = inv[g or 0].expand(x.shape[0]), zp[g or 0].expand(x.shape[0])
+        codes = gn.group_norm_codes(x, self.num_groups, self.weight, self.bias, self.eps, self.silu, inv_n, zp_n)
+        if codes is not None:
+            return codes
+        y = gn.group_norm_act(x, self.num_groups, self.weight, self.bias, self.eps, self.silu)
+        return super().forward(y, g)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, silu={self.silu}, "
+                f"{super().extra_repr()}")
+
+
+def fuse_norm_quantize(gm: fx.GraphModule) -> None:
+    """norm (group_norm_act, its only reader a Quantize of the sample-major batch) -> Quantize ==> NormQuantize."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if not gn.norm_call(gm, node) or len(node.users) != 1:
+            continue
+        quant = next(iter(node.users))
+        if quant.op != "call_module" or type(gm.get_submodule(quant.target)) is not ops.Quantize \
+                or quant.args[0] is not node or quant.kwargs:
+            continue
+        quantize = gm.get_submodule(quant.target)
+        if quantize.groups > 1 and (quantize.batch_axis != 0 or not quantize.batch_major):
+            continue  # rows of another axis: the two steps
+        if node.op == "call_module":
+            norm, silu = gm.get_submodule(node.target), bool((node.args[1:] or (False,))[0])
+        else:
+            norm, silu = _functional_norm(gm, node), bool(node.kwargs.get("silu", False))
+            if norm is None:
+                continue
+        gm.set_submodule(quant.target, NormQuantize.fuse(norm, silu, quantize))
+        quant.args = (node.args[0], *quant.args[1:])
+        graph.erase_node(node)
+
+
+def _functional_norm(gm: fx.GraphModule, node: fx.Node) -> nn.GroupNorm | None:
+    """An nn.GroupNorm holding a functional call's constant parameters (get_attr or None), or None."""
+    kw = node.kwargs
+    weight, bias = kw.get("weight"), kw.get("bias")
+    tensors = []
+    for t in (weight, bias):
+        if t is None:
+            tensors.append(None)
+        elif isinstance(t, fx.Node) and t.op == "get_attr":
+            tensors.append(gm.get_parameter(t.target) if t.target in dict(gm.named_parameters())
+                           else gm.get_buffer(t.target) if t.target in dict(gm.named_buffers()) else None)
+            if tensors[-1] is None:
+                return None
+        else:
+            return None
+    num_groups, eps = kw.get("num_groups"), kw.get("eps", 1e-5)
+    if not isinstance(num_groups, int) or not isinstance(eps, float) or (tensors[0] is None) != (tensors[1] is None):
+        return None
+    if tensors[0] is not None and (tensors[0].shape != tensors[1].shape or tensors[0].dim() != 1):
+        return None
+    if tensors[0] is None or tensors[0].shape[0] % num_groups:
+        return None  # (no parameters: the channel count is the input's; the two steps run)
+    channels = tensors[0].shape[0]
+    norm = nn.GroupNorm(num_groups, channels, eps, affine=True)
+    with torch.no_grad():
+        norm.weight.copy_(tensors[0])
+        norm.bias.copy_(tensors[1])
+    norm.weight.requires_grad_(tensors[0].requires_grad)
+    norm.bias.requires_grad_(tensors[1].requires_grad)
+    return norm

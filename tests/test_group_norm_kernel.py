@@ -1,0 +1,281 @@
+"""fxq's GroupNorm (+ SiLU) (+ quantize) kernel (backends/kernels/group_norm.cpp): close to torch's GroupNorm and
+SiLU in float, exactly `quantize` of its own float output in codes, the same for every thread count; both
+lowerings run it at the same places, so the int8 model and its fake-quant twin still agree bit for bit; and
+everything still runs (on torch's ops) where no kernel can be built."""
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import fxq
+from fxq.backends import group_norm as gn
+from fxq.backends import native, x86_glue
+from fxq.backends.x86_norm import NormQuantize
+from fxq.quant import quantizer as Q
+
+needs_kernel = pytest.mark.skipif(native.library(gn.KERNEL) is None, reason=f"no kernel here: "
+                                  f"{native.status(gn.KERNEL)}")
+needs_int8 = pytest.mark.skipif(x86_glue.cpu_int8_support() is not None, reason="no int8 x86 kernels here")
+
+
+def _input(n, c, spatial, channels_last, offset, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, *spatial, generator=g) * (1 + 3 * torch.rand(1, c, *[1] * len(spatial), generator=g))
+    x = x + offset * torch.randn(1, c, *[1] * len(spatial), generator=g)
+    if channels_last:  # channels innermost, whatever the rank
+        perm = (0, *range(2, x.dim()), 1)
+        x = x.permute(perm).contiguous().permute(sorted(range(x.dim()), key=perm.__getitem__))
+    return x
+
+
+def _params(c, affine, seed):
+    if not affine:
+        return None, None
+    g = torch.Generator().manual_seed(seed + 1)
+    return torch.randn(c, generator=g), torch.randn(c, generator=g)
+
+
+shapes = st.tuples(st.integers(1, 3), st.integers(1, 6), st.integers(1, 12),
+                   st.lists(st.integers(1, 9), min_size=0, max_size=3))
+
+
+@needs_kernel
+@settings(max_examples=60, deadline=None)
+@given(shape=shapes, channels_last=st.booleans(), affine=st.booleans(), silu=st.booleans(),
+       offset=st.sampled_from([0.0, 5.0, 100.0]), seed=st.integers(0, 2**16))
+def test_the_kernel_computes_torch_s_group_norm_and_silu_to_float_precision(shape, channels_last, affine, silu,
+                                                                           offset, seed):
+    n, groups, per_group, spatial = shape
+    c = groups * per_group
+    assume(n * per_group * math.prod(spatial) > 1)  # (torch refuses a group of one value; so does the kernel's caller)
+    x = _input(n, c, spatial, channels_last, offset, seed)
+    w, b = _params(c, affine, seed)
+    y = gn.group_norm_act(x, groups, w, b, 1e-6, silu)
+    assert gn._native_args(x, groups, w, b) is not None  # the kernel ran, not torch's form
+    ref = F.group_norm(x.double(), groups, None if w is None else w.double(), None if b is None else b.double(), 1e-6)
+    ref = F.silu(ref) if silu else ref
+    assert y.shape == x.shape and y.stride() == x.stride() and y.dtype == torch.float32
+    # a few float32 roundings of the normalized value: relative to the values' scale (|gamma| * 1 + |beta|)
+    scale = 1 + (0 if w is None else float(w.abs().max() + b.abs().max()))
+    assert float((y.double() - ref).abs().max()) <= 2e-6 * scale * max(1.0, float(ref.abs().max()) / scale)
+
+
+@needs_kernel
+@settings(max_examples=40, deadline=None)
+@given(shape=shapes, channels_last=st.booleans(), silu=st.booleans(), seed=st.integers(0, 2**16),
+       coarse=st.booleans())
+def test_codes_are_the_quantized_float_output_bit_for_bit(shape, channels_last, silu, seed, coarse):
+    n, groups, per_group, spatial = shape
+    c = groups * per_group
+    assume(n * per_group * math.prod(spatial) > 1)
+    x = _input(n, c, spatial, channels_last, 1.0, seed)
+    w, b = _params(c, True, seed)
+    g = torch.Generator().manual_seed(seed + 2)
+    # per sample: a scale that saturates (coarse=False: a narrow range) or not, any zero point
+    scale = torch.rand(n, generator=g) * (0.1 if coarse else 0.004) + 1e-3
+    zp = torch.randint(0, 256, (n,), generator=g).float()
+    codes = gn.group_norm_codes(x, groups, w, b, 1e-5, silu, torch.reciprocal(scale), zp)
+    y = gn.group_norm_act(x, groups, w, b, 1e-5, silu)
+    shape_b = (n, *[1] * (x.dim() - 1))
+    expected = Q.quantize(y, Q.QParams(scale.reshape(shape_b), zp.reshape(shape_b), 8, False, None))
+    assert codes.dtype == torch.uint8 and codes.stride() == x.stride()
+    assert torch.equal(codes.float(), expected)
+
+
+@needs_kernel
+def test_the_result_is_the_same_for_every_thread_count():
+    x = _input(3, 96, (17, 19), True, 2.0, 0)
+    w, b = _params(96, True, 0)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append((gn.group_norm_act(x, 32, w, b, 1e-6, True),
+                         gn.group_norm_codes(x, 32, w, b, 1e-6, True, torch.full((3,), 40.0), torch.full((3,), 9.0))))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(o[0], outs[0][0]) and torch.equal(o[1], outs[0][1]) for o in outs[1:])
+
+
+@needs_kernel
+def test_under_autograd_the_values_are_the_kernel_s_and_the_gradient_torch_s():
+    x = _input(2, 16, (5, 5), True, 1.0, 3)
+    w, b = _params(16, True, 3)
+    plain = gn.group_norm_act(x, 4, w, b, 1e-5, True)
+    xs, ws, bs = (t.clone().requires_grad_(True) for t in (x, w, b))
+    y = gn.group_norm_act(xs, 4, ws, bs, 1e-5, True)
+    assert torch.equal(y.detach(), plain) and y.grad_fn is not None
+    upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(0))
+    grads = torch.autograd.grad(y, (xs, ws, bs), upstream)
+    xt, wt, bt = (t.clone().requires_grad_(True) for t in (x, w, b))
+    expected = torch.autograd.grad(F.silu(F.group_norm(xt, 4, wt, bt, 1e-5)), (xt, wt, bt), upstream)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
+
+
+def test_without_the_kernel_both_forms_are_torch_s_ops(monkeypatch):
+    monkeypatch.setattr(gn, "_kernel", False)
+    x = _input(2, 8, (4, 4), True, 1.0, 0)
+    w, b = _params(8, True, 0)
+    assert torch.equal(gn.group_norm_act(x, 2, w, b, 1e-5, True), F.silu(F.group_norm(x, 2, w, b, 1e-5)))
+    assert gn.group_norm_codes(x, 2, w, b, 1e-5, True, torch.ones(2), torch.zeros(2)) is None
+
+
+@needs_kernel
+def test_inputs_the_kernel_does_not_take_run_torch_s_ops():
+    w, b = _params(8, True, 0)
+    for x in (_input(2, 8, (4, 4), False, 1.0, 0).double(),          # another dtype
+              _input(2, 8, (4, 6), False, 1.0, 0)[..., ::2],          # not dense
+              _input(2, 8, (4, 4), False, 1.0, 0).transpose(2, 3)):   # neither layout
+        w, b = (t.to(x.dtype) for t in _params(8, True, 0))
+        assert gn._native_args(x, 2, w, b) is None
+        assert torch.equal(gn.group_norm_act(x, 2, w, b, 1e-5, True), F.silu(F.group_norm(x, 2, w, b, 1e-5)))
+    with pytest.raises(RuntimeError):  # torch's own errors: a wrong channel count, a group of one value
+        gn.group_norm_act(_input(2, 6, (4, 4), True, 1.0, 0), 2, w, b, 1e-5, False)
+    with pytest.raises(ValueError, match="more than 1 value"):
+        gn.group_norm_act(_input(1, 8, (), False, 1.0, 0), 8, w, b, 1e-5, False)
+
+
+class _Norms(nn.Module):
+    """GroupNorm -> SiLU (folded), GroupNorm read twice (not folded), F.group_norm -> nn.SiLU (folded), a GroupNorm
+    module called at two places, and a 1-d branch (contiguous [N, C, L] maps)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0 = nn.Conv2d(3, 16, 3, padding=1)
+        self.n1, self.n2, self.n3 = nn.GroupNorm(4, 16), nn.GroupNorm(8, 16), nn.GroupNorm(2, 16, affine=False)
+        self.w, self.b = nn.Parameter(torch.rand(16) + 0.5), nn.Parameter(torch.randn(16))
+        self.c1, self.c2, self.c3 = (nn.Conv2d(16, 16, 3, padding=1) for _ in range(3))
+        self.act = nn.SiLU()
+        self.d1 = nn.Conv1d(16, 16, 3, padding=1)
+
+    def forward(self, x):
+        h = self.c0(x)
+        a = self.c1(F.silu(self.n1(h)))
+        m = self.n2(a)
+        a = self.c2(m * torch.sigmoid(m))
+        a = self.c3(self.act(F.group_norm(a, 4, self.w, self.b, 1e-6)))
+        a = a + self.n1(a)
+        seq = self.d1(F.silu(self.n3(a.flatten(2))))
+        return seq.reshape(a.shape) + a
+
+
+def _quantized(backend, **config):
+    torch.manual_seed(0)
+    model = _Norms().eval()
+    g = torch.Generator().manual_seed(1)
+    calib = [(torch.randn(2, 3, 8, 8, generator=g),) for _ in range(3)]
+    return model, fxq.quantize(model, calib[0], calib, fxq.QuantConfig(backend=backend, timestep_arg=None, **config))
+
+
+def test_both_lowerings_fold_the_same_silus_into_the_norms():
+    _, fake = _quantized("fake")
+    nodes = list(fake.graph.nodes)
+    norms = [n for n in nodes if gn.norm_call(fake.graph_module, n)]
+    folded = [n for n in norms if (n.args[1:] or (n.kwargs.get("silu"),))[0]]
+    assert len(norms) == 5 and len(folded) == 3  # n1 -> silu, F.group_norm -> nn.SiLU, n3 -> silu; not n2, not n1's 2nd
+    assert not any(n.op == "call_module" and isinstance(fake.graph_module.get_submodule(n.target), nn.SiLU)
+                   for n in nodes)
+    assert sum(n.target is F.silu for n in nodes if n.op == "call_function") == 0
+
+
+@needs_int8
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "torch-ops"])
+def test_int8_fuses_norm_and_quantize_and_equals_its_fake_twin(kernel, monkeypatch):
+    if kernel and native.library(gn.KERNEL) is None:
+        pytest.skip(native.status(gn.KERNEL))
+    if not kernel:
+        monkeypatch.setattr(gn, "_kernel", False)
+    model, int8 = _quantized("x86")
+    _, fake = _quantized("fake")
+    fused = [m for m in int8.graph_module.modules() if isinstance(m, NormQuantize)]
+    assert len(fused) == 3  # the norms whose output only a quantized op reads (not n2's product, not n1's add)
+    for seed in range(3):
+        x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(10 + seed))
+        with torch.no_grad():
+            assert torch.equal(int8(x), fake(x))
+            assert float((int8(x) - model(x)).pow(2).mean() / model(x).pow(2).mean()) < 0.05
+
+
+@needs_int8
+@needs_kernel
+def test_mixed_timestep_groups_pick_each_sample_s_parameters_in_the_fused_kernel():
+    torch.manual_seed(0)
+    model = fxq.models.DDPMUNet(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), resolution=8,
+                                num_groups=4).eval()
+    g = torch.Generator().manual_seed(0)
+    calib = [(torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 1000, (4,), generator=g)) for _ in range(4)]
+    cfg = dict(timestep_groups=4, seed=0)
+    int8 = fxq.quantize(model, calib[0], calib, fxq.QuantConfig(backend="x86", **cfg))
+    fake = fxq.quantize(model, calib[0], calib, fxq.QuantConfig(backend="fake", **cfg))
+    assert any(isinstance(m, NormQuantize) and m.groups == 4 for m in int8.graph_module.modules())
+    x, t = torch.randn(4, 3, 8, 8, generator=g), torch.tensor([5, 300, 600, 990])
+    with torch.no_grad():
+        mixed = int8(x, t)
+        assert torch.equal(mixed, fake(x, t))
+        for i in range(4):  # each sample as if alone
+            assert torch.equal(mixed[i:i + 1], int8(x[i:i + 1], t[i:i + 1]))
+
+
+@needs_int8
+def test_a_saved_int8_or_fake_model_with_fused_norms_loads_bit_identical(tmp_path):
+    for backend in ("x86", "fake"):
+        _, q = _quantized(backend)
+        x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+        fxq.save(q, tmp_path / f"{backend}.fxq")
+        loaded = fxq.load(tmp_path / f"{backend}.fxq")
+        with torch.no_grad():
+            assert torch.equal(loaded(x), q(x))
+        kinds = {type(m).__name__ for m in loaded.graph_module.modules()}
+        assert ("NormQuantize" if backend == "x86" else "GroupNormAct") in kinds
+
+
+def _run_isolated(code: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+_PROBE = """
+    import torch, fxq
+    from fxq.backends import native, group_norm as gn
+    from tests.test_group_norm_kernel import _quantized
+    print("STATUS", native.status(gn.KERNEL))
+    _, fake = _quantized("fake")
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.isfinite(fake(x)).all()
+    print("RAN")
+"""
+
+
+@pytest.mark.parametrize("env, why", [({"FXQ_NATIVE": "0"}, "FXQ_NATIVE=0"), ({"CXX": "/bin/false"}, "not GNU g++"),
+                                      ({"PATH": "/nonexistent", "CXX": ""}, "no C++ compiler")])
+def test_without_a_usable_compiler_models_run_on_torch_ops_and_status_says_why(env, why, tmp_path):
+    done = _run_isolated(_PROBE, {**env, "FXQ_CACHE_DIR": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    assert f"STATUS torch ops (" in done.stdout and why in done.stdout and "RAN" in done.stdout
+    assert not list(tmp_path.rglob("*.so"))
+
+
+@needs_kernel
+def test_the_kernel_builds_into_the_cache_directory_once(tmp_path):
+    code = """
+        from fxq.backends import native, group_norm as gn
+        print("STATUS", native.status(gn.KERNEL))
+    """
+    first = _run_isolated(code, {"FXQ_CACHE_DIR": str(tmp_path)})
+    assert first.returncode == 0 and "STATUS native" in first.stdout, first.stderr
+    built = list(tmp_path.rglob("group_norm-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    again = _run_isolated(code, {"FXQ_CACHE_DIR": str(tmp_path)})
+    assert "STATUS native" in again.stdout and built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
