@@ -33,8 +33,8 @@ _SILU_FUNCTIONS = {F.silu, torch.nn.functional.silu}
 def _bind(lib: ctypes.CDLL):
     fn = lib.fxq_group_norm
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [p, i64, i64, i64, i64, ctypes.c_int, p, p, ctypes.c_double, ctypes.c_int, p, p, p, p,
-                   ctypes.c_int]
+    fn.argtypes = [p, i64, i64, i64, i64, ctypes.c_int, p, p, ctypes.c_double, ctypes.c_int, p, p, ctypes.c_int,
+                   p, p, ctypes.c_int]
     fn.restype = ctypes.c_int
     return fn
 
@@ -50,34 +50,46 @@ def _native():
     return _kernel or None
 
 
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
 def _layout(x: torch.Tensor) -> bool | None:
     """True: channels innermost (channels-last), False: contiguous, None: neither (the torch form runs)."""
     if x.is_contiguous():
         return False
-    perm = (0, *range(2, x.dim()), 1)
-    return True if x.permute(perm).is_contiguous() else None
+    fmt = _CHANNELS_LAST.get(x.dim())
+    if fmt is not None:
+        return True if x.is_contiguous(memory_format=fmt) else None
+    return True if x.movedim(1, -1).is_contiguous() else None
+
+
+def _params_fit(channels: int, weight, bias) -> bool:
+    return all(t is None or (t.dtype == torch.float32 and t.is_cpu and t.shape == (channels,) and t.is_contiguous())
+               for t in (weight, bias))
 
 
 def _native_args(x: torch.Tensor, num_groups: int, weight, bias):
     """(kernel, channels_last) when the kernel takes this call, else None."""
-    if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() < 2 or x.numel() == 0:
+    if x.dtype != torch.float32 or not x.is_cpu or x.dim() < 2:
         return None
-    if x.shape[1] % num_groups or x.numel() // num_groups == 1 or any(t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"
-                                                         or t.shape != (x.shape[1],) or not t.is_contiguous())
-                                      for t in (weight, bias)):
-        return None  # (torch's form raises its own error for a bad call: a group of one value too)
+    channels = x.shape[1]
+    # (torch's form raises its own error for a bad call, a group of one value included)
+    if channels % num_groups or x.numel() // num_groups <= 1 or not _params_fit(channels, weight, bias):
+        return None
     channels_last = _layout(x)
     kernel = _native() if channels_last is not None else None
     return None if kernel is None else (kernel, channels_last)
 
 
-def _run(kernel, channels_last, x, num_groups, weight, bias, eps, silu, inv_scale=None, zp=None):
-    out = torch.empty_like(x, dtype=torch.float32 if inv_scale is None else torch.uint8)
+def _run(kernel, channels_last, x, num_groups, weight, bias, eps, silu, inv_scale=None, zp=None, per_sample=True):
+    """The kernel's floats, or with inv_scale and zp (float32: one per sample, or one for all) its codes."""
+    codes = inv_scale is not None
+    out = torch.empty_like(x, dtype=torch.uint8 if codes else torch.float32)
     n, c = x.shape[0], x.shape[1]
-    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
-    rc = kernel(x.data_ptr(), n, x.numel() // (n * c), c, num_groups, int(channels_last), ptr(weight), ptr(bias),
-                float(eps), int(bool(silu)), ptr(inv_scale), ptr(zp), ptr(out) if inv_scale is not None else None,
-                ptr(out) if inv_scale is None else None, torch.get_num_threads())
+    rc = kernel(x.data_ptr(), n, x.numel() // (n * c), c, num_groups, channels_last,
+                None if weight is None else weight.data_ptr(), None if bias is None else bias.data_ptr(), eps, silu,
+                inv_scale.data_ptr() if codes else None, zp.data_ptr() if codes else None, per_sample,
+                out.data_ptr() if codes else None, None if codes else out.data_ptr(), torch.get_num_threads())
     if rc != 0:
         raise FxqError(f"fxq's GroupNorm kernel ran out of memory on a {tuple(x.shape)} input")
     return out
@@ -123,13 +135,19 @@ def group_norm_act(x: torch.Tensor, num_groups: int, weight=None, bias=None, eps
 
 def group_norm_codes(x: torch.Tensor, num_groups: int, weight, bias, eps: float, silu: bool,
                      inv_scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor | None:
-    """uint8 codes of `quantize(group_norm_act(...))` with float32 [N] reciprocal scales and zero points per
-    sample, laid out like x; None where the kernel does not take this call (then group_norm_act runs torch's ops
-    too, and the caller quantizes their result)."""
+    """uint8 codes of `quantize(group_norm_act(...))` with float32 reciprocal scales and zero points, [N] (per
+    sample) or [1] (for all), laid out like x; None where the kernel does not take this call (then group_norm_act
+    runs torch's ops too, and the caller quantizes their result)."""
     found = _native_args(x, num_groups, weight, bias)
     if found is None:
         return None
-    return _run(*found, x, num_groups, weight, bias, eps, silu, inv_scale.contiguous(), zero_point.contiguous())
+    if inv_scale.shape != zero_point.shape or inv_scale.numel() not in (1, x.shape[0]) \
+            or inv_scale.dtype != torch.float32 or zero_point.dtype != torch.float32:
+        raise FxqError(f"group_norm_codes takes float32 scales and zero points, one or one per sample of the "
+                       f"{x.shape[0]}; got {tuple(inv_scale.shape)} {inv_scale.dtype} and {tuple(zero_point.shape)} "
+                       f"{zero_point.dtype}")
+    return _run(*found, x, num_groups, weight, bias, eps, silu, inv_scale.contiguous(), zero_point.contiguous(),
+                inv_scale.numel() == x.shape[0] and x.shape[0] > 1)
 
 
 class GroupNormAct(SpecFields, nn.GroupNorm):

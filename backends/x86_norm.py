@@ -50,22 +50,23 @@ class NormQuantize(ops.Quantize):
 
     def _build(self):
         floats = _Params(super()._build())
-        # the reciprocal that fxq.quant.quantizer.quantize multiplies by, in float32
-        floats.inv = torch.reciprocal(torch.tensor([s for s, _ in floats], dtype=torch.float32))
-        floats.zp = torch.tensor([z for _, z in floats], dtype=torch.float32)
+        # the reciprocal that fxq.quant.quantizer.quantize multiplies by, in float32; one-value tensors per group
+        inv = torch.reciprocal(torch.tensor([s for s, _ in floats], dtype=torch.float32))
+        zp = torch.tensor([z for _, z in floats], dtype=torch.float32)
+        floats.inv, floats.zp = inv, zp
+        floats.one = [(inv[i:i + 1], zp[i:i + 1]) for i in range(len(floats))]
         return floats
 
     def forward(self, x: torch.Tensor, g=None) -> torch.Tensor:
-        d = self.derived()
-        inv, zp = d.inv, d.zp
-        if self.groups > 1 and g is None:
-            return super().forward(x, g)  # (its error)
+        d = self._derived or self.derived()
         if isinstance(g, torch.Tensor):  # mixed groups: each sample's parameters (rows of the batch axis 0)
             rows = Q.rows_group(g.to(x.device), x.shape[0], self.batch_major)
-            inv_n, zp_n = inv[rows], zp[rows]
+            inv, zp = d.inv[rows], d.zp[rows]
+        elif g is None and self.groups > 1:
+            return super().forward(x, g)  # (its error)
         else:
-            inv_n, zp_n = inv[g or 0].expand(x.shape[0]), zp[g or 0].expand(x.shape[0])
-        codes = gn.group_norm_codes(x, self.num_groups, self.weight, self.bias, self.eps, self.silu, inv_n, zp_n)
+            inv, zp = d.one[g or 0]
+        codes = gn.group_norm_codes(x, self.num_groups, self.weight, self.bias, self.eps, self.silu, inv, zp)
         if codes is not None:
             return codes
         y = gn.group_norm_act(x, self.num_groups, self.weight, self.bias, self.eps, self.silu)

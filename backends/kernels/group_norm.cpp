@@ -118,9 +118,9 @@ static inline void normalize(const float *x, const float *m, const float *a, con
 // each (one row per n of C doubles). (x - m) * a keeps a group of equal values exactly at beta, where x * a + b
 // would leave the rounding of two large products.
 static void affine(const double *s1, const double *s2, int64_t N, int64_t C, int64_t G, double count,
-                   const float *gamma, const float *beta, double eps, float *m, float *a, float *b, int nt) {
+                   const float *gamma, const float *beta, double eps, float *m, float *a, float *b) {
     int64_t cg = C / G;
-    #pragma omp parallel for num_threads(nt) schedule(static)
+    #pragma omp for schedule(static)
     for (int64_t ng = 0; ng < N * G; ng++) {
         int64_t n = ng / G, c0 = (ng % G) * cg;
         double m1 = 0, m2 = 0;
@@ -138,11 +138,10 @@ static void affine(const double *s1, const double *s2, int64_t N, int64_t C, int
 static const int64_t CHUNK = 64;  // pixels per partial sum (channels-last): fixed, so no sum depends on threads
 
 // x: [N, S, C], channels innermost (a channels-last map)
-static int stats_nsc(const float *x, int64_t N, int64_t S, int64_t C, double *s1, double *s2, int nt) {
+// (The helpers below share out their loops among the threads of the caller's one parallel region.)
+static void stats_nsc(const float *x, int64_t N, int64_t S, int64_t C, double *part, double *s1, double *s2) {
     int64_t nchunk = (S + CHUNK - 1) / CHUNK;
-    double *part = (double *)std::malloc(sizeof(double) * 2 * N * nchunk * C);
-    if (!part) return -1;
-    #pragma omp parallel for num_threads(nt) schedule(static)
+    #pragma omp for schedule(static)
     for (int64_t task = 0; task < N * nchunk; task++) {
         int64_t n = task / nchunk, p0 = (task % nchunk) * CHUNK, p1 = p0 + CHUNK < S ? p0 + CHUNK : S;
         double *t1 = part + 2 * task * C, *t2 = t1 + C;
@@ -165,7 +164,7 @@ static int stats_nsc(const float *x, int64_t N, int64_t S, int64_t C, double *s1
             t1[c] = u; t2[c] = v;
         }
     }
-    #pragma omp parallel for num_threads(nt) schedule(static)
+    #pragma omp for schedule(static)
     for (int64_t nc = 0; nc < N * C; nc++) {
         int64_t n = nc / C, c = nc % C;
         double u = 0, v = 0;
@@ -175,13 +174,11 @@ static int stats_nsc(const float *x, int64_t N, int64_t S, int64_t C, double *s1
         }
         s1[nc] = u; s2[nc] = v;
     }
-    std::free(part);
-    return 0;
 }
 
 // x: [N, C, S], contiguous
-static void stats_ncs(const float *x, int64_t N, int64_t S, int64_t C, double *s1, double *s2, int nt) {
-    #pragma omp parallel for num_threads(nt) schedule(static)
+static void stats_ncs(const float *x, int64_t N, int64_t S, int64_t C, double *s1, double *s2) {
+    #pragma omp for schedule(static)
     for (int64_t nc = 0; nc < N * C; nc++) {
         const float *row = x + nc * S;
         d8 u = {}, v = {};
@@ -201,20 +198,20 @@ static void stats_ncs(const float *x, int64_t N, int64_t S, int64_t C, double *s
 
 template <bool SILU>
 static void apply(const float *x, int64_t N, int64_t S, int64_t C, bool channels_last, const float *m,
-                  const float *a, const float *b, const float *inv_scale, const float *zp, uint8_t *out, float *outf,
-                  int nt) {
+                  const float *a, const float *b, const float *inv_scale, const float *zp, int per_sample,
+                  uint8_t *out, float *outf) {
     if (channels_last) {
-        #pragma omp parallel for num_threads(nt) schedule(static)
+        #pragma omp for schedule(static)
         for (int64_t r = 0; r < N * S; r++) {
-            int64_t n = r / S;
-            normalize<SILU, true>(x + r * C, m + n * C, a + n * C, b + n * C, C, out ? inv_scale[n] : 0,
-                                  out ? zp[n] : 0, out ? out + r * C : nullptr, out ? nullptr : outf + r * C);
+            int64_t n = r / S, q = per_sample ? n : 0;
+            normalize<SILU, true>(x + r * C, m + n * C, a + n * C, b + n * C, C, out ? inv_scale[q] : 0,
+                                  out ? zp[q] : 0, out ? out + r * C : nullptr, out ? nullptr : outf + r * C);
         }
     } else {
-        #pragma omp parallel for num_threads(nt) schedule(static)
+        #pragma omp for schedule(static)
         for (int64_t nc = 0; nc < N * C; nc++) {
-            int64_t n = nc / C;
-            normalize<SILU, false>(x + nc * S, m + nc, a + nc, b + nc, S, out ? inv_scale[n] : 0, out ? zp[n] : 0,
+            int64_t n = nc / C, q = per_sample ? n : 0;
+            normalize<SILU, false>(x + nc * S, m + nc, a + nc, b + nc, S, out ? inv_scale[q] : 0, out ? zp[q] : 0,
                                    out ? out + nc * S : nullptr, out ? nullptr : outf + nc * S);
         }
     }
@@ -223,21 +220,27 @@ static void apply(const float *x, int64_t N, int64_t S, int64_t C, bool channels
 extern "C" {
 
 // x: N samples of C channels by S positions, channels-last ([N, S, C]) or contiguous ([N, C, S]); gamma, beta: C
-// values or null; silu: 0/1. Writes codes (out, with inv_scale and zp per sample) or floats (outf): one of them.
-// Returns 0, or -1 when memory ran out.
+// values or null; silu: 0/1. Writes codes (out, with inv_scale and zp: per sample, or one each when per_sample is 0)
+// or floats (outf): one of them. Returns 0, or -1 when memory ran out.
 int fxq_group_norm(const float *x, int64_t N, int64_t S, int64_t C, int64_t G, int channels_last, const float *gamma,
-                   const float *beta, double eps, int silu, const float *inv_scale, const float *zp, uint8_t *out,
-                   float *outf, int nt) {
-    double *s = (double *)std::malloc(sizeof(double) * 2 * N * C);
+                   const float *beta, double eps, int silu, const float *inv_scale, const float *zp, int per_sample,
+                   uint8_t *out, float *outf, int nt) {
+    int64_t nchunk = channels_last ? (S + CHUNK - 1) / CHUNK : 0;
+    double *s = (double *)std::malloc(sizeof(double) * 2 * N * C * (1 + nchunk));  // sums, then the chunks' parts
     float *mab = (float *)std::malloc(sizeof(float) * 3 * N * C);
     if (!s || !mab) { std::free(s); std::free(mab); return -1; }
-    if (channels_last) { if (stats_nsc(x, N, S, C, s, s + N * C, nt)) { std::free(s); std::free(mab); return -1; } }
-    else stats_ncs(x, N, S, C, s, s + N * C, nt);
+    double *s1 = s, *s2 = s + N * C, *part = s + 2 * N * C;
     float *m = mab, *a = mab + N * C, *b = mab + 2 * N * C;
-    affine(s, s + N * C, N, C, G, (double)S * (double)(C / G), gamma, beta, eps, m, a, b, nt);
+    if (N * S * C < 16384) nt = 1;  // a small map: the threads' start and barriers would cost more than they share
+    #pragma omp parallel num_threads(nt)
+    {
+        if (channels_last) stats_nsc(x, N, S, C, part, s1, s2);
+        else stats_ncs(x, N, S, C, s1, s2);
+        affine(s1, s2, N, C, G, (double)S * (double)(C / G), gamma, beta, eps, m, a, b);
+        if (silu) apply<true>(x, N, S, C, channels_last, m, a, b, inv_scale, zp, per_sample, out, outf);
+        else apply<false>(x, N, S, C, channels_last, m, a, b, inv_scale, zp, per_sample, out, outf);
+    }
     std::free(s);
-    if (silu) apply<true>(x, N, S, C, channels_last, m, a, b, inv_scale, zp, out, outf, nt);
-    else apply<false>(x, N, S, C, channels_last, m, a, b, inv_scale, zp, out, outf, nt);
     std::free(mab);
     return 0;
 }
