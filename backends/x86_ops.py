@@ -410,6 +410,9 @@ class QLinear(_WeightedInt8):
         w_scale, bias = buffers["w_scale"], buffers["bias"]
 
         def linear(gi, x, other):
+            rows = x.numel() // max(x.shape[-1], 1)
+            if 0 < rows < _MIN_ROWS:
+                return _padded_rows(linear, gi, x, other, rows)
             xs, xz = d["x"][gi]
             os_, oz, odt = self._out_args(gi)
             if other is not None:
@@ -441,6 +444,22 @@ class QLinear(_WeightedInt8):
     def extra_repr(self) -> str:
         return (f"{self.in_features}, {self.out_features}, groups={self.groups}, unary={self.unary}, "
                 f"out_quant={self.out_quant}{_rows_repr(self)}")
+
+
+# oneDNN picks its int8 linear kernel by row count, and with it the order of the two scales (fxq.quant.int_sums):
+# on AMX hosts 1-3 rows take a VNNI kernel whose order differs from the AMX kernel's, and from a merged sibling
+# call's (x86_siblings.py), which then could not merge the time-embedding linears of a batch of 1. Padded to 4
+# rows, every call takes the kernel of 4+ rows; a row's values do not depend on the other rows.
+_MIN_ROWS = 4
+
+
+def _padded_rows(linear, gi, x: torch.Tensor, other, rows: int) -> torch.Tensor:
+    def pad(t):
+        flat = t.reshape(rows, t.shape[-1])
+        return torch.cat([flat, flat[:1].expand(_MIN_ROWS - rows, -1)])
+
+    y = linear(gi, pad(x), None if other is None else pad(other))[:rows]
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def _wrap32(v: int) -> int:
