@@ -27,7 +27,9 @@ from fxq.errors import FxqError
 from fxq.io.spec_fields import SpecFields
 
 KERNEL = "group_norm"
-_SILU_FUNCTIONS = {F.silu, torch.nn.functional.silu}
+# the stock forwards, as fxq found them: a module whose class (or instance) forward is another, or that has hooks,
+# computes something else or must run as it is, so it stays
+_STOCK_FORWARD = {nn.GroupNorm: nn.GroupNorm.forward, nn.SiLU: nn.SiLU.forward}
 
 
 def _bind(lib: ctypes.CDLL):
@@ -68,9 +70,10 @@ def _params_fit(channels: int, weight, bias) -> bool:
                for t in (weight, bias))
 
 
-def _native_args(x: torch.Tensor, num_groups: int, weight, bias):
+def _native_args(x: torch.Tensor, num_groups: int, weight, bias, eps=1e-5, silu=False):
     """(kernel, channels_last) when the kernel takes this call, else None."""
-    if x.dtype != torch.float32 or not x.is_cpu or x.dim() < 2:
+    if x.dtype != torch.float32 or not x.is_cpu or x.dim() < 2 or type(num_groups) is not int or num_groups < 1 \
+            or not isinstance(eps, (int, float)) or not isinstance(silu, bool):
         return None
     channels = x.shape[1]
     # (torch's form raises its own error for a bad call, a group of one value included)
@@ -125,7 +128,7 @@ class _KernelWithTorchGradient(torch.autograd.Function):
 def group_norm_act(x: torch.Tensor, num_groups: int, weight=None, bias=None, eps: float = 1e-5,
                    silu: bool = False) -> torch.Tensor:
     """F.group_norm(x, num_groups, weight, bias, eps), then F.silu if `silu`: on the kernel where it can run."""
-    found = _native_args(x, num_groups, weight, bias)
+    found = _native_args(x, num_groups, weight, bias, eps, silu)
     if found is None:
         return _torch_form(x, num_groups, weight, bias, eps, silu)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
@@ -138,7 +141,7 @@ def group_norm_codes(x: torch.Tensor, num_groups: int, weight, bias, eps: float,
     """uint8 codes of `quantize(group_norm_act(...))` with float32 reciprocal scales and zero points, [N] (per
     sample) or [1] (for all), laid out like x; None where the kernel does not take this call (then group_norm_act
     runs torch's ops too, and the caller quantizes their result)."""
-    found = _native_args(x, num_groups, weight, bias)
+    found = _native_args(x, num_groups, weight, bias, eps, silu)
     if found is None:
         return None
     if inv_scale.shape != zero_point.shape or inv_scale.numel() not in (1, x.shape[0]) \
@@ -170,13 +173,20 @@ def _silu_reader(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     if len(node.users) != 1:
         return None
     user = next(iter(node.users))
-    if user.op == "call_function" and user.target in _SILU_FUNCTIONS and user.args[:1] == (node,) \
+    if user.op == "call_function" and user.target is F.silu and user.args[:1] == (node,) \
             and set(user.kwargs) <= {"inplace"} and all(isinstance(a, bool) for a in user.args[1:]):
         return user
-    if user.op == "call_module" and type(gm.get_submodule(user.target)) is nn.SiLU and user.args == (node,) \
+    if user.op == "call_module" and _stock(gm.get_submodule(user.target), nn.SiLU) and user.args == (node,) \
             and not user.kwargs:
         return user
     return None
+
+
+def _stock(module: nn.Module, cls) -> bool:
+    """module is a plain `cls` whose call runs cls's own forward and nothing else (no hooks, no override)."""
+    hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    return (type(module) is cls and cls.forward is _STOCK_FORWARD[cls] and "forward" not in module.__dict__
+            and not any(getattr(module, h, None) for h in hooks))
 
 
 def norm_call(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -189,9 +199,12 @@ def norm_call(gm: fx.GraphModule, node: fx.Node) -> bool:
 def native_group_norms(gm: fx.GraphModule) -> None:
     """Every nn.GroupNorm module call and F.group_norm call ==> group_norm_act, with the SiLU that is its only
     reader folded in. Run by both lowerings on the same calibrated graph, so both fold the same SiLUs."""
+    from torch.nn.modules import module as torch_module
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return  # hooks on every module's call: each module stays as the model had it
     graph = gm.graph
     for node in list(graph.nodes):
-        if node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.GroupNorm:
+        if node.op == "call_module" and _stock(gm.get_submodule(node.target), nn.GroupNorm):
             if len(node.args) != 1 or node.kwargs:
                 continue
             gm.set_submodule(node.target, GroupNormAct.from_group_norm(gm.get_submodule(node.target)))

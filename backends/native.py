@@ -10,10 +10,13 @@ one file per kernel source, compiler, flags and CPU (the build targets this CPU:
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -44,20 +47,34 @@ def _cpu_signature() -> str:
     return "\n".join(sorted(set(lines)))
 
 
-def _compiler() -> tuple[str, str] | str:
-    """(path, version line) of the C++ compiler, or why there is none."""
-    cxx = shutil.which(os.environ.get("CXX") or "g++") or shutil.which("g++")
-    if cxx is None:
-        return "no C++ compiler (g++) on PATH"
+@functools.lru_cache(maxsize=None)
+def _compiler() -> tuple[tuple[str, ...], str] | str:
+    """(command, version line) of the C++ compiler ($CXX, else g++), or why there is none."""
+    command = shlex.split(os.environ.get("CXX") or "") or ["g++"]
+    found = shutil.which(command[0])
+    if found is None:
+        return f"no C++ compiler ({command[0]}) on PATH"
     try:
-        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+        version = subprocess.run([found, *command[1:], "--version"], capture_output=True, text=True,
+                                 timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
-        return f"{cxx} --version failed: {e}"
+        return f"{found} --version failed: {e}"
     first = (version.splitlines() or [""])[0]
     # OpenMP must be GNU's libgomp, the runtime torch's wheel ships: clang would bring a second one (libomp)
-    if "clang" in version.lower() or not ("g++" in first or "GCC" in version):
-        return f"{cxx} is not GNU g++ ({first!r}); set CXX to a g++"
-    return cxx, first
+    if "clang" in version.lower() or not ("g++" in first or "gcc" in version.lower()):
+        return f"{found} is not GNU g++ ({first!r}); set CXX to a g++"
+    return (found, *command[1:]), first
+
+
+def _private(path: Path, directory: bool) -> bool:
+    """path is this user's own, not a link, and no one else may write it: a library found there is one this user
+    built (a shared temp dir could hold anyone's)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    kind = stat.S_ISDIR if directory else stat.S_ISREG
+    return kind(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022
 
 
 def _build(name: str) -> ctypes.CDLL | str:
@@ -69,35 +86,45 @@ def _build(name: str) -> ctypes.CDLL | str:
     found = _compiler()
     if isinstance(found, str):
         return found
-    cxx, version = found
-    text = source.read_bytes()
-    key = hashlib.sha256(b"\0".join([text, cxx.encode(), version.encode(), " ".join(_FLAGS).encode(),
-                                     _cpu_signature().encode()])).hexdigest()[:20]
-    for directory in (_cache_dir(), Path(tempfile.gettempdir()) / f"fxq-native-{os.getuid()}"):
+    command, version = found
+    key = hashlib.sha256(b"\0".join([source.read_bytes(), " ".join(command).encode(), version.encode(),
+                                     " ".join(_FLAGS).encode(), _cpu_signature().encode()])).hexdigest()[:20]
+    shared_tmp = Path(tempfile.gettempdir()) / f"fxq-native-{os.getuid()}"
+    for directory in (_cache_dir(), shared_tmp, None):
+        if directory is None:  # neither is usable: a private directory of this process, no cache
+            directory = Path(tempfile.mkdtemp(prefix="fxq-native-"))
+        try:
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError:
+            continue
+        if not _private(directory, True):
+            continue
         target = directory / f"{name}-{key}.so"
-        if not target.is_file():
+        if not os.path.lexists(target):
             try:
-                directory.mkdir(parents=True, exist_ok=True, mode=0o700)
                 fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
                 os.close(fd)
             except OSError:
                 continue  # not writable: the next place
             try:
-                done = subprocess.run([cxx, *_FLAGS, str(source), "-o", tmp], capture_output=True, text=True,
+                done = subprocess.run([*command, *_FLAGS, str(source), "-o", tmp], capture_output=True, text=True,
                                       timeout=300)
                 if done.returncode != 0:
-                    return f"{cxx} could not build {source.name}: {done.stderr.strip()[-400:]}"
+                    return f"{command[0]} could not build {source.name}: {done.stderr.strip()[-400:]}"
+                os.chmod(tmp, 0o700)
                 os.replace(tmp, target)  # atomic: a process racing this one loads a whole file or builds its own
             except (OSError, subprocess.SubprocessError) as e:
                 return f"building {source.name} failed: {e}"
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
+        if not _private(target, False):
+            continue
         try:
             return ctypes.CDLL(str(target))
         except OSError as e:
             return f"loading {target} failed: {e}"
-    return f"no writable cache directory for fxq's kernels (tried {_cache_dir()} and the temp dir)"
+    return f"no private, writable directory for fxq's kernels (tried {_cache_dir()}, {shared_tmp} and a new one)"
 
 
 def library(name: str) -> ctypes.CDLL | None:

@@ -18,10 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxq.backends import x86_ops as ops
+from fxq.backends.x86_norm import NormQuantize
 
 # elementwise float functions with no state and no side effect (not in place: their `inplace` flag is refused)
 _PURE = {F.silu, F.relu, F.gelu, torch.sigmoid, torch.tanh, torch.nn.functional.sigmoid, torch.nn.functional.tanh}
-_READERS = (ops.Quantize, ops.QConv, ops.QLinear, ops.QMatmul)  # read their tensor inputs, never write them
+_READERS = (ops.Quantize, ops.QConv, ops.QLinear, ops.QMatmul, NormQuantize)  # read their inputs, never write them
 
 
 def _key(gm: fx.GraphModule, node: fx.Node):

@@ -22,6 +22,7 @@ from torch import nn
 
 from fxq.backends import x86_ops as ops
 from fxq.backends.group_norm import group_norm_act
+from fxq.backends.x86_norm import NormQuantize
 from fxq.tracing.graph import node_order
 
 
@@ -103,7 +104,7 @@ def quantize_early(gm: fx.GraphModule) -> None:
 
 
 # Producers whose result owns its storage (no view of another tensor, no input): a later op may write into it.
-_OWNING_MODULES = (ops.QConv, ops.QLinear, ops.QMatmul, nn.GroupNorm)
+_OWNING_MODULES = (ops.QConv, ops.QLinear, ops.QMatmul, nn.GroupNorm, NormQuantize)
 _OWNING_FUNCTIONS = {operator.add, torch.add, operator.mul, torch.mul, torch.cat, F.silu, F.group_norm, torch.softmax,
                      add_, mul_, silu_, group_norm_act}
 _INPLACE = {operator.add: add_, torch.add: add_, operator.mul: mul_, torch.mul: mul_}

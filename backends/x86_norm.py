@@ -8,6 +8,8 @@ the two steps.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.fx as fx
 from torch import nn
@@ -15,22 +17,31 @@ from torch import nn
 from fxq.quant import quantizer as Q
 from fxq.backends import group_norm as gn
 from fxq.backends import x86_ops as ops
+from fxq.io.spec_fields import SpecFields
 
 
-class _Params(list):
-    """Quantize's (scale, zero point) per group, with the kernel's float32 tensors of them (`inv`, `zp`)."""
+@dataclasses.dataclass
+class _Params:
+    floats: list           # (scale, zero point) per group, as Python numbers (the torch route's arguments)
+    inv: torch.Tensor      # [groups] float32: the reciprocal scales that fxq.quant.quantizer.quantize multiplies by
+    zp: torch.Tensor       # [groups] float32
+    one: list              # per group, ([1], [1]) views of both: the kernel's one scale for a whole batch
 
 
-class NormQuantize(ops.Quantize):
-    """x -> uint8 codes of Quantize(group_norm_act(x, ...)): the norm's parameters are its own."""
+class NormQuantize(SpecFields, ops._Lazy):
+    """x -> uint8 codes of Quantize(group_norm_act(x, ...)): the norm's parameters are its own, the quantizer's
+    as Quantize holds them. Not a Quantize: passes that move or merge quantizers (elementwise ops) must not take
+    it for one."""
 
     _spec_fields = ("groups", "batch_axis", "batch_major", "num_groups", "num_channels", "eps", "affine", "silu")
 
     def __init__(self, groups: int = 1, batch_axis: int | None = 0, batch_major: bool = True, num_groups: int = 1,
                  num_channels: int = 1, eps: float = 1e-5, affine: bool = True, silu: bool = False):
-        super().__init__(groups, batch_axis, batch_major)
+        super().__init__()
+        self.groups, self.batch_axis, self.batch_major = groups, batch_axis, batch_major
         self.num_groups, self.num_channels, self.eps, self.affine, self.silu = (
             num_groups, num_channels, eps, affine, silu)
+        ops._ActParams.register(self, "x", groups)
         if affine:
             self.weight = nn.Parameter(torch.ones(num_channels))
             self.bias = nn.Parameter(torch.zeros(num_channels))
@@ -49,13 +60,10 @@ class NormQuantize(ops.Quantize):
         return new
 
     def _build(self):
-        floats = _Params(super()._build())
-        # the reciprocal that fxq.quant.quantizer.quantize multiplies by, in float32; one-value tensors per group
+        floats = ops._ActParams.floats(self, "x")
         inv = torch.reciprocal(torch.tensor([s for s, _ in floats], dtype=torch.float32))
         zp = torch.tensor([z for _, z in floats], dtype=torch.float32)
-        floats.inv, floats.zp = inv, zp
-        floats.one = [(inv[i:i + 1], zp[i:i + 1]) for i in range(len(floats))]
-        return floats
+        return _Params(floats, inv, zp, [(inv[i:i + 1], zp[i:i + 1]) for i in range(len(floats))])
 
     def forward(self, x: torch.Tensor, g=None) -> torch.Tensor:
         d = self._derived or self.derived()
@@ -63,18 +71,18 @@ class NormQuantize(ops.Quantize):
             rows = Q.rows_group(g.to(x.device), x.shape[0], self.batch_major)
             inv, zp = d.inv[rows], d.zp[rows]
         elif g is None and self.groups > 1:
-            return super().forward(x, g)  # (its error)
+            return ops.quantize_codes(self, x, g, d.floats)  # (its error)
         else:
             inv, zp = d.one[g or 0]
         codes = gn.group_norm_codes(x, self.num_groups, self.weight, self.bias, self.eps, self.silu, inv, zp)
         if codes is not None:
             return codes
         y = gn.group_norm_act(x, self.num_groups, self.weight, self.bias, self.eps, self.silu)
-        return super().forward(y, g)
+        return ops.quantize_codes(self, y, g, d.floats)
 
     def extra_repr(self) -> str:
         return (f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, silu={self.silu}, "
-                f"{super().extra_repr()}")
+                f"groups={self.groups}{ops._rows_repr(self)}")
 
 
 def fuse_norm_quantize(gm: fx.GraphModule) -> None:

@@ -136,35 +136,42 @@ class Quantize(SpecFields, _Lazy):
         return _ActParams.floats(self, "x")
 
     def forward(self, x: torch.Tensor, g=None) -> torch.Tensor:
-        if x.dtype is not torch.float32:
-            if not x.is_floating_point():
-                raise InputError(f"int8 quantization takes a float CPU tensor, got {x.dtype} on {x.device}")
-            x = x.float()
-        if x.device.type != "cpu":
-            raise InputError(f"int8 quantization takes a float CPU tensor, got {x.dtype} on {x.device}")
-        if self.groups > 1 and g is None:
-            raise InputError("this int8 model keeps activation parameters per timestep group: call it with t")
-        if isinstance(g, torch.Tensor):  # mixed groups: per-row parameters, the same arithmetic
-            qp = Q.select_group(_ActParams.qparams(self, "x", self.batch_axis, self.batch_major), g, x)
-            return Q.codes(x, qp)
-        scale, zp = (self._derived or self.derived())[g or 0]
-        # codes laid out like x: the kernel writes a contiguous result (channels-last aside), so a permuted x
-        # (attention's [C, HW] view of a channels-last activation) is quantized through its contiguous order
-        plain = x.is_contiguous() or (x.dim() == 4 and x.stride() == dense_strides(x.shape, channels_last=True))
-        order = None if plain else dense_order(x)
-        if order is not None:
-            x = x.permute(order)
-        if _QUANTIZE_WARNED:
-            q = torch.quantize_per_tensor(x, scale, zp, torch.quint8)
-        else:
-            q = _first_quantize(x, scale, zp)
-        # the same bytes as a plain uint8 tensor sharing q's storage (int_repr() would copy them, 4x the cost of
-        # quantizing); the storage lives as long as the returned tensor
-        codes = torch.empty(0, dtype=torch.uint8).set_(q.untyped_storage(), q.storage_offset(), q.size(), q.stride())
-        return codes if order is None else codes.permute(sorted(range(len(order)), key=order.__getitem__))
+        return quantize_codes(self, x, g, self._derived or self.derived())
 
     def extra_repr(self) -> str:
         return f"groups={self.groups}{_rows_repr(self)}"
+
+
+def quantize_codes(module, x: torch.Tensor, g, floats) -> torch.Tensor:
+    """uint8 codes of x by a module holding Quantize's activation parameters (`_ActParams` "x", groups,
+    batch_axis, batch_major) and their Python floats per group (`floats`): Quantize's forward, and the torch
+    route of x86_norm.NormQuantize."""
+    if x.dtype is not torch.float32:
+        if not x.is_floating_point():
+            raise InputError(f"int8 quantization takes a float CPU tensor, got {x.dtype} on {x.device}")
+        x = x.float()
+    if x.device.type != "cpu":
+        raise InputError(f"int8 quantization takes a float CPU tensor, got {x.dtype} on {x.device}")
+    if module.groups > 1 and g is None:
+        raise InputError("this int8 model keeps activation parameters per timestep group: call it with t")
+    if isinstance(g, torch.Tensor):  # mixed groups: per-row parameters, the same arithmetic
+        qp = Q.select_group(_ActParams.qparams(module, "x", module.batch_axis, module.batch_major), g, x)
+        return Q.codes(x, qp)
+    scale, zp = floats[g or 0]
+    # codes laid out like x: the kernel writes a contiguous result (channels-last aside), so a permuted x
+    # (attention's [C, HW] view of a channels-last activation) is quantized through its contiguous order
+    plain = x.is_contiguous() or (x.dim() == 4 and x.stride() == dense_strides(x.shape, channels_last=True))
+    order = None if plain else dense_order(x)
+    if order is not None:
+        x = x.permute(order)
+    if _QUANTIZE_WARNED:
+        q = torch.quantize_per_tensor(x, scale, zp, torch.quint8)
+    else:
+        q = _first_quantize(x, scale, zp)
+    # the same bytes as a plain uint8 tensor sharing q's storage (int_repr() would copy them, 4x the cost of
+    # quantizing); the storage lives as long as the returned tensor
+    codes = torch.empty(0, dtype=torch.uint8).set_(q.untyped_storage(), q.storage_offset(), q.size(), q.stride())
+    return codes if order is None else codes.permute(sorted(range(len(order)), key=order.__getitem__))
 
 
 def _rows_repr(module) -> str:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from fxq.backends import x86_glue as glue
 from fxq.backends import x86_ops as ops
+from fxq.backends.x86_norm import NormQuantize
 from fxq.errors import FxqError
 from fxq.tracing.meta import tensor_meta
 
@@ -105,9 +106,10 @@ def _merged_module(modules):
 
 
 def _input_shape(gm: fx.GraphModule, codes: fx.Node) -> tuple[int, ...] | None:
-    """The example's shape of the codes node (a Quantize takes its float input's shape)."""
+    """The example's shape of the codes node (a Quantize or NormQuantize takes its float input's shape)."""
     meta = tensor_meta(codes)
-    if meta is None and codes.op == "call_module" and isinstance(gm.get_submodule(codes.target), ops.Quantize):
+    if meta is None and codes.op == "call_module" and isinstance(gm.get_submodule(codes.target),
+                                                                 (ops.Quantize, NormQuantize)):
         meta = tensor_meta(codes.args[0])
     return None if meta is None or not hasattr(meta, "shape") else tuple(meta.shape)
 

@@ -3,6 +3,7 @@ SiLU in float, exactly `quantize` of its own float output in codes, the same for
 lowerings run it at the same places, so the int8 model and its fake-quant twin still agree bit for bit; and
 everything still runs (on torch's ops) where no kernel can be built."""
 
+import hashlib
 import math
 import os
 import subprocess
@@ -279,3 +280,119 @@ def test_the_kernel_builds_into_the_cache_directory_once(tmp_path):
     stamp = built[0].stat().st_mtime_ns
     again = _run_isolated(code, {"FXQ_CACHE_DIR": str(tmp_path)})
     assert "STATUS native" in again.stdout and built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
+
+
+class _PositiveNorm(nn.Module):
+    """A GroupNorm whose beta keeps its output positive: the quantizer after it gets zero point 0 (which lets a
+    conv write codes itself; the norm must not be taken for a plain quantizer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.n, self.d = nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.Conv2d(8, 8, 1)
+        with torch.no_grad():
+            self.n.bias.fill_(6.0)
+
+    def forward(self, x):
+        return self.d(self.n(self.c(x)))
+
+
+class _PooledNorm(nn.Module):
+    """conv -> max-pool -> GroupNorm -> SiLU -> conv: a quantizer moves above a pool, a norm must not."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.p, self.n = nn.Conv2d(3, 8, 3, padding=1), nn.MaxPool2d(2), nn.GroupNorm(2, 8)
+        self.d = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        return self.d(F.silu(self.n(self.p(self.c(x)))))
+
+
+class _SiblingNorm(nn.Module):
+    """Two convs read the same codes (one merged int8 kernel); one's output slice feeds GroupNorm -> SiLU -> conv:
+    the norm reads the slice in its sibling's own layout in both backends."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(8, 64, 3, padding=1), nn.Conv2d(8, 64, 3, padding=1)
+        self.n, self.d = nn.GroupNorm(8, 64), nn.Conv2d(64, 64, 1)
+
+    def forward(self, x):
+        return self.d(F.silu(self.n(self.a(x)))) + self.b(x)
+
+
+class _HookedNorm(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.c, self.n, self.d, self.act = nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.Conv2d(8, 8, 1), nn.SiLU()
+        if how == "norm hook":
+            self.n.register_forward_hook(lambda m, i, o: o * 3 + 1)
+        elif how == "silu hook":
+            self.act.register_forward_hook(lambda m, i, o: o * 3 + 1)
+        elif how == "forward override":
+            plain = self.n.forward
+            self.n.forward = lambda h: plain(h) * 3 + 1
+
+    def forward(self, x):
+        return self.d(self.act(self.n(self.c(x))))
+
+
+def _both(model, channels=3, size=8):
+    g = torch.Generator().manual_seed(0)
+    calib = [(torch.randn(2, channels, size, size, generator=g),) for _ in range(3)]
+    q = {b: fxq.quantize(model, calib[0], calib, fxq.QuantConfig(backend=b, timestep_arg=None))
+         for b in ("fake", "x86")}
+    return q, [torch.randn(2, channels, size, size, generator=g) for _ in range(4)]
+
+
+@needs_int8
+@pytest.mark.parametrize("cls", [_PositiveNorm, _PooledNorm, _SiblingNorm])
+def test_a_fused_norm_is_never_moved_merged_or_folded_as_if_it_were_a_quantizer(cls):
+    torch.manual_seed(0)
+    model = cls().eval()
+    q, xs = _both(model, *((8, 32) if cls is _SiblingNorm else ()))
+    assert any(isinstance(m, NormQuantize) for m in q["x86"].graph_module.modules())
+    with torch.no_grad():
+        for x in xs:
+            ref = model(x)
+            assert torch.equal(q["x86"](x), q["fake"](x))
+            assert float((q["x86"](x) - ref).norm() / ref.norm()) < 0.1
+
+
+@needs_int8
+@pytest.mark.parametrize("how", ["norm hook", "silu hook", "forward override"])
+def test_a_norm_or_silu_with_hooks_or_its_own_forward_runs_as_the_model_has_it(how):
+    torch.manual_seed(0)
+    model = _HookedNorm(how).eval()
+    q, xs = _both(model)
+    with torch.no_grad():
+        for x in xs:
+            ref = model(x)
+            assert torch.equal(q["x86"](x), q["fake"](x))
+            assert float((q["x86"](x) - ref).norm() / ref.norm()) < 0.1
+
+
+@needs_kernel
+def test_a_library_in_a_cache_directory_others_can_write_is_never_loaded(tmp_path):
+    """Anyone who may write the cache directory could plant a library under the name fxq would build (every
+    input of its key is public): fxq loads only from a directory and file of this user's that no one else may
+    write, and builds elsewhere otherwise."""
+    shared = tmp_path / "cache" / "native"
+    shared.mkdir(parents=True)
+    os.chmod(shared, 0o777)
+    command, version = native._compiler()
+    key = hashlib.sha256(b"\0".join([(native._SOURCES / f"{gn.KERNEL}.cpp").read_bytes(), " ".join(command).encode(),
+                                     version.encode(), " ".join(native._FLAGS).encode(),
+                                     native._cpu_signature().encode()])).hexdigest()[:20]
+    evil = tmp_path / "evil.c"
+    evil.write_text('#include <stdio.h>\n__attribute__((constructor)) static void f(void) { puts("PLANTED"); }\n')
+    subprocess.run([command[0], "-shared", "-fPIC", str(evil), "-o", str(shared / f"{gn.KERNEL}-{key}.so")], check=True)
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir(mode=0o700)
+    done = _run_isolated("""
+        from fxq.backends import native, group_norm as gn
+        print("STATUS", native.status(gn.KERNEL))
+    """, {"FXQ_CACHE_DIR": str(tmp_path / "cache"), "TMPDIR": str(private_tmp)})
+    assert done.returncode == 0, done.stderr
+    assert "PLANTED" not in done.stdout and "STATUS native" in done.stdout, done.stdout
+    assert list(private_tmp.rglob(f"{gn.KERNEL}-{key}.so"))  # built in the private fallback instead

@@ -126,7 +126,7 @@ static void affine(const double *s1, const double *s2, int64_t N, int64_t C, int
         double m1 = 0, m2 = 0;
         for (int64_t c = c0; c < c0 + cg; c++) { m1 += s1[n * C + c]; m2 += s2[n * C + c]; }
         double mean = m1 / count, var = m2 / count - mean * mean;
-        double rstd = 1.0 / std::sqrt((var > 0 ? var : 0) + eps);
+        double rstd = 1.0 / std::sqrt((var < 0 ? 0 : var) + eps);  // (a NaN stays NaN, as in torch)
         for (int64_t c = c0; c < c0 + cg; c++) {
             m[n * C + c] = (float)mean;
             a[n * C + c] = (float)(rstd * (gamma ? (double)gamma[c] : 1.0));
