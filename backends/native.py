@@ -91,7 +91,8 @@ def _build(name: str) -> ctypes.CDLL | str:
                                      " ".join(_FLAGS).encode(), _cpu_signature().encode()])).hexdigest()[:20]
     shared_tmp = Path(tempfile.gettempdir()) / f"fxq-native-{os.getuid()}"
     for directory in (_cache_dir(), shared_tmp, None):
-        if directory is None:  # neither is usable: a private directory of this process, no cache
+        once = directory is None
+        if once:  # neither is usable: a private directory of this process, removed once the library is loaded
             directory = Path(tempfile.mkdtemp(prefix="fxq-native-"))
         try:
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -124,6 +125,9 @@ def _build(name: str) -> ctypes.CDLL | str:
             return ctypes.CDLL(str(target))
         except OSError as e:
             return f"loading {target} failed: {e}"
+        finally:
+            if once:
+                shutil.rmtree(directory, ignore_errors=True)  # (a loaded library needs no file)
     return f"no private, writable directory for fxq's kernels (tried {_cache_dir()}, {shared_tmp} and a new one)"
 
 
