@@ -6,9 +6,9 @@ torch route when the kernel is switched off), interleaved, same process, 2 threa
 
 Prints the median and spread of each, and the median of the per-round ratios (kernel / torch ops).
 """
-import argparse, json, os, subprocess, sys, statistics, time
+import argparse, json, os, subprocess, sys
 sys.path.insert(0, os.getcwd()); sys.path.insert(0, "benchmarks")
-import torch, fxq, speed
+import torch, fxq, speed, ab
 from fxq.backends import group_norm as gn, native
 
 p = argparse.ArgumentParser()
@@ -32,27 +32,17 @@ result = {"command": " ".join(["python"] + sys.argv), "machine": cpu, "torch": t
 with torch.inference_mode():
     for B in (4, 1):
         xb, tb = x[:B], t[:B]
-        times = {"kernel": [], "torch ops": []}
-        for _ in range(3):
-            for mode in times:
+
+        def run(mode):
+            def call():
                 gn._kernel = kernel if mode == "kernel" else False
                 q(xb, tb)
-        for _ in range(a.rounds):
-            for mode in times:
-                gn._kernel = kernel if mode == "kernel" else False
-                t0 = time.perf_counter()
-                q(xb, tb)
-                times[mode].append((time.perf_counter() - t0) * 1e3)
+            return call
+
+        row = ab.paired({"kernel": run("kernel"), "torch ops": run("torch ops")}, a.rounds)
         gn._kernel = kernel
-        ratios = [k / o for k, o in zip(times["kernel"], times["torch ops"])]
-        q4 = lambda v: statistics.quantiles(v, n=4)  # noqa: E731
-        row = {mode: {"median_ms": statistics.median(v), "iqr_ms": [q4(v)[0], q4(v)[2]]} for mode, v in times.items()}
-        row["ratio_median"], row["ratio_iqr"] = statistics.median(ratios), [q4(ratios)[0], q4(ratios)[2]]
         result["batches"][B] = row
-        print(f"batch {B}: kernel {row['kernel']['median_ms']:.1f} ms (IQR {row['kernel']['iqr_ms'][0]:.1f}-"
-              f"{row['kernel']['iqr_ms'][1]:.1f}), torch ops {row['torch ops']['median_ms']:.1f} ms (IQR "
-              f"{row['torch ops']['iqr_ms'][0]:.1f}-{row['torch ops']['iqr_ms'][1]:.1f}); per-round ratio "
-              f"{row['ratio_median']:.3f} (IQR {row['ratio_iqr'][0]:.3f}-{row['ratio_iqr'][1]:.3f})")
+        print(f"batch {B}: {ab.line(row)}")
 if a.json:
     with open(a.json, "w") as f:
         json.dump(result, f, indent=1)

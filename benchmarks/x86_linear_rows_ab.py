@@ -5,9 +5,9 @@ process, 2 threads, batch 1 and 4.
 
     python benchmarks/x86_linear_rows_ab.py [--rounds 21] [--json OUT.json]
 """
-import argparse, json, os, subprocess, sys, statistics, time
+import argparse, json, os, subprocess, sys
 sys.path.insert(0, os.getcwd()); sys.path.insert(0, "benchmarks")
-import torch, fxq, speed
+import torch, fxq, speed, ab
 from fxq.backends import x86_ops
 
 p = argparse.ArgumentParser()
@@ -30,21 +30,16 @@ result = {"command": " ".join(["python"] + sys.argv), "machine": cpu, "torch": t
           "rounds": a.rounds, "linear_modules": linears, "batches": {}}
 with torch.inference_mode():
     for B in (4, 1):
-        times = {label: [] for label in models}
-        for r in range(3 + a.rounds):
-            for label, (rows, q) in models.items():
+
+        def run(rows, q):
+            def call():
                 x86_ops._MIN_ROWS = rows
-                t0 = time.perf_counter()
                 q(x[:B], t[:B])
-                if r >= 3:
-                    times[label].append((time.perf_counter() - t0) * 1e3)
-        ratios = [p_ / u for p_, u in zip(times["padded"], times["unpadded"])]
-        q4 = lambda v: statistics.quantiles(v, n=4)  # noqa: E731
-        row = {k: {"median_ms": statistics.median(v), "iqr_ms": [q4(v)[0], q4(v)[2]]} for k, v in times.items()}
-        row["ratio_median"], row["ratio_iqr"] = statistics.median(ratios), [q4(ratios)[0], q4(ratios)[2]]
+            return call
+
+        row = ab.paired({label: run(*models[label]) for label in ("padded", "unpadded")}, a.rounds)
         result["batches"][B] = row
-        print(f"batch {B}: padded {row['padded']['median_ms']:.1f} ms, unpadded {row['unpadded']['median_ms']:.1f} ms;"
-              f" per-round ratio {row['ratio_median']:.3f} (IQR {row['ratio_iqr'][0]:.3f}-{row['ratio_iqr'][1]:.3f})")
+        print(f"batch {B}: {ab.line(row)}")
 x86_ops._MIN_ROWS = 4
 if a.json:
     with open(a.json, "w") as f:
