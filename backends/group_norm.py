@@ -1,4 +1,4 @@
-"""GroupNorm (+ SiLU) on fxq's own CPU kernel (kernels/group_norm.cpp), in both backends alike.
+"""GroupNorm (+ SiLU) on fxq's own CPU kernel (kernels/glue.cpp), in both backends alike.
 
 A UNet spends as long in GroupNorm, SiLU and quantizing their output as in its int8 convs when torch runs them
 op by op (about half the int8 forward, measured on both CPUs). The kernel does all three in two passes over the
@@ -15,41 +15,23 @@ codes.
 
 from __future__ import annotations
 
-import ctypes
-
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from fxq.backends import native
+from fxq.backends import glue_kernels
 from fxq.errors import FxqError
 from fxq.io.spec_fields import SpecFields
 
-KERNEL = "group_norm"
 # the stock forwards, as fxq found them: a module whose class (or instance) forward is another, or that has hooks,
 # computes something else or must run as it is, so it stays
 _STOCK_FORWARD = {nn.GroupNorm: nn.GroupNorm.forward, nn.SiLU: nn.SiLU.forward}
 
 
-def _bind(lib: ctypes.CDLL):
-    fn = lib.fxq_group_norm
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [p, i64, i64, i64, i64, ctypes.c_int, p, p, ctypes.c_double, ctypes.c_int, p, p, ctypes.c_int,
-                   p, p, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_kernel = None
-
-
 def _native():
-    global _kernel
-    if _kernel is None:
-        lib = native.library(KERNEL)
-        _kernel = False if lib is None else _bind(lib)
-    return _kernel or None
+    found = glue_kernels.functions()
+    return None if found is None else found[0]
 
 
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}

@@ -1,7 +1,7 @@
 """GroupNorm (+ SiLU) + Quantize as one kernel call: `NormQuantize` and the fusion that makes it.
 
 `group_norm.native_group_norms` gave both lowerings the kernel's GroupNorm; here a norm call whose only reader is
-a Quantize becomes one call writing uint8 codes (kernels/group_norm.cpp), which are the Quantize's codes of the
+a Quantize becomes one call writing uint8 codes (kernels/glue.cpp), which are the Quantize's codes of the
 norm's float output, bit for bit. Where the kernel does not take a call (see group_norm_codes) the module runs
 the two steps.
 """

@@ -23,6 +23,7 @@ from torch import nn
 
 from fxq.quant import quantizer as Q
 from fxq.quant import int_sums as S
+from fxq.backends import glue_kernels
 from fxq.backends.x86_packed import PackedWeight
 from fxq.backends.x86_glue import (broadcast_shapes, canonical, channels_last, dense_order, dense_strides,
                                    per_group)
@@ -164,13 +165,12 @@ def quantize_codes(module, x: torch.Tensor, g, floats) -> torch.Tensor:
     order = None if plain else dense_order(x)
     if order is not None:
         x = x.permute(order)
-    if _QUANTIZE_WARNED:
-        q = torch.quantize_per_tensor(x, scale, zp, torch.quint8)
-    else:
-        q = _first_quantize(x, scale, zp)
-    # the same bytes as a plain uint8 tensor sharing q's storage (int_repr() would copy them, 4x the cost of
-    # quantizing); the storage lives as long as the returned tensor
-    codes = torch.empty(0, dtype=torch.uint8).set_(q.untyped_storage(), q.storage_offset(), q.size(), q.stride())
+    codes = glue_kernels.quantize(x, scale, zp)  # fxq's kernel: the same codes, less per call than torch's
+    if codes is None:
+        q = torch.quantize_per_tensor(x, scale, zp, torch.quint8) if _QUANTIZE_WARNED else _first_quantize(x, scale, zp)
+        # the same bytes as a plain uint8 tensor sharing q's storage (int_repr() would copy them, 4x the cost of
+        # quantizing); the storage lives as long as the returned tensor
+        codes = torch.empty(0, dtype=torch.uint8).set_(q.untyped_storage(), q.storage_offset(), q.size(), q.stride())
     return codes if order is None else codes.permute(sorted(range(len(order)), key=order.__getitem__))
 
 

@@ -9,7 +9,7 @@ Prints the median and spread of each, and the median of the per-round ratios (ke
 import argparse, json, os, subprocess, sys
 sys.path.insert(0, os.getcwd()); sys.path.insert(0, "benchmarks")
 import torch, fxq, speed, ab
-from fxq.backends import group_norm as gn, native
+from fxq.backends import glue_kernels
 
 p = argparse.ArgumentParser()
 p.add_argument("--rounds", type=int, default=21)
@@ -18,9 +18,9 @@ p.add_argument("--json")
 a = p.parse_args()
 torch.set_num_threads(a.threads)
 cpu = subprocess.run("lscpu | grep -i 'model name'", shell=True, capture_output=True, text=True).stdout.split(":")[-1].strip()
-status = native.status(gn.KERNEL)
+status = glue_kernels.status()
 print(cpu, "| torch", torch.__version__, "| kernel:", status)
-kernel = gn._native()
+kernel = glue_kernels.functions()
 if kernel is None:
     sys.exit("no kernel here: nothing to compare")
 m = speed.load_model("random128", 0)
@@ -35,12 +35,12 @@ with torch.inference_mode():
 
         def run(mode):
             def call():
-                gn._kernel = kernel if mode == "kernel" else False
+                glue_kernels._fns = kernel if mode == "kernel" else False
                 q(xb, tb)
             return call
 
         row = ab.paired({"kernel": run("kernel"), "torch ops": run("torch ops")}, a.rounds)
-        gn._kernel = kernel
+        glue_kernels._fns = kernel
         result["batches"][B] = row
         print(f"batch {B}: {ab.line(row)}")
 if a.json:

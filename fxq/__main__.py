@@ -128,7 +128,7 @@ def _print_sqnr(what: str, per_t: dict) -> None:
 def _x86_report(args, unet, qunet, data, example, config, reference) -> dict:
     """int8 against its fake-quant twin (same calibration) per timestep, and int8 against float speed."""
     from fxq.backends.x86 import fallbacks
-    from fxq.backends import group_norm, native
+    from fxq.backends import glue_kernels
 
     twin = fxq.quantize(unet, example_inputs=example, calib_data=data,
                         config=dataclasses.replace(config, backend="fake"))
@@ -147,8 +147,8 @@ def _x86_report(args, unet, qunet, data, example, config, reference) -> dict:
     print(f"speed at batch {args.speed_batch}, {torch.get_num_threads()} threads, {args.speed_rounds} interleaved "
           f"rounds (median): float32 eager {timing['float']['median_ms']:.1f} ms, int8 "
           f"{timing['int8']['median_ms']:.1f} ms: {speedup:.2f}x")
-    kernel = native.status(group_norm.KERNEL)
-    print(f"GroupNorm + SiLU + quantize: {kernel}")
+    kernel = glue_kernels.status()
+    print(f"glue kernels (GroupNorm + SiLU + quantize): {kernel}")
     return {"sqnr_int8_vs_fake_db_per_t": {str(k): v for k, v in per_t.items()}, "group_norm_kernel": kernel,
             "int8_identical_to_fake_timesteps": identical, "timing_ms": timing,
             "speedup": speedup, "threads": torch.get_num_threads(), "speed_batch": args.speed_batch}

@@ -19,12 +19,12 @@ from torch import nn
 
 import fxq
 from fxq.backends import group_norm as gn
-from fxq.backends import native, x86_glue
+from fxq.backends import glue_kernels, native, x86_glue
 from fxq.backends.x86_norm import NormQuantize
 from fxq.quant import quantizer as Q
 
-needs_kernel = pytest.mark.skipif(native.library(gn.KERNEL) is None, reason=f"no kernel here: "
-                                  f"{native.status(gn.KERNEL)}")
+needs_kernel = pytest.mark.skipif(native.library(glue_kernels.KERNEL) is None, reason=f"no kernel here: "
+                                  f"{native.status(glue_kernels.KERNEL)}")
 needs_int8 = pytest.mark.skipif(x86_glue.cpu_int8_support() is not None, reason="no int8 x86 kernels here")
 
 
@@ -65,9 +65,15 @@ def test_the_kernel_computes_torch_s_group_norm_and_silu_to_float_precision(shap
     ref = F.group_norm(x.double(), groups, None if w is None else w.double(), None if b is None else b.double(), 1e-6)
     ref = F.silu(ref) if silu else ref
     assert y.shape == x.shape and y.stride() == x.stride() and y.dtype == torch.float32
-    # a few float32 roundings of the normalized value: relative to the values' scale (|gamma| * 1 + |beta|)
+    # a few float32 roundings of the normalized value, relative to the values' scale (|gamma| * 1 + |beta|), plus
+    # what float32 cannot help: the mean rounded to float (a large offset over a small spread), as torch's own
+    # float32 GroupNorm shows it
     scale = 1 + (0 if w is None else float(w.abs().max() + b.abs().max()))
-    assert float((y.double() - ref).abs().max()) <= 2e-6 * scale * max(1.0, float(ref.abs().max()) / scale)
+    torch32 = F.group_norm(x, groups, w, b, 1e-6)
+    torch32 = F.silu(torch32) if silu else torch32
+    inherent = float((torch32.double() - ref).abs().max())
+    assert float((y.double() - ref).abs().max()) <= 2e-6 * scale * max(1.0, float(ref.abs().max()) / scale) \
+        + 2 * inherent
 
 
 @needs_kernel
@@ -125,7 +131,7 @@ def test_under_autograd_the_values_are_the_kernel_s_and_the_gradient_torch_s():
 
 
 def test_without_the_kernel_both_forms_are_torch_s_ops(monkeypatch):
-    monkeypatch.setattr(gn, "_kernel", False)
+    monkeypatch.setattr(glue_kernels, "_fns", False)
     x = _input(2, 8, (4, 4), True, 1.0, 0)
     w, b = _params(8, True, 0)
     assert torch.equal(gn.group_norm_act(x, 2, w, b, 1e-5, True), F.silu(F.group_norm(x, 2, w, b, 1e-5)))
@@ -193,10 +199,10 @@ def test_both_lowerings_fold_the_same_silus_into_the_norms():
 @needs_int8
 @pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "torch-ops"])
 def test_int8_fuses_norm_and_quantize_and_equals_its_fake_twin(kernel, monkeypatch):
-    if kernel and native.library(gn.KERNEL) is None:
-        pytest.skip(native.status(gn.KERNEL))
+    if kernel and native.library(glue_kernels.KERNEL) is None:
+        pytest.skip(native.status(glue_kernels.KERNEL))
     if not kernel:
-        monkeypatch.setattr(gn, "_kernel", False)
+        monkeypatch.setattr(glue_kernels, "_fns", False)
     model, int8 = _quantized("x86")
     _, fake = _quantized("fake")
     fused = [m for m in int8.graph_module.modules() if isinstance(m, NormQuantize)]
@@ -248,9 +254,9 @@ def _run_isolated(code: str, env: dict) -> subprocess.CompletedProcess:
 
 _PROBE = """
     import torch, fxq
-    from fxq.backends import native, group_norm as gn
+    from fxq.backends import native, glue_kernels
     from tests.test_group_norm_kernel import _quantized
-    print("STATUS", native.status(gn.KERNEL))
+    print("STATUS", native.status(glue_kernels.KERNEL))
     _, fake = _quantized("fake")
     x = torch.randn(2, 3, 8, 8)
     assert torch.isfinite(fake(x)).all()
@@ -270,12 +276,12 @@ def test_without_a_usable_compiler_models_run_on_torch_ops_and_status_says_why(e
 @needs_kernel
 def test_the_kernel_builds_into_the_cache_directory_once(tmp_path):
     code = """
-        from fxq.backends import native, group_norm as gn
-        print("STATUS", native.status(gn.KERNEL))
+        from fxq.backends import native, glue_kernels
+        print("STATUS", native.status(glue_kernels.KERNEL))
     """
     first = _run_isolated(code, {"FXQ_CACHE_DIR": str(tmp_path)})
     assert first.returncode == 0 and "STATUS native" in first.stdout, first.stderr
-    built = list(tmp_path.rglob("group_norm-*.so"))
+    built = list(tmp_path.rglob("glue-*.so"))
     assert len(built) == 1
     stamp = built[0].stat().st_mtime_ns
     again = _run_isolated(code, {"FXQ_CACHE_DIR": str(tmp_path)})
@@ -381,18 +387,59 @@ def test_a_library_in_a_cache_directory_others_can_write_is_never_loaded(tmp_pat
     shared.mkdir(parents=True)
     os.chmod(shared, 0o777)
     command, version = native._compiler()
-    key = hashlib.sha256(b"\0".join([(native._SOURCES / f"{gn.KERNEL}.cpp").read_bytes(), " ".join(command).encode(),
-                                     version.encode(), " ".join(native._FLAGS).encode(),
-                                     native._cpu_signature().encode()])).hexdigest()[:20]
+    source = (native._SOURCES / f"{glue_kernels.KERNEL}.cpp").read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(command).encode(), version.encode(),
+                                     " ".join(native._FLAGS).encode(), native._cpu_signature().encode()])).hexdigest()[:20]
     evil = tmp_path / "evil.c"
     evil.write_text('#include <stdio.h>\n__attribute__((constructor)) static void f(void) { puts("PLANTED"); }\n')
-    subprocess.run([command[0], "-shared", "-fPIC", str(evil), "-o", str(shared / f"{gn.KERNEL}-{key}.so")], check=True)
+    subprocess.run([command[0], "-shared", "-fPIC", str(evil), "-o", str(shared / f"{glue_kernels.KERNEL}-{key}.so")], check=True)
     private_tmp = tmp_path / "tmp"
     private_tmp.mkdir(mode=0o700)
     done = _run_isolated("""
-        from fxq.backends import native, group_norm as gn
-        print("STATUS", native.status(gn.KERNEL))
+        from fxq.backends import native, glue_kernels
+        print("STATUS", native.status(glue_kernels.KERNEL))
     """, {"FXQ_CACHE_DIR": str(tmp_path / "cache"), "TMPDIR": str(private_tmp)})
     assert done.returncode == 0, done.stderr
     assert "PLANTED" not in done.stdout and "STATUS native" in done.stdout, done.stdout
-    assert list(private_tmp.rglob(f"{gn.KERNEL}-{key}.so"))  # built in the private fallback instead
+    assert list(private_tmp.rglob(f"{glue_kernels.KERNEL}-{key}.so"))  # built in the private fallback instead
+
+
+@needs_kernel
+@settings(max_examples=30, deadline=None)
+@given(n=st.sampled_from([1, 15, 16, 17, 16384, 16384 * 2 + 5, 70000]), channels_last=st.booleans(),
+       seed=st.integers(0, 2**16), ties=st.booleans())
+def test_the_quantize_kernel_gives_torch_s_codes_bit_for_bit(n, channels_last, seed, ties):
+    import warnings
+    g = torch.Generator().manual_seed(seed)
+    scale = float(torch.rand(1, generator=g) * 0.05 + 1e-4)
+    zp = int(torch.randint(0, 256, (1,), generator=g))
+    if ties:  # values half-way between two codes, where rounding modes part
+        x = (torch.randint(-300, 300, (n,), generator=g).float() + 0.5) / glue_kernels._reciprocal(scale)
+    else:
+        x = torch.randn(n, generator=g) * scale * 150
+    if channels_last and n % 4 == 0:
+        x = x.reshape(1, 4, n // 4, 1).contiguous(memory_format=torch.channels_last)
+    codes = glue_kernels.quantize(x, scale, zp)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = torch.quantize_per_tensor(x, scale, zp, torch.quint8).int_repr()
+    assert codes.stride() == x.stride() and torch.equal(codes, expected)
+
+
+@needs_int8
+def test_int8_quantizers_run_the_kernel_and_give_the_codes_torch_s_ops_give(monkeypatch):
+    from fxq.backends import x86_ops
+    qp = Q.QParams(torch.tensor(0.02), torch.tensor(17.0), 8, False, None)
+    module = x86_ops.Quantize.from_qparams(qp)
+    x = torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    seen = []
+    real = glue_kernels.quantize
+    monkeypatch.setattr(glue_kernels, "quantize", lambda *a: seen.append(1) or real(*a))
+    with_kernel = module(x)
+    permuted = module(x.permute(0, 2, 3, 1))  # attention's view of a channels-last map
+    sliced = module(x[:, 2:6])  # a merged kernel's output slice: not dense, torch's op reads it
+    assert len(seen) == (3 if glue_kernels.functions() is not None else 0)
+    monkeypatch.setattr(glue_kernels, "_fns", False)
+    assert torch.equal(with_kernel, module(x)) and torch.equal(permuted, module(x.permute(0, 2, 3, 1)))
+    assert torch.equal(sliced, module(x[:, 2:6]))
+    assert torch.equal(with_kernel.float(), Q.quantize(x, qp))

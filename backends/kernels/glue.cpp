@@ -1,12 +1,14 @@
-// GroupNorm (+ SiLU) (+ quantize to uint8 codes) in one pass over the normalized values, for fxq's x86 and fake
-// backends (fxq/backends/group_norm.py builds and calls it). Plain C ABI, no torch headers: it compiles in a
-// second. Threads come from the OpenMP runtime torch already loaded (same soname), as many as the caller says.
+// fxq's float glue between int8 ops, for its x86 and fake backends (backends/glue_kernels.py binds it):
+// GroupNorm (+ SiLU) (+ quantize to uint8 codes) in one pass over the normalized values, and quantize alone.
+// Plain C ABI, no torch headers: it compiles in a second. Threads come from the OpenMP runtime torch already
+// loaded (same soname), as many as the caller says.
 //
 // Arithmetic, the same for every thread count: per-channel sums over fixed 64-pixel chunks in double, chunks and
 // channels added in order; mean and variance in double; y = fma(x - mean, rstd * gamma, beta) in float; SiLU as
 // y / (1 + exp(-y)) with Cephes's expf (exp's argument clamped to [-87, 88]); codes as
 // clamp(round_half_even(y * inv_scale) + zp, 0, 255), the product rounded to float first, as
-// fxq.quant.quantizer.quantize computes them. The float output and the codes come from the same y.
+// fxq.quant.quantizer.quantize (and torch.quantize_per_tensor) compute them. The float output and the codes come
+// from the same y.
 
 #include <cmath>
 #include <cstdint>
@@ -242,6 +244,29 @@ int fxq_group_norm(const float *x, int64_t N, int64_t S, int64_t C, int64_t G, i
     }
     std::free(s);
     std::free(mab);
+    return 0;
+}
+
+// codes of n floats (any dense layout: codes land where their values sit), one scale and zero point
+int fxq_quantize(const float *x, int64_t n, float inv_scale, float zp, uint8_t *out, int nt) {
+    const int64_t BLOCK = 16384;
+    int64_t blocks = (n + BLOCK - 1) / BLOCK;
+    if (blocks < 2) nt = 1;
+    f16 is = splat(inv_scale), z = splat(zp);
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t k = 0; k < blocks; k++) {
+        int64_t i = k * BLOCK, end = i + BLOCK < n ? i + BLOCK : n;
+        for (; i + 16 <= end; i += 16) {
+            u16 q = codes(load(x + i), is, z);
+            std::memcpy(out + i, &q, 16);
+        }
+        if (i < end) {
+            float t[16] = {0};
+            std::memcpy(t, x + i, 4 * (end - i));
+            u16 q = codes(load(t), is, z);
+            std::memcpy(out + i, &q, end - i);
+        }
+    }
     return 0;
 }
 
