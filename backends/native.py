@@ -92,43 +92,51 @@ def _build(name: str) -> ctypes.CDLL | str:
     shared_tmp = Path(tempfile.gettempdir()) / f"fxq-native-{os.getuid()}"
     for directory in (_cache_dir(), shared_tmp, None):
         once = directory is None
-        if once:  # neither is usable: a private directory of this process, removed once the library is loaded
+        if once:  # neither is usable: a private directory of this process, removed once it has served
             directory = Path(tempfile.mkdtemp(prefix="fxq-native-"))
         try:
-            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        except OSError:
-            continue
-        if not _private(directory, True):
-            continue
-        target = directory / f"{name}-{key}.so"
-        if not os.path.lexists(target):
-            try:
-                fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
-                os.close(fd)
-            except OSError:
-                continue  # not writable: the next place
-            try:
-                done = subprocess.run([*command, *_FLAGS, str(source), "-o", tmp], capture_output=True, text=True,
-                                      timeout=300)
-                if done.returncode != 0:
-                    return f"{command[0]} could not build {source.name}: {done.stderr.strip()[-400:]}"
-                os.chmod(tmp, 0o700)
-                os.replace(tmp, target)  # atomic: a process racing this one loads a whole file or builds its own
-            except (OSError, subprocess.SubprocessError) as e:
-                return f"building {source.name} failed: {e}"
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-        if not _private(target, False):
-            continue
-        try:
-            return ctypes.CDLL(str(target))
-        except OSError as e:
-            return f"loading {target} failed: {e}"
+            found = _load_or_build(directory / f"{name}-{key}.so", command, source)
         finally:
             if once:
                 shutil.rmtree(directory, ignore_errors=True)  # (a loaded library needs no file)
+        if found is not None:
+            return found
     return f"no private, writable directory for fxq's kernels (tried {_cache_dir()}, {shared_tmp} and a new one)"
+
+
+def _load_or_build(target: Path, command, source: Path) -> ctypes.CDLL | str | None:
+    """The library at target (built there first if missing), why it failed, or None: this directory will not do."""
+    directory = target.parent
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError:
+        return None
+    if not _private(directory, True):
+        return None
+    if not os.path.lexists(target):
+        try:
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
+            os.close(fd)
+        except OSError:
+            return None  # not writable: the next place
+        try:
+            done = subprocess.run([*command, *_FLAGS, str(source), "-o", tmp], capture_output=True, text=True,
+                                  timeout=300)
+            if done.returncode != 0:
+                return f"{command[0]} could not build {source.name}: {done.stderr.strip()[-400:]}"
+            os.chmod(tmp, 0o700)
+            os.replace(tmp, target)  # atomic: a process racing this one loads a whole file or builds its own
+        except (OSError, subprocess.SubprocessError) as e:
+            return f"building {source.name} failed: {e}"
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    if not _private(target, False):
+        return None
+    try:
+        return ctypes.CDLL(str(target))
+    except OSError as e:
+        return f"loading {target} failed: {e}"
 
 
 def library(name: str) -> ctypes.CDLL | None:

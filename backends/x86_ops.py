@@ -418,7 +418,10 @@ class QLinear(_WeightedInt8):
 
         def linear(gi, x, other):
             rows = x.numel() // max(x.shape[-1], 1)
-            if 0 < rows < _MIN_ROWS:
+            if rows == 0:  # (oneDNN would return [0, out], dropping x's other leading dims)
+                return x.new_empty((*x.shape[:-1], self.out_features),
+                                   dtype=torch.uint8 if self.out_quant else torch.float32)
+            if rows < _MIN_ROWS:
                 return _padded_rows(linear, gi, x, other, rows)
             xs, xz = d["x"][gi]
             os_, oz, odt = self._out_args(gi)

@@ -114,7 +114,7 @@ def _input_shape(gm: fx.GraphModule, codes: fx.Node) -> tuple[int, ...] | None:
     return None if meta is None or not hasattr(meta, "shape") else tuple(meta.shape)
 
 
-_PROBE_ROWS = (1, 2, 3, 5)  # besides the example's batch: oneDNN may pick kernels by row count (AMX hosts)
+_PROBE_ROWS = (1, 2, 3, 4, 5, 8)  # besides the example's batch: oneDNN picks kernels by row count (AMX hosts)
 
 
 def _probe(modules, merged, shape: tuple[int, ...], dim: int) -> bool:

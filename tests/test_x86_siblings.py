@@ -222,3 +222,11 @@ def test_a_linear_of_1_to_3_rows_runs_the_kernel_of_4_rows_and_gives_each_row_s_
             assert torch.equal(module(x[:rows]), four[:rows])
             assert torch.equal(module(x[:rows].reshape(rows, 1, 24)), four[:rows].reshape(rows, 1, 40))
     assert min(seen) >= 4
+
+
+def test_a_linear_of_no_rows_keeps_its_leading_dims():
+    lin = nn.Linear(24, 40)
+    wqp = Q.QParams(lin.weight.detach().abs().amax(1) / 127, torch.zeros(40), 8, True, 0)
+    module = x86_ops.QLinear.from_float(lin, wqp, Q.QParams(torch.tensor(0.05), torch.tensor(120.0), 8, False, None))
+    for shape in ((0, 3, 24), (3, 0, 24), (0, 24)):
+        assert module(torch.zeros(shape, dtype=torch.uint8)).shape == shape[:-1] + (40,)

@@ -75,9 +75,11 @@ template <bool SILU> static inline f16 act(f16 y) {
 }
 
 static inline u16 codes(f16 y, f16 inv_scale, f16 zp) {
-    f16 v = vmin(vmax(y * inv_scale, splat(-512.0f)), splat(512.0f));  // beyond +-512 every zp in 0..255 clamps
+    // beyond +-512 every zp in 0..255 clamps; (vmax/vmin return their second operand for a NaN: the NaN passes
+    // the first two clamps and ends at 255, as torch.quantize_per_tensor has it)
+    f16 v = vmin(splat(512.0f), vmax(splat(-512.0f), y * inv_scale));
     v = (v + ROUND) - ROUND + zp;
-    v = vmin(vmax(v, splat(0.0f)), splat(255.0f));
+    v = vmin(vmax(splat(0.0f), v), splat(255.0f));
     return __builtin_convertvector(__builtin_convertvector(v, i16), u16);
 }
 
