@@ -15,9 +15,10 @@ Lowering (from the same `Frozen` QParams the fake backend uses, so both compute 
   that find_batch_axes recorded (sequence-first and head-folded activations included), split by group where a
   kernel needs one scale.
 
-Then fusions that keep the function bit for bit (each is a graph rewrite below; the fake backend computes the
+Then fusions that keep the function bit for bit (graph rewrites, FUSIONS below; the fake backend computes the
 kernels' integer sums and float32 epilogue exactly, so int8 and fake-quant give the same codes):
-- `fuse_unary`: conv/linear -> ReLU with no other user becomes a oneDNN post-op (SiLU/GELU do not: oneDNN's
+- x86_norm.py: GroupNorm (+ SiLU) -> Quantize becomes one call of fxq's glue kernel;
+- x86_fusions.py: `fuse_unary`: conv/linear -> ReLU with no other user becomes a oneDNN post-op (SiLU/GELU do not: oneDNN's
   differ from torch's by an ulp, see EXACT_POST_OPS);
 - `fuse_output_quant`: conv/linear -> (reshape/permute/view ...) -> Quantize with zero point 0: the kernel writes
   uint8 codes itself (requantization fused) and the view ops run on codes; otherwise Quantize moves above
@@ -32,17 +33,16 @@ kernels' integer sums and float32 epilogue exactly, so int8 and fake-quant give 
 - memory planning (x86_memplan.py), bit for bit too: `quantize_early` quantizes a float tensor right before its
   last other reader, so only its uint8 codes wait for the int8 op; `inplace_elementwise` writes the float glue
   (SiLU, adds, products) into an operand that owns its storage and that no later op reads.
-Everything else (GroupNorm, SiLU not after a conv, softmax, adds, the time embedding's sin/cos) stays in float32,
+Everything else (a GroupNorm not read by a quantizer, SiLU not after a conv or norm, softmax, adds, the time
+embedding's sin/cos) stays in float32,
 channels-last where the int8 convs leave it, as in the fake-quant graph.
 """
 
 from __future__ import annotations
 
-import operator
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
 from fxq.quant import quantizer as Q
@@ -51,6 +51,8 @@ from fxq.backends import x86_glue as glue
 from fxq.backends import float_layout
 from fxq.backends import x86_dedupe
 from fxq.backends import x86_norm
+from fxq.backends.x86_fusions import fuse_output_quant, fuse_residual_add, fuse_unary
+from fxq.backends.x86_glue import module_of
 from fxq.backends import group_norm
 from fxq.backends import x86_siblings
 from fxq.backends import x86_memplan as memplan
@@ -60,9 +62,8 @@ from fxq.backends.fake import _replace_constant_weight as fake_constant_weight
 from fxq.calib import device_of
 from fxq.errors import ConfigError, FxqError
 from fxq.quant.freeze import Frozen
-from fxq.tracing.graph import free_name, node_order
-from fxq.tracing.meta import rank, tensor_meta
-from fxq.passes.batch_axes import META_KEY as BATCH_KEY
+from fxq.tracing.graph import free_name
+from fxq.tracing.meta import rank
 from fxq.quant.ops import weight_key
 from fxq.passes.insert_observers import is_act_observer, release_weight_observer
 
@@ -133,7 +134,7 @@ def unsupported_reason(gm: fx.GraphModule, node: fx.Node) -> str | None:
         spec = forms.conv_spec(gm, node)
         return spec if isinstance(spec, str) else None
     if kind == "linear":
-        return None if _module(gm, node, nn.Linear) is not None else forms.linear_reason(gm, node)
+        return None if module_of(gm, node, nn.Linear) is not None else forms.linear_reason(gm, node)
     if kind == "attn_matmul":
         return forms.matmul_reason(node)
     return f"op kind {kind!r}"
@@ -271,8 +272,8 @@ def _replace(graph: fx.Graph, node: fx.Node, target: str, args: tuple, epilogue:
 
 def _plain_module(gm: fx.GraphModule, node: fx.Node) -> bool:
     """A call of an nn.Linear or a (not transposed) conv module: QLinear/QConv.from_float take it as it is."""
-    conv = _module(gm, node, nn.modules.conv._ConvNd)
-    return _module(gm, node, nn.Linear) is not None or (conv is not None and not conv.transposed
+    conv = module_of(gm, node, nn.modules.conv._ConvNd)
+    return module_of(gm, node, nn.Linear) is not None or (conv is not None and not conv.transposed
                                                          and not isinstance(conv.padding, str))
 
 
@@ -284,191 +285,6 @@ def _fake_weight(gm: fx.GraphModule, node: fx.Node, frozen: Frozen) -> None:
         module = gm.get_submodule(node.target)
         module.weight = nn.Parameter(Q.fake_quantize(module.weight.detach().float(), qp).to(module.weight.dtype),
                                      requires_grad=False)
-
-
-def _module(gm: fx.GraphModule, node: fx.Node, cls) -> nn.Module | None:
-    if node.op != "call_module":
-        return None
-    module = gm.get_submodule(node.target)
-    return module if isinstance(module, cls) else None
-
-
-# --- fusions ---------------------------------------------------------------------------------------------------
-
-_UNARY = {F.silu: "swish", torch.nn.functional.silu: "swish", F.relu: "relu", torch.relu: "relu"}
-_UNARY_MODULES = {nn.SiLU: "swish", nn.ReLU: "relu"}
-
-
-def _unary_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
-    """The oneDNN post-op computing `node` from its only tensor input, or None."""
-    # F.silu(x, False) and F.gelu(x, "tanh"): the second argument may come positionally (normalize_args)
-    second = node.args[1] if len(node.args) == 2 else None
-    if node.op == "call_function" and node.target in _UNARY and len(node.args) in (1, 2):
-        return None if (second or node.kwargs.get("inplace")) else _UNARY[node.target]
-    if node.op == "call_function" and node.target is F.gelu and len(node.args) in (1, 2):
-        approximate = second if second is not None else node.kwargs.get("approximate", "none")
-        return {"none": "gelu", "tanh": "gelu_tanh"}.get(approximate)
-    if node.op == "call_method" and node.target in ("relu",) and len(node.args) == 1 and not node.kwargs:
-        return "relu"
-    if node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        if type(module) in _UNARY_MODULES:
-            return _UNARY_MODULES[type(module)]
-        if type(module) is nn.GELU:
-            return {"none": "gelu", "tanh": "gelu_tanh"}.get(module.approximate)
-    return None
-
-
-def _fusable_producer(gm: fx.GraphModule, node: fx.Node, allow_unary: bool = False):
-    """node's QConv/QLinear module if node is an int8 conv/linear with fp32 output, no fused add, one user, and
-    (unless allow_unary) no unary post-op."""
-    module = _module(gm, node, (ops.QConv, ops.QLinear))
-    if module is None or module.out_quant or len(node.args) > 2 or len(node.users) != 1:
-        return None
-    return module if allow_unary or module.unary == "none" else None
-
-
-# Post-ops whose oneDNN result equals torch's bit for bit. oneDNN's swish and GELU use their own exp/erf and
-# differ by an ulp on about half the elements; an ulp can flip a later code, and one flipped code moves a diffusion
-# UNet's output at small t by ~-26 dB (benchmarks/x86_numerics.py): they run as torch ops after the kernel.
-EXACT_POST_OPS = ("relu",)
-
-
-def fuse_unary(gm: fx.GraphModule) -> None:
-    """conv/linear -> unary (its only user) ==> conv/linear with the unary as oneDNN post-op (EXACT_POST_OPS)."""
-    for node in list(gm.graph.nodes):
-        module = _fusable_producer(gm, node)
-        if module is None:
-            continue
-        user = next(iter(node.users))
-        kind = _unary_kind(gm, user)
-        if kind in type(module).UNARY and kind in EXACT_POST_OPS:
-            module.unary = kind
-            user.replace_all_uses_with(node)
-            gm.graph.erase_node(user)
-
-
-def _view_like(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """Ops that only move elements (x -> x[perm]): they commute with elementwise quantization exactly."""
-    if node.op == "call_method":
-        return node.target in {"view", "reshape", "permute", "transpose", "flatten", "contiguous", "squeeze",
-                               "unsqueeze"}
-    if node.op == "call_function":
-        if node.target in {torch.reshape, torch.flatten, torch.permute, torch.transpose, torch.squeeze,
-                           torch.unsqueeze}:
-            return True
-        if node.target is F.interpolate:
-            return node.kwargs.get("mode", node.args[3] if len(node.args) > 3 else "nearest") == "nearest"
-        return node.target in {F.max_pool1d, F.max_pool2d, F.max_pool3d}
-    if node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        if isinstance(module, nn.Upsample):
-            return module.mode == "nearest"
-        return type(module) in {nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Flatten, nn.Identity}
-    return False
-
-
-def _zero_point_free(quantize: ops.Quantize) -> bool:
-    """oneDNN requantizes as round(y * (1/s) + zp), quantize() as round(y * (1/s)) + zp: the float add rounds
-    away low bits, so near a tie the two give neighbouring codes, unless zp = 0 (adding 0.0 is exact)."""
-    return bool((quantize.x_zp == 0).all())
-
-
-def fuse_output_quant(gm: fx.GraphModule) -> None:
-    """Quantize(view-like ops(y)) ==> view-like ops(Quantize(y)), and where y is a plain int8 conv/linear with
-    no other user and the codes' zero point is 0, the kernel writes y's uint8 codes itself. max-pool, nearest
-    upsample and pure moves of data commute with rounding to a grid, so the codes are the ones the float graph
-    would quantize."""
-    for q in list(gm.graph.nodes):
-        if _module(gm, q, ops.Quantize) is None:
-            continue
-        chain, src = [], q.args[0]
-        while isinstance(src, fx.Node) and _view_like(gm, src) and len(src.users) == 1 and src.args \
-                and isinstance(src.args[0], fx.Node):
-            chain.append(src)
-            src = src.args[0]
-        producer = _fusable_producer(gm, src, allow_unary=True) if isinstance(src, fx.Node) else None
-        if producer is not None and src.args[1] is q.args[1] and _zero_point_free(gm.get_submodule(q.target)):
-            producer.set_output(ops._ActParams.qparams(gm.get_submodule(q.target), "x"))
-            q.replace_all_uses_with(q.args[0])
-            gm.graph.erase_node(q)
-        elif chain and _rows_follow(gm, q, chain[-1].args[0]):
-            # quantize before the chain: it then moves uint8 data, and upsampling multiplies nothing
-            top, group = chain[-1], q.args[1]
-            if isinstance(group, fx.Node) and _after(gm.graph, group, top):
-                for n in reversed(chain):  # the chain reads only its own nodes: it can follow the group node
-                    q.prepend(n)
-            with gm.graph.inserting_before(top):
-                moved = gm.graph.call_module(q.target, (top.args[0], q.args[1]))
-            top.update_arg(0, moved)
-            q.replace_all_uses_with(q.args[0])
-            gm.graph.erase_node(q)
-
-
-def _after(graph: fx.Graph, a: fx.Node, b: fx.Node) -> bool:
-    """Whether node a comes after node b in the graph."""
-    for n in graph.nodes:
-        if n is a:
-            return False
-        if n is b:
-            return True
-    return False
-
-
-def _rows_follow(gm: fx.GraphModule, q: fx.Node, src: fx.Node) -> bool:
-    """Whether the grouped Quantize `q` can take `src` instead of its input: it then maps src's rows to samples,
-    along src's batch axis (find_batch_axes recorded it on every node). Always, without groups."""
-    module = gm.get_submodule(q.target)
-    if module.groups == 1:
-        return True
-    found = src.meta.get(BATCH_KEY)
-    if found is None:
-        return False
-    module.batch_axis, module.batch_major = found["axis"], found["batch_major"]
-    return True
-
-
-_FRESH_FUNCTIONS = {operator.add, torch.add, operator.mul, torch.mul, torch.cat}
-
-
-def _fresh_and_dead_after(gm: fx.GraphModule, other: fx.Node, add: fx.Node, order: dict) -> bool:
-    """`other` owns its storage (no view of a live tensor, no input) and nothing reads it after `add`."""
-    fresh = (other.op == "call_function" and other.target in _FRESH_FUNCTIONS) or \
-        _module(gm, other, (ops.QConv, ops.QLinear)) is not None
-    return fresh and all(order[u] < order[add] for u in other.users if u is not add)
-
-
-def _same_shape(a: fx.Node, b: fx.Node) -> bool:
-    ma, mb = tensor_meta(a), tensor_meta(b)
-    return ma is not None and mb is not None and tuple(getattr(ma, "shape", ())) == tuple(getattr(mb, "shape", ()))
-
-
-def fuse_residual_add(gm: fx.GraphModule) -> None:
-    """conv2d/linear y (only user: add) -> y + other ==> one kernel call computing conv(x) + other."""
-    order = node_order(gm.graph)
-    for node in list(gm.graph.nodes):
-        module = _fusable_producer(gm, node)
-        if module is None:
-            continue
-        add = next(iter(node.users))
-        if add.op != "call_function" or add.target not in (operator.add, torch.add) or add.kwargs \
-                or len(add.args) != 2:
-            continue
-        other = add.args[1] if add.args[0] is node else add.args[0]
-        if not isinstance(other, fx.Node) or other is node:
-            continue
-        if isinstance(module, ops.QConv):
-            if (len(module.kernel_size) != 2 or not _fresh_and_dead_after(gm, other, add, order)
-                    or not _same_shape(node, other)):  # a broadcast add stays an add
-                continue
-            module.accum = True
-        with gm.graph.inserting_before(add):
-            fused = gm.graph.call_module(node.target, (node.args[0], node.args[1], other))
-        fused.meta = node.meta
-        add.replace_all_uses_with(fused)
-        gm.graph.erase_node(add)
-        gm.graph.erase_node(node)
-        order = node_order(gm.graph)
 
 
 # In this order: a unary post-op first, so conv -> SiLU -> Quantize can then fuse the requantization too.

@@ -127,6 +127,12 @@ def canonical(x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
 
 # --- graph glue --------------------------------------------------------------------------------------------
 
+def module_of(gm, node, cls):
+    """The module node calls, if it is a `cls`; else None."""
+    module = gm.get_submodule(node.target) if node.op == "call_module" else None
+    return module if isinstance(module, cls) else None
+
+
 def check_input(x, name: str):
     """A model input, unchanged, once checked to be something the int8 kernels can serve."""
     if isinstance(x, torch.Tensor):

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxq.backends import x86_ops as ops
+from fxq.backends.x86_glue import module_of
 from fxq.backends.group_norm import group_norm_act
 from fxq.backends.x86_norm import NormQuantize
 from fxq.tracing.graph import node_order
@@ -78,18 +79,13 @@ def silu_(a):
 
 # --- the passes -------------------------------------------------------------------------------------------------
 
-def _module(gm: fx.GraphModule, node: fx.Node, cls) -> nn.Module | None:
-    module = gm.get_submodule(node.target) if node.op == "call_module" else None
-    return module if isinstance(module, cls) else None
-
-
 def quantize_early(gm: fx.GraphModule) -> None:
     """Quantize(x), x's last reader ==> the same Quantize right before x's last other reader (see the module doc).
     Quantize is pure; the move is made only where no reader of x or of a view of x may write in place (the user's
     own `h.mul_(2)` stays in the graph), so it sees the same values."""
     order = node_order(gm.graph)
     for q in list(gm.graph.nodes):
-        x = q.args[0] if _module(gm, q, ops.Quantize) is not None else None
+        x = q.args[0] if module_of(gm, q, ops.Quantize) is not None else None
         if not isinstance(x, fx.Node):
             continue
         if any(_may_write(gm, u) for a in _aliases(gm, x) for u in a.users if u is not q):
@@ -114,7 +110,7 @@ def _owns_storage(gm: fx.GraphModule, node) -> bool:
     return isinstance(node, fx.Node) and (
         (node.op == "call_function" and node.target in _OWNING_FUNCTIONS and not node.kwargs.get("inplace")
          and not any(a is True for a in node.args[1:]))  # F.silu(x, True): x's storage
-        or _module(gm, node, _OWNING_MODULES) is not None)
+        or module_of(gm, node, _OWNING_MODULES) is not None)
 
 
 def _aliases(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
@@ -123,7 +119,7 @@ def _aliases(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
     seen, todo = {node}, [node]
     while todo:
         for u in todo.pop().users:
-            if u not in seen and not (_owns_storage(gm, u) or _module(gm, u, ops.Quantize) is not None):
+            if u not in seen and not (_owns_storage(gm, u) or module_of(gm, u, ops.Quantize) is not None):
                 seen.add(u)
                 todo.append(u)
     return list(seen)

@@ -286,7 +286,7 @@ def test_a_build_in_a_one_off_directory_leaves_nothing_behind(tmp_path):
 def test_without_a_usable_compiler_models_run_on_torch_ops_and_status_says_why(env, why, tmp_path):
     done = _run_isolated(_PROBE, {**env, "FXQ_CACHE_DIR": str(tmp_path)})
     assert done.returncode == 0, done.stderr
-    assert f"STATUS torch ops (" in done.stdout and why in done.stdout and "RAN" in done.stdout
+    assert "STATUS torch ops (" in done.stdout and why in done.stdout and "RAN" in done.stdout
     assert not list(tmp_path.rglob("*.so"))
 
 

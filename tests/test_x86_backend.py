@@ -23,7 +23,7 @@ from torch import nn
 import fxq
 from fxq.quant import quantizer as Q
 from fxq.quant import int_sums as S
-from fxq.backends import x86, x86_glue, x86_ops
+from fxq.backends import x86, x86_fusions, x86_glue, x86_ops
 from fxq.io.spec_fields import SpecFields
 from fxq.errors import ConfigError, FxqError, InputError
 from fxq.report import sqnr_db
@@ -457,8 +457,8 @@ def test_functional_activations_fuse_in_every_call_form(call, kind):
     # every call form is recognized; only post-ops exact against torch fuse (ReLU), an in-place one never
     act = next(n for n in fxq.trace(_FunctionalAct(call), (x,)).graph.nodes
                if n.op == "call_function" and n.args and getattr(n.args[0], "target", None) == "c1")
-    assert x86._unary_kind(None, act) == (None if kind == "none" else kind)
-    fused = kind if kind in x86.EXACT_POST_OPS else "none"
+    assert x86_fusions._unary_kind(None, act) == (None if kind == "none" else kind)
+    fused = kind if kind in x86_fusions.EXACT_POST_OPS else "none"
     assert int8.graph_module.get_submodule("c1").unary == fused
     yf, y8 = fake(x), int8(x)
     assert ((y8 - yf).abs() <= 1e-4 * (yf.abs().max() + 1)).float().mean() >= 0.95

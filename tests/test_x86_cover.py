@@ -114,7 +114,7 @@ class _UpBlock(nn.Module):
         super().__init__()
         self.up = nn.ConvTranspose2d(c, c, 4, stride=2, padding=1)
         self.conv = nn.Conv2d(c, c, 3, padding=1)
-        self.act = nn.ReLU()  # exact as a oneDNN post-op (SiLU is not: x86.EXACT_POST_OPS)
+        self.act = nn.ReLU()  # exact as a oneDNN post-op (SiLU is not: x86_fusions.EXACT_POST_OPS)
 
     def forward(self, x):
         h = self.act(self.up(x))
