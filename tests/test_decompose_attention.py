@@ -10,6 +10,7 @@ from fxq.tracing.graph import owning_module
 from fxq.passes.decompose_attention import SDPA_TARGETS, add_attn_mask, decompose_attention
 from fxq.passes.manager import PassError, PassManager
 from tests.graph_structure import assert_same_structure
+from tests.int8 import skip_without_int8
 
 torch.fx.wrap("add_attn_mask")  # so that Expected modules below trace it as one node
 
@@ -248,9 +249,7 @@ def test_add_attn_mask_dispatches_on_dtype():
 @pytest.mark.parametrize("mask_kind", ["float", "bool"])
 def test_a_model_with_an_attention_mask_saves_and_loads(tmp_path, backend, mask_kind):
     # the mask's graph node (add_attn_mask) is one fxq.load resolves
-    from fxq.backends import x86_glue
-    if backend == "x86" and x86_glue.cpu_int8_support() is not None:
-        pytest.skip("no int8 x86 kernels here")
+    skip_without_int8(backend)
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 2, 5, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
     mask = torch.randn(5, 6) if mask_kind == "float" else torch.rand(5, 6) > 0.3

@@ -19,13 +19,13 @@ from torch import nn
 
 import fxq
 from fxq.backends import group_norm as gn
-from fxq.backends import glue_kernels, native, x86_glue
+from fxq.backends import glue_kernels, native
 from fxq.backends.x86_norm import NormQuantize
 from fxq.quant import quantizer as Q
+from tests.int8 import needs_int8
 
 needs_kernel = pytest.mark.skipif(native.library(glue_kernels.KERNEL) is None, reason=f"no kernel here: "
                                   f"{native.status(glue_kernels.KERNEL)}")
-needs_int8 = pytest.mark.skipif(x86_glue.cpu_int8_support() is not None, reason="no int8 x86 kernels here")
 
 
 def _input(n, c, spatial, channels_last, offset, seed):

@@ -14,6 +14,7 @@ from torch import nn
 import fxq
 from fxq import report
 from fxq.errors import ConfigError, FxqError, InputError, ModelFileError, ReadOnlyError
+from tests.int8 import skip_without_int8
 
 
 @dataclass
@@ -307,9 +308,7 @@ def test_calibration_items_take_any_timestep_form_and_bad_ones_name_the_item(flo
 
 @pytest.mark.parametrize("backend", ["fake", "x86"])
 def test_a_quantized_model_is_in_eval_mode_and_an_int8_one_stays_there(tmp_path, backend):
-    from fxq.backends import x86_glue
-    if backend == "x86" and x86_glue.cpu_int8_support() is not None:
-        pytest.skip("no int8 x86 kernels here")
+    skip_without_int8(backend)
     torch.manual_seed(0)
     plain = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Dropout(0.2), nn.Conv2d(4, 3, 1)).eval()
     calib = [(torch.randn(2, 3, 6, 6),) for _ in range(2)]

@@ -18,13 +18,13 @@ from torch import nn
 import fxq
 from fxq.quant import quantizer as Q
 from fxq import report, serialize
-from fxq.backends import x86_glue
 from fxq.backends.fake import FakeQuantize
 from fxq.quant.bias_correction import BiasCorrection
 from fxq.errors import InputError, ModelFileError, SaveError, SpecializationError
 from fxq.models.pretrained import save_pretrained
 from fxq.io.serialize_graph import decode_value, encode_value
 from fxq.io.serialize_modules import STOCK
+from tests.int8 import needs_int8, skip_without_int8
 
 
 def _small_unet(seed=0):
@@ -93,7 +93,7 @@ def test_ddpm_unet_with_timestep_groups_and_keep_float_comes_back_bit_for_bit(qu
     assert torch.equal(torch.load(copied, weights_only=False)(x, t), loaded.graph_module(x, t))
 
 
-@pytest.mark.skipif(x86_glue.cpu_int8_support() is not None, reason="no x86 int8 kernels on this CPU")
+@needs_int8
 def test_an_int8_model_with_timestep_groups_survives_pickling():
     # unpickling rebuilds the graph by tracing its code: the call's group must be recorded, not computed
     import pickle
@@ -690,8 +690,7 @@ def test_timestep_groups_on_any_batch_axis_come_back_bit_for_bit(tmp_path, backe
     # the group node, each quantizer's batch axis and fold order, and per-group bias corrections travel in the file
     from tests.test_batch_axes import Attention, _calibration, _example
 
-    if backend == "x86" and x86_glue.cpu_int8_support() is not None:
-        pytest.skip("no int8 x86 kernels here")
+    skip_without_int8(backend)
     torch.manual_seed(0)
     config = fxq.QuantConfig(backend=backend, timestep_groups=4, timestep_arg="t", bias_correction=True,
                              bias_correction_groups=2)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import fxq
-from fxq.backends import x86_glue
 from fxq.models import DDPMUNet
+from tests.int8 import skip_without_int8
 
 _THREADS = 4
 
@@ -57,8 +57,7 @@ def _race(model, inputs):
 
 @pytest.mark.parametrize("backend", ["x86", "fake"])
 def test_calls_racing_into_the_first_use_each_get_a_lone_calls_outputs(backend):
-    if backend == "x86" and x86_glue.cpu_int8_support() is not None:
-        pytest.skip("no int8 x86 kernels here")
+    skip_without_int8(backend)
     model = _unet()
     calib = [(torch.randn(2, 3, 16, 16), torch.randint(0, 1000, (2,))) for _ in range(2)]
     qmodel = fxq.quantize(model, calib[0], calib, fxq.QuantConfig(backend=backend, seed=0))

@@ -11,11 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fxq
-from fxq.backends import x86_glue
 from fxq.backends.fake import FakeQuantize
 from fxq.errors import ConfigError
 from fxq.quant import quantizer as Q
 from fxq.quant import timestep_groups as TG
+from tests.int8 import needs_int8, skip_without_int8
 
 CHANGE = 300  # below it the model's hidden activation is 10x wider
 
@@ -280,7 +280,7 @@ def test_oscillating_only_the_quantizer_whose_range_moves_keeps_groups():
 
 # ------------------------------------------------------------------------------------------------ int8, files
 
-@pytest.mark.skipif(x86_glue.cpu_int8_support() is not None, reason="no int8 x86 kernels here")
+@needs_int8
 @pytest.mark.parametrize("quantizers", ["all", "oscillating"])
 def test_int8_picks_the_groups_of_auto_edges_like_fake_quant(quantizers):
     options = dict(timestep_groups=3, timestep_group_boundaries="auto", timestep_group_quantizers=quantizers)
@@ -298,8 +298,7 @@ def test_int8_picks_the_groups_of_auto_edges_like_fake_quant(quantizers):
 
 @pytest.mark.parametrize("backend", ["fake", "x86"])
 def test_auto_groups_survive_save_and_load(tmp_path, backend):
-    if backend == "x86" and x86_glue.cpu_int8_support() is not None:
-        pytest.skip("no int8 x86 kernels here")
+    skip_without_int8(backend)
     q = _quantize(fxq.QuantConfig(backend=backend, timestep_groups=3, timestep_group_boundaries="auto",
                                   timestep_group_quantizers="oscillating", bias_correction=True))
     fxq.save(q, tmp_path / "q.safetensors")

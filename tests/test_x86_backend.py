@@ -27,8 +27,9 @@ from fxq.backends import x86, x86_fusions, x86_glue, x86_ops
 from fxq.io.spec_fields import SpecFields
 from fxq.errors import ConfigError, FxqError, InputError
 from fxq.report import sqnr_db
+from tests.int8 import needs_int8
 
-pytestmark = pytest.mark.skipif(x86_glue.cpu_int8_support() is not None, reason="no int8 x86 kernels here")
+pytestmark = needs_int8
 
 X86 = dict(backend="x86", timestep_arg=None)
 

@@ -17,12 +17,13 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxq
-from fxq.backends import x86, x86_convtranspose, x86_forms, x86_glue, x86_ops
+from fxq.backends import x86, x86_convtranspose, x86_forms, x86_ops
 from fxq.errors import FxqError, InputError
 from fxq.report import quantized_ops, sqnr_db
 from tests.test_x86_backend import X86, _pair
+from tests.int8 import needs_int8
 
-pytestmark = pytest.mark.skipif(x86_glue.cpu_int8_support() is not None, reason="no int8 x86 kernels here")
+pytestmark = needs_int8
 
 def _modules(qmodel, cls):
     return [m for m in qmodel.graph_module.modules() if isinstance(m, cls)]

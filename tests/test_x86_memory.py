@@ -19,8 +19,9 @@ from torch import nn
 import fxq
 from fxq.backends import x86_glue, x86_memplan, x86_ops
 from fxq.errors import InputError
+from tests.int8 import needs_int8
 
-pytestmark = pytest.mark.skipif(x86_glue.cpu_int8_support() is not None, reason="no int8 x86 kernels here")
+pytestmark = needs_int8
 
 X86 = dict(backend="x86", timestep_arg=None)
 

@@ -17,11 +17,12 @@ import torch
 
 import fxq
 from fxq import calib, report
-from fxq.backends import x86, x86_glue, x86_ops
+from fxq.backends import x86, x86_ops
 from fxq.backends.fake import FakeQuantize
+from tests.int8 import needs_int8
 
 pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(x86_glue.cpu_int8_support() is not None, reason="no int8 x86 kernels here")]
+              needs_int8]
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")

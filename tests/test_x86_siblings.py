@@ -12,11 +12,12 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxq
-from fxq.backends import x86, x86_glue, x86_ops, x86_siblings
+from fxq.backends import x86, x86_ops, x86_siblings
 from fxq.quant import quantizer as Q
 from fxq.tracing.meta import VAL_KEY, TensorMeta
+from tests.int8 import needs_int8
 
-pytestmark = pytest.mark.skipif(x86_glue.cpu_int8_support() is not None, reason="no int8 x86 kernels here")
+pytestmark = needs_int8
 
 X86 = dict(backend="x86", timestep_arg=None)
 
