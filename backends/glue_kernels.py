@@ -40,7 +40,7 @@ def status() -> str:
 
 
 @functools.lru_cache(maxsize=4096)
-def _reciprocal(scale: float) -> float:
+def reciprocal(scale: float) -> float:
     """The float32 reciprocal that fxq.quant.quantizer.quantize multiplies by (exact as a Python float)."""
     return float(torch.reciprocal(torch.tensor(scale, dtype=torch.float32)))
 
@@ -53,5 +53,5 @@ def quantize(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor | N
             x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))):
         return None  # (a slice or a view of another layout: torch's op reads any strides)
     out = torch.empty_like(x, dtype=torch.uint8)
-    fns[1](x.data_ptr(), x.numel(), _reciprocal(scale), float(zero_point), out.data_ptr(), torch.get_num_threads())
+    fns[1](x.data_ptr(), x.numel(), reciprocal(scale), float(zero_point), out.data_ptr(), torch.get_num_threads())
     return out

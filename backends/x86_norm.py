@@ -15,9 +15,11 @@ import torch.fx as fx
 from torch import nn
 
 from fxq.quant import quantizer as Q
+from fxq.backends import glue_kernels
 from fxq.backends import group_norm as gn
 from fxq.backends import x86_ops as ops
 from fxq.io.spec_fields import SpecFields
+from fxq.quant.ops import attr_of
 
 
 @dataclasses.dataclass
@@ -50,18 +52,20 @@ class NormQuantize(SpecFields, ops._Lazy):
             self.register_parameter("bias", None)
 
     @classmethod
-    def fuse(cls, norm: nn.GroupNorm, silu: bool, quantize: ops.Quantize) -> "NormQuantize":
-        new = cls(quantize.groups, quantize.batch_axis, quantize.batch_major, norm.num_groups, norm.num_channels,
-                  norm.eps, norm.affine, silu)
-        new.load_state_dict({**quantize.state_dict(), **{k: v.detach().clone() for k, v in norm.state_dict().items()}})
-        for name in ("weight", "bias"):  # a call under autograd takes torch's ops when the norm's would
-            if getattr(norm, name) is not None:
-                getattr(new, name).requires_grad_(getattr(norm, name).requires_grad)
+    def fuse(cls, quantize: ops.Quantize, silu: bool, num_groups: int, num_channels: int, eps: float,
+             weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> "NormQuantize":
+        """The norm (its weight and bias copied: both or neither) and the quantizer as one module."""
+        new = cls(quantize.groups, quantize.batch_axis, quantize.batch_major, num_groups, num_channels, eps,
+                  weight is not None, silu)
+        params = {} if weight is None else {"weight": weight, "bias": bias}
+        new.load_state_dict({**quantize.state_dict(), **{k: v.detach() for k, v in params.items()}})
+        for name, t in params.items():  # a call under autograd takes torch's ops when the norm's would
+            getattr(new, name).requires_grad_(t.requires_grad)
         return new
 
     def _build(self):
         floats = ops._ActParams.floats(self, "x")
-        inv = torch.reciprocal(torch.tensor([s for s, _ in floats], dtype=torch.float32))
+        inv = torch.tensor([glue_kernels.reciprocal(s) for s, _ in floats], dtype=torch.float32)
         zp = torch.tensor([z for _, z in floats], dtype=torch.float32)
         return _Params(floats, inv, zp, [(inv[i:i + 1], zp[i:i + 1]) for i in range(len(floats))])
 
@@ -100,42 +104,26 @@ def fuse_norm_quantize(gm: fx.GraphModule) -> None:
             continue  # rows of another axis: the two steps
         if node.op == "call_module":
             norm, silu = gm.get_submodule(node.target), bool((node.args[1:] or (False,))[0])
+            found = (norm.num_groups, norm.num_channels, norm.eps, norm.weight, norm.bias)
         else:
-            norm, silu = _functional_norm(gm, node), bool(node.kwargs.get("silu", False))
-            if norm is None:
+            found, silu = _functional_norm(gm, node), bool(node.kwargs.get("silu", False))
+            if found is None:
                 continue
-        gm.set_submodule(quant.target, NormQuantize.fuse(norm, silu, quantize))
+        gm.set_submodule(quant.target, NormQuantize.fuse(quantize, silu, *found))
         quant.args = (node.args[0], *quant.args[1:])
         graph.erase_node(node)
 
 
-def _functional_norm(gm: fx.GraphModule, node: fx.Node) -> nn.GroupNorm | None:
-    """An nn.GroupNorm holding a functional call's constant parameters (get_attr or None), or None."""
+def _functional_norm(gm: fx.GraphModule, node: fx.Node):
+    """(num_groups, channels, eps, weight, bias) of a functional norm call whose weight and bias are constants
+    (get_attr), or None: without them its channel count is the input's, and the two steps run."""
     kw = node.kwargs
-    weight, bias = kw.get("weight"), kw.get("bias")
-    tensors = []
-    for t in (weight, bias):
-        if t is None:
-            tensors.append(None)
-        elif isinstance(t, fx.Node) and t.op == "get_attr":
-            tensors.append(gm.get_parameter(t.target) if t.target in dict(gm.named_parameters())
-                           else gm.get_buffer(t.target) if t.target in dict(gm.named_buffers()) else None)
-            if tensors[-1] is None:
-                return None
-        else:
-            return None
-    num_groups, eps = kw.get("num_groups"), kw.get("eps", 1e-5)
-    if not isinstance(num_groups, int) or not isinstance(eps, float) or (tensors[0] is None) != (tensors[1] is None):
+    num_groups, eps, params = kw.get("num_groups"), kw.get("eps", 1e-5), (kw.get("weight"), kw.get("bias"))
+    if not isinstance(num_groups, int) or not isinstance(eps, float) \
+            or not all(isinstance(t, fx.Node) and t.op == "get_attr" for t in params):
         return None
-    if tensors[0] is not None and (tensors[0].shape != tensors[1].shape or tensors[0].dim() != 1):
+    weight, bias = (attr_of(gm, t.target) for t in params)
+    if not (isinstance(weight, torch.Tensor) and isinstance(bias, torch.Tensor)) or weight.dim() != 1 \
+            or weight.shape != bias.shape or weight.shape[0] % num_groups:
         return None
-    if tensors[0] is None or tensors[0].shape[0] % num_groups:
-        return None  # (no parameters: the channel count is the input's; the two steps run)
-    channels = tensors[0].shape[0]
-    norm = nn.GroupNorm(num_groups, channels, eps, affine=True)
-    with torch.no_grad():
-        norm.weight.copy_(tensors[0])
-        norm.bias.copy_(tensors[1])
-    norm.weight.requires_grad_(tensors[0].requires_grad)
-    norm.bias.requires_grad_(tensors[1].requires_grad)
-    return norm
+    return num_groups, weight.shape[0], eps, weight, bias

@@ -368,6 +368,14 @@ def _both(model, channels=3, size=8):
     return q, [torch.randn(2, channels, size, size, generator=g) for _ in range(4)]
 
 
+def _assert_int8_is_its_twin_and_near_float(model, q, xs):
+    with torch.no_grad():
+        for x in xs:
+            ref = model(x)
+            assert torch.equal(q["x86"](x), q["fake"](x))
+            assert float((q["x86"](x) - ref).norm() / ref.norm()) < 0.1
+
+
 @needs_int8
 @pytest.mark.parametrize("cls", [_PositiveNorm, _PooledNorm, _SiblingNorm])
 def test_a_fused_norm_is_never_moved_merged_or_folded_as_if_it_were_a_quantizer(cls):
@@ -375,11 +383,7 @@ def test_a_fused_norm_is_never_moved_merged_or_folded_as_if_it_were_a_quantizer(
     model = cls().eval()
     q, xs = _both(model, *((8, 32) if cls is _SiblingNorm else ()))
     assert any(isinstance(m, NormQuantize) for m in q["x86"].graph_module.modules())
-    with torch.no_grad():
-        for x in xs:
-            ref = model(x)
-            assert torch.equal(q["x86"](x), q["fake"](x))
-            assert float((q["x86"](x) - ref).norm() / ref.norm()) < 0.1
+    _assert_int8_is_its_twin_and_near_float(model, q, xs)
 
 
 @needs_int8
@@ -388,11 +392,7 @@ def test_a_norm_or_silu_with_hooks_or_its_own_forward_runs_as_the_model_has_it(h
     torch.manual_seed(0)
     model = _HookedNorm(how).eval()
     q, xs = _both(model)
-    with torch.no_grad():
-        for x in xs:
-            ref = model(x)
-            assert torch.equal(q["x86"](x), q["fake"](x))
-            assert float((q["x86"](x) - ref).norm() / ref.norm()) < 0.1
+    _assert_int8_is_its_twin_and_near_float(model, q, xs)
 
 
 @needs_kernel
@@ -431,7 +431,7 @@ def test_the_quantize_kernel_gives_torch_s_codes_bit_for_bit(n, channels_last, s
     scale = float(torch.rand(1, generator=g) * 0.05 + 1e-4)
     zp = int(torch.randint(0, 256, (1,), generator=g))
     if ties:  # values half-way between two codes, where rounding modes part
-        x = (torch.randint(-300, 300, (n,), generator=g).float() + 0.5) / glue_kernels._reciprocal(scale)
+        x = (torch.randint(-300, 300, (n,), generator=g).float() + 0.5) / glue_kernels.reciprocal(scale)
     else:
         x = torch.randn(n, generator=g) * scale * 150
     if n > 3:  # a NaN and both infinities: codes 255, 255, 0 (torch's own vary with its code path)
